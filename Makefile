@@ -1,0 +1,46 @@
+# AlignedServe. On a fresh machine: `make serve` (serve the demo model) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ENGINE ?= engines_built/demo
+OUT ?= $(ENGINE)
+MODEL ?=
+BUILD_ARGS ?=
+HTTP_PORT ?= 8000
+PYTEST_ARGS ?=
+# Hosts without an NVIDIA driver get the CPU build of torch (a plain `pip install torch` would
+# pull several GB of CUDA packages); hosts with one get the default CUDA build from pyproject.
+TORCH_CPU ?= torch==2.13.0+cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: venv build-engine serve test bench-decode clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	@if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+	  echo "no NVIDIA driver: installing the CPU build of torch"; \
+	  $(BIN)/pip install -q "$(TORCH_CPU)" || $(BIN)/pip install -q "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(BIN)/pip install -q -e ".[serve,dev]"
+	@touch $@
+
+build-engine: venv
+	$(BIN)/python -m build_scripts.build_engine $(if $(MODEL),--model "$(MODEL)") --out "$(OUT)" $(BUILD_ARGS)
+
+serve: venv
+	@test -f "$(ENGINE)/manifest.json" || $(MAKE) --no-print-directory build-engine OUT="$(ENGINE)"
+	$(BIN)/python -m serving.triton_server --engine-dir "$(ENGINE)" --http-port $(HTTP_PORT)
+
+# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+test: venv
+	$(BIN)/python -m pytest -ra $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+bench-decode: venv
+	$(BIN)/python -m bench.decode_throughput $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache engines_built .pytest_cache .hypothesis

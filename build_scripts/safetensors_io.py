@@ -1,0 +1,135 @@
+"""Read and write the safetensors container without loading tensor data.
+
+Format: 8-byte little-endian header length N, N bytes of JSON header
+(``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``), then the
+tensor bytes, offsets relative to the end of the header.
+
+The reader is the `safetensors` library's own (`safe_open`); `header_problem` only explains in
+words why it refused a file, because the library's messages ("MetadataIncompleteBuffer") do not
+tell a user what is wrong. The writer streams one tensor at a time so a 100M-parameter demo
+checkpoint never sits in memory twice, and writes the same bytes on every run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+"""Bytes per element of each safetensors dtype tag (the ones a checkpoint may hold)."""
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+"""Dtypes a weight tensor may have; anything else means a quantized or foreign checkpoint."""
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file cannot be read; the message says why, without the path."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    """One tensor's header entry."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_tensor_entries(path: Path) -> dict[str, TensorEntry]:
+    """Dtype and shape of every tensor in `path`, after the library has checked the whole file."""
+    from safetensors import safe_open  # imported here: it pulls in torch
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            entries = {}
+            for name in f.keys():
+                s = f.get_slice(name)
+                entries[name] = TensorEntry(dtype=s.get_dtype(), shape=tuple(s.get_shape()))
+            return entries
+    except Exception as e:  # safetensors raises its own error type, and OSError for short files
+        raise SafetensorsError(header_problem(path) or f"safetensors cannot read it ({e})") from e
+
+
+def header_problem(path: Path) -> str | None:
+    """Why `path` is not a complete safetensors file, in words; None when no reason is found."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"only {size} bytes: too short to be a safetensors file (truncated?)"
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n + 8 > size:
+            return (
+                f"its header claims {n} bytes but the file has only {size}: "
+                "truncated, or not a safetensors file"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"its header is not valid JSON ({e}): the file is corrupt"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object: the file is corrupt"
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = info["data_offsets"]
+            want = math.prod(info["shape"]) * DTYPE_BYTES[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            return f"its header entry for tensor {name!r} is malformed: the file is corrupt"
+        if stop - begin != want:
+            return f"tensor {name!r} spans {stop - begin} bytes but its shape and dtype need {want}"
+        end = max(end, stop)
+    data = size - 8 - n
+    if end > data:
+        return f"truncated: its tensors need {end} data bytes but only {data} are present"
+    if end < data:
+        return f"{data - end} unexpected bytes after the last tensor: the file is corrupt"
+    return None
+
+
+def write_safetensors(
+    path: Path,
+    entries: dict[str, TensorEntry],
+    tensor_bytes: Callable[[str], bytes],
+    order: Iterable[str],
+    metadata: dict[str, str] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> None:
+    """Write `entries` to `path`, asking `tensor_bytes(name)` for each tensor's raw bytes in `order`.
+
+    The header is fixed before any data is produced, so tensors can be generated one by one.
+    Same inputs, same bytes: keys are sorted and the header is padded to 8 bytes with spaces,
+    as the safetensors library does.
+    """
+    order = list(order)
+    if sorted(order) != sorted(entries):
+        raise ValueError("`order` must name every tensor in `entries` exactly once")
+    header: dict[str, object] = {}
+    offset = 0
+    for name in order:
+        e = entries[name]
+        nbytes = e.numel * DTYPE_BYTES[e.dtype]
+        header[name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in order:
+            data = tensor_bytes(name)
+            want = header[name]["data_offsets"]  # type: ignore[index]
+            if len(data) != want[1] - want[0]:
+                raise ValueError(f"tensor {name}: got {len(data)} bytes, header says {want[1] - want[0]}")
+            f.write(data)
+            if on_tensor is not None:
+                on_tensor(name)

@@ -1,0 +1,224 @@
+"""The engine contract: what the orchestrator may ask of an execution backend.
+
+An engine is a plan executor (DESIGN.md §4). The orchestrator decides which requests prefill,
+which decode together and where their KV lives; the engine carries that out and reports tokens
+and timings. Nothing here knows what a policy is, and nothing here imports torch.
+
+Tier names: each device an engine drives has a name (``"cpu"``, ``"cuda:0"``...), and
+``HOST`` names the host-memory block pool. A request's KV lives in exactly one tier.
+"""
+from __future__ import annotations
+
+import abc
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+HOST = "host"
+
+
+class EngineError(RuntimeError):
+    """An engine call failed; the requests named in it are no longer usable."""
+
+
+class OutOfKVBlocks(EngineError):
+    """A tier has no free KV block left for a request that needed one."""
+
+
+class CapabilityError(NotImplementedError):
+    """The engine does not offer an optional operation (see `Capabilities`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How the next token is chosen from the logits, per request."""
+
+    temperature: float = 0.0
+    """Softmax temperature; 0 means greedy (argmax)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens before sampling; 0 disables the filter."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability mass reaches p (nucleus); 1 disables."""
+    seed: int | None = None
+    """Seed of this request's own random generator: the same seed gives the same tokens."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """Optional operations; the orchestrator degrades instead of failing when one is absent."""
+
+    can_offload: bool = False
+    """`move` between a device and the host pool works."""
+    can_peer_copy: bool = False
+    """`move` between two devices works."""
+    can_form_batches: bool = True
+    """`decode` runs exactly the requests it is given (False: the engine batches on its own)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """One device the engine computes on, and its KV block pool."""
+
+    name: str
+    """Tier name, e.g. "cpu" or "cuda:0"."""
+    kind: str
+    """"cpu" or "cuda"."""
+    kv_blocks: int
+    """KV blocks in this device's pool."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the orchestrator needs to know about the model, and nothing about its tensors."""
+
+    architecture: str
+    vocab_size: int
+    max_seq_len: int
+    """Longest KV (prompt + generated tokens) one request may reach."""
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    num_params: int
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """`Engine.describe()`: devices, KV geometry per tier, capabilities, model."""
+
+    backend: str
+    model: ModelInfo
+    devices: tuple[DeviceInfo, ...]
+    block_size: int
+    """Tokens per KV block."""
+    bytes_per_block: int
+    """Bytes of one KV block (all layers, K and V)."""
+    host_blocks: int
+    """Blocks in the host pool (0 when the engine cannot offload)."""
+    capabilities: Capabilities = field(default_factory=Capabilities)
+
+    @property
+    def decode_device(self) -> str:
+        return self.devices[0].name
+
+    def blocks_for(self, tokens: int) -> int:
+        """KV blocks that hold `tokens` tokens."""
+        return -(-tokens // self.block_size)
+
+    def tier_blocks(self, tier: str) -> int:
+        if tier == HOST:
+            return self.host_blocks
+        for d in self.devices:
+            if d.name == tier:
+                return d.kv_blocks
+        raise KeyError(f"unknown KV tier {tier!r}; known: {[d.name for d in self.devices] + [HOST]}")
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillRequest:
+    """One prompt to prefill; the engine keeps its KV until `free`."""
+
+    request_id: str
+    prompt_ids: Sequence[int]
+    sampling: SamplingParams = SamplingParams()
+
+
+@dataclass(frozen=True, slots=True)
+class CallTiming:
+    """Wall time of one engine call and the work it did, for cost-model fitting."""
+
+    op: str
+    """"prefill", "decode" or "move"."""
+    seconds: float
+    num_seqs: int
+    num_tokens: int
+    """Tokens computed (prompt tokens for prefill, one per sequence for decode)."""
+    kv_tokens: int
+    """Sum of the sequences' KV lengths attended over."""
+    max_kv: int
+    """Longest KV length in the call."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """Next token of each request in the call, and its timing."""
+
+    tokens: dict[str, int]
+    timing: CallTiming
+
+
+_handle_ids = itertools.count(1)
+
+
+@dataclass(slots=True)
+class TransferHandle:
+    """An asynchronous KV move started by `Engine.move`."""
+
+    request_ids: tuple[str, ...]
+    src: str
+    dst: str
+    bytes: int = 0
+    id: int = field(default_factory=lambda: next(_handle_ids))
+
+
+class Engine(abc.ABC):
+    """An execution backend. Calls come from one thread (the orchestrator's run loop)."""
+
+    @abc.abstractmethod
+    def describe(self) -> EngineInfo:
+        """Devices, KV geometry, capabilities and model of this engine."""
+
+    @abc.abstractmethod
+    def prefill(self, requests: Sequence[PrefillRequest], device: str | None = None) -> StepResult:
+        """Run the prompts in one batch, keep their KV on `device` (default: the decode device),
+        and return each request's first generated token."""
+
+    @abc.abstractmethod
+    def decode(self, request_ids: Sequence[str]) -> StepResult:
+        """One decode iteration over requests whose KV is on the decode device: feed each its
+        last token, append its KV, return its next token."""
+
+    @abc.abstractmethod
+    def free(self, request_ids: Sequence[str]) -> None:
+        """Release every KV block of these requests in every tier. Unknown ids are ignored, so
+        freeing on every exit path is always safe."""
+
+    @abc.abstractmethod
+    def kv_blocks_used(self, tier: str) -> int:
+        """Physical KV blocks held in `tier` right now (leak checks, occupancy metrics)."""
+
+    def move(self, request_ids: Sequence[str], src: str, dst: str) -> TransferHandle:
+        """Start copying these requests' KV from tier `src` to tier `dst`."""
+        caps = self.describe().capabilities
+        raise CapabilityError(
+            f"{type(self).__name__} cannot move KV from {src} to {dst}: "
+            f"can_offload={caps.can_offload}, can_peer_copy={caps.can_peer_copy}"
+        )
+
+    def poll(self, handle: TransferHandle) -> bool:
+        """True when the transfer has finished."""
+        raise CapabilityError(f"{type(self).__name__} has no transfers to poll (can_offload=False)")
+
+    def wait(self, handle: TransferHandle) -> None:
+        """Block until the transfer has finished."""
+        raise CapabilityError(f"{type(self).__name__} has no transfers to wait on (can_offload=False)")
+
+    def close(self) -> None:
+        """Release the engine's memory. The default does nothing."""

@@ -1,0 +1,32 @@
+"""Open an engine directory with the backend its manifest names (imported lazily)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from engines.base import Engine
+from engines.manifest import ManifestError, read_manifest
+
+BACKENDS = ("torch",)
+
+
+def load_engine(
+    engine_dir: str | Path,
+    device: str = "auto",
+    dtype: str | None = None,
+    kv_blocks: int | None = None,
+) -> Engine:
+    """Build the engine for `engine_dir`.
+
+    device: "auto" (first CUDA GPU if present, else CPU), "cpu" or "cuda:N".
+    dtype: override the manifest's dtype ("float32" / "bfloat16").
+    kv_blocks: override the manifest's KV blocks per device.
+    """
+    manifest = read_manifest(engine_dir)
+    if manifest.backend == "torch":
+        from engines.torch.engine import TorchEngine
+
+        return TorchEngine.from_engine_dir(engine_dir, manifest, device=device, dtype=dtype, kv_blocks=kv_blocks)
+    raise ManifestError(
+        f"{Path(engine_dir) / 'manifest.json'}: backend {manifest.backend!r} is not available; "
+        f"known backends: {', '.join(BACKENDS)}"
+    )

@@ -1,0 +1,179 @@
+"""Triton Python-backend model: AlignedServe's orchestrator behind TensorRT-LLM-style tensors.
+
+`execute()` never blocks: it checks and tokenizes each request, hands it to the orchestrator and
+returns. Tokens come back on the orchestrator's run-loop thread, which only queues them; one
+sender thread turns them into streamed responses and watches for client cancellation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+_REPO_ROOT = Path(__file__).resolve().parents[3]
+if str(_REPO_ROOT) not in sys.path:  # a checkout served without `pip install -e .`
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from engines.loader import load_engine  # noqa: E402
+from orchestrator.config import ServeConfig  # noqa: E402
+from orchestrator.core import RequestRejected, TokenEvent  # noqa: E402
+from orchestrator.service import Orchestrator  # noqa: E402
+from serving.detokenizer import IncrementalDetokenizer  # noqa: E402
+from serving.request_parsing import InvalidInput, parse_request  # noqa: E402
+from serving.tokenizer import load_tokenizer  # noqa: E402
+
+log = logging.getLogger("alignedserve.triton")
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+CANCEL_POLL_S = 0.1
+# The orchestrator names the prompt "prompt"; clients know it as the text_input tensor.
+_FIELD_NAMES = {"prompt": "text_input"}
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One client request being answered."""
+
+    sender: object
+    detok: IncrementalDetokenizer
+    stream: bool
+    request_id: str = ""
+    ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    cancelled: bool = False
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        model_config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()
+                  if v.get("string_value", "") != ""}
+        config = ServeConfig.load(file=os.environ.get("ALIGNED_CONFIG"), **params)
+        engine_dir = Path(config.engine_dir)
+        if not engine_dir.is_absolute():
+            engine_dir = _REPO_ROOT / engine_dir
+        # Any failure here (missing or corrupt engine dir, bad config) fails this model's load
+        # with the message; Triton reports it and keeps serving its other models.
+        engine = load_engine(engine_dir, device=config.device, dtype=config.dtype or None,
+                             kv_blocks=config.kv_blocks or None)
+        self.tokenizer = load_tokenizer(engine_dir)
+        self.orchestrator = Orchestrator(engine, config).start()
+        self.max_tokens_limit = self.orchestrator.config.max_tokens_limit
+        self._outbox: queue.Queue = queue.Queue()
+        self._live: set[_Stream] = set()  # requests to watch for client cancellation
+        self._live_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._sender = threading.Thread(target=self._send_loop, name="alignedserve-sender", daemon=True)
+        self._sender.start()
+        log.info("aligned_llm ready: engine %s, policy %s", engine_dir, config.policy)
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._submit(request, sender)
+            except (InvalidInput, RequestRejected) as e:
+                field_name = _FIELD_NAMES.get(getattr(e, "field", ""), "")
+                msg = str(e) if not field_name else f"{field_name}: {str(e).split(': ', 1)[1]}"
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(msg)), flags=FINAL)
+            except Exception as e:  # never let one request crash the model
+                log.exception("request failed before it was accepted")
+                sender.send(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"internal error: {type(e).__name__}: {e}")), flags=FINAL)
+        return None
+
+    def _submit(self, request, sender) -> None:
+        inputs = {}
+        for name in ("text_input", "max_tokens", "stream", "temperature", "top_k", "top_p",
+                     "seed", "end_id", "stop_words"):
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                inputs[name] = tensor.as_numpy()
+        params = parse_request(inputs, self.max_tokens_limit)
+        prompt_ids = self.tokenizer.encode(params.text).ids
+        stop_sequences = [self.tokenizer.encode(w, add_special_tokens=False).ids for w in params.stop_words]
+        ctx = _Stream(sender, IncrementalDetokenizer(self.tokenizer), params.stream)
+        with self._live_lock:
+            req = self.orchestrator.submit(
+                prompt_ids, params.max_tokens, params.sampling, params.end_id, stop_sequences,
+                on_event=lambda event, ctx=ctx: self._outbox.put((ctx, event)))
+            ctx.request_id = req.id
+            self._live.add(ctx)
+
+    # ---- sender thread ----------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        while True:
+            try:
+                ctx, event = self._outbox.get(timeout=CANCEL_POLL_S)
+            except queue.Empty:
+                if self._stopping.is_set():
+                    return
+                self._poll_cancellations()
+                continue
+            try:
+                self._send(ctx, event)
+            except Exception:
+                log.exception("sending a response failed; cancelling %s", ctx.request_id)
+                self.orchestrator.cancel(ctx.request_id)
+                with self._live_lock:
+                    self._live.discard(ctx)
+            if self._outbox.empty():
+                self._poll_cancellations()
+
+    def _poll_cancellations(self) -> None:
+        with self._live_lock:
+            live = list(self._live)
+        for ctx in live:
+            if not ctx.cancelled and ctx.sender.is_cancelled():
+                ctx.cancelled = True
+                self.orchestrator.cancel(ctx.request_id)
+
+    def _send(self, ctx: _Stream, event: TokenEvent) -> None:
+        if event.final:
+            with self._live_lock:
+                self._live.discard(ctx)
+        if ctx.cancelled:
+            if event.final:
+                ctx.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    "request cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
+            return
+        if event.error is not None:
+            ctx.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(event.error)), flags=FINAL)
+            return
+        new_text = ctx.detok.push(event.token_ids)
+        if event.final:
+            new_text += ctx.detok.flush()
+        if ctx.stream:
+            ctx.sender.send(self._response(new_text, list(event.token_ids), event),
+                            flags=FINAL if event.final else 0)
+            return
+        ctx.ids.extend(event.token_ids)
+        ctx.text.append(new_text)
+        if event.final:
+            ctx.sender.send(self._response("".join(ctx.text), ctx.ids, event), flags=FINAL)
+
+    @staticmethod
+    def _response(text: str, ids: list[int], event: TokenEvent):
+        reason = event.finish_reason.value if event.finish_reason is not None else ""
+        return pb_utils.InferenceResponse(output_tensors=[
+            # Leading 1: the batch dimension of max_batch_size > 0, as the ensemble's outputs.
+            pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+            pb_utils.Tensor("output_ids", np.array([ids], dtype=np.int32)),
+            pb_utils.Tensor("finish_reason", np.array([[reason.encode()]], dtype=np.object_)),
+        ])
+
+    def finalize(self):
+        orchestrator = getattr(self, "orchestrator", None)
+        if orchestrator is None:
+            return
+        orchestrator.stop()  # in-flight requests end as cancelled; their finals are queued
+        self._stopping.set()
+        self._sender.join(timeout=10)

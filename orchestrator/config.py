@@ -1,0 +1,144 @@
+"""The one typed configuration of a serving process.
+
+Built in three layers, later ones win: defaults derived from the engine manifest, a TOML or JSON
+config file, then environment variables `ALIGNED_<FIELD>` (e.g. `ALIGNED_MAX_BATCH_SIZE=16`).
+Every field is documented here; this file is the manual.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_PREFIX = "ALIGNED_"
+POLICIES = ("fcfs",)
+
+
+class ConfigError(ValueError):
+    """A configuration value is unusable; the message names the field, the value and the source."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """Settings of one serving process (engine runtime + orchestrator policy + request limits)."""
+
+    engine_dir: str = "engines_built/demo"
+    """Engine directory made by `make build-engine` (holds manifest.json)."""
+    device: str = "auto"
+    """Decode device: "auto" (first CUDA GPU, else CPU), "cpu" or "cuda:N"."""
+    dtype: str = ""
+    """Compute dtype override ("float32" / "bfloat16"); empty keeps the manifest's."""
+    kv_blocks: int = 0
+    """KV blocks on the decode device; 0 keeps the manifest's (sized by its memory budget)."""
+    policy: str = "fcfs"
+    """Scheduling policy. "fcfs": continuous batching in arrival order, as vLLM and TensorRT-LLM's
+    in-flight batcher do; KV for prompt + max_tokens is reserved on admission (no eviction)."""
+    max_batch_size: int = 64
+    """Most requests decoding together in one iteration."""
+    max_prefill_tokens: int = 4096
+    """Most prompt tokens prefilled in one engine call (a longer single prompt runs alone)."""
+    max_queue: int = 1024
+    """Most requests waiting for admission; more are refused with a "queue full" error."""
+    max_tokens_limit: int = 0
+    """Largest max_tokens a client may ask for; 0 means the model's max sequence length."""
+    max_seq_len: int = 0
+    """Longest prompt + output; 0 means the manifest's. Cannot exceed the manifest's."""
+    default_max_tokens: int = 64
+    """max_tokens when a client sends none."""
+    idle_wait_s: float = 0.05
+    """How long the run loop sleeps when nothing is runnable before looking again (it also
+    wakes at once on a new request or a cancel)."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy: {self.policy!r} is not one of {', '.join(POLICIES)}")
+        if self.dtype not in ("", "float32", "bfloat16"):
+            raise ConfigError(f"dtype: {self.dtype!r} is not float32 or bfloat16")
+        for name in ("max_batch_size", "max_prefill_tokens", "max_queue", "default_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("kv_blocks", "max_tokens_limit", "max_seq_len"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0 (0 = from the manifest), got {getattr(self, name)}")
+        if self.idle_wait_s <= 0:
+            raise ConfigError(f"idle_wait_s: must be > 0, got {self.idle_wait_s}")
+
+    def replace(self, **changes: Any) -> "ServeConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def load(
+        cls,
+        file: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> "ServeConfig":
+        """Defaults, then `file` (TOML or JSON), then `ALIGNED_*` variables of `env`, then
+        keyword `overrides` (e.g. from a Triton model config)."""
+        values: dict[str, Any] = {}
+        if file:
+            values.update(_read_file(Path(file)))
+        values.update(_from_env(os.environ if env is None else env))
+        values.update(overrides)
+        return cls(**values)
+
+    def with_manifest(self, max_seq_len: int) -> "ServeConfig":
+        """Resolve the fields whose default comes from the engine (its max sequence length)."""
+        if self.max_seq_len > max_seq_len:
+            raise ConfigError(f"max_seq_len: {self.max_seq_len} exceeds the engine's {max_seq_len}")
+        seq = self.max_seq_len or max_seq_len
+        limit = self.max_tokens_limit or seq
+        return self.replace(max_seq_len=seq, max_tokens_limit=min(limit, seq),
+                            default_max_tokens=min(self.default_max_tokens, limit))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_types() -> dict[str, type]:
+    return {f.name: type(f.default) for f in fields(ServeConfig)}
+
+
+def _coerce(name: str, raw: Any, source: str) -> Any:
+    types = _field_types()
+    if name not in types:
+        raise ConfigError(f"{source}: unknown setting {name!r}; known: {', '.join(sorted(types))}")
+    want = types[name]
+    try:
+        if want is bool:
+            if isinstance(raw, str):
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(raw)
+                return raw.lower() in ("1", "true", "yes")
+            return bool(raw)
+        return want(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {name} must be {want.__name__}, got {raw!r}") from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from e
+    return {k: _coerce(k, v, str(path)) for k, v in data.items()}
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out = {}
+    for key, raw in env.items():
+        if key.startswith(ENV_PREFIX) and key != ENV_PREFIX + "CONFIG":
+            name = key[len(ENV_PREFIX):].lower()
+            out[name] = _coerce(name, raw, f"environment variable {key}")
+    return out

@@ -1,0 +1,119 @@
+"""Shared nouns every layer of the orchestrator speaks: requests, their states, stream events,
+and the step plan a policy hands to the run loop."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from engines.base import SamplingParams
+
+__all__ = [
+    "SamplingParams",
+    "RequestState",
+    "FinishReason",
+    "Request",
+    "TokenEvent",
+    "StepPlan",
+    "RequestRejected",
+]
+
+
+class RequestRejected(ValueError):
+    """A request was refused before it was accepted. `field` names the offending input."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"
+    """Accepted, no KV yet."""
+    RUNNING = "running"
+    """KV on the decode device, decoding each iteration."""
+    FINISHED = "finished"
+    """Terminal: stopped, cancelled or failed. Holds no KV."""
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    """end_id or a stop word was generated."""
+    LENGTH = "length"
+    """max_tokens reached, or the KV reached the model's max sequence length."""
+    CANCELLED = "cancelled"
+    """The client or an operator cancelled it."""
+    ERROR = "error"
+    """The engine failed on it; the event carries the message."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """What a request's stream receives: new tokens, and on the last event a finish reason."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    """One generation request and everything that happens to it. State lives here; the policy
+    and the ledger only look at it."""
+
+    id: str
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop_token_ids: frozenset[int] = frozenset()
+    """Generating any of these finishes the request; the token is not part of the output."""
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+    """Token sequences that finish the request once the output ends with one (kept in output)."""
+    on_event: Callable[[TokenEvent], None] | None = None
+    """Called from the run loop thread for every event; must not block."""
+
+    state: RequestState = RequestState.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    finish_time: float | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def kv_len(self) -> int:
+        """Tokens in the KV cache: the prompt plus every generated token but the newest, which is
+        fed at the next decode step."""
+        return self.prompt_len + max(len(self.output_ids) - 1, 0)
+
+    @property
+    def max_kv_len(self) -> int:
+        """The longest the KV can grow: the last generated token is never fed back."""
+        return self.prompt_len + self.max_tokens - 1
+
+    @property
+    def finished(self) -> bool:
+        return self.state is RequestState.FINISHED
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """One iteration as a policy decided it: prompts to prefill, then requests to decode."""
+
+    prefill: Sequence[Request] = ()
+    decode: Sequence[Request] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and not self.decode

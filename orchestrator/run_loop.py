@@ -1,0 +1,194 @@
+"""The run loop: one thread that asks the policy for a plan and has the engine carry it out.
+
+Other threads talk to it only through `submit` and `cancel`, which queue work and wake it. Every
+exit of a request (finish, cancel, engine error, shutdown) goes through `_finish`, which frees the
+request's KV in the engine and the ledger exactly once and sends its final event.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+from engines.base import Engine, PrefillRequest
+from orchestrator.config import ServeConfig
+from orchestrator.core import FinishReason, Request, RequestRejected, RequestState, TokenEvent
+from orchestrator.kv_ledger import KVLedger
+from orchestrator.policies import Policy
+from orchestrator.pool import RequestPool
+from orchestrator.stats import LoopStats
+
+log = logging.getLogger("alignedserve.run_loop")
+
+
+class RunLoop:
+    """Owns the pool, the ledger and the engine's thread of control."""
+
+    def __init__(self, engine: Engine, policy: Policy, ledger: KVLedger, config: ServeConfig):
+        self.engine = engine
+        self.policy = policy
+        self.ledger = ledger
+        self.config = config
+        self.pool = RequestPool()
+        self.stats = LoopStats()
+        self._lock = threading.Lock()
+        self._inbox: deque[Request] = deque()
+        self._cancels: deque[str] = deque()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._waiting_count = 0  # inbox + waiting, for the queue limit; guarded by _lock
+
+    # ---- called from any thread -------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                raise RequestRejected("server", "the server is shutting down")
+            if self._waiting_count >= self.config.max_queue:
+                raise RequestRejected(
+                    "queue", f"{self._waiting_count} requests are waiting, the limit is max_queue="
+                    f"{self.config.max_queue}; retry later")
+            self._waiting_count += 1
+            self._inbox.append(request)
+            self.stats.submitted += 1
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        self._cancels.append(request_id)
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="alignedserve-run-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the loop; every request still in flight ends as cancelled and frees its KV."""
+        with self._lock:
+            self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise RuntimeError(f"run loop did not stop within {timeout}s")
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- the loop thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain_inbox()
+                self._apply_cancels()
+                plan = self.policy.schedule(self.pool)
+                if plan.empty:
+                    self._wake.wait(self.config.idle_wait_s)
+                    self._wake.clear()
+                    continue
+                self.stats.iterations += 1
+                if plan.prefill:
+                    self._prefill(list(plan.prefill))
+                decode = [r for r in plan.decode if r.state is RequestState.RUNNING]
+                if decode:
+                    self._decode(decode)
+        except BaseException:  # a bug in the loop itself: fail everyone rather than hang them
+            log.exception("run loop crashed")
+            self._shutdown(FinishReason.ERROR, "internal error in the scheduler; see the server log")
+            raise
+        self._shutdown(FinishReason.CANCELLED, "the server is shutting down")
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            self.pool.add(self._inbox.popleft())
+
+    def _apply_cancels(self) -> None:
+        while self._cancels:
+            request = self.pool.get(self._cancels.popleft())
+            if request is not None and not request.finished:
+                self._finish(request, FinishReason.CANCELLED)
+
+    def _prefill(self, requests: list[Request]) -> None:
+        with self._lock:
+            self._waiting_count -= len(requests)
+        try:
+            result = self.engine.prefill(
+                [PrefillRequest(r.id, r.prompt_ids, r.sampling) for r in requests])
+        except Exception as e:  # the engine failed this call: these requests end, others go on
+            log.exception("prefill failed")
+            for r in requests:
+                self._finish(r, FinishReason.ERROR, f"prefill failed: {e}")
+            return
+        self.stats.record(result.timing)
+        for r in requests:
+            self.pool.start(r)
+            self._accept_token(r, result.tokens[r.id])
+
+    def _decode(self, requests: list[Request]) -> None:
+        try:
+            result = self.engine.decode([r.id for r in requests])
+        except Exception as e:
+            log.exception("decode failed")
+            for r in requests:
+                self._finish(r, FinishReason.ERROR, f"decode failed: {e}")
+            return
+        self.stats.record(result.timing)
+        for r in requests:
+            self._accept_token(r, result.tokens[r.id])
+
+    def _accept_token(self, r: Request, token: int) -> None:
+        now = time.monotonic()
+        if token in r.stop_token_ids:
+            self._finish(r, FinishReason.STOP)
+            return
+        r.output_ids.append(token)
+        r.token_times.append(now)
+        if r.first_token_time is None:
+            r.first_token_time = now
+        self.stats.tokens += 1
+        reason = None
+        if any(len(s) <= len(r.output_ids) and tuple(r.output_ids[-len(s):]) == s for s in r.stop_sequences):
+            reason = FinishReason.STOP
+        elif len(r.output_ids) >= r.max_tokens:
+            reason = FinishReason.LENGTH
+        if reason is None:
+            self._emit(r, TokenEvent(r.id, (token,)))
+        else:
+            self._finish(r, reason, tokens=(token,))
+
+    def _finish(self, r: Request, reason: FinishReason, error: str | None = None,
+                tokens: tuple[int, ...] = ()) -> None:
+        if r.state is RequestState.WAITING and r in self.pool.waiting:
+            with self._lock:
+                self._waiting_count -= 1
+        r.state = RequestState.FINISHED
+        r.finish_reason = reason
+        r.error = error
+        r.finish_time = time.monotonic()
+        self.pool.remove(r)
+        try:
+            self.engine.free([r.id])
+        except Exception:  # freeing must never stop the loop; the leak shows in kv_blocks_used
+            log.exception("engine.free failed for %s", r.id)
+        self.ledger.release(r.id)
+        self.stats.finished[reason.value] += 1
+        self._emit(r, TokenEvent(r.id, tokens, reason, error))
+
+    def _emit(self, r: Request, event: TokenEvent) -> None:
+        if r.on_event is None:
+            return
+        try:
+            r.on_event(event)
+        except Exception:  # a broken stream must not take the loop down; drop the request
+            log.exception("event callback failed for %s; cancelling it", r.id)
+            if not event.final:
+                self.cancel(r.id)
+
+    def _shutdown(self, reason: FinishReason, message: str) -> None:
+        self._drain_inbox()
+        for r in list(self.pool):
+            if not r.finished:
+                self._finish(r, reason, message)

@@ -1,0 +1,123 @@
+"""The orchestrator as the serving layer sees it: submit, cancel, stats, start and stop.
+
+It is handed a ready engine (the serving layer loads it with `engines.loader`), so nothing here
+imports a concrete engine.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Iterable, Sequence
+
+from engines.base import Engine, SamplingParams
+from orchestrator.config import ServeConfig
+from orchestrator.core import Request, RequestRejected, TokenEvent
+from orchestrator.kv_ledger import KVLedger
+from orchestrator.policies import make_policy
+from orchestrator.run_loop import RunLoop
+
+
+class Orchestrator:
+    """Accepts requests, validates them against the engine's limits, and runs them."""
+
+    def __init__(self, engine: Engine, config: ServeConfig):
+        self.engine = engine
+        self.info = engine.describe()
+        self.config = config.with_manifest(self.info.model.max_seq_len)
+        capacity = {d.name: d.kv_blocks for d in self.info.devices}
+        self.ledger = KVLedger(capacity)
+        self.policy = make_policy(self.config.policy, self.info, self.config, self.ledger)
+        self.loop = RunLoop(engine, self.policy, self.ledger, self.config)
+        self._ids = itertools.count(1)
+
+    def start(self) -> "Orchestrator":
+        self.loop.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.loop.stop(timeout)
+
+    def __enter__(self) -> "Orchestrator":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        max_tokens: int | None = None,
+        sampling: SamplingParams | None = None,
+        end_id: int | None = None,
+        stop_sequences: Iterable[Sequence[int]] = (),
+        on_event: Callable[[TokenEvent], None] | None = None,
+    ) -> Request:
+        """Validate and queue a request; raises RequestRejected naming the field and the limit.
+
+        end_id: token that ends generation; None uses the model's EOS tokens.
+        stop_sequences: token sequences that end generation once generated (kept in the output).
+        on_event: called from the run loop thread with each TokenEvent; must not block.
+        """
+        request = self._build(prompt_ids, max_tokens, sampling, end_id, stop_sequences, on_event)
+        self.loop.submit(request)
+        return request
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel a request wherever it is; it ends with finish reason "cancelled"."""
+        self.loop.cancel(request_id)
+
+    def stats(self) -> dict:
+        dev = self.info.decode_device
+        return {
+            **self.loop.stats.as_dict(),
+            "policy": self.policy.name,
+            "waiting": len(self.loop.pool.waiting),
+            "running": len(self.loop.pool.running),
+            "kv_blocks": {"tier": dev, "reserved": self.ledger.used(dev),
+                          "capacity": self.ledger.capacity(dev)},
+        }
+
+    def _build(self, prompt_ids, max_tokens, sampling, end_id, stop_sequences, on_event) -> Request:
+        cfg, model = self.config, self.info.model
+        prompt = tuple(int(t) for t in prompt_ids)
+        if not prompt:
+            raise RequestRejected("prompt", "the prompt is empty; send at least one token of text")
+        bad = [t for t in prompt if not 0 <= t < model.vocab_size]
+        if bad:
+            raise RequestRejected("prompt", f"token id {bad[0]} is outside the vocabulary [0, {model.vocab_size})")
+        if len(prompt) >= cfg.max_seq_len:
+            raise RequestRejected(
+                "prompt", f"{len(prompt)} tokens; the limit is {cfg.max_seq_len - 1} (max_seq_len "
+                f"{cfg.max_seq_len} minus one generated token)")
+        if max_tokens is None:
+            max_tokens = min(cfg.default_max_tokens, cfg.max_seq_len - len(prompt))
+        if not 1 <= max_tokens <= cfg.max_tokens_limit:
+            raise RequestRejected("max_tokens", f"{max_tokens} is outside [1, {cfg.max_tokens_limit}]")
+        if len(prompt) + max_tokens - 1 > cfg.max_seq_len:
+            raise RequestRejected(
+                "max_tokens", f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds "
+                f"max_seq_len ({cfg.max_seq_len}); ask for at most {cfg.max_seq_len - len(prompt) + 1}")
+        blocks = self.info.blocks_for(len(prompt) + max_tokens - 1)
+        capacity = self.ledger.capacity(self.info.decode_device)
+        if blocks > capacity:
+            raise RequestRejected(
+                "max_tokens", f"prompt + max_tokens need {blocks} KV blocks but the device holds "
+                f"{capacity}; lower max_tokens or build the engine with more KV memory")
+        if end_id is None:
+            stop_ids = frozenset(model.eos_token_ids)
+        elif not 0 <= end_id < model.vocab_size:
+            raise RequestRejected("end_id", f"{end_id} is outside the vocabulary [0, {model.vocab_size})")
+        else:
+            stop_ids = frozenset((end_id,))
+        stops = tuple(tuple(int(t) for t in s) for s in stop_sequences if len(s))
+        for s in stops:
+            if any(not 0 <= t < model.vocab_size for t in s):
+                raise RequestRejected("stop_words", f"token ids {s} fall outside the vocabulary")
+        return Request(
+            id=f"req-{next(self._ids)}",
+            prompt_ids=prompt,
+            max_tokens=max_tokens,
+            sampling=sampling or SamplingParams(),
+            stop_token_ids=stop_ids,
+            stop_sequences=stops,
+            on_event=on_event,
+        )

@@ -1,0 +1,228 @@
+"""Start and stop a real `tritonserver` serving this repository's `model_repo/`.
+
+The binary comes from the PyPI package nvidia-pytriton (a CPU-capable tritonserver 2.51 with its
+Python backend). Its Python-backend stub lives outside the backends folder, so a backend
+directory of our own is assembled with the library, the utils module and the stub for the
+Python that will run model.py. On GPU hosts the NGC Triton image serves `model_repo/` the same
+way with its own binary (`--tritonserver PATH`).
+
+    python -m serving.triton_server --engine-dir engines_built/demo --http-port 8000
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_REPO = REPO_ROOT / "model_repo"
+MODEL_NAME = "aligned_llm"
+
+
+class TritonNotFound(RuntimeError):
+    pass
+
+
+def pytriton_root() -> Path:
+    try:
+        import pytriton
+    except ImportError as e:
+        raise TritonNotFound(
+            "the Triton server package is not installed: `pip install -e .[serve]` "
+            "(it brings nvidia-pytriton, which carries tritonserver)") from e
+    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+def make_backend_dir(dest: Path) -> Path:
+    """Assemble `<dest>/python/` with the Python backend and the stub for this interpreter."""
+    root = pytriton_root()
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / py / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise TritonNotFound(f"no Triton Python-backend stub for Python {py} at {stub}")
+    target = dest / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for src in (root / "backends/python/libtriton_python.so",
+                root / "backends/python/triton_python_backend_utils.py", stub):
+        dst = target / src.name
+        if not dst.exists():
+            shutil.copy2(src, dst)
+    return dest
+
+
+def free_port(count: int = 1) -> int:
+    """A loopback port P such that P..P+count-1 were all free just now."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count > 65535:
+            continue
+        ok = True
+        for p in range(base + 1, base + count):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free run of loopback ports found")
+
+
+@dataclass
+class TritonServer:
+    """One tritonserver process (and its model stubs, in the same process group)."""
+
+    engine_dir: Path
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    host: str = "127.0.0.1"
+    model_repo: Path = MODEL_REPO
+    workdir: Path = REPO_ROOT / ".cache" / "triton"
+    tritonserver: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    log_path: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        binary = self.tritonserver or pytriton_root() / "bin" / "tritonserver"
+        backends = make_backend_dir(self.workdir / "backends")
+        return [
+            str(binary), "--model-repository", str(self.model_repo),
+            "--backend-directory", str(backends),
+            "--http-address", self.host, "--http-port", str(self.http_port),
+            "--grpc-address", self.host, "--grpc-port", str(self.grpc_port),
+            "--metrics-address", self.host, "--metrics-port", str(self.metrics_port),
+            "--allow-gpu-metrics=false", "--exit-on-error=true", "--log-verbose=0",
+            *self.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        root = pytriton_root()
+        libs = [sysconfig.get_config_var("LIBDIR") or "", str(root.parent.parent / "nvidia_pytriton.libs")]
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in [*libs, env.get("LD_LIBRARY_PATH", "")] if p)
+        # The stub runs `python` from PATH semantics of this venv, so model.py sees our packages.
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT), env.get("PYTHONPATH", "")] if p)
+        env["ALIGNED_ENGINE_DIR"] = str(Path(self.engine_dir).resolve())
+        env.update(self.env)
+        return env
+
+    def start(self, timeout: float = 120.0) -> "TritonServer":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_path, "ab") if self.log_path else None
+        self.proc = subprocess.Popen(
+            self.command(), env=self.environment(), stdout=out, stderr=subprocess.STDOUT if out else None,
+            start_new_session=True)  # its own process group, so stop() reaches the model stubs too
+        if out:
+            out.close()
+        self.wait_ready(timeout)
+        return self
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"tritonserver exited with code {self.proc.returncode} before it was ready"
+                    + (f"; see {self.log_path}" if self.log_path else ""))
+            if self.ready():
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"tritonserver not ready within {timeout:.0f}s")
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM the server's process group, SIGKILL what is left after `timeout`."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        try:  # stubs outlive a killed server; the group kill reaches them
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return self.proc.returncode
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Serve model_repo/ with a real tritonserver.")
+    p.add_argument("--engine-dir", default=os.environ.get("ALIGNED_ENGINE_DIR", "engines_built/demo"))
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default loopback only)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=None, help="default: http port + 1")
+    p.add_argument("--metrics-port", type=int, default=None, help="default: http port + 2")
+    p.add_argument("--tritonserver", type=Path, default=None, help="use this binary instead of nvidia-pytriton's")
+    a = p.parse_args(argv)
+    engine_dir = Path(a.engine_dir)
+    if not (engine_dir / "manifest.json").is_file():
+        print(f"error: {engine_dir} is not an engine directory (no manifest.json); "
+              "run `make build-engine` first", file=sys.stderr)
+        return 2
+    server = TritonServer(engine_dir, a.http_port, a.grpc_port or a.http_port + 1,
+                          a.metrics_port or a.http_port + 2, host=a.host, tritonserver=a.tritonserver)
+    print(f"starting tritonserver for {engine_dir} ...", flush=True)
+    try:
+        server.start(timeout=300)
+    except (RuntimeError, TimeoutError, TritonNotFound) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    url = server.http_url
+    print(f"""
+AlignedServe is ready (model "{MODEL_NAME}", engine {engine_dir}).
+  HTTP  {url}   gRPC {server.host}:{server.grpc_port}   metrics http://{server.host}:{server.metrics_port}/metrics
+  try:  curl -N -X POST {url}/v2/models/{MODEL_NAME}/generate_stream -d '{{"text_input": "Hello", "max_tokens": 16, "stream": true}}'
+Ctrl-C stops the server.""", flush=True)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    try:
+        while not stopping and server.proc.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    print("stopping tritonserver ...", flush=True)
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
