@@ -5,7 +5,7 @@ tokenizer.json and tokenizer_config.json. The tokenizer is byte-level: ids 0..25
 of the UTF-8 text, 256 = <s>, 257 = </s>, 258 = <pad>, so any text round-trips and token counts
 are byte counts. Weights are seeded: the same seed writes byte-identical files.
 
-Sizes: "demo" (~1.6M parameters, for tests and the default engine) and "100m" (~97M, for
+Sizes: "demo" (~0.8M parameters, for tests and the default engine) and "100m" (~97M, for
 benchmarks). `python -m build_scripts.demo_checkpoint --out DIR [--size 100m] [--seed 0]`.
 """
 from __future__ import annotations

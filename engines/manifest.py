@@ -86,7 +86,7 @@ def read_manifest(engine_dir: str | Path) -> Manifest:
     if not engine_dir.is_dir():
         raise ManifestError(
             f"engine directory {engine_dir} does not exist; build one with "
-            "`make build-engine MODEL=<hf dir> OUT={engine_dir}` (or `make build-engine` for the demo)"
+            f"`make build-engine MODEL=<hf dir> OUT={engine_dir}` (or `make build-engine` for the demo)"
         )
     path = engine_dir / MANIFEST_NAME
     if not path.is_file():

@@ -79,22 +79,28 @@ class RunLoop:
 
     # ---- the loop thread --------------------------------------------------------------------
 
+    def step(self) -> bool:
+        """One iteration: take in new requests and cancels, plan, execute. False if idle.
+        The thread calls this in a loop; tests may call it directly instead of `start()`."""
+        self._drain_inbox()
+        self._apply_cancels()
+        plan = self.policy.schedule(self.pool)
+        if plan.empty:
+            return False
+        self.stats.iterations += 1
+        if plan.prefill:
+            self._prefill(list(plan.prefill))
+        decode = [r for r in plan.decode if r.state is RequestState.RUNNING]
+        if decode:
+            self._decode(decode)
+        return True
+
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
-                self._drain_inbox()
-                self._apply_cancels()
-                plan = self.policy.schedule(self.pool)
-                if plan.empty:
+                if not self.step():
                     self._wake.wait(self.config.idle_wait_s)
                     self._wake.clear()
-                    continue
-                self.stats.iterations += 1
-                if plan.prefill:
-                    self._prefill(list(plan.prefill))
-                decode = [r for r in plan.decode if r.state is RequestState.RUNNING]
-                if decode:
-                    self._decode(decode)
         except BaseException:  # a bug in the loop itself: fail everyone rather than hang them
             log.exception("run loop crashed")
             self._shutdown(FinishReason.ERROR, "internal error in the scheduler; see the server log")

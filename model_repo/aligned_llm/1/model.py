@@ -37,6 +37,11 @@ CANCEL_POLL_S = 0.1
 _FIELD_NAMES = {"prompt": "text_input"}
 
 
+def _log_info(message: str) -> None:
+    """Into Triton's own log, where operators look."""
+    pb_utils.Logger.log_info(message)
+
+
 @dataclass(eq=False)
 class _Stream:
     """One client request being answered."""
@@ -140,6 +145,9 @@ class TritonPythonModel:
         if event.final:
             with self._live_lock:
                 self._live.discard(ctx)
+            if event.finish_reason.value in ("cancelled", "error"):
+                _log_info(f"request {ctx.request_id} {event.finish_reason.value}"
+                          + (f": {event.error}" if event.error else ""))
         if ctx.cancelled:
             if event.final:
                 ctx.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(

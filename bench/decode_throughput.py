@@ -1,0 +1,132 @@
+"""Decode tokens/s of the torch engine beside `transformers` generate, same weights, same run.
+
+    python -m bench.decode_throughput --models demo 100m --batch 1 8 32 --prompt-len 64 --new-tokens 32
+
+For each model and batch size, B prompts of `prompt-len` tokens are prefilled and then decoded
+greedily for `new-tokens` tokens. Decode time excludes prefill for both sides: for the engine,
+the decode calls are timed directly; for transformers, generate(new_tokens) minus
+generate(1 token) (its prefill plus first token). Decode tokens/s = B * (new_tokens - 1) / time.
+Each measurement is the median of `repeats` runs after one warm-up. Results: JSON under
+bench/results/ and a markdown table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from build_scripts.demo_checkpoint import make_demo_checkpoint
+from engines.base import PrefillRequest
+from engines.torch.engine import TorchEngine
+
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "bench"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def checkpoint(size: str) -> Path:
+    out = CACHE / f"checkpoint-{size}"
+    if not (out / "config.json").is_file():
+        make_demo_checkpoint(out, seed=0, size=size)
+    return out
+
+
+def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, min(vocab, 256), (batch, length), generator=g).tolist()
+
+
+def engine_decode_seconds(engine: TorchEngine, batch: list[list[int]], new_tokens: int) -> tuple[float, list]:
+    ids = [f"b{i}" for i in range(len(batch))]
+    first = engine.prefill([PrefillRequest(i, p) for i, p in zip(ids, batch)])
+    out = [[first.tokens[i]] for i in ids]
+    t0 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        step = engine.decode(ids).tokens
+        for o, i in zip(out, ids):
+            o.append(step[i])
+    seconds = time.perf_counter() - t0
+    engine.free(ids)
+    return seconds, out
+
+
+def hf_generate_seconds(model, batch: list[list[int]], new_tokens: int) -> tuple[float, list]:
+    input_ids = torch.tensor(batch)
+    mask = torch.ones_like(input_ids)
+    kw = dict(attention_mask=mask, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model.generate(input_ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = time.perf_counter()
+        out = model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        t2 = time.perf_counter()
+    return (t2 - t1) - (t1 - t0), out[:, input_ids.shape[1]:].tolist()
+
+
+def median_of(fn, repeats: int):
+    fn()  # warm-up
+    runs = [fn() for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), runs[-1][1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["demo", "100m"], choices=["demo", "100m"])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=RESULTS / "decode_throughput.json")
+    a = p.parse_args(argv)
+    from transformers import AutoModelForCausalLM
+
+    rows = []
+    work = [(m, b) for m in a.models for b in a.batch]
+    bar = tqdm(work, desc="decode benchmark", unit="case")
+    for model_name in a.models:
+        ckpt = checkpoint(model_name)
+        engine = TorchEngine(ckpt, device="cpu", dtype="float32", max_seq_len=a.prompt_len + a.new_tokens,
+                             kv_blocks=max(a.batch) * -(-(a.prompt_len + a.new_tokens) // 16))
+        hf = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+        for b in a.batch:
+            bar.set_postfix(model=model_name, batch=b)
+            batch = prompts(b, a.prompt_len, engine.cfg.vocab_size)
+            t_engine, out_engine = median_of(lambda: engine_decode_seconds(engine, batch, a.new_tokens), a.repeats)
+            t_hf, out_hf = median_of(lambda: hf_generate_seconds(hf, batch, a.new_tokens), a.repeats)
+            decoded = b * (a.new_tokens - 1)
+            same = sum(x == y for x, y in zip(out_engine, out_hf))
+            rows.append({
+                "model": model_name, "params": engine.num_params, "batch": b,
+                "engine_tok_s": decoded / t_engine, "transformers_tok_s": decoded / t_hf,
+                "ratio": t_hf / t_engine, "identical_greedy_outputs": f"{same}/{b}",
+            })
+            bar.update()
+        engine.close()
+    bar.close()
+    result = {
+        "command": "python -m bench.decode_throughput " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "dtype": "float32", "device": "cpu",
+        "rows": rows,
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n| model | params | batch | torch engine tok/s | transformers tok/s | engine / transformers | same greedy output |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['engine_tok_s']:.0f} | "
+              f"{r['transformers_tok_s']:.0f} | {r['ratio']:.2f}x | {r['identical_greedy_outputs']} |")
+    print(f"\nwritten to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The paged KV cache: one preallocated pool of fixed-size blocks per device.
+
+Two owners, kept apart: `BlockAllocator` knows which blocks exist and which are free;
+`PagedKVCache` knows which request owns which blocks (its block table) and holds the tensor.
+Token t of a request lives in block `table[t // block_size]` at offset `t % block_size`.
+"""
+from __future__ import annotations
+
+import torch
+
+from engines.base import EngineError, OutOfKVBlocks
+
+
+class KVAccountingError(EngineError):
+    """A block was freed twice, freed without being allocated, or leaked (an engine bug)."""
+
+
+class BlockAllocator:
+    """Free list over block ids 0..num_blocks-1."""
+
+    def __init__(self, num_blocks: int, tier: str = "device"):
+        if num_blocks <= 0:
+            raise ValueError(f"a KV pool needs at least one block, got num_blocks={num_blocks}")
+        self.num_blocks = num_blocks
+        self.tier = tier
+        # Popped from the end, so low ids are handed out first (easier to read in a debugger).
+        self._free = list(range(num_blocks - 1, -1, -1))
+        self._used: set[int] = set()
+
+    @property
+    def used(self) -> int:
+        """Blocks handed out and not yet freed."""
+        return len(self._used)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        """Hand out `n` blocks, or none at all if fewer than `n` are free."""
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} blocks")
+        if n > len(self._free):
+            raise OutOfKVBlocks(
+                f"KV pool {self.tier!r} is out of blocks: {n} needed, {len(self._free)} of "
+                f"{self.num_blocks} free; free finished requests or raise kv_blocks"
+            )
+        blocks = [self._free.pop() for _ in range(n)]
+        self._used.update(blocks)
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        """Return blocks to the pool; each must be allocated now, and appear once."""
+        if len(set(blocks)) != len(blocks):
+            raise KVAccountingError(f"KV pool {self.tier!r}: a block appears twice in one free call: {blocks}")
+        bad = [b for b in blocks if b not in self._used]
+        if bad:
+            raise KVAccountingError(
+                f"KV pool {self.tier!r}: blocks {bad} are not allocated (double free or foreign block id)"
+            )
+        self._used.difference_update(blocks)
+        self._free.extend(reversed(blocks))
+
+    def check_empty(self) -> None:
+        """Raise if any block is still allocated (call when no request should hold KV)."""
+        if self._used:
+            raise KVAccountingError(f"KV pool {self.tier!r}: {len(self._used)} blocks leaked: {sorted(self._used)[:10]}")
+
+
+class PagedKVCache:
+    """The KV pool of one device and the block table of each request stored in it.
+
+    Layout [num_layers, 2 (K, V), num_blocks, block_size, kv_heads, head_dim]: one block holds
+    `block_size` consecutive tokens of one request for every layer, so a request's KV is found
+    from its block table alone.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        tier: str,
+    ):
+        if block_size <= 0:
+            raise ValueError(f"block_size must be > 0, got {block_size}")
+        self.block_size = block_size
+        self.tier = tier
+        self.allocator = BlockAllocator(num_blocks, tier)
+        # Zeroed, not empty: padded block-table entries read real blocks whose values are masked
+        # out, and 0 * NaN from uninitialised memory would still poison the attention output.
+        self.kv = torch.zeros(
+            (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
+        )
+        self.tables: dict[str, list[int]] = {}
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.kv[:, :, 0].numel() * self.kv.element_size()
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def reserve(self, request_id: str, num_tokens: int) -> None:
+        """Grow the request's block table so it can hold `num_tokens` tokens (all-or-nothing)."""
+        table = self.tables.setdefault(request_id, [])
+        need = self.blocks_for(num_tokens) - len(table)
+        if need > 0:
+            try:
+                table.extend(self.allocator.allocate(need))
+            except OutOfKVBlocks:
+                if not table:
+                    del self.tables[request_id]
+                raise
+
+    def release(self, request_id: str) -> None:
+        """Free the request's blocks; an unknown id is a no-op."""
+        table = self.tables.pop(request_id, None)
+        if table:
+            self.allocator.free(table)
+
+    def block_tables(self, request_ids: list[str], device: torch.device) -> torch.Tensor:
+        """Block tables of these requests as [B, max_blocks], right-padded with block 0 (masked later)."""
+        tables = [self.tables[r] for r in request_ids]
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        return torch.tensor(padded, dtype=torch.long, device=device)
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V blocks of one layer, views [num_blocks, block_size, kv_heads, head_dim]."""
+        return self.kv[layer, 0], self.kv[layer, 1]
+
+    def check_consistency(self) -> None:
+        """Raise if the block tables and the allocator disagree on how many blocks are held."""
+        owned = [b for t in self.tables.values() for b in t]
+        if len(owned) != self.allocator.used or len(set(owned)) != len(owned):
+            raise KVAccountingError(
+                f"KV pool {self.tier!r}: block tables hold {len(owned)} blocks "
+                f"({len(set(owned))} distinct) but the allocator counts {self.allocator.used} in use"
+            )

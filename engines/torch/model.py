@@ -1,0 +1,150 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache.
+
+Module and parameter names follow Hugging Face's, so a checkpoint's tensors load by name.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engines.torch.forward_batch import ForwardBatch
+from engines.torch.kv_cache import PagedKVCache
+from engines.torch.model_config import ModelConfig
+from engines.torch.rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 and cast back, exactly as transformers does."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention whose keys and values live in the paged cache."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h, q_out, kv_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(h, q_out, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, kv_out, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, kv_out, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_out, h, bias=cfg.o_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: PagedKVCache,
+                batch: ForwardBatch, mask: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        kvh, hd, G = self.num_kv_heads, self.head_dim, self.num_heads // self.num_kv_heads
+        q = apply_rotary(self.q_proj(x).view(B, T, self.num_heads, hd), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(B, T, kvh, hd), cos, sin)
+        v = self.v_proj(x).view(B, T, kvh, hd)
+
+        # Write this step's K/V into the sequences' slots, then read each sequence's whole KV
+        # back through its block table; prefill and decode take the same path.
+        k_blocks, v_blocks = cache.layer(self.layer)
+        k_new, v_new = k.reshape(B * T, kvh, hd), v.reshape(B * T, kvh, hd)
+        if batch.real is not None:
+            k_new, v_new = k_new[batch.real], v_new[batch.real]
+        k_blocks.view(-1, kvh, hd).index_copy_(0, batch.slots, k_new)
+        v_blocks.view(-1, kvh, hd).index_copy_(0, batch.slots, v_new)
+        keys = k_blocks[batch.block_tables].flatten(1, 2).transpose(1, 2)  # [B, kvh, L, hd]
+        values = v_blocks[batch.block_tables].flatten(1, 2).transpose(1, 2)
+
+        # GQA without repeating K/V: the G query heads sharing a KV head become G*T query rows.
+        q = q.view(B, T, kvh, G, hd).permute(0, 2, 3, 1, 4).reshape(B, kvh, G * T, hd)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.view(B, kvh, G, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, self.num_heads * hd)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention block then pre-norm MLP block, each with a residual."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, batch, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, batch, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Embeddings, decoder layers and final norm (HF's `model.` prefix)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """The whole model; build it with `CausalLM.from_weights`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope: RotaryEmbedding | None = None
+
+    @classmethod
+    def from_weights(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> "CausalLM":
+        """Wrap already-loaded tensors (see `weights.load_weights`) without copying them."""
+        with torch.device("meta"):  # no throwaway random init of a model-sized set of tensors
+            model = cls(cfg)
+        if cfg.tie_word_embeddings:
+            weights = {**weights, "lm_head.weight": weights["model.embed_tokens.weight"]}
+        model.load_state_dict(weights, strict=True, assign=True)
+        model.requires_grad_(False).eval()
+        device = weights["model.embed_tokens.weight"].device
+        model.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device)
+        return model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(self, batch: ForwardBatch, cache: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
+        """Run the batch, writing its K/V into `cache`; float32 logits of each sequence's last
+        real token [B, vocab], or of every position [B, T, vocab] when `all_logits`."""
+        x = self.model.embed_tokens(batch.tokens)
+        cos, sin = self.rope.cos_sin(batch.positions, x.dtype)
+        # [B, T, L] -> [B, 1, G*T, L]: one row per (query head in group, token), as Attention lays q out.
+        G = self.cfg.q_per_kv
+        mask = batch.key_mask
+        B, T, L = mask.shape
+        mask = mask[:, None, None].expand(B, 1, G, T, L).reshape(B, 1, G * T, L)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, batch, mask)
+        if not all_logits:
+            x = x[torch.arange(B, device=x.device), batch.last][:, None]
+        logits = self.lm_head(self.model.norm(x)).float()
+        return logits if all_logits else logits[:, 0]

@@ -1,0 +1,63 @@
+"""Choosing next tokens from logits: greedy, temperature, top-k, top-p.
+
+Each request draws from its own `torch.Generator`, seeded from its SamplingParams, and draws
+exactly one number per step; so its tokens depend on its seed and its logits only, never on
+which other requests share the batch.
+"""
+from __future__ import annotations
+
+import secrets
+from typing import Sequence
+
+import torch
+
+from engines.base import SamplingParams
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator:
+    """The request's generator: seeded from params.seed, or from fresh entropy when it has none."""
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities after temperature, top-k and top-p, sorted by descending logit.
+
+    logits [B, V] float; params must all be non-greedy. Returns (probs [B, V] renormalised, with
+    filtered tokens at 0; token ids [B, V] in the same order).
+    """
+    V = logits.shape[-1]
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
+    top_k = torch.tensor([p.top_k or V for p in params], device=device)[:, None]
+    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+    sorted_logits, token_ids = (logits.float() / temperature).sort(dim=-1, descending=True)
+    rank = torch.arange(V, device=device)
+    sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Nucleus: keep a token while the mass before it is still short of p; the top token always stays.
+    mass_before = probs.cumsum(dim=-1) - probs
+    probs = probs.masked_fill((mass_before >= top_p) & (rank > 0), 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True), token_ids
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
+           generators: Sequence[torch.Generator | None]) -> list[int]:
+    """Next token of each row of logits [B, V]; generators[i] may be None for greedy rows."""
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        probs, token_ids = filtered_probs(logits[rows], [params[i] for i in rows])
+        # Inverse-CDF draw with one uniform per request from its own generator (multinomial
+        # would take a single generator for the whole batch).
+        u = torch.stack([torch.rand((), generator=generators[i], device=logits.device) for i in rows])
+        cdf = probs.cumsum(dim=-1)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[-1] - 1)
+        # searchsorted can land on a zero-probability tail token only through rounding at the
+        # very top of the CDF; step back to the last kept token in that case.
+        kept = (probs > 0).sum(dim=-1, keepdim=True) - 1
+        pick = torch.minimum(pick, kept)
+        tokens[rows] = token_ids.gather(1, pick)[:, 0]
+    return tokens.tolist()

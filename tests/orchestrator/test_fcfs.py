@@ -1,0 +1,180 @@
+"""The orchestrator on the real torch engine with the demo model: FCFS continuous batching,
+stop conditions, cancellation and request validation."""
+from __future__ import annotations
+
+import pytest
+
+from engines.base import PrefillRequest, SamplingParams
+from engines.loader import load_engine
+from orchestrator.config import ServeConfig
+from orchestrator.core import FinishReason, RequestRejected
+from orchestrator.service import Orchestrator
+from orchestrator.stream import TokenStream
+
+
+@pytest.fixture
+def engine(demo_engine_dir):
+    eng = load_engine(demo_engine_dir, device="cpu", kv_blocks=64)
+    yield eng
+    eng.close()
+
+
+def make(engine, **cfg) -> Orchestrator:
+    return Orchestrator(engine, ServeConfig(**cfg))
+
+
+def run_until_idle(orch: Orchestrator, max_steps: int = 10_000) -> None:
+    for _ in range(max_steps):
+        if not orch.loop.step():
+            return
+    raise AssertionError("the run loop never went idle")
+
+
+def alone(engine, prompt, n):
+    """Greedy tokens of `prompt` with the engine driven directly, one request in the batch."""
+    out = [engine.prefill([PrefillRequest("solo", prompt)]).tokens["solo"]]
+    while len(out) < n:
+        out.append(engine.decode(["solo"]).tokens["solo"])
+    engine.free(["solo"])
+    return out
+
+
+PROMPTS = [[1, 72, 101, 108, 108, 111], [1] + list(range(40, 90)), [1, 50, 51], [1] + list(range(100, 130))]
+
+
+def test_batched_outputs_equal_solo_runs(engine):
+    expected = [alone(engine, p, 12) for p in PROMPTS]
+    orch = make(engine)
+    streams = [TokenStream() for _ in PROMPTS]
+    for p, s in zip(PROMPTS, streams):
+        orch.submit(p, max_tokens=12, end_id=0, on_event=s)
+    run_until_idle(orch)
+    for s, want in zip(streams, expected):
+        assert s.result(timeout=1) == want
+        assert s.finish_reason is FinishReason.LENGTH
+    assert engine.kv_blocks_used("cpu") == 0
+    assert orch.ledger.used("cpu") == 0
+
+
+def test_stop_on_end_id_and_stop_sequence(engine):
+    prompt = PROMPTS[1]
+    ref = alone(engine, prompt, 10)
+    orch = make(engine)
+    # end_id = the 5th greedy token: output stops before it (no earlier occurrence).
+    k = next(i for i in range(2, 10) if ref[i] not in ref[:i])
+    s1 = TokenStream()
+    orch.submit(prompt, max_tokens=10, end_id=ref[k], on_event=s1)
+    # a stop sequence of two tokens ending at position 6: kept in the output.
+    s2 = TokenStream()
+    orch.submit(prompt, max_tokens=10, end_id=0, stop_sequences=[ref[5:7]], on_event=s2)
+    run_until_idle(orch)
+    assert s1.result(1) == ref[:k] and s1.finish_reason is FinishReason.STOP
+    got = s2.result(1)
+    assert got[-2:] == ref[5:7] and len(got) <= 7 and s2.finish_reason is FinishReason.STOP
+    assert engine.kv_blocks_used("cpu") == 0
+
+
+def test_admission_waits_for_kv_blocks(engine):
+    # 64 blocks of 16 tokens; each request reserves ceil((100 + 60 - 1) / 16) = 10 blocks,
+    # so at most 6 run at once and the rest wait their turn in arrival order.
+    orch = make(engine)
+    streams = [TokenStream() for _ in range(9)]
+    for i, s in enumerate(streams):
+        orch.submit([1] + [40 + i] * 99, max_tokens=60, end_id=0, on_event=s)
+    orch.loop.step()
+    assert len(orch.loop.pool.running) == 6 and len(orch.loop.pool.waiting) == 3
+    assert orch.ledger.used("cpu") == 60
+    run_until_idle(orch)
+    assert all(len(s.result(1)) == 60 for s in streams)
+    assert engine.kv_blocks_used("cpu") == 0 and orch.ledger.used("cpu") == 0
+
+
+def test_max_batch_size_bounds_the_running_batch(engine):
+    orch = make(engine, max_batch_size=2)
+    streams = [TokenStream() for _ in range(5)]
+    for s in streams:
+        orch.submit([1, 2, 3], max_tokens=4, end_id=0, on_event=s)
+    orch.loop.step()
+    assert len(orch.loop.pool.running) == 2
+    run_until_idle(orch)
+    assert [len(s.result(1)) for s in streams] == [4] * 5
+
+
+def test_cancel_waiting_and_running(engine):
+    orch = make(engine, max_batch_size=1)
+    a, b = TokenStream(), TokenStream()
+    ra = orch.submit(PROMPTS[0], max_tokens=50, end_id=0, on_event=a)
+    rb = orch.submit(PROMPTS[1], max_tokens=50, end_id=0, on_event=b)
+    orch.loop.step()
+    orch.loop.step()
+    orch.cancel(rb.id)  # still waiting behind a
+    orch.cancel(ra.id)  # running
+    orch.cancel("no-such-request")  # ignored
+    run_until_idle(orch)
+    a.result(1), b.result(1)
+    assert a.finish_reason is FinishReason.CANCELLED and len(a.token_ids) == 2
+    assert b.finish_reason is FinishReason.CANCELLED and b.token_ids == []
+    assert engine.kv_blocks_used("cpu") == 0 and orch.ledger.used("cpu") == 0
+    assert orch.stats()["finished"] == {"cancelled": 2}
+
+
+def test_seeded_sampling_is_reproducible_through_the_orchestrator(engine):
+    orch = make(engine)
+    sp = SamplingParams(temperature=1.0, top_p=0.9, seed=1234)
+    s1, s2, s3 = TokenStream(), TokenStream(), TokenStream()
+    orch.submit(PROMPTS[0], max_tokens=16, sampling=sp, end_id=0, on_event=s1)
+    orch.submit(PROMPTS[1], max_tokens=16, end_id=0, on_event=s3)  # a different neighbour
+    run_until_idle(orch)
+    orch.submit(PROMPTS[0], max_tokens=16, sampling=sp, end_id=0, on_event=s2)
+    run_until_idle(orch)
+    assert s1.result(1) == s2.result(1)
+
+
+@pytest.mark.parametrize("kwargs, field, words", [
+    (dict(prompt_ids=[]), "prompt", "empty"),
+    (dict(prompt_ids=[1, 999999]), "prompt", "vocabulary"),
+    (dict(prompt_ids=[1] * 300), "prompt", "limit is 255"),
+    (dict(prompt_ids=[1, 2], max_tokens=0), "max_tokens", "outside [1, 256]"),
+    (dict(prompt_ids=[1, 2], max_tokens=-5), "max_tokens", "outside [1, 256]"),
+    (dict(prompt_ids=[1, 2], max_tokens=10_000), "max_tokens", "outside [1, 256]"),
+    (dict(prompt_ids=[1] * 200, max_tokens=100), "max_tokens", "exceeds max_seq_len (256)"),
+    (dict(prompt_ids=[1, 2], end_id=-1), "end_id", "outside the vocabulary"),
+])
+def test_bad_requests_are_rejected_with_the_field_and_limit(engine, kwargs, field, words):
+    orch = make(engine)
+    with pytest.raises(RequestRejected) as e:
+        orch.submit(**kwargs)
+    assert e.value.field == field and words in str(e.value)
+
+
+def test_request_needing_more_blocks_than_the_device_has_is_rejected(demo_engine_dir):
+    eng = load_engine(demo_engine_dir, device="cpu", kv_blocks=4)
+    orch = Orchestrator(eng, ServeConfig())
+    with pytest.raises(RequestRejected, match="need 7 KV blocks but the device holds 4"):
+        orch.submit([1] * 50, max_tokens=50)
+
+
+def test_queue_limit(engine):
+    orch = make(engine, max_queue=2)
+    orch.submit([1, 2], max_tokens=2)
+    orch.submit([1, 2], max_tokens=2)
+    with pytest.raises(RequestRejected, match="max_queue=2"):
+        orch.submit([1, 2], max_tokens=2)
+    run_until_idle(orch)
+    orch.submit([1, 2], max_tokens=2)  # room again once admitted
+
+
+def test_threaded_loop_serves_and_stops_cleanly(engine):
+    orch = make(engine).start()
+    try:
+        streams = [TokenStream() for _ in range(6)]
+        for i, s in enumerate(streams):
+            orch.submit(PROMPTS[i % 4], max_tokens=8, end_id=0, on_event=s)
+        assert all(len(s.result(30)) == 8 for s in streams)
+        long = TokenStream()
+        orch.submit(PROMPTS[0], max_tokens=200, end_id=0, on_event=long)
+    finally:
+        orch.stop()
+    long.result(5)
+    assert long.finish_reason is FinishReason.CANCELLED  # shutdown ends in-flight requests
+    assert engine.kv_blocks_used("cpu") == 0 and orch.ledger.used("cpu") == 0

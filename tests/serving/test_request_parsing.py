@@ -1,0 +1,51 @@
+"""Input tensors as Triton hands them to model.py -> checked parameters or a named error."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serving.request_parsing import InvalidInput, parse_request
+
+
+def req(**kw):
+    base = {"text_input": np.array([[b"hello"]], dtype=object), "max_tokens": np.array([[8]], dtype=np.int32)}
+    base.update({k: v for k, v in kw.items() if v is not None})
+    return {k: v for k, v in base.items() if not (isinstance(v, str) and v == "DROP")}
+
+
+def test_defaults_are_greedy_and_not_streaming():
+    p = parse_request(req(), max_tokens_limit=100)
+    assert p.text == "hello" and p.max_tokens == 8 and not p.stream
+    assert p.sampling.greedy and p.sampling.seed is None and p.end_id is None and p.stop_words == ()
+
+
+def test_all_optional_inputs():
+    p = parse_request(req(stream=np.array([[True]]), temperature=np.array([[0.7]], dtype=np.float32),
+                          top_k=np.array([[20]], dtype=np.int32), top_p=np.array([[0.9]], dtype=np.float32),
+                          seed=np.array([[42]], dtype=np.uint64), end_id=np.array([[2]], dtype=np.int32),
+                          stop_words=np.array([[b"\n\n", b"END", b""]], dtype=object)), 100)
+    assert p.stream and p.sampling.temperature == pytest.approx(0.7) and p.sampling.top_k == 20
+    assert p.sampling.top_p == pytest.approx(0.9) and p.sampling.seed == 42 and p.end_id == 2
+    assert p.stop_words == ("\n\n", "END")
+
+
+@pytest.mark.parametrize("inputs, field, words", [
+    (req(text_input="DROP"), "text_input", "missing"),
+    (req(text_input=np.array([[b""]], dtype=object)), "text_input", "empty"),
+    (req(text_input=np.array([[b"\xff\xfe"]], dtype=object)), "text_input", "UTF-8"),
+    (req(text_input=np.array([[b"a", b"b"]], dtype=object)), "text_input", "one value"),
+    (req(max_tokens="DROP"), "max_tokens", "missing"),
+    (req(max_tokens=np.array([[0]], dtype=np.int32)), "max_tokens", "outside [1, 100]"),
+    (req(max_tokens=np.array([[-3]], dtype=np.int32)), "max_tokens", "outside [1, 100]"),
+    (req(max_tokens=np.array([[101]], dtype=np.int32)), "max_tokens", "outside [1, 100]"),
+    (req(temperature=np.array([[-1.0]], dtype=np.float32)), "temperature", ">= 0"),
+    (req(temperature=np.array([[np.nan]], dtype=np.float32)), "temperature", "finite"),
+    (req(top_p=np.array([[0.0]], dtype=np.float32)), "top_p", "(0, 1]"),
+    (req(top_p=np.array([[1.5]], dtype=np.float32)), "top_p", "(0, 1]"),
+    (req(top_k=np.array([[-1]], dtype=np.int32)), "top_k", "outside [0"),
+    (req(end_id=np.array([[-2]], dtype=np.int32)), "end_id", "outside [0"),
+])
+def test_bad_inputs_name_the_field_and_limit(inputs, field, words):
+    with pytest.raises(InvalidInput) as e:
+        parse_request(inputs, max_tokens_limit=100)
+    assert e.value.field == field and str(e.value).startswith(field + ":") and words in str(e.value)
