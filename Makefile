@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ENGINE ?= engines_built/demo
-OUT ?= $(ENGINE)
+OUT ?=
 MODEL ?=
 BUILD_ARGS ?=
 HTTP_PORT ?= 8000
@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 build-engine: venv
-	$(BIN)/python -m build_scripts.build_engine $(if $(MODEL),--model "$(MODEL)") --out "$(OUT)" $(BUILD_ARGS)
+	$(BIN)/python -m build_scripts.build_engine $(if $(MODEL),--model "$(MODEL)") $(if $(OUT),--out "$(OUT)") $(BUILD_ARGS)
 
 serve: venv
 	@test -f "$(ENGINE)/manifest.json" || $(MAKE) --no-print-directory build-engine OUT="$(ENGINE)"

@@ -213,12 +213,10 @@ AlignedServe is ready (model "{MODEL_NAME}", engine {engine_dir}).
   try:  curl -N -X POST {url}/v2/models/{MODEL_NAME}/generate_stream -d '{{"text_input": "Hello", "max_tokens": 16, "stream": true}}'
 Ctrl-C stops the server.""", flush=True)
     stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-    try:
-        while not stopping and server.proc.poll() is None:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+    for sig in (signal.SIGINT, signal.SIGTERM):  # set explicitly: a background job ignores SIGINT
+        signal.signal(sig, lambda *_: stopping.append(1))
+    while not stopping and server.proc.poll() is None:
+        time.sleep(0.2)
     print("stopping tritonserver ...", flush=True)
     server.stop()
     return 0

@@ -1,0 +1,6 @@
+"""The built-in torch engine: a Llama-family decoder on a paged KV cache (DESIGN.md §4).
+
+model_config (config.json -> shapes; no torch import), weights (safetensors loading), rope,
+kv_cache (block allocator + block tables), forward_batch (one forward's inputs), model (the
+decoder), sampler, engine (`TorchEngine`), random_checkpoint (seeded random weights for tests).
+"""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -90,6 +91,14 @@ class TorchEngine(Engine):
                 f"max_seq_len {self.max_seq_len} exceeds max_position_embeddings "
                 f"{self.cfg.max_position_embeddings} in {Path(model_dir) / 'config.json'}"
             )
+        window = self.cfg.sliding_window
+        if window is not None and window < self.max_seq_len:
+            warnings.warn(
+                f"{Path(model_dir) / 'config.json'}: sliding_window={window} is not implemented (attention is "
+                f"full), so outputs past {window} tokens differ from the reference model; "
+                f"pass max_seq_len<={window} to stay exact",
+                stacklevel=2,
+            )
         weights = load_weights(model_dir, self.cfg, DTYPES[dtype], self.device)
         self.num_params = sum(t.numel() for t in weights.values())
         self.model = CausalLM.from_weights(self.cfg, weights)
@@ -114,11 +123,20 @@ class TorchEngine(Engine):
                 f"{Path(engine_dir) / 'manifest.json'}: architecture {manifest.architecture!r} disagrees with "
                 f"config.json's {cfg.architecture!r}; rebuild the engine"
             )
-        return cls(
+        engine = cls(
             engine_dir, device=device, dtype=dtype or manifest.dtype, block_size=manifest.kv_block_size,
             kv_blocks=kv_blocks or manifest.kv_blocks_device, max_seq_len=manifest.max_seq_len,
             eos_token_ids=manifest.eos_token_ids, bos_token_id=manifest.bos_token_id,
         )
+        # The build sized the pool from bytes_per_block; a different figure here means the
+        # builder and the engine disagree on the KV geometry, so the memory budget is wrong.
+        if engine.dtype_name == manifest.dtype and engine.cache.bytes_per_block != manifest.bytes_per_block:
+            raise ManifestError(
+                f"{Path(engine_dir) / 'manifest.json'}: bytes_per_block is {manifest.bytes_per_block} but the "
+                f"torch engine's KV block is {engine.cache.bytes_per_block} bytes "
+                "(2 * layers * kv_block_size * kv_heads * head_dim * dtype size); rebuild the engine"
+            )
+        return engine
 
     @property
     def tier(self) -> str:

@@ -15,6 +15,8 @@ import torch
 import transformers
 
 from engines.base import PrefillRequest
+from engines.loader import load_engine
+from engines.manifest import Manifest, WeightFile
 from engines.torch.engine import TorchEngine
 from engines.torch.model_config import ModelConfig, expected_tensor_shapes
 from engines.torch.weights import WeightsError
@@ -86,9 +88,10 @@ def reference_logits(hf_model, tokens: list[int]) -> torch.Tensor:
 
 
 def compare(hf_model, engine: TorchEngine, prompt_ids):
-    """Max |engine - transformers| over prefill and decode logits, and per-step argmax agreement."""
+    """Max |engine - transformers| over prefill and decode logits, the share of steps where the
+    engine's token is transformers' argmax, and the largest |logit| (the scale of the numbers)."""
     prefill_logits, step_logits, tokens = run_engine(engine, prompt_ids, DECODE_STEPS)
-    worst_prefill = worst_decode = 0.0
+    worst_prefill = worst_decode = scale = 0.0
     agree = []
     for p, pre, dec, toks in zip(prompt_ids, prefill_logits, step_logits, tokens):
         # Causality: position t's logits depend on tokens[:t+1] only, so one forward over the
@@ -97,7 +100,8 @@ def compare(hf_model, engine: TorchEngine, prompt_ids):
         worst_prefill = max(worst_prefill, (ref[: len(p)] - pre).abs().max().item())
         worst_decode = max(worst_decode, (ref[len(p):] - dec).abs().max().item())
         agree.append(ref[len(p) - 1:].argmax(-1) == torch.tensor(toks[len(p):]))
-    return worst_prefill, worst_decode, torch.cat(agree).float().mean().item(), ref.abs().max().item()
+        scale = max(scale, ref.abs().max().item())
+    return worst_prefill, worst_decode, torch.cat(agree).float().mean().item(), scale
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -175,3 +179,22 @@ def test_config_reads_transformers_4_layout_and_eos_list():
     assert cfg.rope_theta == 500000.0 and cfg.rope_scaling.rope_type == "linear" and cfg.rope_scaling.factor == 2.0
     assert cfg.eos_token_ids == (7, 9) and cfg.num_kv_heads == 2 and cfg.head_dim == 4
     assert set(expected_tensor_shapes(cfg)) >= {"lm_head.weight", "model.layers.0.self_attn.k_proj.weight"}
+
+
+def test_engine_directory_opens_through_the_loader(tmp_path):
+    hf_model = make_checkpoint(tmp_path, "qwen2")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    weights = tmp_path / "model.safetensors"
+    manifest = Manifest(
+        backend="torch", architecture="Qwen2ForCausalLM", dtype="float32", max_seq_len=64, kv_block_size=8,
+        kv_blocks_device=20, kv_blocks_host=0, bytes_per_block=2 * 2 * 8 * 2 * 16 * 4, tokenizer="tokenizer.json",
+        weights=(WeightFile("model.safetensors", weights.stat().st_size, "-"),), weights_sha256="-",
+        num_params=sum(p.numel() for p in hf_model.parameters()), eos_token_ids=(2, 3), bos_token_id=1,
+    )
+    (tmp_path / "manifest.json").write_text(manifest.to_json())
+    engine = load_engine(tmp_path, device="cpu")
+    info = engine.describe()
+    assert (info.block_size, info.devices[0].kv_blocks, info.model.max_seq_len) == (8, 20, 64)
+    assert info.bytes_per_block == manifest.bytes_per_block and info.model.num_params == manifest.num_params
+    assert info.model.eos_token_ids == (2, 3) and info.model.dtype == "float32"
+    assert load_engine(tmp_path, device="cpu", dtype="bfloat16", kv_blocks=5).describe().devices[0].kv_blocks == 5
