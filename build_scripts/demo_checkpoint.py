@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from build_scripts.safetensors_io import TensorEntry, write_safetensors
+from build_scripts.random_checkpoint import write_random_checkpoint
 
 BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
 VOCAB_SIZE = 259
@@ -40,7 +40,6 @@ SIZES = {
     "demo": DemoSize(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=352),
     "100m": DemoSize(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2816),
 }
-_SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16"}
 
 
 def llama_config(size: DemoSize) -> dict:
@@ -71,26 +70,6 @@ def llama_config(size: DemoSize) -> dict:
         "torch_dtype": size.dtype,
         "use_cache": True,
     }
-
-
-def tensor_shapes(size: DemoSize) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the model in the order it is generated and stored (embeddings first)."""
-    h, hd = size.hidden, size.hidden // size.heads
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB_SIZE, h)}
-    for i in range(size.layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "self_attn.q_proj.weight"] = (size.heads * hd, h)
-        shapes[p + "self_attn.k_proj.weight"] = (size.kv_heads * hd, h)
-        shapes[p + "self_attn.v_proj.weight"] = (size.kv_heads * hd, h)
-        shapes[p + "self_attn.o_proj.weight"] = (h, size.heads * hd)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes[p + "mlp.gate_proj.weight"] = (size.intermediate, h)
-        shapes[p + "mlp.up_proj.weight"] = (size.intermediate, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, size.intermediate)
-    shapes["model.norm.weight"] = (h,)
-    shapes["lm_head.weight"] = (VOCAB_SIZE, h)
-    return shapes
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -131,18 +110,14 @@ def make_demo_checkpoint(
 ) -> Path:
     """Write a random-weight Llama checkpoint into `out_dir` (created if needed) and return it.
 
-    progress: show a tqdm bar over layers; None shows it only on a terminal.
+    progress: show a tqdm bar over tensors; None shows it only on a terminal.
     """
-    import torch
-    from tqdm import tqdm
-
     if size not in SIZES:
         raise ValueError(f"unknown demo size {size!r}; choose one of {', '.join(SIZES)}")
     spec = SIZES[size]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    _write_json(out / "config.json", llama_config(spec))
     _write_json(
         out / "generation_config.json",
         {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "do_sample": False},
@@ -162,36 +137,9 @@ def make_demo_checkpoint(
         },
     )
 
-    shapes = tensor_shapes(spec)
-    st_dtype = _SAFETENSORS_DTYPE[spec.dtype]
-    torch_dtype = getattr(torch, spec.dtype)
-    gen = torch.Generator().manual_seed(seed)
-
-    def tensor_bytes(name: str) -> bytes:
-        # Drawn in storage order from one generator, so the bytes depend only on the seed.
-        shape = shapes[name]
-        if name.endswith("norm.weight"):
-            t = torch.ones(shape)
-        else:
-            t = torch.randn(shape, generator=gen) * INIT_STD
-            if name == "model.embed_tokens.weight":
-                t[PAD_ID] = 0.0  # nn.Embedding(padding_idx=pad) starts with a zero row
-        return t.to(torch_dtype).contiguous().view(torch.uint8).numpy().tobytes()
-
-    entries = {n: TensorEntry(st_dtype, s) for n, s in shapes.items()}
-    # One tick per decoder layer (its last tensor is down_proj), plus embeddings and head.
-    ticks = {"model.embed_tokens.weight", "lm_head.weight"} | {n for n in shapes if n.endswith("mlp.down_proj.weight")}
-    disable = None if progress is None else not progress
-    bar = tqdm(total=len(ticks), unit="layer", desc=f"demo checkpoint ({size})", disable=disable)
-
-    def on_tensor(name: str) -> None:
-        if name in ticks:
-            bar.update(1)
-
-    with bar:
-        write_safetensors(
-            out / "model.safetensors", entries, tensor_bytes, order=shapes, metadata={"format": "pt"}, on_tensor=on_tensor
-        )
+    # Hugging Face's init (std 0.02, norms 1): the model behaves like a freshly initialised one.
+    write_random_checkpoint(out, llama_config(spec), seed=seed, std=INIT_STD, norm_jitter=0.0,
+                            dtype=spec.dtype, progress=progress)
     return out
 
 

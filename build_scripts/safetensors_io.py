@@ -1,4 +1,4 @@
-"""Read and write the safetensors container without loading tensor data.
+"""Read the safetensors container's header without loading tensor data.
 
 Format: 8-byte little-endian header length N, N bytes of JSON header
 (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``), then the
@@ -6,8 +6,7 @@ tensor bytes, offsets relative to the end of the header.
 
 The reader is the `safetensors` library's own (`safe_open`); `header_problem` only explains in
 words why it refused a file, because the library's messages ("MetadataIncompleteBuffer") do not
-tell a user what is wrong. The writer streams one tensor at a time so a 100M-parameter demo
-checkpoint never sits in memory twice, and writes the same bytes on every run.
+tell a user what is wrong.
 """
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 """Bytes per element of each safetensors dtype tag (the ones a checkpoint may hold)."""
@@ -92,44 +90,3 @@ def header_problem(path: Path) -> str | None:
     if end < data:
         return f"{data - end} unexpected bytes after the last tensor: the file is corrupt"
     return None
-
-
-def write_safetensors(
-    path: Path,
-    entries: dict[str, TensorEntry],
-    tensor_bytes: Callable[[str], bytes],
-    order: Iterable[str],
-    metadata: dict[str, str] | None = None,
-    on_tensor: Callable[[str], None] | None = None,
-) -> None:
-    """Write `entries` to `path`, asking `tensor_bytes(name)` for each tensor's raw bytes in `order`.
-
-    The header is fixed before any data is produced, so tensors can be generated one by one.
-    Same inputs, same bytes: keys are sorted and the header is padded to 8 bytes with spaces,
-    as the safetensors library does.
-    """
-    order = list(order)
-    if sorted(order) != sorted(entries):
-        raise ValueError("`order` must name every tensor in `entries` exactly once")
-    header: dict[str, object] = {}
-    offset = 0
-    for name in order:
-        e = entries[name]
-        nbytes = e.numel * DTYPE_BYTES[e.dtype]
-        header[name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in order:
-            data = tensor_bytes(name)
-            want = header[name]["data_offsets"]  # type: ignore[index]
-            if len(data) != want[1] - want[0]:
-                raise ValueError(f"tensor {name}: got {len(data)} bytes, header says {want[1] - want[0]}")
-            f.write(data)
-            if on_tensor is not None:
-                on_tensor(name)

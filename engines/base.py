@@ -19,7 +19,9 @@ HOST = "host"
 
 
 class EngineError(RuntimeError):
-    """An engine call failed; the requests named in it are no longer usable."""
+    """An engine call failed. A call refused before it ran (unknown or duplicate id, too long,
+    bad token) changed nothing; after any other failure the orchestrator ends and frees the
+    requests named in the call."""
 
 
 class OutOfKVBlocks(EngineError):
@@ -151,7 +153,8 @@ class CallTiming:
     num_tokens: int
     """Tokens computed (prompt tokens for prefill, one per sequence for decode)."""
     kv_tokens: int
-    """Sum of the sequences' KV lengths attended over."""
+    """Sum of the KV lengths attended over: the prompt lengths for prefill; for decode, each
+    sequence's KV length including the token fed this step."""
     max_kv: int
     """Longest KV length in the call."""
 

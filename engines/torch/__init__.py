@@ -2,5 +2,5 @@
 
 model_config (config.json -> shapes; no torch import), weights (safetensors loading), rope,
 kv_cache (block allocator + block tables), forward_batch (one forward's inputs), model (the
-decoder), sampler, engine (`TorchEngine`), random_checkpoint (seeded random weights for tests).
+decoder), sampler, engine (`TorchEngine`).
 """

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from engines.base import EngineError, OutOfKVBlocks, PrefillRequest, SamplingParams
 from engines.torch.engine import TorchEngine
 from engines.torch.kv_cache import BlockAllocator, KVAccountingError, PagedKVCache
-from engines.torch.random_checkpoint import write_random_checkpoint
+from build_scripts.random_checkpoint import write_random_checkpoint
 
 TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128, "hidden_size": 32,

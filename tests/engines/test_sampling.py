@@ -8,7 +8,7 @@ import torch
 
 from engines.base import PrefillRequest, SamplingParams
 from engines.torch.engine import TorchEngine
-from engines.torch.random_checkpoint import write_random_checkpoint
+from build_scripts.random_checkpoint import write_random_checkpoint
 from engines.torch.sampler import filtered_probs, make_generator, sample
 
 TINY_LLAMA = {
