@@ -21,11 +21,13 @@ __all__ = [
 
 
 class RequestRejected(ValueError):
-    """A request was refused before it was accepted. `field` names the offending input."""
+    """A request was refused before it was accepted: `field` names the offending input and
+    `message` says what limit it broke and what to do."""
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
 
 
 class RequestState(enum.Enum):

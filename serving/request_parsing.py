@@ -1,7 +1,8 @@
 """Turn the input tensors of one Triton request into checked generation parameters.
 
-Works on plain numpy arrays so it is tested without a server. Every error names the input
-tensor and the limit, and is sent back to the client as a Triton error response.
+Works on plain numpy arrays so it is tested without a server. Every error (`RequestRejected`,
+as the orchestrator raises for limits it checks) names the input tensor and the limit, and is sent back to the
+client as a Triton error response.
 """
 from __future__ import annotations
 
@@ -12,14 +13,7 @@ from typing import Mapping
 import numpy as np
 
 from engines.base import SamplingParams
-
-
-class InvalidInput(ValueError):
-    """A request input is missing, malformed or out of range; the message starts with its name."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+from orchestrator.core import RequestRejected
 
 
 @dataclass(frozen=True)
@@ -40,7 +34,7 @@ def _scalar(inputs: Mapping[str, np.ndarray], name: str):
         return None
     flat = np.asarray(arr).reshape(-1)
     if flat.size != 1:
-        raise InvalidInput(name, f"expected one value, got {flat.size}")
+        raise RequestRejected(name, f"expected one value, got {flat.size}")
     return flat[0]
 
 
@@ -49,21 +43,21 @@ def _text(value, name: str) -> str:
         try:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError as e:
-            raise InvalidInput(name, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            raise RequestRejected(name, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
     if isinstance(value, str):
         return value
-    raise InvalidInput(name, f"expected a string (BYTES), got {type(value).__name__}")
+    raise RequestRejected(name, f"expected a string (BYTES), got {type(value).__name__}")
 
 
 def _int(value, name: str, lo: int, hi: int | None = None) -> int:
     if isinstance(value, (float, np.floating)) and not float(value).is_integer():
-        raise InvalidInput(name, f"expected an integer, got {value}")
+        raise RequestRejected(name, f"expected an integer, got {value}")
     try:
         v = int(value)
     except (TypeError, ValueError):
-        raise InvalidInput(name, f"expected an integer, got {value!r}") from None
+        raise RequestRejected(name, f"expected an integer, got {value!r}") from None
     if v < lo or (hi is not None and v > hi):
-        raise InvalidInput(name, f"{v} is outside [{lo}, {hi if hi is not None else 'inf'}]")
+        raise RequestRejected(name, f"{v} is outside [{lo}, {hi if hi is not None else 'inf'}]")
     return v
 
 
@@ -71,14 +65,14 @@ def parse_request(inputs: Mapping[str, np.ndarray], max_tokens_limit: int) -> Ge
     """Check the tensors of one request (names as in TensorRT-LLM's Triton ensemble)."""
     raw = _scalar(inputs, "text_input")
     if raw is None:
-        raise InvalidInput("text_input", "required input is missing")
+        raise RequestRejected("text_input", "required input is missing")
     text = _text(raw, "text_input")
     if not text:
-        raise InvalidInput("text_input", "the prompt is empty; send at least one character")
+        raise RequestRejected("text_input", "the prompt is empty; send at least one character")
 
     raw = _scalar(inputs, "max_tokens")
     if raw is None:
-        raise InvalidInput("max_tokens", "required input is missing")
+        raise RequestRejected("max_tokens", "required input is missing")
     max_tokens = _int(raw, "max_tokens", 1, max_tokens_limit)
 
     stream = _scalar(inputs, "stream")
@@ -86,14 +80,14 @@ def parse_request(inputs: Mapping[str, np.ndarray], max_tokens_limit: int) -> Ge
     if temperature is not None:
         temperature = float(temperature)
         if not math.isfinite(temperature) or temperature < 0:
-            raise InvalidInput("temperature", f"{temperature} must be a finite number >= 0 (0 = greedy)")
+            raise RequestRejected("temperature", f"{temperature} must be a finite number >= 0 (0 = greedy)")
     top_k = _scalar(inputs, "top_k")
     top_k = 0 if top_k is None else _int(top_k, "top_k", 0)
     top_p = _scalar(inputs, "top_p")
     if top_p is not None:
         top_p = float(top_p)
         if not (0.0 < top_p <= 1.0):
-            raise InvalidInput("top_p", f"{top_p} is outside (0, 1]")
+            raise RequestRejected("top_p", f"{top_p} is outside (0, 1]")
     seed = _scalar(inputs, "seed")
     seed = None if seed is None else _int(seed, "seed", 0, 2**63 - 1)
     end_id = _scalar(inputs, "end_id")

@@ -1,6 +1,7 @@
 """The built-in torch engine: a Llama-family decoder on a paged KV cache (DESIGN.md §4).
 
-model_config (config.json -> shapes; no torch import), weights (safetensors loading), rope,
-kv_cache (block allocator + block tables), forward_batch (one forward's inputs), model (the
-decoder), sampler, engine (`TorchEngine`).
+model_config (config.json -> shapes; no torch import), safetensors_io (header reading, and why a
+file is corrupt), weights (the one check of a checkpoint's weights, which make build-engine runs
+too, and loading), rope, kv_cache (block allocator + block tables), forward_batch (one forward's
+inputs), model (the decoder), sampler, engine (`TorchEngine`).
 """

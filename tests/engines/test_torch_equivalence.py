@@ -156,7 +156,7 @@ def test_wrong_tensor_shape_names_file_tensor_and_shapes(tmp_path):
     config["intermediate_size"] = 96
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(WeightsError, match=r"model\.safetensors: tensor model\.layers\.0\.mlp\.\w+_proj\.weight "
-                                           r"has shape \[\d+, \d+\], expected \[\d+, \d+\]"):
+                                           r"has shape \[\d+, \d+\] but config\.json implies \[\d+, \d+\]"):
         TorchEngine(tmp_path, device="cpu")
 
 
@@ -165,7 +165,16 @@ def test_missing_tensor_is_named(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["num_hidden_layers"] = 3
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(WeightsError, match=r"lacks tensors \['model\.layers\.2\."):
+    with pytest.raises(WeightsError, match=r"model\.safetensors: the weights lack tensor\(s\) model\.layers\.2\."):
+        TorchEngine(tmp_path, device="cpu")
+
+
+def test_truncated_weights_are_explained(tmp_path):
+    # The engine runs the same check as make build-engine, words for a corrupt file included.
+    make_checkpoint(tmp_path, "llama")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(WeightsError, match=r"model\.safetensors is not a usable safetensors file: truncated"):
         TorchEngine(tmp_path, device="cpu")
 
 

@@ -57,20 +57,19 @@ def test_batched_outputs_equal_solo_runs(engine):
 
 
 def test_stop_on_end_id_and_stop_sequence(engine):
-    prompt = PROMPTS[1]
-    ref = alone(engine, prompt, 10)
+    # A prompt whose greedy output has a token at k >= 2 that did not occur before it.
+    prompt, ref, k = next((p, r, i) for p in PROMPTS for r in [alone(engine, p, 10)]
+                          for i in range(2, 10) if r[i] not in r[:i])
     orch = make(engine)
-    # end_id = the 5th greedy token: output stops before it (no earlier occurrence).
-    k = next(i for i in range(2, 10) if ref[i] not in ref[:i])
     s1 = TokenStream()
-    orch.submit(prompt, max_tokens=10, end_id=ref[k], on_event=s1)
-    # a stop sequence of two tokens ending at position 6: kept in the output.
+    orch.submit(prompt, max_tokens=10, end_id=ref[k], on_event=s1)  # output stops before it
     s2 = TokenStream()
-    orch.submit(prompt, max_tokens=10, end_id=0, stop_sequences=[ref[5:7]], on_event=s2)
+    seq = ref[5:7]  # a two-token stop sequence, kept in the output at its first occurrence
+    orch.submit(prompt, max_tokens=10, end_id=0, stop_sequences=[seq], on_event=s2)
     run_until_idle(orch)
     assert s1.result(1) == ref[:k] and s1.finish_reason is FinishReason.STOP
-    got = s2.result(1)
-    assert got[-2:] == ref[5:7] and len(got) <= 7 and s2.finish_reason is FinishReason.STOP
+    first_end = next(i for i in range(1, 10) if ref[i - 1:i + 1] == seq)
+    assert s2.result(1) == ref[:first_end + 1] and s2.finish_reason is FinishReason.STOP
     assert engine.kv_blocks_used("cpu") == 0
 
 

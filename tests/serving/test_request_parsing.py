@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.request_parsing import InvalidInput, parse_request
+from orchestrator.core import RequestRejected
+from serving.request_parsing import parse_request
 
 
 def req(**kw):
@@ -46,6 +47,6 @@ def test_all_optional_inputs():
     (req(end_id=np.array([[-2]], dtype=np.int32)), "end_id", "outside [0"),
 ])
 def test_bad_inputs_name_the_field_and_limit(inputs, field, words):
-    with pytest.raises(InvalidInput) as e:
+    with pytest.raises(RequestRejected) as e:
         parse_request(inputs, max_tokens_limit=100)
     assert e.value.field == field and str(e.value).startswith(field + ":") and words in str(e.value)

@@ -27,7 +27,7 @@ from orchestrator.config import ServeConfig  # noqa: E402
 from orchestrator.core import RequestRejected, TokenEvent  # noqa: E402
 from orchestrator.service import Orchestrator  # noqa: E402
 from serving.detokenizer import IncrementalDetokenizer  # noqa: E402
-from serving.request_parsing import InvalidInput, parse_request  # noqa: E402
+from serving.request_parsing import parse_request  # noqa: E402
 from serving.tokenizer import load_tokenizer  # noqa: E402
 
 log = logging.getLogger("alignedserve.triton")
@@ -84,9 +84,8 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 self._submit(request, sender)
-            except (InvalidInput, RequestRejected) as e:
-                field_name = _FIELD_NAMES.get(getattr(e, "field", ""), "")
-                msg = str(e) if not field_name else f"{field_name}: {str(e).split(': ', 1)[1]}"
+            except RequestRejected as e:
+                msg = f"{_FIELD_NAMES.get(e.field, e.field)}: {e.message}"
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(msg)), flags=FINAL)
             except Exception as e:  # never let one request crash the model
                 log.exception("request failed before it was accepted")

@@ -16,6 +16,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import safe_open
+
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 """Bytes per element of each safetensors dtype tag (the ones a checkpoint may hold)."""
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -40,8 +42,6 @@ class TensorEntry:
 
 def read_tensor_entries(path: Path) -> dict[str, TensorEntry]:
     """Dtype and shape of every tensor in `path`, after the library has checked the whole file."""
-    from safetensors import safe_open  # imported here: it pulls in torch
-
     try:
         with safe_open(str(path), framework="pt") as f:
             entries = {}

@@ -1,0 +1,68 @@
+"""`make serve`'s entry point as a user runs it: a subprocess that builds nothing (the engine is
+given), prints the endpoints when ready, answers a streaming request, and on Ctrl-C (SIGINT)
+stops the server and every model stub."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from serving.triton_server import REPO_ROOT, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def descendants(pid: int) -> list[int]:
+    """Live processes below `pid`, from /proc."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                fields = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                parent[int(d)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def test_serve_prints_endpoints_streams_and_stops_on_ctrl_c(demo_engine_dir, tmp_path):
+    port = free_port(3)
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "serving.triton_server", "--engine-dir", str(demo_engine_dir),
+                             "--http-port", str(port)], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "is ready" not in (tmp_path / "serve.log").read_text():
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "server not ready in 120 s"
+            time.sleep(0.3)
+        banner = (tmp_path / "serve.log").read_text()
+        assert f"http://127.0.0.1:{port}" in banner and f"127.0.0.1:{port + 1}" in banner
+        assert "curl -N -X POST" in banner
+        r = requests.post(f"http://127.0.0.1:{port}/v2/models/aligned_llm/generate_stream",
+                          json={"text_input": "Hello", "max_tokens": 5, "stream": True, "end_id": 0}, timeout=30)
+        events = [json.loads(l[6:]) for l in r.text.splitlines() if l.startswith("data: ")]
+        assert len(events) == 5 and events[-1]["finish_reason"] == "length"
+        server_pids = descendants(proc.pid)
+        assert len(server_pids) >= 2  # tritonserver and the model's stub
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    assert rc == 0
+    time.sleep(0.5)
+    left = [p for p in server_pids if os.path.exists(f"/proc/{p}")
+            and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert left == [], f"processes still running after Ctrl-C: {left}"
