@@ -9,6 +9,7 @@ MODEL ?=
 BUILD_ARGS ?=
 HTTP_PORT ?= 8000
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 # Hosts without an NVIDIA driver get the CPU build of torch (a plain `pip install torch` would
 # pull several GB of CUDA packages); hosts with one get the default CUDA build from pyproject.
 TORCH_CPU ?= torch==2.13.0+cpu

@@ -6,7 +6,8 @@ For each model and batch size, B prompts of `prompt-len` tokens are prefilled an
 greedily for `new-tokens` tokens. Decode time excludes prefill for both sides: for the engine,
 the decode calls are timed directly; for transformers, generate(new_tokens) minus
 generate(1 token) (its prefill plus first token). Decode tokens/s = B * (new_tokens - 1) / time.
-Each measurement is the median of `repeats` runs after one warm-up. Results: JSON under
+Engine and transformers runs alternate (`repeats` pairs after one warm-up pair); the table
+gives each side's median and the median (min-max) of the per-pair ratios. Results: JSON under
 bench/results/ and a markdown table on stdout.
 """
 from __future__ import annotations
@@ -70,10 +71,16 @@ def hf_generate_seconds(model, batch: list[list[int]], new_tokens: int) -> tuple
     return (t2 - t1) - (t1 - t0), out[:, input_ids.shape[1]:].tolist()
 
 
-def median_of(fn, repeats: int):
-    fn()  # warm-up
-    runs = [fn() for _ in range(repeats)]
-    return statistics.median(r[0] for r in runs), runs[-1][1]
+def paired_runs(engine_fn, hf_fn, repeats: int):
+    """Alternate engine and transformers runs so that machine drift (other tenants, clock
+    changes) hits both sides alike; return the medians and the median of per-pair ratios."""
+    engine_fn(), hf_fn()  # warm-up
+    pairs = [(engine_fn(), hf_fn()) for _ in range(repeats)]
+    t_engine = statistics.median(e[0] for e, _ in pairs)
+    t_hf = statistics.median(h[0] for _, h in pairs)
+    ratio = statistics.median(h[0] / e[0] for e, h in pairs)
+    spread = (min(h[0] / e[0] for e, h in pairs), max(h[0] / e[0] for e, h in pairs))
+    return t_engine, t_hf, ratio, spread, pairs[-1][0][1], pairs[-1][1][1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,14 +105,16 @@ def main(argv: list[str] | None = None) -> int:
         for b in a.batch:
             bar.set_postfix(model=model_name, batch=b)
             batch = prompts(b, a.prompt_len, engine.cfg.vocab_size)
-            t_engine, out_engine = median_of(lambda: engine_decode_seconds(engine, batch, a.new_tokens), a.repeats)
-            t_hf, out_hf = median_of(lambda: hf_generate_seconds(hf, batch, a.new_tokens), a.repeats)
+            t_engine, t_hf, ratio, spread, out_engine, out_hf = paired_runs(
+                lambda: engine_decode_seconds(engine, batch, a.new_tokens),
+                lambda: hf_generate_seconds(hf, batch, a.new_tokens), a.repeats)
             decoded = b * (a.new_tokens - 1)
             same = sum(x == y for x, y in zip(out_engine, out_hf))
             rows.append({
                 "model": model_name, "params": engine.num_params, "batch": b,
                 "engine_tok_s": decoded / t_engine, "transformers_tok_s": decoded / t_hf,
-                "ratio": t_hf / t_engine, "identical_greedy_outputs": f"{same}/{b}",
+                "ratio": ratio, "ratio_min": spread[0], "ratio_max": spread[1],
+                "identical_greedy_outputs": f"{same}/{b}",
             })
             bar.update()
         engine.close()
@@ -119,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n| model | params | batch | torch engine tok/s | transformers tok/s | engine / transformers | same greedy output |")
+    print("\n| model | params | batch | torch engine tok/s | transformers tok/s | engine / transformers "
+          "(median of pairs, min-max) | same greedy output |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['engine_tok_s']:.0f} | "
-              f"{r['transformers_tok_s']:.0f} | {r['ratio']:.2f}x | {r['identical_greedy_outputs']} |")
+              f"{r['transformers_tok_s']:.0f} | {r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
+              f"{r['identical_greedy_outputs']} |")
     print(f"\nwritten to {a.out}")
     return 0
 

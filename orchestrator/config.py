@@ -83,12 +83,12 @@ class ServeConfig:
         **overrides: Any,
     ) -> "ServeConfig":
         """Defaults, then `file` (TOML or JSON), then `ALIGNED_*` variables of `env`, then
-        keyword `overrides` (e.g. from a Triton model config)."""
+        keyword `overrides` (e.g. a Triton model config's string parameters, converted)."""
         values: dict[str, Any] = {}
         if file:
             values.update(_read_file(Path(file)))
         values.update(_from_env(os.environ if env is None else env))
-        values.update(overrides)
+        values.update({k: _coerce(k, v, "override") for k, v in overrides.items()})
         return cls(**values)
 
     def with_manifest(self, max_seq_len: int) -> "ServeConfig":

@@ -15,6 +15,13 @@ def test_layers_override_in_order(tmp_path):
     assert (cfg.max_batch_size, cfg.max_queue, cfg.device, cfg.max_prefill_tokens) == (8, 20, "cpu", 512)
 
 
+def test_string_overrides_from_a_triton_model_config_are_converted():
+    cfg = ServeConfig.load(env={}, max_batch_size="16", idle_wait_s="0.01", engine_dir="/e")
+    assert (cfg.max_batch_size, cfg.idle_wait_s, cfg.engine_dir) == (16, 0.01, "/e")
+    with pytest.raises(ConfigError, match="override: max_queue must be int, got 'many'"):
+        ServeConfig.load(env={}, max_queue="many")
+
+
 def test_json_file(tmp_path):
     f = tmp_path / "serve.json"
     f.write_text('{"max_batch_size": 3}')

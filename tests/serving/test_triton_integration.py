@@ -200,3 +200,42 @@ def test_corrupt_engine_dir_fails_the_load_clearly_and_serving_continues(server,
         _load_with_engine_dir(server, broken)
     assert weights.name in str(e.value) and "truncated" in str(e.value)
     assert generate(server, "still alive?", 4)[2] == "length"
+
+
+def test_stop_words_end_the_output_where_they_occur(server):
+    # The demo model emits arbitrary bytes; take a printable ASCII token it does produce (one
+    # byte = one token in the byte tokenizer) as the stop word.
+    for prompt in ("Stop words:", "Hello", "The quick brown fox", "Sampling"):
+        _, ids, _, _ = generate(server, prompt, 24, stream=False)
+        printable = [i for i, t in enumerate(ids) if 33 <= t <= 126]
+        if printable:
+            break
+    else:
+        pytest.fail("the demo model produced no printable ASCII token for any prompt")
+    first = printable[0]
+    stop = chr(ids[first])
+    s = GrpcStream(server)
+    try:
+        data = np.array([[stop.encode()]], dtype=object)
+        s.client.async_stream_infer(MODEL_NAME, _inputs(prompt, 24, stream=False) + [_bytes_input("stop_words", data)])
+        text, got, reason, _ = s.collect()
+    finally:
+        s.close()
+    first = ids.index(ids[first])  # its first occurrence ends the output
+    assert reason == "stop" and got == ids[:first + 1] and text.endswith(stop)
+
+
+def test_seeded_sampling_is_reproducible(server):
+    def sample(seed):
+        return generate(server, "Sampling", 16, stream=True, temperature=(1.0, np.float32),
+                        top_p=(0.95, np.float32), seed=(seed, np.uint64))[1]
+
+    a, b, c = sample(7), sample(7), sample(8)
+    assert a == b and len(a) == 16
+    assert a != c  # 16 tokens at temperature 1 from a 259-token vocabulary: a clash is ~impossible
+
+
+def _bytes_input(name, arr):
+    t = grpcclient.InferInput(name, list(arr.shape), "BYTES")
+    t.set_data_from_numpy(arr)
+    return t
