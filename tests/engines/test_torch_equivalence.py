@@ -150,22 +150,18 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
         TorchEngine(tmp_path, device="cpu")
 
 
-def test_wrong_tensor_shape_names_file_tensor_and_shapes(tmp_path):
+@pytest.mark.parametrize("key, value, message", [
+    # config.json that no longer describes the weights: a shape mismatch, then missing tensors.
+    ("intermediate_size", 96, r"model\.safetensors: tensor model\.layers\.0\.mlp\.\w+_proj\.weight "
+                              r"has shape \[\d+, \d+\] but config\.json implies \[\d+, \d+\]"),
+    ("num_hidden_layers", 3, r"model\.safetensors: the weights lack tensor\(s\) model\.layers\.2\."),
+])
+def test_checkpoint_not_matching_config_names_file_and_tensor(tmp_path, key, value, message):
     make_checkpoint(tmp_path, "llama")
     config = json.loads((tmp_path / "config.json").read_text())
-    config["intermediate_size"] = 96
+    config[key] = value
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(WeightsError, match=r"model\.safetensors: tensor model\.layers\.0\.mlp\.\w+_proj\.weight "
-                                           r"has shape \[\d+, \d+\] but config\.json implies \[\d+, \d+\]"):
-        TorchEngine(tmp_path, device="cpu")
-
-
-def test_missing_tensor_is_named(tmp_path):
-    make_checkpoint(tmp_path, "llama")
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["num_hidden_layers"] = 3
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(WeightsError, match=r"model\.safetensors: the weights lack tensor\(s\) model\.layers\.2\."):
+    with pytest.raises(WeightsError, match=message):
         TorchEngine(tmp_path, device="cpu")
 
 
