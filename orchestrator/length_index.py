@@ -1,0 +1,191 @@
+"""Pooled requests indexed by KV length, for building length-aligned batches.
+
+A 4-ary count tree over lengths [1, 4**depth] (leaf i holds length i + 1; depth from max_len:
+8 levels cover 65,536) keeps
+how many pooled requests sit under every node, so insert, remove and update cost O(depth), and the
+nearest pooled length to a given one is found in O(4 * depth) by walking the tree.
+
+`densest(kmin, block_budget)` is the density-first search: among all sets of at least `kmin`
+pooled requests whose KV fits `block_budget` blocks, it returns one with the narrowest span of KV
+lengths. It is exact: the narrowest feasible set can always be taken as kmin requests consecutive
+in length order (the shortest kmin of any window have the smallest span and the fewest blocks),
+so it scans every such window at once over the distinct pooled lengths (vectorised; the prefix
+sums are cached until the pool changes), then widens the winner to every pooled request inside
+its span while the budget and `kmax` allow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FANOUT = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The result of a density-first search."""
+
+    request_ids: tuple[str, ...]
+    lo: int
+    """Shortest KV length in the set."""
+    hi: int
+    """Longest KV length in the set."""
+    blocks: int
+    """KV blocks the set needs."""
+
+    @property
+    def span(self) -> int:
+        return self.hi - self.lo
+
+
+class LengthIndex:
+    """Request ids by KV length in [1, max_len]; lengths in blocks of `block_size` tokens."""
+
+    def __init__(self, max_len: int, block_size: int):
+        if max_len < 1 or block_size < 1:
+            raise ValueError(f"max_len and block_size must be >= 1, got {max_len}, {block_size}")
+        self.max_len = max_len
+        self.block_size = block_size
+        self.depth = 1
+        while FANOUT ** self.depth < max_len:
+            self.depth += 1
+        # counts[d][i]: pooled requests whose length falls under node i of level d (0 = leaves).
+        self.counts = [np.zeros(FANOUT ** (self.depth - d), dtype=np.int64) for d in range(self.depth + 1)]
+        self._length: dict[str, int] = {}
+        self._bucket: dict[int, dict[str, None]] = {}  # length -> ids in insertion order
+        self._cache: tuple | None = None
+
+    def __len__(self) -> int:
+        return len(self._length)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._length
+
+    def length_of(self, request_id: str) -> int:
+        return self._length[request_id]
+
+    def blocks_for(self, length: int) -> int:
+        return -(-length // self.block_size)
+
+    # ---- O(depth) updates -------------------------------------------------------------------
+
+    def insert(self, request_id: str, length: int) -> None:
+        if request_id in self._length:
+            raise KeyError(f"{request_id} is already indexed")
+        if not 1 <= length <= self.max_len:
+            raise ValueError(f"KV length {length} of {request_id} is outside [1, {self.max_len}]")
+        self._length[request_id] = length
+        self._bucket.setdefault(length, {})[request_id] = None
+        self._add(length, 1)
+
+    def remove(self, request_id: str) -> int:
+        """Take a request out; returns its length."""
+        length = self._length.pop(request_id)
+        bucket = self._bucket[length]
+        del bucket[request_id]
+        if not bucket:
+            del self._bucket[length]
+        self._add(length, -1)
+        return length
+
+    def update(self, request_id: str, length: int) -> None:
+        self.remove(request_id)
+        self.insert(request_id, length)
+
+    def _add(self, length: int, delta: int) -> None:
+        i = length - 1
+        for level in self.counts:
+            level[i] += delta
+            i //= FANOUT
+        self._cache = None
+
+    # ---- nearest length (single refills) ----------------------------------------------------
+
+    def nearest(self, length: int) -> str | None:
+        """A pooled request whose length is closest to `length` (ties: the shorter, then the
+        earliest inserted); None when the pool is empty."""
+        if not self._length:
+            return None
+        below = self._scan(min(length, self.max_len) - 1, -1)
+        above = self._scan(max(length, 1) - 1, +1)
+        candidates = [x + 1 for x in (below, above) if x is not None]
+        best = min(candidates, key=lambda x: (abs(x - length), x))
+        return next(iter(self._bucket[best]))
+
+    def _scan(self, start: int, step: int) -> int | None:
+        """The first non-empty leaf from `start` in direction `step` (inclusive), via the tree."""
+        i, d = start, 0
+        leaves = self.counts[0]
+        if 0 <= i < leaves.size and leaves[i]:
+            return i
+        # Climb until a sibling in the scan direction holds something, then descend into it.
+        while d <= self.depth:
+            level = self.counts[d]
+            j = i + step
+            while 0 <= j < level.size and j // FANOUT == i // FANOUT:
+                if level[j]:
+                    return self._descend(d, j, step)
+                j += step
+            i //= FANOUT
+            d += 1
+        return None
+
+    def _descend(self, d: int, i: int, step: int) -> int:
+        while d > 0:
+            d -= 1
+            children = range(i * FANOUT, i * FANOUT + FANOUT)
+            i = next(c for c in (children if step > 0 else reversed(children)) if self.counts[d][c])
+        return i
+
+    # ---- density-first search ---------------------------------------------------------------
+
+    def densest(self, kmin: int, block_budget: int, kmax: int | None = None) -> Window | None:
+        """The narrowest-span set of at least `kmin` pooled requests fitting `block_budget` KV
+        blocks (ties: the shorter lengths), widened to all requests inside that span while the
+        budget and `kmax` allow. None if no set of kmin requests fits."""
+        if kmin < 1 or kmin > len(self._length):
+            return None
+        lengths, counts, cum_n, cum_b = self._prefix()
+        # Window starting at distinct length index a: the kmin requests from lengths[a] upwards.
+        start_n = cum_n[:-1]
+        end_at = np.searchsorted(cum_n, start_n + kmin, side="left")  # cum_n[end_at] >= start + kmin
+        valid = end_at < cum_n.size
+        a = np.flatnonzero(valid)
+        z = end_at[valid] - 1  # index of the last distinct length in the window
+        taken_last = start_n[a] + kmin - cum_n[z]
+        blocks = cum_b[z] - cum_b[a] + taken_last * self._blocks_of(lengths[z])
+        ok = blocks <= block_budget
+        if not ok.any():
+            return None
+        a, z, blocks = a[ok], z[ok], blocks[ok]
+        spans = lengths[z] - lengths[a]
+        best = int(np.argmin(spans))  # first minimum = the shortest lengths among ties
+        lo_i, hi_i = int(a[best]), int(z[best])
+        return self._widen(lengths, lo_i, hi_i, block_budget, kmax if kmax is not None else len(self._length))
+
+    def _widen(self, lengths: np.ndarray, lo_i: int, hi_i: int, budget: int, kmax: int) -> Window:
+        chosen: list[str] = []
+        blocks = 0
+        for i in range(lo_i, hi_i + 1):
+            length = int(lengths[i])
+            per = self.blocks_for(length)
+            for rid in self._bucket[length]:
+                if len(chosen) >= kmax or blocks + per > budget:
+                    break
+                chosen.append(rid)
+                blocks += per
+        return Window(tuple(chosen), int(lengths[lo_i]), self._length[chosen[-1]], blocks)
+
+    def _blocks_of(self, lengths: np.ndarray) -> np.ndarray:
+        return -(-lengths // self.block_size)
+
+    def _prefix(self):
+        if self._cache is None:
+            nonempty = np.flatnonzero(self.counts[0])
+            lengths = nonempty + 1
+            counts = self.counts[0][nonempty]
+            cum_n = np.concatenate(([0], np.cumsum(counts)))
+            cum_b = np.concatenate(([0], np.cumsum(counts * self._blocks_of(lengths))))
+            self._cache = (lengths, counts, cum_n, cum_b)
+        return self._cache
