@@ -14,18 +14,21 @@ def load_engine(
     device: str = "auto",
     dtype: str | None = None,
     kv_blocks: int | None = None,
+    host_kv_blocks: int | None = None,
 ) -> Engine:
     """Build the engine for `engine_dir`.
 
     device: "auto" (first CUDA GPU if present, else CPU), "cpu" or "cuda:N".
     dtype: override the manifest's dtype ("float32" / "bfloat16").
     kv_blocks: override the manifest's KV blocks per device.
+    host_kv_blocks: override the manifest's host KV pool (0: none, no offload).
     """
     manifest = read_manifest(engine_dir)
     if manifest.backend == "torch":
         from engines.torch.engine import TorchEngine
 
-        return TorchEngine.from_engine_dir(engine_dir, manifest, device=device, dtype=dtype, kv_blocks=kv_blocks)
+        return TorchEngine.from_engine_dir(engine_dir, manifest, device=device, dtype=dtype, kv_blocks=kv_blocks,
+                                           host_kv_blocks=host_kv_blocks)
     raise ManifestError(
         f"{Path(engine_dir) / 'manifest.json'}: backend {manifest.backend!r} is not available; "
         f"known backends: {', '.join(BACKENDS)}"

@@ -2,6 +2,7 @@
 
 model_config (config.json -> shapes; no torch import), safetensors_io (header reading, and why a
 file is corrupt), weights (the one check of a checkpoint's weights, which make build-engine runs
-too, and loading), rope, kv_cache (block allocator + block tables), forward_batch (one forward's
-inputs), model (the decoder), sampler, engine (`TorchEngine`).
+too, and loading), rope, kv_cache (block allocator, block tables, the device cache and the host
+pool), kv_transfer (asynchronous block copies between them), forward_batch (one forward's inputs),
+model (the decoder), sampler, engine (`TorchEngine`).
 """

@@ -1,14 +1,15 @@
-"""The paged KV cache: one preallocated pool of fixed-size blocks per device.
+"""The paged KV cache: one preallocated pool of fixed-size blocks per tier (device, host).
 
 Two owners, kept apart: `BlockAllocator` knows which blocks exist and which are free;
-`PagedKVCache` knows which request owns which blocks (its block table) and holds the tensor.
+`KVBlockPool` knows which request owns which blocks (its block table). `PagedKVCache` (the
+device tier, read by the model) and `HostKVPool` (the host tier) hold the tensors.
 Token t of a request lives in block `table[t // block_size]` at offset `t % block_size`.
 """
 from __future__ import annotations
 
 import torch
 
-from engines.base import EngineError, OutOfKVBlocks
+from engines.base import HOST, EngineError, OutOfKVBlocks
 
 
 class KVAccountingError(EngineError):
@@ -67,8 +68,66 @@ class BlockAllocator:
             raise KVAccountingError(f"KV pool {self.tier!r}: {len(self._used)} blocks leaked: {sorted(self._used)[:10]}")
 
 
-class PagedKVCache:
-    """The KV pool of one device and the block table of each request stored in it.
+class KVBlockPool:
+    """The blocks of one KV tier and which request owns which of them (its block table).
+
+    The tensor that holds the blocks, and its layout, belong to the subclasses: the device cache
+    is laid out for the model, the host pool for copies.
+    """
+
+    kv: torch.Tensor
+
+    def __init__(self, *, num_blocks: int, block_size: int, tier: str):
+        if block_size <= 0:
+            raise ValueError(f"block_size must be > 0, got {block_size}")
+        self.block_size = block_size
+        self.tier = tier
+        self.allocator = BlockAllocator(num_blocks, tier)
+        self.tables: dict[str, list[int]] = {}
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def reserve(self, request_id: str, num_tokens: int) -> None:
+        """Grow the request's block table so it can hold `num_tokens` tokens (all-or-nothing)."""
+        table = self.tables.setdefault(request_id, [])
+        need = self.blocks_for(num_tokens) - len(table)
+        if need > 0:
+            try:
+                table.extend(self.allocator.allocate(need))
+            except OutOfKVBlocks:
+                if not table:
+                    del self.tables[request_id]
+                raise
+
+    def adopt(self, request_id: str, blocks: list[int]) -> None:
+        """Make already-allocated `blocks` the request's table here (the target of a move)."""
+        if request_id in self.tables:
+            raise KVAccountingError(f"KV pool {self.tier!r}: request {request_id!r} already has a block table")
+        self.tables[request_id] = blocks
+
+    def release(self, request_id: str) -> None:
+        """Free the request's blocks; an unknown id is a no-op."""
+        table = self.tables.pop(request_id, None)
+        if table:
+            self.allocator.free(table)
+
+    def read_blocks(self, blocks: list[int]) -> torch.Tensor:
+        """Copy of these blocks as [n, num_layers, 2, block_size, kv_heads, head_dim]."""
+        raise NotImplementedError
+
+    def check_consistency(self) -> None:
+        """Raise if the block tables and the allocator disagree on how many blocks are held."""
+        owned = [b for t in self.tables.values() for b in t]
+        if len(owned) != self.allocator.used or len(set(owned)) != len(owned):
+            raise KVAccountingError(
+                f"KV pool {self.tier!r}: block tables hold {len(owned)} blocks "
+                f"({len(set(owned))} distinct) but the allocator counts {self.allocator.used} in use"
+            )
+
+
+class PagedKVCache(KVBlockPool):
+    """The KV pool of one device, laid out for the model.
 
     Layout [num_layers, 2 (K, V), num_blocks, block_size, kv_heads, head_dim]: one block holds
     `block_size` consecutive tokens of one request for every layer, so a request's KV is found
@@ -87,42 +146,20 @@ class PagedKVCache:
         device: torch.device,
         tier: str,
     ):
-        if block_size <= 0:
-            raise ValueError(f"block_size must be > 0, got {block_size}")
-        self.block_size = block_size
-        self.tier = tier
-        self.allocator = BlockAllocator(num_blocks, tier)
+        super().__init__(num_blocks=num_blocks, block_size=block_size, tier=tier)
         # Zeroed, not empty: padded block-table entries read real blocks whose values are masked
         # out, and 0 * NaN from uninitialised memory would still poison the attention output.
         self.kv = torch.zeros(
             (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
         )
-        self.tables: dict[str, list[int]] = {}
 
     @property
     def bytes_per_block(self) -> int:
         return self.kv[:, :, 0].numel() * self.kv.element_size()
 
-    def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
-
-    def reserve(self, request_id: str, num_tokens: int) -> None:
-        """Grow the request's block table so it can hold `num_tokens` tokens (all-or-nothing)."""
-        table = self.tables.setdefault(request_id, [])
-        need = self.blocks_for(num_tokens) - len(table)
-        if need > 0:
-            try:
-                table.extend(self.allocator.allocate(need))
-            except OutOfKVBlocks:
-                if not table:
-                    del self.tables[request_id]
-                raise
-
-    def release(self, request_id: str) -> None:
-        """Free the request's blocks; an unknown id is a no-op."""
-        table = self.tables.pop(request_id, None)
-        if table:
-            self.allocator.free(table)
+    def read_blocks(self, blocks: list[int]) -> torch.Tensor:
+        index = torch.tensor(blocks, dtype=torch.long, device=self.kv.device)
+        return self.kv.index_select(2, index).movedim(2, 0)
 
     def block_tables(self, request_ids: list[str], device: torch.device) -> torch.Tensor:
         """Block tables of these requests as [B, max_blocks], right-padded with block 0 (masked later)."""
@@ -135,11 +172,27 @@ class PagedKVCache:
         """K and V blocks of one layer, views [num_blocks, block_size, kv_heads, head_dim]."""
         return self.kv[layer, 0], self.kv[layer, 1]
 
-    def check_consistency(self) -> None:
-        """Raise if the block tables and the allocator disagree on how many blocks are held."""
-        owned = [b for t in self.tables.values() for b in t]
-        if len(owned) != self.allocator.used or len(set(owned)) != len(owned):
-            raise KVAccountingError(
-                f"KV pool {self.tier!r}: block tables hold {len(owned)} blocks "
-                f"({len(set(owned))} distinct) but the allocator counts {self.allocator.used} in use"
-            )
+
+class HostKVPool(KVBlockPool):
+    """The host-memory tier: blocks a request's KV is offloaded to, never computed on.
+
+    Layout [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]: each block is one
+    contiguous run of bytes, so a block (or a run of adjacent blocks) crosses the bus in one copy.
+    Pinned when the device is a GPU, so those copies are asynchronous DMA.
+    """
+
+    def __init__(self, *, num_blocks: int, like: PagedKVCache, pin_memory: bool):
+        super().__init__(num_blocks=num_blocks, block_size=like.block_size, tier=HOST)
+        layers, _, _, block_size, heads, head_dim = like.kv.shape
+        # Zeroed for the device cache's reason: a block's unused tail travels with it.
+        self.kv = torch.zeros(
+            (num_blocks, layers, 2, block_size, heads, head_dim), dtype=like.kv.dtype, device="cpu",
+            pin_memory=pin_memory,
+        )
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.kv[0].numel() * self.kv.element_size()
+
+    def read_blocks(self, blocks: list[int]) -> torch.Tensor:
+        return self.kv.index_select(0, torch.tensor(blocks, dtype=torch.long))
