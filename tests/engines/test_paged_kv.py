@@ -10,21 +10,6 @@ from hypothesis import strategies as st
 from engines.base import EngineError, OutOfKVBlocks, PrefillRequest, SamplingParams
 from engines.torch.engine import TorchEngine
 from engines.torch.kv_cache import BlockAllocator, KVAccountingError, PagedKVCache
-from build_scripts.random_checkpoint import write_random_checkpoint
-
-TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128, "hidden_size": 32,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
-    "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-    "bos_token_id": 1, "eos_token_id": 2,
-}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    write_random_checkpoint(path, TINY_LLAMA, seed=0)
-    return path
 
 
 def tokens(seed: int, n: int) -> list[int]:

@@ -8,23 +8,15 @@ import torch
 
 from engines.base import PrefillRequest, SamplingParams
 from engines.torch.engine import TorchEngine
-from build_scripts.random_checkpoint import write_random_checkpoint
 from engines.torch.sampler import filtered_probs, make_generator, sample
 
-TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128, "hidden_size": 32,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
-    "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-}
 STEPS = 16
 PROMPT = [5, 17, 33, 9, 60]
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    write_random_checkpoint(path, TINY_LLAMA, seed=0)
-    return TorchEngine(path, device="cpu", block_size=4)
+def engine(model_dir):
+    return TorchEngine(model_dir, device="cpu", block_size=4)
 
 
 def generate(engine, requests: dict[str, tuple[list[int], SamplingParams]], steps: int = STEPS) -> dict[str, list[int]]:

@@ -1,0 +1,21 @@
+"""A tiny random Llama shared by the engine tests (2 layers, GQA 4/2, vocab 128)."""
+from __future__ import annotations
+
+import pytest
+
+from build_scripts.random_checkpoint import write_random_checkpoint
+
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128, "hidden_size": 32,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+    "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "bos_token_id": 1, "eos_token_id": 2,
+}
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """Checkpoint directory of the tiny Llama (seed 0)."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    write_random_checkpoint(path, TINY_LLAMA, seed=0)
+    return path
