@@ -7,6 +7,8 @@ Token t of a request lives in block `table[t // block_size]` at offset `t % bloc
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from engines.base import HOST, EngineError, OutOfKVBlocks
@@ -68,7 +70,7 @@ class BlockAllocator:
             raise KVAccountingError(f"KV pool {self.tier!r}: {len(self._used)} blocks leaked: {sorted(self._used)[:10]}")
 
 
-class KVBlockPool:
+class KVBlockPool(abc.ABC):
     """The blocks of one KV tier and which request owns which of them (its block table).
 
     The tensor that holds the blocks, and its layout, belong to the subclasses: the device cache
@@ -112,9 +114,9 @@ class KVBlockPool:
         if table:
             self.allocator.free(table)
 
+    @abc.abstractmethod
     def read_blocks(self, blocks: list[int]) -> torch.Tensor:
         """Copy of these blocks as [n, num_layers, 2, block_size, kv_heads, head_dim]."""
-        raise NotImplementedError
 
     def check_consistency(self) -> None:
         """Raise if the block tables and the allocator disagree on how many blocks are held."""
