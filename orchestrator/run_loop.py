@@ -11,13 +11,13 @@ import threading
 import time
 from collections import deque
 
-from engines.base import Engine, PrefillRequest
+from engines.base import HOST, CallTiming, Engine, PrefillRequest
 from orchestrator.config import ServeConfig
 from orchestrator.core import FinishReason, Request, RequestRejected, RequestState, TokenEvent
 from orchestrator.kv_ledger import KVLedger
 from orchestrator.policies import Policy
 from orchestrator.pool import RequestPool
-from orchestrator.stats import LoopStats
+from orchestrator.metrics import IterationRecord, Metrics
 
 log = logging.getLogger("alignedserve.run_loop")
 
@@ -31,7 +31,10 @@ class RunLoop:
         self.ledger = ledger
         self.config = config
         self.pool = RequestPool()
-        self.stats = LoopStats()
+        self.metrics = Metrics()
+        info = engine.describe()
+        self._device = info.decode_device
+        self._has_host = info.capabilities.can_offload
         self._lock = threading.Lock()
         self._inbox: deque[Request] = deque()
         self._cancels: deque[str] = deque()
@@ -52,7 +55,7 @@ class RunLoop:
                     f"{self.config.max_queue}; retry later")
             self._waiting_count += 1
             self._inbox.append(request)
-            self.stats.submitted += 1
+            self.metrics.submitted += 1
         self._wake.set()
 
     def cancel(self, request_id: str) -> None:
@@ -87,13 +90,29 @@ class RunLoop:
         plan = self.policy.schedule(self.pool)
         if plan.empty:
             return False
-        self.stats.iterations += 1
-        if plan.prefill:
-            self._prefill(list(plan.prefill))
+        prefill_timing = self._prefill(list(plan.prefill)) if plan.prefill else None
         decode = [r for r in plan.decode if r.state is RequestState.RUNNING]
-        if decode:
-            self._decode(decode)
+        decode_timing = self._decode(decode) if decode else None
+        self._record_iteration(prefill_timing, decode_timing)
         return True
+
+    def _record_iteration(self, prefill: CallTiming | None, decode: CallTiming | None) -> None:
+        calls = [t for t in (prefill, decode) if t is not None]
+        b = decode.num_seqs if decode else 0
+        self.metrics.record_iteration(IterationRecord(
+            end=time.monotonic(),
+            seconds=sum(t.seconds for t in calls),
+            batch_size=b,
+            kv_max=decode.max_kv if decode else 0,
+            kv_mean=decode.kv_tokens / b if b else 0.0,
+            alignment=decode.kv_tokens / (b * decode.max_kv) if b else 0.0,
+            prefill_tokens=prefill.num_tokens if prefill else 0,
+            bubble_seconds=0.0,  # no transfers yet: the fcfs policy keeps all KV on the device
+            switch=False,
+            device_blocks_used=self.engine.kv_blocks_used(self._device),
+            host_blocks_used=self.engine.kv_blocks_used(HOST) if self._has_host else 0,
+            transfer_bytes=0,
+        ))
 
     def _run(self) -> None:
         try:
@@ -117,7 +136,7 @@ class RunLoop:
             if request is not None and not request.finished:
                 self._finish(request, FinishReason.CANCELLED)
 
-    def _prefill(self, requests: list[Request]) -> None:
+    def _prefill(self, requests: list[Request]) -> CallTiming | None:
         with self._lock:
             self._waiting_count -= len(requests)
         try:
@@ -127,23 +146,25 @@ class RunLoop:
             log.exception("prefill failed")
             for r in requests:
                 self._finish(r, FinishReason.ERROR, f"prefill failed: {e}")
-            return
-        self.stats.record(result.timing)
+            return None
+        self.metrics.record_call(result.timing)
         for r in requests:
             self.pool.start(r)
             self._accept_token(r, result.tokens[r.id])
+        return result.timing
 
-    def _decode(self, requests: list[Request]) -> None:
+    def _decode(self, requests: list[Request]) -> CallTiming | None:
         try:
             result = self.engine.decode([r.id for r in requests])
         except Exception as e:
             log.exception("decode failed")
             for r in requests:
                 self._finish(r, FinishReason.ERROR, f"decode failed: {e}")
-            return
-        self.stats.record(result.timing)
+            return None
+        self.metrics.record_call(result.timing)
         for r in requests:
             self._accept_token(r, result.tokens[r.id])
+        return result.timing
 
     def _accept_token(self, r: Request, token: int) -> None:
         now = time.monotonic()
@@ -154,7 +175,7 @@ class RunLoop:
         r.token_times.append(now)
         if r.first_token_time is None:
             r.first_token_time = now
-        self.stats.tokens += 1
+        self.metrics.tokens += 1
         reason = None
         if any(len(s) <= len(r.output_ids) and tuple(r.output_ids[-len(s):]) == s for s in r.stop_sequences):
             reason = FinishReason.STOP
@@ -180,7 +201,7 @@ class RunLoop:
         except Exception:  # freeing must never stop the loop; the leak shows in kv_blocks_used
             log.exception("engine.free failed for %s", r.id)
         self.ledger.release(r.id)
-        self.stats.finished[reason.value] += 1
+        self.metrics.finished[reason.value] += 1
         self._emit(r, TokenEvent(r.id, tokens, reason, error))
 
     def _emit(self, r: Request, event: TokenEvent) -> None:

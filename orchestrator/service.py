@@ -68,7 +68,7 @@ class Orchestrator:
     def stats(self) -> dict:
         dev = self.info.decode_device
         return {
-            **self.loop.stats.as_dict(),
+            **self.loop.metrics.summary(),
             "policy": self.policy.name,
             "waiting": len(self.loop.pool.waiting),
             "running": len(self.loop.pool.running),

@@ -177,3 +177,21 @@ def test_threaded_loop_serves_and_stops_cleanly(engine):
     long.result(5)
     assert long.finish_reason is FinishReason.CANCELLED  # shutdown ends in-flight requests
     assert engine.kv_blocks_used("cpu") == 0 and orch.ledger.used("cpu") == 0
+
+
+def test_iteration_metrics_record_batch_shape_and_alignment(engine):
+    orch = make(engine)
+    orch.submit([1] * 10, max_tokens=3, end_id=0)
+    orch.submit([1] * 40, max_tokens=3, end_id=0)
+    run_until_idle(orch)
+    history = list(orch.loop.metrics.history)
+    first, second = history[0], history[1]
+    assert first.prefill_tokens == 50 and first.batch_size == 0  # step 1 only prefills
+    # Step 2 decodes both: each feeds its first token, so KV lengths are 11 and 41.
+    assert (second.batch_size, second.kv_max, second.kv_mean) == (2, 41, 26.0)
+    assert second.alignment == pytest.approx(52 / (2 * 41))
+    assert second.device_blocks_used == 1 + 3  # ceil(11/16) + ceil(41/16)
+    assert second.host_blocks_used == 0 and second.transfer_bytes == 0 and not second.switch
+    summary = orch.stats()
+    assert summary["iterations"] == len(history) == 3 and summary["tokens"] == 6
+    assert summary["recent"]["batch_size"] == 2.0

@@ -1,0 +1,88 @@
+"""One metrics object for the run loop: counters, engine call timings and a record per iteration.
+
+Written by the run loop thread only. Readers (the dashboard, Prometheus, benchmarks) take
+`summary()` or copy `iterations`; both are safe to read from another thread at any moment, if
+at most one iteration stale.
+"""
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from engines.base import CallTiming
+
+
+@dataclass(frozen=True, slots=True)
+class IterationRecord:
+    """What one run-loop iteration did."""
+
+    end: float
+    """time.monotonic() when the iteration's engine work ended."""
+    seconds: float
+    """Wall time of the iteration's engine calls (prefill + decode + waits on transfers)."""
+    batch_size: int
+    """Requests decoded this iteration."""
+    kv_max: int
+    """Longest KV length in the decode batch: what a step's attention time follows on a GPU."""
+    kv_mean: float
+    alignment: float
+    """sum(L) / (batch_size * max L): 1.0 when every member has the same KV length; the share of
+    the batch's attention work that is not padding up to the longest member."""
+    prefill_tokens: int
+    bubble_seconds: float
+    """Decode-device time spent waiting for KV transfers (the batch-level bubble)."""
+    switch: bool
+    """The running batch was switched for a staged one."""
+    device_blocks_used: int
+    host_blocks_used: int
+    transfer_bytes: int
+    """KV bytes moved between tiers this iteration."""
+
+
+@dataclass
+class Metrics:
+    """Counters since start, the latest engine call timings and iteration records."""
+
+    submitted: int = 0
+    iterations: int = 0
+    tokens: int = 0
+    switches: int = 0
+    transfer_bytes: int = 0
+    bubble_seconds: float = 0.0
+    finished: Counter = field(default_factory=Counter)
+    timings: deque = field(default_factory=lambda: deque(maxlen=4096))
+    """Latest engine call timings (`CallTiming`), for cost-model fitting."""
+    history: deque = field(default_factory=lambda: deque(maxlen=4096))
+    """Latest `IterationRecord`s."""
+
+    def record_call(self, timing: CallTiming) -> None:
+        self.timings.append(timing)
+
+    def record_iteration(self, record: IterationRecord) -> None:
+        self.iterations += 1
+        self.switches += record.switch
+        self.transfer_bytes += record.transfer_bytes
+        self.bubble_seconds += record.bubble_seconds
+        self.history.append(record)
+
+    def summary(self, last: int = 256) -> dict:
+        """Counters, plus means over the last `last` iterations that decoded."""
+        recent = [r for r in list(self.history)[-last:] if r.batch_size]
+        n = len(recent)
+        return {
+            "submitted": self.submitted,
+            "iterations": self.iterations,
+            "tokens": self.tokens,
+            "finished": dict(self.finished),
+            "switches": self.switches,
+            "transfer_bytes": self.transfer_bytes,
+            "bubble_seconds": self.bubble_seconds,
+            "recent": {
+                "iterations": n,
+                "batch_size": sum(r.batch_size for r in recent) / n if n else 0.0,
+                "kv_max": sum(r.kv_max for r in recent) / n if n else 0.0,
+                "alignment": sum(r.alignment for r in recent) / n if n else 0.0,
+                "device_blocks_used": recent[-1].device_blocks_used if n else 0,
+                "host_blocks_used": recent[-1].host_blocks_used if n else 0,
+            },
+        }
