@@ -1,7 +1,7 @@
 """`make build-engine`: turn a Hugging Face checkpoint into an engine directory.
 
     python -m build_scripts.build_engine [--model HF_DIR] [--out ENGINE_DIR] [--dtype float32|bfloat16]
-        [--max-seq-len N] [--block-size 16] [--kv-memory-gb 1.0] [--force]
+        [--max-seq-len N] [--block-size 16] [--kv-memory-gb 1.0] [--host-kv-memory-gb 0] [--force]
 
 Without --model it builds the seeded random demo model (`build_scripts.demo_checkpoint`), made
 afresh in a temporary directory each time. The checkpoint is checked completely before anything
@@ -84,6 +84,7 @@ def build_engine(
     max_seq_len: int | None = None,
     block_size: int = 16,
     kv_memory_gb: float = 1.0,
+    host_kv_memory_gb: float = 0.0,
     force: bool = False,
     source: str | None = None,
     progress: bool | None = None,
@@ -120,6 +121,9 @@ def build_engine(
             f"(max_position_embeddings in {model_dir / CONFIG_FILE})"
         )
     blocks = kv_blocks(ckpt, dtype, block_size, max_seq_len, kv_memory_gb)
+    if not (math.isfinite(host_kv_memory_gb) and host_kv_memory_gb >= 0):
+        raise BuildError(f"--host-kv-memory-gb must be a number >= 0 (0: no host pool), got {host_kv_memory_gb}")
+    host_blocks = int(host_kv_memory_gb * GIB) // kv_block_bytes(ckpt, dtype, block_size)
 
     with staged_dir(out, force=force) as tmp:
         for name in (CONFIG_FILE, *ckpt.extra_files, *([ckpt.index_file] if ckpt.index_file else [])):
@@ -135,7 +139,7 @@ def build_engine(
             max_seq_len=max_seq_len,
             kv_block_size=block_size,
             kv_blocks_device=blocks,
-            kv_blocks_host=0,
+            kv_blocks_host=host_blocks,
             bytes_per_block=kv_block_bytes(ckpt, dtype, block_size),
             tokenizer=TOKENIZER_FILE,
             weights=weights,
@@ -166,6 +170,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--kv-memory-gb", type=float, default=1.0,
                    help="KV cache budget per device in GiB; sets kv_blocks_device (default 1.0)")
+    p.add_argument("--host-kv-memory-gb", type=float, default=0.0,
+                   help="host-memory KV pool in GiB for offloaded requests; sets kv_blocks_host "
+                        "(default 0: no host pool)")
     p.add_argument("--force", action="store_true",
                    help="replace --out even when it is not an engine directory (deletes it)")
     p.add_argument("--demo-size", choices=("demo", "100m"),
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     default_name = Path(a.model).resolve().name if a.model else ("demo" if size == "demo" else f"demo-{size}")
     out = Path(a.out or Path("engines_built") / default_name)
     options = dict(dtype=a.dtype, max_seq_len=a.max_seq_len, block_size=a.block_size,
-                   kv_memory_gb=a.kv_memory_gb, force=a.force)
+                   kv_memory_gb=a.kv_memory_gb, host_kv_memory_gb=a.host_kv_memory_gb, force=a.force)
     try:
         if a.model:
             manifest = build_engine(a.model, out, **options)

@@ -117,6 +117,20 @@ def test_build_options_shape_the_kv_pool(ckpt, tmp_path, capsys):
     assert m.source == str(ckpt.resolve())
 
 
+def test_host_kv_pool_option(ckpt, tmp_path, capsys):
+    out = tmp_path / "engine"
+    assert build(["--model", str(ckpt), "--out", str(out), "--host-kv-memory-gb", "0.25"], capsys)[0] == 0
+    m = read_manifest(out)
+    assert m.kv_blocks_host == 2**28 // 32768 and m.kv_blocks_device == 2**30 // 32768
+    from engines.loader import load_engine
+
+    info = load_engine(out, device="cpu", kv_blocks=64).describe()  # the engine takes the manifest's pool
+    assert info.host_blocks == m.kv_blocks_host and info.capabilities.can_offload
+    code, err = build(["--model", str(ckpt), "--out", str(tmp_path / "e2"), "--host-kv-memory-gb", "-1"], capsys)
+    assert code == 2 and "--host-kv-memory-gb must be a number >= 0" in err
+    assert_nothing_written(tmp_path / "e2")
+
+
 def test_kv_budget_too_small_for_one_request(ckpt, tmp_path, capsys):
     out = tmp_path / "engine"
     code, err = build(["--model", str(ckpt), "--out", str(out), "--kv-memory-gb", "0.001"], capsys)
