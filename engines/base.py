@@ -5,7 +5,8 @@ which decode together and where their KV lives; the engine carries that out and 
 and timings. Nothing here knows what a policy is, and nothing here imports torch.
 
 Tier names: each device an engine drives has a name (``"cpu"``, ``"cuda:0"``...), and
-``HOST`` names the host-memory block pool. A request's KV lives in exactly one tier.
+``HOST`` names the host-memory block pool. A request's KV lives in exactly one tier, or is
+``IN_FLIGHT`` between two while a `move` of it is unfinished.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 HOST = "host"
+IN_FLIGHT = "in_flight"
 
 
 class EngineError(RuntimeError):
@@ -178,6 +180,8 @@ class TransferHandle:
     src: str
     dst: str
     bytes: int = 0
+    seconds: float | None = None
+    """Wall time from `move` to the moment `poll` or `wait` saw the copy finish; None until then."""
     id: int = field(default_factory=lambda: next(_handle_ids))
 
 
@@ -204,6 +208,10 @@ class Engine(abc.ABC):
         freeing on every exit path is always safe."""
 
     @abc.abstractmethod
+    def tier_of(self, request_id: str) -> str:
+        """Where the request's KV is: a device's name, HOST, or IN_FLIGHT during a move."""
+
+    @abc.abstractmethod
     def kv_blocks_used(self, tier: str) -> int:
         """Physical KV blocks held in `tier` right now (leak checks, occupancy metrics)."""
 
@@ -216,7 +224,7 @@ class Engine(abc.ABC):
         )
 
     def poll(self, handle: TransferHandle) -> bool:
-        """True when the transfer has finished."""
+        """True when the transfer has finished (also for a handle already waited on)."""
         raise CapabilityError(f"{type(self).__name__} has no transfers to poll (can_offload=False)")
 
     def wait(self, handle: TransferHandle) -> None:

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from engines.base import (
-    HOST, CallTiming, Capabilities, DeviceInfo, Engine, EngineError, EngineInfo, ModelInfo,
+    HOST, IN_FLIGHT, CallTiming, Capabilities, DeviceInfo, Engine, EngineError, EngineInfo, ModelInfo,
     OutOfKVBlocks, PrefillRequest, SamplingParams, StepResult, TransferHandle,
 )
 from engines.manifest import Manifest, ManifestError
@@ -27,8 +27,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_KV_SEQS = 8
 """Without an explicit kv_blocks, the pool holds this many sequences of max_seq_len tokens."""
 
-IN_FLIGHT = "in_flight"
-"""`TorchEngine.tier_of` of a request whose KV is being moved between two tiers."""
 
 
 @dataclass(slots=True)
@@ -54,6 +52,8 @@ class _Transfer:
     src: KVBlockPool
     dst: KVBlockPool
     copy: PendingCopy
+    started: float
+    """time.perf_counter() when `move` started the copy."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -345,6 +345,7 @@ class TorchEngine(Engine):
             at += len(table)
         flat_src = [b for t in src_blocks for b in t]
         device_blocks, host_blocks = (flat_src, flat_dst) if dst == HOST else (flat_dst, flat_src)
+        started = time.perf_counter()
         try:
             copy = self._copier.start(device_blocks, host_blocks, to_host=dst == HOST)
         except Exception:
@@ -352,7 +353,7 @@ class TorchEngine(Engine):
                 target.release(rid)
             raise
         handle.bytes = len(flat_src) * self.cache.bytes_per_block
-        transfer = _Transfer(handle, source, target, copy)
+        transfer = _Transfer(handle, source, target, copy, started)
         self._transfers[handle.id] = transfer
         for rid in ids:
             self._in_flight[rid] = transfer
@@ -387,6 +388,7 @@ class TorchEngine(Engine):
                 transfer.dst.release(rid)
             raise EngineError(f"move {list(handle.request_ids)[:5]} from {handle.src!r} to {handle.dst!r} "
                               f"failed; the KV stays in {handle.src!r}: {e}") from e
+        handle.seconds = time.perf_counter() - transfer.started
         for rid in handle.request_ids:
             transfer.src.release(rid)
             self._seqs[rid].tier = handle.dst

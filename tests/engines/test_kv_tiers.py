@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engines.base import HOST, CapabilityError, EngineError, OutOfKVBlocks, PrefillRequest, SamplingParams
-from engines.torch.engine import IN_FLIGHT, TorchEngine
+from engines.base import HOST, IN_FLIGHT, CapabilityError, EngineError, OutOfKVBlocks, PrefillRequest, SamplingParams
+from engines.torch.engine import TorchEngine
 from engines.torch.kv_cache import KVAccountingError
 
 DEVICES = ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])
@@ -88,11 +88,12 @@ def test_poll_and_wait(model_dir):
     handle = engine.move(["a"], "cpu", HOST)
     assert handle.bytes == 3 * engine.cache.bytes_per_block
     assert (handle.src, handle.dst, handle.request_ids) == ("cpu", HOST, ("a",))
-    assert not engine.poll(handle)
+    assert not engine.poll(handle) and handle.seconds is None
     assert engine.tier_of("a") == IN_FLIGHT
     assert engine.kv_blocks_used("cpu") == 3 and engine.kv_blocks_used(HOST) == 3  # both tiers while in flight
     gate.set()
     engine.wait(handle)
+    assert handle.seconds is not None and handle.seconds > 0  # timed for the cost model
     assert engine.poll(handle)  # finished handles stay finished
     engine.wait(handle)
     assert engine.tier_of("a") == HOST
