@@ -44,6 +44,12 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(0, min(vocab, 256), (batch, length), generator=g).tolist()
 
 
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock timings cover it (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def engine_decode_seconds(engine: TorchEngine, batch: list[list[int]], new_tokens: int) -> tuple[float, list]:
     ids = [f"b{i}" for i in range(len(batch))]
     first = engine.prefill([PrefillRequest(i, p) for i, p in zip(ids, batch)])
@@ -59,14 +65,16 @@ def engine_decode_seconds(engine: TorchEngine, batch: list[list[int]], new_token
 
 
 def hf_generate_seconds(model, batch: list[list[int]], new_tokens: int) -> tuple[float, list]:
-    input_ids = torch.tensor(batch)
+    input_ids = torch.tensor(batch, device=model.device)
     mask = torch.ones_like(input_ids)
     kw = dict(attention_mask=mask, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.inference_mode():
         t0 = time.perf_counter()
         model.generate(input_ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        sync(model.device)
         t1 = time.perf_counter()
         out = model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        sync(model.device)
         t2 = time.perf_counter()
     return (t2 - t1) - (t1 - t0), out[:, input_ids.shape[1]:].tolist()
 
@@ -90,8 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=RESULTS / "decode_throughput.json")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N (absolute rates are only meaningful on a GPU)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON output (default bench/results/decode_throughput[-DEVICE].json)")
     a = p.parse_args(argv)
+    if a.out is None:
+        suffix = "" if a.device == "cpu" else "-" + a.device.split(":")[0]
+        a.out = RESULTS / f"decode_throughput{suffix}.json"
+    dtype = getattr(torch, a.dtype)
     from transformers import AutoModelForCausalLM
 
     rows = []
@@ -99,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(work, desc="decode benchmark", unit="case")
     for model_name in a.models:
         ckpt = checkpoint(model_name)
-        engine = TorchEngine(ckpt, device="cpu", dtype="float32", max_seq_len=a.prompt_len + a.new_tokens,
+        engine = TorchEngine(ckpt, device=a.device, dtype=a.dtype, max_seq_len=a.prompt_len + a.new_tokens,
                              kv_blocks=max(a.batch) * -(-(a.prompt_len + a.new_tokens) // 16))
-        hf = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).eval().to(engine.device)
         for b in a.batch:
             bar.set_postfix(model=model_name, batch=b)
             batch = prompts(b, a.prompt_len, engine.cfg.vocab_size)
@@ -122,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python -m bench.decode_throughput " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "dtype": "float32", "device": "cpu",
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"
+        + (f", {torch.cuda.get_device_name(a.device)}" if a.device.startswith("cuda") else ""),
+        "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "dtype": a.dtype, "device": a.device,
         "rows": rows,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)

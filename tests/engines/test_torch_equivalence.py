@@ -22,6 +22,8 @@ from engines.torch.model_config import ModelConfig, expected_tensor_shapes
 from engines.torch.weights import WeightsError
 
 PROMPT_LENS = (5, 17, 33, 9)
+# Every numerical check runs on the CPU, and on CUDA where a GPU is present.
+DEVICES = ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])
 DECODE_STEPS = 32
 TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
             max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
@@ -68,11 +70,13 @@ def run_engine(engine: TorchEngine, prompt_ids: list[list[int]], steps: int):
     ids = [f"req{i}" for i in range(len(prompt_ids))]
     first, logits = engine.prefill_with_logits(
         [PrefillRequest(i, p) for i, p in zip(ids, prompt_ids)], all_positions=True)
+    logits = logits.float().cpu()
     prefill_logits = [logits[b, : len(p)] for b, p in enumerate(prompt_ids)]
     tokens = [list(p) + [first.tokens[i]] for i, p in zip(ids, prompt_ids)]
     step_logits: list[list[torch.Tensor]] = [[] for _ in ids]
     for _ in range(steps):
         result, logits = engine.decode_with_logits(ids)
+        logits = logits.float().cpu()
         for b, i in enumerate(ids):
             step_logits[b].append(logits[b])
             tokens[b].append(result.tokens[i])
@@ -84,12 +88,13 @@ def run_engine(engine: TorchEngine, prompt_ids: list[list[int]], steps: int):
 def reference_logits(hf_model, tokens: list[int]) -> torch.Tensor:
     """transformers' float32 logits at every position of one unpadded sequence."""
     with torch.no_grad():
-        return hf_model(torch.tensor([tokens])).logits[0].float()
+        return hf_model(torch.tensor([tokens], device=hf_model.device)).logits[0].float().cpu()
 
 
 def compare(hf_model, engine: TorchEngine, prompt_ids):
     """Max |engine - transformers| over prefill and decode logits, the share of steps where the
     engine's token is transformers' argmax, and the largest |logit| (the scale of the numbers)."""
+    hf_model.to(engine.device)  # the reference runs on the engine's device, with its kernels
     prefill_logits, step_logits, tokens = run_engine(engine, prompt_ids, DECODE_STEPS)
     worst_prefill = worst_decode = scale = 0.0
     agree = []
@@ -104,10 +109,14 @@ def compare(hf_model, engine: TorchEngine, prompt_ids):
     return worst_prefill, worst_decode, torch.cat(agree).float().mean().item(), scale
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_float32_matches_transformers(case, tmp_path):
+def test_float32_matches_transformers(case, device, tmp_path):
+    if device.startswith("cuda"):
+        # TF32 matmuls would round to 10 mantissa bits; the reference is true float32.
+        torch.backends.cuda.matmul.allow_tf32 = False
     hf_model = make_checkpoint(tmp_path, case)
-    engine = TorchEngine(tmp_path, device="cpu", dtype="float32")
+    engine = TorchEngine(tmp_path, device=device, dtype="float32")
     worst_prefill, worst_decode, agreement, _ = compare(hf_model, engine, prompts(hf_model.config.vocab_size))
     assert worst_prefill <= 1e-4, f"{case}: prefill logits differ by {worst_prefill}"
     assert worst_decode <= 1e-4, f"{case}: decode logits differ by {worst_decode}"
@@ -125,10 +134,11 @@ def test_sharded_checkpoint_loads_the_same_model(tmp_path):
     assert engine.describe().model.num_params == num_params
 
 
-def test_bfloat16_matches_transformers_bfloat16(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_matches_transformers_bfloat16(device, tmp_path):
     make_checkpoint(tmp_path, "llama")
     hf_bf16 = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
-    engine = TorchEngine(tmp_path, device="cpu", dtype="bfloat16")
+    engine = TorchEngine(tmp_path, device=device, dtype="bfloat16")
     worst_prefill, worst_decode, agreement, scale = compare(hf_bf16, engine, prompts(256))
     # Both sides round every op to bf16 (8 significant bits) but may order sums differently, so
     # they may disagree by a few units in the last place (ulp) of the largest logits. Allow 4
