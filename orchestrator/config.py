@@ -20,7 +20,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ENV_PREFIX = "ALIGNED_"
-POLICIES = ("fcfs",)
+POLICIES = ("aligned", "fcfs", "fcfs-offload")
 
 
 class ConfigError(ValueError):
@@ -39,9 +39,16 @@ class ServeConfig:
     """Compute dtype override ("float32" / "bfloat16"); empty keeps the manifest's."""
     kv_blocks: int = 0
     """KV blocks on the decode device; 0 keeps the manifest's (sized by its memory budget)."""
-    policy: str = "fcfs"
-    """Scheduling policy. "fcfs": continuous batching in arrival order, as vLLM and TensorRT-LLM's
-    in-flight batcher do; KV for prompt + max_tokens is reserved on admission (no eviction)."""
+    policy: str = "aligned"
+    """Scheduling policy.
+    "aligned": length-aligned batches from a host-memory KV pool (DESIGN.md §1): the running
+    batch is refilled by nearest KV length and switched for a denser staged batch.
+    "fcfs": continuous batching in arrival order, as vLLM and TensorRT-LLM's in-flight batcher
+    do; KV for prompt + max_tokens is reserved on admission (no eviction), no host pool.
+    "fcfs-offload": the aligned machinery (host pool, staged batches, switches) picking requests
+    in arrival order instead of by length: isolates the effect of alignment.
+    Both host-pool policies need an engine that can offload (a host KV pool); "aligned" on one
+    that cannot runs as "fcfs"."""
     max_batch_size: int = 64
     """Most requests decoding together in one iteration."""
     max_prefill_tokens: int = 4096
@@ -54,6 +61,25 @@ class ServeConfig:
     """Longest prompt + output; 0 means the manifest's. Cannot exceed the manifest's."""
     default_max_tokens: int = 64
     """max_tokens when a client sends none."""
+    kmin: int = 36
+    """Fewest requests in a staged batch, and the running-batch size under which the staged
+    batch replaces it (bounded by max_batch_size)."""
+    bmax_fraction: float = 0.4
+    """Most of the decode device's KV blocks one staged batch may take (Bmax), in (0, 1)."""
+    max_wait_s: float = 10.0
+    """Starvation guard: no parked request waits longer than this before it decodes again.
+    From half of it on, the request is loaded and swapped into the running batch."""
+    align_tolerance: float = 0.125
+    """A fresh request joins the running batch if its prompt length is within this fraction
+    of the batch's KV-length span; otherwise its KV is parked in the host pool."""
+    switch_margin: float = 0.1
+    """Switch to the staged batch when its alignment efficiency beats the running batch's by
+    at least this much (alignment = sum(L) / (B * max L))."""
+    min_batch_iterations: int = 8
+    """A running batch decodes at least this many iterations before a better-aligned staged
+    batch may replace it (one that fell below Kmin is replaced at once). It bounds the switch
+    rate, so members brought in do not spill again after a token; the paper reports switches
+    in 9-13% of iterations."""
     idle_wait_s: float = 0.05
     """How long the run loop sleeps when nothing is runnable before looking again (it also
     wakes at once on a new request or a cancel)."""
@@ -63,12 +89,17 @@ class ServeConfig:
             raise ConfigError(f"policy: {self.policy!r} is not one of {', '.join(POLICIES)}")
         if self.dtype not in ("", "float32", "bfloat16"):
             raise ConfigError(f"dtype: {self.dtype!r} is not float32 or bfloat16")
-        for name in ("max_batch_size", "max_prefill_tokens", "max_queue", "default_max_tokens"):
+        for name in ("max_batch_size", "max_prefill_tokens", "max_queue", "default_max_tokens", "kmin"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("kv_blocks", "max_tokens_limit", "max_seq_len"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0 (0 = from the manifest), got {getattr(self, name)}")
+        if not 0 < self.bmax_fraction < 1:
+            raise ConfigError(f"bmax_fraction: must be in (0, 1), got {self.bmax_fraction}")
+        for name in ("max_wait_s", "align_tolerance", "switch_margin", "min_batch_iterations"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.idle_wait_s <= 0:
             raise ConfigError(f"idle_wait_s: must be > 0, got {self.idle_wait_s}")
 

@@ -35,6 +35,11 @@ class RequestState(enum.Enum):
     """Accepted, no KV yet."""
     RUNNING = "running"
     """KV on the decode device, decoding each iteration."""
+    PARKED = "parked"
+    """KV in the host pool (or on its way there), waiting to be picked for a batch."""
+    STAGED = "staged"
+    """KV on the decode device (or on its way there), picked for the next batch or as a refill
+    of the running batch, not decoding yet."""
     FINISHED = "finished"
     """Terminal: stopped, cancelled or failed. Holds no KV."""
 
@@ -84,6 +89,11 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     error: str | None = None
+    moving: bool = False
+    """A move of its KV between tiers is under way; it cannot decode or move again until done."""
+    parked_since: float = 0.0
+    """Start of its current wait in the host pool (run-loop clock): its last token's time. The
+    starvation guard bounds now - parked_since."""
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
@@ -111,11 +121,23 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class StepPlan:
-    """One iteration as a policy decided it: prompts to prefill, then requests to decode."""
+    """One iteration as a policy decided it, in the order the run loop carries it out: start
+    the moves, prefill, park the prefilled requests that do not join the running batch, wait
+    for the loads the decode needs, decode. The policy has already booked every KV grant."""
 
     prefill: Sequence[Request] = ()
+    park: Sequence[Request] = ()
+    """Requests of `prefill` whose KV goes to the host pool once prefilled."""
+    offload: Sequence[Request] = ()
+    """Device -> host now: running members spilled by a switch, or staged requests given back."""
+    load: Sequence[Request] = ()
+    """Host -> device now: the next batch, or candidates to refill the running batch."""
+    wait: Sequence[Request] = ()
+    """Loads that must finish before this decode; the time spent waiting is the bubble."""
     decode: Sequence[Request] = ()
+    switch: bool = False
+    """The running batch was replaced by the staged batch this iteration."""
 
     @property
     def empty(self) -> bool:
-        return not self.prefill and not self.decode
+        return not (self.prefill or self.offload or self.load or self.wait or self.decode)

@@ -46,16 +46,23 @@ class KVLedger:
         grants[tier] = grants.get(tier, 0) + blocks
         self._used[tier] += blocks
 
-    def release(self, request_id: str) -> int:
-        """Release every grant of `request_id`; returns the blocks released (0 if it held none)."""
-        grants = self._grants.pop(request_id, None)
+    def release(self, request_id: str, tier: str | None = None) -> int:
+        """Release the grant of `request_id` in `tier`, or every grant when tier is None (a
+        request leaving for good); returns the blocks released (0 if it held none)."""
+        grants = self._grants.get(request_id)
         if not grants:
             return 0
-        for tier, n in grants.items():
-            self._used[tier] -= n
-            if self._used[tier] < 0:
-                raise LedgerError(f"tier {tier} went negative releasing {request_id}")
-        return sum(grants.values())
+        tiers = list(grants) if tier is None else [tier] if tier in grants else []
+        released = 0
+        for t in tiers:
+            n = grants.pop(t)
+            self._used[t] -= n
+            released += n
+            if self._used[t] < 0:
+                raise LedgerError(f"tier {t} went negative releasing {request_id}")
+        if not grants:
+            del self._grants[request_id]
+        return released
 
     def check(self) -> None:
         """Assert the books balance (used == sum of grants, within capacity)."""

@@ -164,6 +164,38 @@ class LengthIndex:
         lo_i, hi_i = int(a[best]), int(z[best])
         return self._widen(lengths, lo_i, hi_i, block_budget, kmax if kmax is not None else len(self._length))
 
+    def around(self, request_id: str, kmax: int, block_budget: int) -> Window:
+        """`request_id` and the pooled requests of nearest KV lengths, up to `kmax` requests
+        fitting `block_budget` blocks (the request itself always counts, even past the budget):
+        the batch the starvation guard builds around a request that waited too long."""
+        center = self._length[request_id]
+        lengths = self._prefix()[0]
+        left = right = int(np.searchsorted(lengths, center))
+        chosen, blocks, lo, hi = [request_id], self.blocks_for(center), center, center
+        j = left
+        while len(chosen) < kmax:
+            length = int(lengths[j])
+            per = self.blocks_for(length)
+            for rid in self._bucket[length]:
+                if rid == request_id:
+                    continue
+                if len(chosen) >= kmax or blocks + per > block_budget:
+                    return Window(tuple(chosen), lo, hi, blocks)
+                chosen.append(rid)
+                blocks += per
+                lo, hi = min(lo, length), max(hi, length)
+            # The next distinct length: the nearer side (ties: the shorter).
+            has_left, has_right = left > 0, right + 1 < lengths.size
+            if not (has_left or has_right):
+                break
+            if has_left and (not has_right or center - lengths[left - 1] <= lengths[right + 1] - center):
+                left -= 1
+                j = left
+            else:
+                right += 1
+                j = right
+        return Window(tuple(chosen), lo, hi, blocks)
+
     def _widen(self, lengths: np.ndarray, lo_i: int, hi_i: int, budget: int, kmax: int) -> Window:
         chosen: list[str] = []
         blocks = 0

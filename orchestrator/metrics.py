@@ -54,9 +54,17 @@ class Metrics:
     """Latest engine call timings (`CallTiming`), for cost-model fitting."""
     history: deque = field(default_factory=lambda: deque(maxlen=4096))
     """Latest `IterationRecord`s."""
+    transfers: deque = field(default_factory=lambda: deque(maxlen=4096))
+    """Latest finished KV moves (`TransferRecord`: tiers, requests, bytes, seconds)."""
+    transfer_seconds: float = 0.0
+    """Sum of finished moves' durations (moves overlap compute, so this is not lost time)."""
 
     def record_call(self, timing: CallTiming) -> None:
         self.timings.append(timing)
+
+    def record_transfer(self, record) -> None:
+        self.transfer_seconds += record.seconds
+        self.transfers.append(record)
 
     def record_iteration(self, record: IterationRecord) -> None:
         self.iterations += 1
@@ -76,6 +84,8 @@ class Metrics:
             "finished": dict(self.finished),
             "switches": self.switches,
             "transfer_bytes": self.transfer_bytes,
+            "transfer_rate_bytes_s": (sum(t.bytes for t in self.transfers) / sum(t.seconds for t in self.transfers)
+                                      if any(t.seconds for t in self.transfers) else 0.0),
             "bubble_seconds": self.bubble_seconds,
             "recent": {
                 "iterations": n,

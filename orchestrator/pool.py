@@ -1,22 +1,37 @@
-"""The request pool: every accepted, unfinished request, waiting or running.
+"""The request pool: every accepted, unfinished request, and where it stands.
 
-Owned by the run loop thread; other threads reach it only through the run loop's inbox.
+- `waiting`: accepted, no KV yet, in arrival order.
+- `running`: the running batch, KV on the decode device.
+- `staged`: the next batch, KV on (or loading to) the decode device.
+- `candidates`: single requests loaded (or loading) to refill the running batch.
+- `parked`: requests whose KV is resident in the host pool, indexed by KV length. A request on
+  its way to the host is PARKED but not yet in the index, so nobody picks it mid-move.
+
+Owned by the run loop thread; policies move requests between the parts through these methods,
+so a request is always in exactly one of them.
 """
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from typing import Iterator
 
 from orchestrator.core import Request, RequestState
+from orchestrator.length_index import LengthIndex
 
 
 class RequestPool:
-    """Waiting requests in arrival order, and the running batch."""
+    """Waiting requests, the running batch, the staged batch, refill candidates, the host pool."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_len: int = 1, block_size: int = 1) -> None:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.staged: list[Request] = []
+        self.candidates: list[Request] = []
+        self.parked = LengthIndex(max(max_len, 1), max(block_size, 1))
         self._by_id: dict[str, Request] = {}
+        self._ages: list[tuple[float, int, str]] = []  # heap of (parked_since, seq, id); stale entries skipped
+        self._seq = 0
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -34,18 +49,71 @@ class RequestPool:
         self.waiting.append(request)
 
     def start(self, request: Request) -> None:
-        """A waiting request's prefill succeeded: it joins the running batch."""
+        """A request's prefill succeeded and it decodes from the next iteration: it joins the
+        running batch."""
         request.state = RequestState.RUNNING
         self.running.append(request)
+
+    def to_host(self, request: Request, now: float) -> None:
+        """The request's KV is (about to be) on its way to the host pool; the run loop starts
+        the move."""
+        self._detach(request)
+        request.state = RequestState.PARKED
+        # The wait the starvation guard bounds runs from the request's last token, not from this
+        # move: a request sent back before it decoded keeps the time it already waited.
+        request.parked_since = request.token_times[-1] if request.token_times else now
+        request.moving = True  # from the moment it is planned: nobody may pick it until it lands
+
+    def on_host(self, request: Request) -> None:
+        """Its KV arrived in the host pool: it becomes a candidate for batches."""
+        self.parked.insert(request.id, request.kv_len)
+        self._seq += 1
+        heapq.heappush(self._ages, (request.parked_since, self._seq, request.id))
+
+    def oldest_parked(self, k: int = 1) -> list[Request]:
+        """The k parked requests that have waited longest, oldest first (O(k log n))."""
+        ages, taken, seen = self._ages, [], set()
+        while ages and len(taken) < k:
+            entry = heapq.heappop(ages)
+            if self._current(entry) and entry[2] not in seen:  # else: it left the host pool since
+                taken.append(entry)
+                seen.add(entry[2])
+        for entry in taken:
+            heapq.heappush(ages, entry)
+        return [self._by_id[e[2]] for e in taken]
+
+    def _current(self, entry: tuple[float, int, str]) -> bool:
+        since, _, rid = entry
+        r = self._by_id.get(rid)
+        return r is not None and rid in self.parked and r.parked_since == since
+
+    def to_device(self, request: Request, as_candidate: bool) -> None:
+        """A parked request is picked: for the staged batch, or as a refill candidate."""
+        self.parked.remove(request.id)
+        request.state = RequestState.STAGED
+        request.moving = True
+        (self.candidates if as_candidate else self.staged).append(request)
+
+    def promote(self, request: Request) -> None:
+        """A staged request or a candidate joins the running batch."""
+        self._detach(request)
+        self.start(request)
 
     def remove(self, request: Request) -> None:
         """Take a request out wherever it is (finish, cancel, error)."""
         if self._by_id.pop(request.id, None) is None:
             return
-        if request in self.running:
-            self.running.remove(request)
-        else:
-            try:
-                self.waiting.remove(request)
-            except ValueError:
-                pass  # admitted by the policy this iteration, not yet started
+        self._detach(request)
+
+    def _detach(self, request: Request) -> None:
+        for part in (self.running, self.staged, self.candidates):
+            if request in part:
+                part.remove(request)
+                return
+        if request.id in self.parked:
+            self.parked.remove(request.id)
+            return
+        try:
+            self.waiting.remove(request)
+        except ValueError:
+            pass  # admitted by the policy this iteration, not yet started

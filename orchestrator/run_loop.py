@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections import deque
+from typing import Callable
 
 from engines.base import HOST, CallTiming, Engine, PrefillRequest
 from orchestrator.config import ServeConfig
@@ -18,6 +19,7 @@ from orchestrator.kv_ledger import KVLedger
 from orchestrator.policies import Policy
 from orchestrator.pool import RequestPool
 from orchestrator.metrics import IterationRecord, Metrics
+from orchestrator.transfers import TransferTracker
 
 log = logging.getLogger("alignedserve.run_loop")
 
@@ -25,14 +27,19 @@ log = logging.getLogger("alignedserve.run_loop")
 class RunLoop:
     """Owns the pool, the ledger and the engine's thread of control."""
 
-    def __init__(self, engine: Engine, policy: Policy, ledger: KVLedger, config: ServeConfig):
+    def __init__(self, engine: Engine, policy: Policy, ledger: KVLedger, config: ServeConfig,
+                 clock: Callable[[], float] = time.monotonic):
         self.engine = engine
         self.policy = policy
         self.ledger = ledger
         self.config = config
-        self.pool = RequestPool()
+        self.clock = clock
+        """Time of arrivals, tokens and parking (the starvation guard reads it too)."""
+        info = self._info = engine.describe()
+        self.pool = RequestPool(info.model.max_seq_len, info.block_size)
         self.metrics = Metrics()
-        info = engine.describe()
+        self.transfers = TransferTracker(engine, ledger, self.pool, self.metrics.record_transfer)
+        self._moved_bytes = 0
         self._device = info.decode_device
         self._has_host = info.capabilities.can_offload
         self._lock = threading.Lock()
@@ -54,6 +61,7 @@ class RunLoop:
                     "queue", f"{self._waiting_count} requests are waiting, the limit is max_queue="
                     f"{self.config.max_queue}; retry later")
             self._waiting_count += 1
+            request.arrival_time = self.clock()
             self._inbox.append(request)
             self.metrics.submitted += 1
         self._wake.set()
@@ -83,35 +91,67 @@ class RunLoop:
     # ---- the loop thread --------------------------------------------------------------------
 
     def step(self) -> bool:
-        """One iteration: take in new requests and cancels, plan, execute. False if idle.
-        The thread calls this in a loop; tests may call it directly instead of `start()`."""
+        """One iteration: take in new requests and cancels, settle finished moves, plan,
+        execute. False if there was nothing to do. The thread calls this in a loop; tests may
+        call it directly instead of `start()`."""
         self._drain_inbox()
         self._apply_cancels()
+        self._settle(self.transfers.poll())
         plan = self.policy.schedule(self.pool)
         if plan.empty:
-            return False
-        prefill_timing = self._prefill(list(plan.prefill)) if plan.prefill else None
-        decode = [r for r in plan.decode if r.state is RequestState.RUNNING]
+            if not len(self.transfers):
+                return False
+            # Nothing runnable until a move lands: wait for it rather than sleep. The device
+            # idles while requests wait for their KV, so this counts as bubble.
+            seconds, failed = self.transfers.wait_all()
+            self._settle(failed)
+            self._record_iteration(None, None, seconds, False, 0)
+            return True
+        self._moved_bytes = 0
+        self._start_moves(plan.offload, self._device, HOST)
+        self._start_moves(plan.load, HOST, self._device)
+        prefill_timing = self._prefill(list(plan.prefill), set(map(id, plan.park))) if plan.prefill else None
+        bubble = 0.0
+        if plan.wait:
+            bubble, failed = self.transfers.wait(list(plan.wait))
+            self._settle(failed)
+        decode = [r for r in plan.decode if r.state is RequestState.RUNNING and not r.moving]
         decode_timing = self._decode(decode) if decode else None
-        self._record_iteration(prefill_timing, decode_timing)
+        self._settle(self.transfers.poll())
+        self._record_iteration(prefill_timing, decode_timing, bubble, plan.switch, self._moved_bytes)
         return True
 
-    def _record_iteration(self, prefill: CallTiming | None, decode: CallTiming | None) -> None:
+    def _start_moves(self, requests, src: str, dst: str) -> None:
+        """Start one move of these requests' KV; a request whose move cannot start ends with
+        an error (its grants were booked for a move that will not happen)."""
+        live = [r for r in requests if not r.finished]
+        for r in self.transfers.start(live, src, dst):
+            self._finish(r, FinishReason.ERROR, f"could not move its KV from {src} to {dst}")
+        self._moved_bytes += sum(self._info.blocks_for(r.kv_len) * self._info.bytes_per_block
+                                 for r in live if r.moving)
+
+    def _settle(self, failed) -> None:
+        for r, error in failed:
+            if not r.finished:
+                self._finish(r, FinishReason.ERROR, f"moving its KV failed: {error}")
+
+    def _record_iteration(self, prefill: CallTiming | None, decode: CallTiming | None,
+                          bubble: float, switch: bool, transfer_bytes: int) -> None:
         calls = [t for t in (prefill, decode) if t is not None]
         b = decode.num_seqs if decode else 0
         self.metrics.record_iteration(IterationRecord(
             end=time.monotonic(),
-            seconds=sum(t.seconds for t in calls),
+            seconds=sum(t.seconds for t in calls) + bubble,
             batch_size=b,
             kv_max=decode.max_kv if decode else 0,
             kv_mean=decode.kv_tokens / b if b else 0.0,
             alignment=decode.kv_tokens / (b * decode.max_kv) if b else 0.0,
             prefill_tokens=prefill.num_tokens if prefill else 0,
-            bubble_seconds=0.0,  # no transfers yet: the fcfs policy keeps all KV on the device
-            switch=False,
+            bubble_seconds=bubble,
+            switch=switch,
             device_blocks_used=self.engine.kv_blocks_used(self._device),
             host_blocks_used=self.engine.kv_blocks_used(HOST) if self._has_host else 0,
-            transfer_bytes=0,
+            transfer_bytes=transfer_bytes,
         ))
 
     def _run(self) -> None:
@@ -136,7 +176,9 @@ class RunLoop:
             if request is not None and not request.finished:
                 self._finish(request, FinishReason.CANCELLED)
 
-    def _prefill(self, requests: list[Request]) -> CallTiming | None:
+    def _prefill(self, requests: list[Request], park: set[int]) -> CallTiming | None:
+        """Prefill; the requests in `park` (by object id) then move to the host pool, the
+        others join the running batch."""
         with self._lock:
             self._waiting_count -= len(requests)
         try:
@@ -148,9 +190,15 @@ class RunLoop:
                 self._finish(r, FinishReason.ERROR, f"prefill failed: {e}")
             return None
         self.metrics.record_call(result.timing)
+        parked = []
         for r in requests:
             self.pool.start(r)
             self._accept_token(r, result.tokens[r.id])
+            if id(r) in park and not r.finished:
+                self.pool.to_host(r, self.clock())
+                parked.append(r)
+        if parked:
+            self._start_moves(parked, self._device, HOST)
         return result.timing
 
     def _decode(self, requests: list[Request]) -> CallTiming | None:
@@ -167,7 +215,7 @@ class RunLoop:
         return result.timing
 
     def _accept_token(self, r: Request, token: int) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if token in r.stop_token_ids:
             self._finish(r, FinishReason.STOP)
             return
@@ -194,7 +242,7 @@ class RunLoop:
         r.state = RequestState.FINISHED
         r.finish_reason = reason
         r.error = error
-        r.finish_time = time.monotonic()
+        r.finish_time = self.clock()
         self.pool.remove(r)
         try:
             self.engine.free([r.id])

@@ -6,9 +6,10 @@ imports a concrete engine.
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Callable, Iterable, Sequence
 
-from engines.base import Engine, SamplingParams
+from engines.base import HOST, Engine, SamplingParams
 from orchestrator.config import ServeConfig
 from orchestrator.core import Request, RequestRejected, TokenEvent
 from orchestrator.kv_ledger import KVLedger
@@ -19,14 +20,16 @@ from orchestrator.run_loop import RunLoop
 class Orchestrator:
     """Accepts requests, validates them against the engine's limits, and runs them."""
 
-    def __init__(self, engine: Engine, config: ServeConfig):
+    def __init__(self, engine: Engine, config: ServeConfig, clock: Callable[[], float] = time.monotonic):
+        """clock: the time arrivals, tokens and the starvation guard are measured in."""
         self.engine = engine
         self.info = engine.describe()
         self.config = config.with_manifest(self.info.model.max_seq_len)
         capacity = {d.name: d.kv_blocks for d in self.info.devices}
+        capacity[HOST] = self.info.host_blocks
         self.ledger = KVLedger(capacity)
-        self.policy = make_policy(self.config.policy, self.info, self.config, self.ledger)
-        self.loop = RunLoop(engine, self.policy, self.ledger, self.config)
+        self.policy = make_policy(self.config.policy, self.info, self.config, self.ledger, clock)
+        self.loop = RunLoop(engine, self.policy, self.ledger, self.config, clock)
         self._ids = itertools.count(1)
 
     def start(self) -> "Orchestrator":
@@ -66,14 +69,17 @@ class Orchestrator:
         self.loop.cancel(request_id)
 
     def stats(self) -> dict:
-        dev = self.info.decode_device
+        pool = self.loop.pool
         return {
             **self.loop.metrics.summary(),
             "policy": self.policy.name,
-            "waiting": len(self.loop.pool.waiting),
-            "running": len(self.loop.pool.running),
-            "kv_blocks": {"tier": dev, "reserved": self.ledger.used(dev),
-                          "capacity": self.ledger.capacity(dev)},
+            "waiting": len(pool.waiting),
+            "running": len(pool.running),
+            "staged": len(pool.staged),
+            "candidates": len(pool.candidates),
+            "parked": len(pool.parked),
+            "kv_blocks": {tier: {"reserved": self.ledger.used(tier), "capacity": self.ledger.capacity(tier)}
+                          for tier in (self.info.decode_device, HOST)},
         }
 
     def _build(self, prompt_ids, max_tokens, sampling, end_id, stop_sequences, on_event) -> Request:
@@ -102,6 +108,11 @@ class Orchestrator:
             raise RequestRejected(
                 "max_tokens", f"prompt + max_tokens need {blocks} KV blocks but the device holds "
                 f"{capacity}; lower max_tokens or build the engine with more KV memory")
+        host = self.ledger.capacity(HOST)
+        if self.policy.name != "fcfs" and blocks > host:
+            raise RequestRejected(
+                "max_tokens", f"prompt + max_tokens need {blocks} KV blocks but the host pool holds "
+                f"{host}; lower max_tokens or build the engine with more host KV memory")
         if end_id is None:
             stop_ids = frozenset(model.eos_token_ids)
         elif not 0 <= end_id < model.vocab_size:

@@ -1,13 +1,16 @@
 """Scheduling policies: each turns the pool's state into a `StepPlan`."""
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+from typing import Callable, Protocol
 
 from engines.base import EngineInfo
 from orchestrator.config import ServeConfig
 from orchestrator.core import StepPlan
 from orchestrator.kv_ledger import KVLedger
 from orchestrator.pool import RequestPool
+
+log = logging.getLogger("alignedserve.policies")
 
 
 class Policy(Protocol):
@@ -17,9 +20,22 @@ class Policy(Protocol):
         """Decide the next iteration; reserve in the ledger the KV of every request admitted."""
 
 
-def make_policy(name: str, info: EngineInfo, config: ServeConfig, ledger: KVLedger) -> Policy:
-    if name == "fcfs":
-        from orchestrator.policies.fcfs import FcfsPolicy
+def make_policy(name: str, info: EngineInfo, config: ServeConfig, ledger: KVLedger,
+                clock: Callable[[], float]) -> Policy:
+    """The policy `name`; the host-pool policies need an engine that can offload ("aligned"
+    without one runs as "fcfs", and says so in the log)."""
+    from orchestrator.policies.aligned import AlignedPolicy
+    from orchestrator.policies.fcfs import FcfsPolicy
 
+    can_offload = info.capabilities.can_offload and info.host_blocks > 0
+    if name == "fcfs" or (name == "aligned" and not can_offload):
+        if name == "aligned":
+            log.warning("policy aligned: the engine has no host KV pool (build it with "
+                        "--host-kv-memory-gb); running fcfs")
         return FcfsPolicy(info, config, ledger)
+    if name in ("aligned", "fcfs-offload"):
+        if not can_offload:
+            raise ValueError(f"policy: {name!r} needs a host KV pool, and this {info.backend} engine has none "
+                             "(can_offload=False or 0 host blocks); build it with --host-kv-memory-gb")
+        return AlignedPolicy(info, config, ledger, clock, by_length=name == "aligned")
     raise ValueError(f"policy: unknown policy {name!r}")

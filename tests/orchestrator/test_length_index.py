@@ -53,6 +53,29 @@ def test_nearest_matches_brute_force(lengths, probe):
     assert abs(idx.length_of(idx.nearest(probe)) - probe) == best
 
 
+@settings(max_examples=300, deadline=None)
+@given(lengths=st.lists(st.integers(1, 700), min_size=1, max_size=60), pick=st.integers(0, 59),
+       kmax=st.integers(1, 20), budget=st.integers(1, 400))
+def test_around_takes_the_nearest_lengths_within_budget(lengths, pick, kmax, budget):
+    idx = LengthIndex(max_len=700, block_size=BLOCK)
+    for i, n in enumerate(lengths):
+        idx.insert(f"r{i}", n)
+    center_id = f"r{pick % len(lengths)}"
+    center = idx.length_of(center_id)
+    got = idx.around(center_id, kmax, budget)
+    members = [idx.length_of(r) for r in got.request_ids]
+    assert got.request_ids[0] == center_id and len(set(got.request_ids)) == len(members) <= kmax
+    assert got.blocks == sum(-(-x // BLOCK) for x in members)
+    assert len(members) == 1 or got.blocks <= budget
+    # No request left out is nearer to the center than one taken (the scan goes outward).
+    taken = {abs(x - center) for x in members}
+    left_out = [abs(n - center) for i, n in enumerate(lengths) if f"r{i}" not in got.request_ids]
+    assert not left_out or min(left_out) >= max(taken)
+    if budget >= sum(-(-x // BLOCK) for x in lengths):  # budget no constraint: exactly kmax nearest
+        assert sorted(abs(x - center) for x in members) == sorted(abs(x - center) for x in lengths)[:len(members)]
+        assert len(members) == min(kmax, len(lengths))
+
+
 @settings(max_examples=100, deadline=None)
 @given(ops=st.lists(st.tuples(st.sampled_from(["insert", "remove", "update"]), st.integers(0, 30),
                               st.integers(1, 4096)), max_size=120))
