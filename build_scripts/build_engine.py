@@ -1,7 +1,7 @@
 """`make build-engine`: turn a Hugging Face checkpoint into an engine directory.
 
     python -m build_scripts.build_engine [--model HF_DIR] [--out ENGINE_DIR] [--dtype float32|bfloat16]
-        [--max-seq-len N] [--block-size 16] [--kv-memory-gb 1.0] [--host-kv-memory-gb 0] [--force]
+        [--max-seq-len N] [--block-size 16] [--kv-memory-gb 1.0] [--host-kv-memory-gb 2x] [--force]
 
 Without --model it builds the seeded random demo model (`build_scripts.demo_checkpoint`), made
 afresh in a temporary directory each time. The checkpoint is checked completely before anything
@@ -32,6 +32,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 DEFAULT_MAX_SEQ_LEN = 4096
 """Cap on the default max_seq_len, so a 128k-context model does not reserve 128k-token requests."""
 GIB = 2**30
+HOST_KV_FACTOR = 2
+"""Without --host-kv-memory-gb the host pool is this many times the device pool: the pool of
+parked requests has to be large for aligned batches to find candidates (DESIGN.md §1)."""
 _COPY_CHUNK = 8 * 2**20
 
 
@@ -84,7 +87,7 @@ def build_engine(
     max_seq_len: int | None = None,
     block_size: int = 16,
     kv_memory_gb: float = 1.0,
-    host_kv_memory_gb: float = 0.0,
+    host_kv_memory_gb: float | None = None,
     force: bool = False,
     source: str | None = None,
     progress: bool | None = None,
@@ -121,6 +124,8 @@ def build_engine(
             f"(max_position_embeddings in {model_dir / CONFIG_FILE})"
         )
     blocks = kv_blocks(ckpt, dtype, block_size, max_seq_len, kv_memory_gb)
+    if host_kv_memory_gb is None:
+        host_kv_memory_gb = HOST_KV_FACTOR * kv_memory_gb
     if not (math.isfinite(host_kv_memory_gb) and host_kv_memory_gb >= 0):
         raise BuildError(f"--host-kv-memory-gb must be a number >= 0 (0: no host pool), got {host_kv_memory_gb}")
     host_blocks = int(host_kv_memory_gb * GIB) // kv_block_bytes(ckpt, dtype, block_size)
@@ -170,9 +175,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--kv-memory-gb", type=float, default=1.0,
                    help="KV cache budget per device in GiB; sets kv_blocks_device (default 1.0)")
-    p.add_argument("--host-kv-memory-gb", type=float, default=0.0,
-                   help="host-memory KV pool in GiB for offloaded requests; sets kv_blocks_host "
-                        "(default 0: no host pool)")
+    p.add_argument("--host-kv-memory-gb", type=float, default=None,
+                   help="host-memory KV pool in GiB for parked requests; sets kv_blocks_host "
+                        f"(default {HOST_KV_FACTOR}x --kv-memory-gb; 0: no host pool, and the aligned "
+                        "policy runs as fcfs)")
     p.add_argument("--force", action="store_true",
                    help="replace --out even when it is not an engine directory (deletes it)")
     p.add_argument("--demo-size", choices=("demo", "100m"),

@@ -59,6 +59,10 @@ class LengthIndex:
     def __len__(self) -> int:
         return len(self._length)
 
+    def __iter__(self):
+        """Indexed request ids (no particular order)."""
+        return iter(list(self._length))
+
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._length
 

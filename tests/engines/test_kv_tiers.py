@@ -271,7 +271,8 @@ def test_random_operations_keep_block_accounting(shared_engine, ops):
 def test_loader_passes_the_host_pool_override(demo_engine_dir):
     from engines.loader import load_engine
 
-    assert load_engine(demo_engine_dir, device="cpu").describe().host_blocks == 0  # manifest: none
+    # The manifest's host pool: 2x the device pool's memory by default (here 0.1 GiB).
+    assert load_engine(demo_engine_dir, device="cpu").describe().host_blocks == 2 * 1638
     eng = load_engine(demo_engine_dir, device="cpu", kv_blocks=32, host_kv_blocks=64)
     info = eng.describe()
     assert info.host_blocks == 64 and info.capabilities.can_offload

@@ -95,7 +95,7 @@ def test_a_lone_request_runs_at_once_and_never_touches_the_host(engine):
 
 
 def test_engine_without_host_pool_runs_aligned_as_fcfs(demo_engine_dir, caplog):
-    eng = load_engine(demo_engine_dir, device="cpu", kv_blocks=32)
+    eng = load_engine(demo_engine_dir, device="cpu", kv_blocks=32, host_kv_blocks=0)
     try:
         orch = Orchestrator(eng, ServeConfig(policy="aligned"))
         assert orch.policy.name == "fcfs" and "no host KV pool" in caplog.text
@@ -153,3 +153,21 @@ def test_starvation_guard_bounds_every_wait(engine):
     assert worst <= MAX_WAIT, f"a request waited {worst} iterations between tokens"
     assert orch.loop.metrics.switches > 0
     assert engine.kv_blocks_used("cpu") == 0 and engine.kv_blocks_used(HOST) == 0
+
+
+
+@pytest.mark.parametrize("fault", ["copy", "move"])
+def test_a_failed_move_ends_only_its_requests_and_frees_everything(engine, fault_switch, fault):
+    faulty = fault_switch(engine)
+    orch = Orchestrator(faulty, ServeConfig(policy="aligned", max_batch_size=3, kmin=2))
+    reqs = [orch.submit(p, max_tokens=14, end_id=0) for p in PROMPTS]
+    orch.loop.step()  # prefills the first request, which joins the running batch
+    faulty.armed = fault  # the next move (parking the next prefills) fails
+    run(orch)
+    failed = [r for r in reqs if r.finish_reason is FinishReason.ERROR]
+    assert failed and len(failed) < len(reqs)
+    want = "injected copy failure" if fault == "copy" else "could not move its KV"
+    assert all(want in r.error for r in failed)
+    assert all(len(r.output_ids) == 14 for r in reqs if r not in failed)
+    assert engine.kv_blocks_used("cpu") == 0 and engine.kv_blocks_used(HOST) == 0
+    assert orch.ledger.holders == 0

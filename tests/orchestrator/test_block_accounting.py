@@ -1,71 +1,61 @@
 """Random sequences of submit / step / cancel / engine failure never leak or double-free KV
-blocks, and every accepted request ends exactly once. Real torch engine, demo model; the only
-addition is a fault switch that makes the engine's next call fail, to exercise error paths."""
+blocks, and every accepted request ends exactly once, under every policy. Real torch engine with
+a host KV pool, demo model; the only addition is a fault switch that makes the engine's next
+call fail (prefill, decode, a move refused at start, or a copy that fails mid-transfer)."""
 from __future__ import annotations
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engines.base import EngineError
+from engines.base import HOST, EngineError
 from engines.loader import load_engine
 from orchestrator.config import ServeConfig
 from orchestrator.core import FinishReason, RequestRejected
 from orchestrator.service import Orchestrator
 
 
-class FaultSwitch:
-    """Wraps a real engine; when armed, its next prefill or decode raises EngineError."""
-
-    def __init__(self, engine):
-        self._engine = engine
-        self.armed: str | None = None
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def prefill(self, requests, device=None):
-        if self.armed == "prefill":
-            self.armed = None
-            raise EngineError("injected prefill failure")
-        return self._engine.prefill(requests, device)
-
-    def decode(self, request_ids):
-        if self.armed == "decode":
-            self.armed = None
-            raise EngineError("injected decode failure")
-        return self._engine.decode(request_ids)
-
-
 @pytest.fixture(scope="module")
 def real_engine(demo_engine_dir):
-    return load_engine(demo_engine_dir, device="cpu", kv_blocks=24)
+    return load_engine(demo_engine_dir, device="cpu", kv_blocks=24, host_kv_blocks=40)
 
 
 ops = st.lists(st.one_of(
     st.tuples(st.just("submit"), st.integers(1, 120), st.integers(1, 60)),
     st.tuples(st.just("step"), st.integers(1, 4)),
     st.tuples(st.just("cancel"), st.integers(0, 30)),
-    st.tuples(st.just("fail"), st.sampled_from(["prefill", "decode"])),
+    st.tuples(st.just("fail"), st.sampled_from(["prefill", "decode", "move", "copy"])),
 ), min_size=1, max_size=40)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.parametrize("policy", ["fcfs", "aligned", "fcfs-offload"])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=ops)
-def test_random_operations_keep_the_books(real_engine, ops):
-    engine = FaultSwitch(real_engine)
-    orch = Orchestrator(engine, ServeConfig(max_batch_size=4, max_prefill_tokens=200))
+def test_random_operations_keep_the_books(real_engine, fault_switch, policy, ops):
+    engine = fault_switch(real_engine)
+    orch = Orchestrator(engine, ServeConfig(policy=policy, max_batch_size=4, max_prefill_tokens=200, kmin=2))
     events: dict[str, list] = {}
     accepted = []
+    pool = orch.loop.pool
 
     def check():
         orch.ledger.check()
-        used = engine.kv_blocks_used("cpu")
-        assert used <= orch.ledger.used("cpu") <= orch.ledger.capacity("cpu")
-        running = orch.loop.pool.running
-        assert used >= sum(orch.info.blocks_for(r.kv_len) for r in running)
-        for r in running:
+        for tier in ("cpu", HOST):
+            assert engine.kv_blocks_used(tier) <= orch.ledger.used(tier) <= orch.ledger.capacity(tier)
+        assert engine.kv_blocks_used("cpu") >= sum(orch.info.blocks_for(r.kv_len) for r in pool.running)
+        for r in pool.running:
             assert orch.ledger.holds(r.id).get("cpu", 0) == orch.info.blocks_for(r.max_kv_len)
+            assert engine.tier_of(r.id) == "cpu"
+        # A request's KV is where its state says, once no move of it is under way.
+        for r in pool.staged + pool.candidates:
+            assert engine.tier_of(r.id) == ("in_flight" if r.moving else "cpu")
+        for rid in pool.parked:
+            assert engine.tier_of(rid) == HOST
+            assert orch.ledger.holds(rid) == {HOST: orch.info.blocks_for(pool.get(rid).kv_len)}
+        # Every live request is in exactly one part of the pool (or on its way to the host).
+        parts = len(pool.waiting) + len(pool.running) + len(pool.staged) + len(pool.candidates) + len(pool.parked)
+        to_host = sum(1 for r in pool if r.state.value == "parked" and r.id not in pool.parked)
+        assert parts + to_host == len(pool)
 
     for op in ops:
         if op[0] == "submit":
@@ -90,8 +80,8 @@ def test_random_operations_keep_the_books(real_engine, ops):
         if not orch.loop.step():
             break
     check()
-    assert engine.kv_blocks_used("cpu") == 0
-    assert orch.ledger.used("cpu") == 0 and orch.ledger.holders == 0
+    assert engine.kv_blocks_used("cpu") == 0 and engine.kv_blocks_used(HOST) == 0
+    assert orch.ledger.used("cpu") == 0 and orch.ledger.used(HOST) == 0 and orch.ledger.holders == 0
     assert len(orch.loop.pool) == 0
     for r in accepted:
         evs = events.get(r.id, [])
@@ -102,4 +92,4 @@ def test_random_operations_keep_the_books(real_engine, ops):
         if r.finish_reason is FinishReason.LENGTH:
             assert len(r.output_ids) == r.max_tokens
         if r.finish_reason is FinishReason.ERROR:
-            assert "injected" in r.error
+            assert "injected" in r.error or "could not move" in r.error

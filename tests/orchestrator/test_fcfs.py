@@ -20,7 +20,7 @@ def engine(demo_engine_dir):
 
 
 def make(engine, **cfg) -> Orchestrator:
-    return Orchestrator(engine, ServeConfig(**cfg))
+    return Orchestrator(engine, ServeConfig(**{"policy": "fcfs", **cfg}))
 
 
 def run_until_idle(orch: Orchestrator, max_steps: int = 10_000) -> None:

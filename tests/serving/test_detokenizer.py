@@ -8,10 +8,12 @@ from build_scripts.demo_checkpoint import byte_tokenizer
 from serving.detokenizer import IncrementalDetokenizer
 
 TOK = byte_tokenizer()
+SPECIAL = ("<s>", "</s>", "<pad>")  # encoded as their special ids, which decoding skips
 
 
 @settings(max_examples=200, deadline=None)
-@given(text=st.text(min_size=1, max_size=60), chunk=st.integers(1, 4))
+@given(text=st.text(min_size=1, max_size=60).filter(lambda t: not any(s in t for s in SPECIAL)),
+       chunk=st.integers(1, 4))
 def test_streamed_pieces_concatenate_to_the_full_decode(text, chunk):
     ids = TOK.encode(text, add_special_tokens=False).ids
     detok = IncrementalDetokenizer(TOK)

@@ -1,0 +1,58 @@
+"""The orchestrator tests' fault switch: a real engine whose next call can be made to fail."""
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import pytest
+
+from engines.base import EngineError
+from engines.torch.kv_transfer import PendingCopy
+
+
+class FaultSwitch:
+    """Wraps a real engine; when armed, its next prefill or decode raises EngineError."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.armed: str | None = None
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def prefill(self, requests, device=None):
+        if self.armed == "prefill":
+            self.armed = None
+            raise EngineError("injected prefill failure")
+        return self._engine.prefill(requests, device)
+
+    def decode(self, request_ids):
+        if self.armed == "decode":
+            self.armed = None
+            raise EngineError("injected decode failure")
+        return self._engine.decode(request_ids)
+
+    def move(self, request_ids, src, dst):
+        if self.armed == "move":
+            self.armed = None
+            raise EngineError("injected move refusal")
+        if self.armed == "copy":
+            # The real engine starts the move, but its copy fails: the engine must give back the
+            # destination blocks and keep the KV where it was.
+            self.armed = None
+            copier = self._engine._copier
+            real_start = copier.start
+
+            def failing_start(*args, **kwargs):
+                copier.start = real_start
+                failed = Future()
+                failed.set_exception(RuntimeError("injected copy failure"))
+                return PendingCopy(future=failed)
+
+            copier.start = failing_start
+        return self._engine.move(request_ids, src, dst)
+
+
+@pytest.fixture(scope="session")
+def fault_switch():
+    """The FaultSwitch class: wrap a real engine with it, then arm a fault."""
+    return FaultSwitch
