@@ -15,7 +15,7 @@ BENCH_ARGS ?=
 TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: venv build-engine serve test bench-decode clean
+.PHONY: venv build-engine serve test bench-decode bench-policy clean
 
 venv: $(VENV)/.installed
 
@@ -42,6 +42,9 @@ test: venv
 
 bench-decode: venv
 	$(BIN)/python -m bench.decode_throughput $(BENCH_ARGS)
+
+bench-policy: venv
+	$(BIN)/python -m bench.policy_comparison $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache engines_built .pytest_cache .hypothesis

@@ -174,8 +174,10 @@ class AlignedPolicy:
             r = self._pick_single(pool, center)
             if r is None:
                 break
-            if self.by_length and len(pool.parked) >= self.kmin and not self._fits(lengths, r.kv_len):
-                break  # leave the place open: once the batch is below Kmin, a staged batch replaces it
+            if self.by_length and len(pool.parked) + len(pool.waiting) >= self.kmin and not self._fits(lengths, r.kv_len):
+                # Leave the place open while there are enough requests (parked, or still to be
+                # prefilled) to align from: once the batch is below Kmin, a staged batch replaces it.
+                break
             if not self._reserve_device(r, headroom=0):
                 break
             pool.to_device(r, as_candidate=True)
