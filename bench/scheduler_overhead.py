@@ -2,7 +2,7 @@
 
     python -m bench.scheduler_overhead --pools 1000 10000 100000 --decisions 300
 
-Pool KV lengths come from the Azure LLM conversation trace (../shared/workloads, CC-BY 4.0):
+Pool KV lengths come from the Azure LLM conversation trace (bench/traces, CC-BY 4.0):
 each request's length is its ContextTokens plus a uniform share of its GeneratedTokens (it is
 somewhere in its decode), resampled with replacement to the pool size. Index range [1, 65536]
 (8 levels), 16-token blocks, Kmin 36, Bmax = 40% of a decode GPU's KV blocks, taking Llama-3-8B
@@ -39,7 +39,7 @@ from orchestrator.policies.aligned import AlignedPolicy
 from orchestrator.pool import RequestPool
 
 REPO = Path(__file__).resolve().parent.parent
-TRACE = REPO.parent / "shared" / "workloads" / "azure_llm_2023_conv.csv"
+TRACE = REPO / "bench" / "traces" / "azure_llm_2023_conv.csv"
 MAX_LEN, BLOCK, KMIN, BMAX = 65536, 16, 36, 10_240
 
 

@@ -1,6 +1,6 @@
 """Benchmark workloads from the Azure LLM inference traces, fitted to an engine's max length.
 
-The traces (../shared/workloads, CC-BY 4.0, Patel et al., "Splitwise", ISCA 2024) give each
+The traces (bench/traces, vendored from ../shared/workloads, CC-BY 4.0, Patel et al., "Splitwise", ISCA 2024) give each
 request's arrival TIMESTAMP, ContextTokens and GeneratedTokens, but no text. A workload here is
 `n` of those rows made into requests the orchestrator accepts:
 
@@ -45,7 +45,7 @@ from typing import Sequence
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-CODE_TRACE = REPO / ".." / "shared" / "workloads" / "azure_llm_2023_code.csv"
+CODE_TRACE = REPO / "bench" / "traces" / "azure_llm_2023_code.csv"
 BOS_ID = 256
 TOKEN_RANGE = (3, 256)
 """Prompt token ids are drawn from [3, 256): bytes of the demo tokenizer, clear of BOS/EOS/PAD."""

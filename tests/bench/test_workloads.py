@@ -14,14 +14,12 @@ from bench.workloads import (
 
 @pytest.fixture(scope="module")
 def trace():
-    """The Azure code trace from ../shared/workloads (tests that need it skip without it)."""
-    if not CODE_TRACE.is_file():
-        pytest.skip(f"{CODE_TRACE} is not present")
+    """The Azure code trace, vendored under bench/traces."""
     return load_trace(CODE_TRACE)
 
 
 def test_trace_loads_with_offsets_from_the_first_request(trace):
-    assert len(trace) == 8819  # ../shared/workloads/README.md
+    assert len(trace) == 8819  # bench/traces/README.md
     assert trace[0] == TraceRow(0.0, 4808, 10)
     assert trace[1].offset_s == pytest.approx(0.052, abs=1e-6)  # 18:17:04.0319600 - 18:17:03.9799600
     assert trace[-1].offset_s == pytest.approx(57 * 60 + 15.948, abs=1e-3)
