@@ -110,7 +110,7 @@ class RunLoop:
         self._moved_bytes = 0
         self._start_moves(plan.offload, self._device, HOST)
         self._start_moves(plan.load, HOST, self._device)
-        prefill_timing = self._prefill(list(plan.prefill), set(map(id, plan.park))) if plan.prefill else None
+        prefill_timing = self._prefill(list(plan.prefill), {r.id for r in plan.park}) if plan.prefill else None
         bubble = 0.0
         if plan.wait:
             bubble, failed = self.transfers.wait(list(plan.wait))
@@ -176,9 +176,9 @@ class RunLoop:
             if request is not None and not request.finished:
                 self._finish(request, FinishReason.CANCELLED)
 
-    def _prefill(self, requests: list[Request], park: set[int]) -> CallTiming | None:
-        """Prefill; the requests in `park` (by object id) then move to the host pool, the
-        others join the running batch."""
+    def _prefill(self, requests: list[Request], park: set[str]) -> CallTiming | None:
+        """Prefill; the requests whose ids are in `park` then move to the host pool, the others
+        join the running batch."""
         with self._lock:
             self._waiting_count -= len(requests)
         try:
@@ -194,7 +194,7 @@ class RunLoop:
         for r in requests:
             self.pool.start(r)
             self._accept_token(r, result.tokens[r.id])
-            if id(r) in park and not r.finished:
+            if r.id in park and not r.finished:
                 self.pool.to_host(r, self.clock())
                 parked.append(r)
         if parked:

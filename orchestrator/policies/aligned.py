@@ -71,11 +71,11 @@ class AlignedPolicy:
         load: list[Request] = []
         wait: list[Request] = []
         self._batch_age += 1
-        decoded_last = [r for r in pool.running]  # members that may give up their place
+        decoded_last = list(pool.running)  # members that may give up their place
         switch = self._switch(pool, now, offload, wait)
         self._rescue(pool, now, load, offload, decoded_last)
         self._refill(pool, load)
-        prefill, park = self._admit(pool, now)
+        prefill, park = self._admit(pool)
         self._stage(pool, load)
         decode = list(pool.running)  # this iteration's joiners start decoding next iteration
         return StepPlan(prefill=prefill, park=park, offload=offload, load=load, wait=wait,
@@ -183,7 +183,7 @@ class AlignedPolicy:
             pool.to_device(r, as_candidate=True)
             load.append(r)
 
-    def _admit(self, pool: RequestPool, now: float) -> tuple[list, list]:
+    def _admit(self, pool: RequestPool) -> tuple[list, list]:
         prefill: list[Request] = []
         park: list[Request] = []
         prompt_tokens = 0
