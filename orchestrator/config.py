@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from orchestrator.transfer_planner import ROUTE_MODES
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -35,6 +37,21 @@ class ServeConfig:
     """Engine directory made by `make build-engine` (holds manifest.json)."""
     device: str = "auto"
     """Decode device: "auto" (first CUDA GPU, else CPU), "cpu" or "cuda:N"."""
+    helper_devices: str = ""
+    """Comma-separated helper devices (e.g. "cuda:1"): their PCIe links carry the next batch's
+    KV from the host, then the peer link (NVLink) pushes it to the decode device
+    (GPU-Prefetch-For-GPU). Empty: one device, every load direct."""
+    prefetch_route: str = "auto"
+    """How loads reach the decode device when there are helper devices. "auto": the transfer
+    planner's link model picks, per load, direct or via the least busy helper, whichever
+    finishes first; "direct": never via a helper (the "no peer prefetch" ablation); "helper":
+    always via a helper."""
+    pcie_gb_s: float = 55.0
+    """Sustained host <-> device copy bandwidth per device, GB/s, for the link model (PCIe 5.0
+    x16 moves ~55 GB/s of pinned memory; PCIe 4.0 x16 about half)."""
+    peer_gb_s: float = 450.0
+    """Device <-> device bandwidth one way, GB/s, for the link model (NVLink 4 on H100/H200:
+    450; PCIe peer copies: the pcie figure)."""
     dtype: str = ""
     """Compute dtype override ("float32" / "bfloat16"); empty keeps the manifest's."""
     kv_blocks: int = 0
@@ -87,6 +104,11 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ConfigError(f"policy: {self.policy!r} is not one of {', '.join(POLICIES)}")
+        if self.prefetch_route not in ROUTE_MODES:
+            raise ConfigError(f"prefetch_route: {self.prefetch_route!r} is not one of {', '.join(ROUTE_MODES)}")
+        for name in ("pcie_gb_s", "peer_gb_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}: must be > 0 GB/s, got {getattr(self, name)}")
         if self.dtype not in ("", "float32", "bfloat16"):
             raise ConfigError(f"dtype: {self.dtype!r} is not float32 or bfloat16")
         for name in ("max_batch_size", "max_prefill_tokens", "max_queue", "default_max_tokens", "kmin"):
@@ -130,6 +152,11 @@ class ServeConfig:
         limit = self.max_tokens_limit or seq
         return self.replace(max_seq_len=seq, max_tokens_limit=min(limit, seq),
                             default_max_tokens=min(self.default_max_tokens, limit))
+
+    @property
+    def helpers(self) -> tuple[str, ...]:
+        """`helper_devices` as a tuple of device names."""
+        return tuple(d.strip() for d in self.helper_devices.split(",") if d.strip())
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

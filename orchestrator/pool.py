@@ -48,6 +48,12 @@ class RequestPool:
         self._by_id[request.id] = request
         self.waiting.append(request)
 
+    def take_waiting(self, requests: list[Request]) -> None:
+        """These waiting requests are admitted (about to be prefilled): out of the queue."""
+        taken = {id(r) for r in requests}
+        if taken:
+            self.waiting = deque(r for r in self.waiting if id(r) not in taken)
+
     def start(self, request: Request) -> None:
         """A request's prefill succeeded and it decodes from the next iteration: it joins the
         running batch."""

@@ -19,6 +19,7 @@ from orchestrator.kv_ledger import KVLedger
 from orchestrator.policies import Policy
 from orchestrator.pool import RequestPool
 from orchestrator.metrics import IterationRecord, Metrics
+from orchestrator.transfer_planner import Link, TransferPlanner
 from orchestrator.transfers import TransferTracker
 
 log = logging.getLogger("alignedserve.run_loop")
@@ -38,8 +39,10 @@ class RunLoop:
         info = self._info = engine.describe()
         self.pool = RequestPool(info.model.max_seq_len, info.block_size)
         self.metrics = Metrics()
-        self.transfers = TransferTracker(engine, ledger, self.pool, self.metrics.record_transfer)
-        self._moved_bytes = 0
+        self.transfers = TransferTracker(engine, info, ledger, self.pool, self.metrics.record_transfer)
+        self.planner = TransferPlanner(
+            info, host_link=Link(config.pcie_gb_s * 1e9, 10e-6), peer_link=Link(config.peer_gb_s * 1e9, 5e-6),
+            mode=config.prefetch_route)
         self._device = info.decode_device
         self._has_host = info.capabilities.can_offload
         self._lock = threading.Lock()
@@ -107,9 +110,9 @@ class RunLoop:
             self._settle(failed)
             self._record_iteration(None, None, seconds, False, 0)
             return True
-        self._moved_bytes = 0
+        bytes_before = self.transfers.bytes_started
         self._start_moves(plan.offload, self._device, HOST)
-        self._start_moves(plan.load, HOST, self._device)
+        self._start_loads(plan.load)
         prefill_timing = self._prefill(list(plan.prefill), {r.id for r in plan.park}) if plan.prefill else None
         bubble = 0.0
         if plan.wait:
@@ -118,17 +121,24 @@ class RunLoop:
         decode = [r for r in plan.decode if r.state is RequestState.RUNNING and not r.moving]
         decode_timing = self._decode(decode) if decode else None
         self._settle(self.transfers.poll())
-        self._record_iteration(prefill_timing, decode_timing, bubble, plan.switch, self._moved_bytes)
+        self._record_iteration(prefill_timing, decode_timing, bubble, plan.switch,
+                               self.transfers.bytes_started - bytes_before)
         return True
 
-    def _start_moves(self, requests, src: str, dst: str) -> None:
+    def _start_moves(self, requests, src: str, dst: str, via: str | None = None) -> None:
         """Start one move of these requests' KV; a request whose move cannot start ends with
         an error (its grants were booked for a move that will not happen)."""
-        live = [r for r in requests if not r.finished]
-        for r in self.transfers.start(live, src, dst):
+        for r in self.transfers.start(requests, src, dst, via):
             self._finish(r, FinishReason.ERROR, f"could not move its KV from {src} to {dst}")
-        self._moved_bytes += sum(self._info.blocks_for(r.kv_len) * self._info.bytes_per_block
-                                 for r in live if r.moving)
+
+    def _start_loads(self, requests) -> None:
+        """Host -> decode device, directly or through a helper device, as the planner routes it."""
+        live = [r for r in requests if not r.finished]
+        if not live:
+            return
+        nbytes = sum(self._info.blocks_for(r.kv_len) for r in live) * self._info.bytes_per_block
+        route = self.planner.route(nbytes, self.transfers.queued())
+        self._start_moves(live, HOST, self._device, via=route.via)
 
     def _settle(self, failed) -> None:
         for r, error in failed:

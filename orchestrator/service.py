@@ -79,7 +79,7 @@ class Orchestrator:
             "candidates": len(pool.candidates),
             "parked": len(pool.parked),
             "kv_blocks": {tier: {"reserved": self.ledger.used(tier), "capacity": self.ledger.capacity(tier)}
-                          for tier in (self.info.decode_device, HOST)},
+                          for tier in [d.name for d in self.info.devices] + [HOST]},
         }
 
     def _build(self, prompt_ids, max_tokens, sampling, end_id, stop_sequences, on_event) -> Request:

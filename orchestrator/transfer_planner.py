@@ -7,7 +7,9 @@ pays off when the decode device's own PCIe link is busy (spilled requests going 
 it too) and the helper's is free. The planner estimates both from a link model (bandwidth,
 latency, bytes already queued on each link) and picks the earlier finish.
 
-With one device (or an engine without peer copies) every route is direct.
+With one device (or an engine without peer copies) every route is direct. The `mode` forces a
+route for ablations and for links the model gets wrong: "direct" (no peer prefetch) or "helper"
+(always through the least busy helper).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ class Link:
     def seconds(self, nbytes: float) -> float:
         return self.latency + nbytes / self.bandwidth
 
+
+ROUTE_MODES = ("auto", "direct", "helper")
 
 PCIE5_X16 = Link(bandwidth=55e9, latency=10e-6)
 """PCIe 5.0 x16: 64 GB/s per direction raw (PCI-SIG), ~55 GB/s sustained for pinned copies."""
@@ -50,7 +54,11 @@ class Route:
 class TransferPlanner:
     """Routes host -> decode-device loads directly or through a helper device."""
 
-    def __init__(self, info: EngineInfo, host_link: Link = PCIE5_X16, peer_link: Link = NVLINK4):
+    def __init__(self, info: EngineInfo, host_link: Link = PCIE5_X16, peer_link: Link = NVLINK4,
+                 mode: str = "auto"):
+        if mode not in ROUTE_MODES:
+            raise ValueError(f"route mode {mode!r} is not one of {', '.join(ROUTE_MODES)}")
+        self.mode = mode
         self.host_link = host_link
         self.peer_link = peer_link
         self.decode_device = info.decode_device
@@ -63,10 +71,10 @@ class TransferPlanner:
         queued = queued or {}
         direct = Route(((HOST, self.decode_device),),
                        self.host_link.seconds(queued.get(self.decode_device, 0.0) + nbytes))
-        best = direct
-        for helper in self.helpers:
-            seconds = (self.host_link.seconds(queued.get(helper, 0.0) + nbytes)
-                       + self.peer_link.seconds(nbytes))
-            if seconds < best.seconds:
-                best = Route(((HOST, helper), (helper, self.decode_device)), seconds)
-        return best
+        if self.mode == "direct" or not self.helpers:
+            return direct
+        via = [Route(((HOST, h), (h, self.decode_device)),
+                     self.host_link.seconds(queued.get(h, 0.0) + nbytes) + self.peer_link.seconds(nbytes))
+               for h in self.helpers]
+        best = min(via, key=lambda r: r.seconds)
+        return best if self.mode == "helper" or best.seconds < direct.seconds else direct

@@ -4,6 +4,11 @@ The policy books the destination grant when it plans a move; the tracker starts 
 engine, and when the engine reports it finished, releases the source grant and tells the pool
 (a request that reached the host becomes pickable). A request freed mid-move (cancel, error) is
 already out of the books: its completion is ignored.
+
+A move may go in two hops through a helper device (GPU-Prefetch-For-GPU, DESIGN.md §1.4):
+host -> helper, then helper -> decode device. The tracker books the helper's blocks for the
+time between the hops and starts the second hop as soon as the first lands; the request stays
+`moving` throughout, so nothing picks or decodes it before its KV is on the decode device.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from engines.base import HOST, Engine, EngineError, TransferHandle
+from engines.base import HOST, Engine, EngineError, EngineInfo, TransferHandle
 from orchestrator.core import Request
 from orchestrator.kv_ledger import KVLedger
 from orchestrator.pool import RequestPool
@@ -22,7 +27,7 @@ log = logging.getLogger("alignedserve.transfers")
 
 @dataclass(frozen=True, slots=True)
 class TransferRecord:
-    """One finished move, for metrics and cost-model fitting."""
+    """One finished move (one hop), for metrics and cost-model fitting."""
 
     src: str
     dst: str
@@ -31,72 +36,117 @@ class TransferRecord:
     seconds: float
 
 
+@dataclass(slots=True)
+class _Move:
+    handle: TransferHandle
+    requests: list[Request]
+    then: str | None
+    """The final destination when this is the first hop of a two-hop move, else None."""
+
+
 class TransferTracker:
     """Starts moves, polls them, and settles the books when they finish."""
 
-    def __init__(self, engine: Engine, ledger: KVLedger, pool: RequestPool,
+    def __init__(self, engine: Engine, info: EngineInfo, ledger: KVLedger, pool: RequestPool,
                  on_record: Callable[[TransferRecord], None]):
         self.engine = engine
+        self.info = info
         self.ledger = ledger
         self.pool = pool
         self.on_record = on_record
-        self._moves: dict[int, tuple[TransferHandle, list[Request]]] = {}
+        self.bytes_started = 0
+        """KV bytes of every hop started so far (a two-hop move counts both)."""
+        self._moves: dict[int, _Move] = {}
 
     def __len__(self) -> int:
         return len(self._moves)
 
-    def start(self, requests: list[Request], src: str, dst: str) -> list[Request]:
-        """Start one move of these requests' KV; returns the requests it failed to start for
-        (the caller ends them with an error), or [] on success."""
+    def start(self, requests: list[Request], src: str, dst: str, via: str | None = None) -> list[Request]:
+        """Start one move of these requests' KV, through device `via` when given (and when its
+        blocks can be booked; else directly). Returns the requests it failed to start for (the
+        caller ends them with an error), or [] on success."""
         live = [r for r in requests if not r.finished]
         if not live:
             return []
-        try:
-            handle = self.engine.move([r.id for r in live], src, dst)
-        except EngineError:
-            log.exception("move from %s to %s failed to start", src, dst)
-            return live
-        for r in live:
-            r.moving = True
-        self._moves[handle.id] = (handle, live)
-        return []
+        if via is not None and not self._book(live, via):
+            via = None
+        failed = self._begin(live, src, via or dst, then=dst if via else None)
+        if failed and via is not None:
+            for r in live:
+                self.ledger.release(r.id, via)
+        return failed
+
+    def queued(self) -> dict[str, float]:
+        """Bytes of unfinished host <-> device hops per device: the load on each device's PCIe
+        link, which the transfer planner weighs."""
+        load: dict[str, float] = {}
+        for m in self._moves.values():
+            h = m.handle
+            if HOST in (h.src, h.dst):
+                device = h.dst if h.src == HOST else h.src
+                load[device] = load.get(device, 0.0) + h.bytes
+        return load
 
     def poll(self) -> list[tuple[Request, str]]:
         """Settle every finished move; returns (request, error) for moves that failed."""
         failed: list[tuple[Request, str]] = []
-        for handle, requests in list(self._moves.values()):
+        for move in list(self._moves.values()):
             try:
-                done = self.engine.poll(handle)
+                done = self.engine.poll(move.handle)
             except EngineError as e:
-                failed += self._settle(handle, requests, str(e))
+                failed += self._settle(move, str(e))
                 continue
             if done:
-                failed += self._settle(handle, requests, None)
+                failed += self._settle(move, None)
         return failed
 
     def wait(self, requests: list[Request]) -> tuple[float, list[tuple[Request, str]]]:
-        """Block until the moves carrying these requests finish; returns the seconds spent
+        """Block until these requests' moves (every hop) finish; returns the seconds spent
         waiting and the failures."""
         wanted = {r.id for r in requests}
         start = time.perf_counter()
         failed: list[tuple[Request, str]] = []
-        for handle, moving in list(self._moves.values()):
-            if wanted.isdisjoint(r.id for r in moving):
-                continue
-            try:
-                self.engine.wait(handle)
-                failed += self._settle(handle, moving, None)
-            except EngineError as e:
-                failed += self._settle(handle, moving, str(e))
+        while True:
+            pending = [m for m in self._moves.values() if not wanted.isdisjoint(r.id for r in m.requests)]
+            if not pending:
+                break
+            for move in pending:
+                try:
+                    self.engine.wait(move.handle)
+                    failed += self._settle(move, None)
+                except EngineError as e:
+                    failed += self._settle(move, str(e))
         return time.perf_counter() - start, failed
 
     def wait_all(self) -> tuple[float, list[tuple[Request, str]]]:
-        return self.wait([r for _, moving in self._moves.values() for r in moving])
+        return self.wait([r for m in self._moves.values() for r in m.requests])
 
-    def _settle(self, handle: TransferHandle, requests: list[Request], error: str | None):
-        del self._moves[handle.id]
-        failed = []
+    def _book(self, requests: list[Request], tier: str) -> bool:
+        """Grant these requests blocks on `tier` for their KV, all or none."""
+        blocks = [self.info.blocks_for(r.kv_len) for r in requests]
+        if not self.ledger.can_reserve(tier, sum(blocks)):
+            return False
+        for r, n in zip(requests, blocks):
+            self.ledger.reserve(r.id, tier, n)
+        return True
+
+    def _begin(self, requests: list[Request], src: str, dst: str, then: str | None) -> list[Request]:
+        try:
+            handle = self.engine.move([r.id for r in requests], src, dst)
+        except EngineError:
+            log.exception("move from %s to %s failed to start", src, dst)
+            return requests
         for r in requests:
+            r.moving = True
+        self.bytes_started += handle.bytes
+        self._moves[handle.id] = _Move(handle, requests, then)
+        return []
+
+    def _settle(self, move: _Move, error: str | None) -> list[tuple[Request, str]]:
+        handle = move.handle
+        del self._moves[handle.id]
+        failed, arrived = [], []
+        for r in move.requests:
             r.moving = False
             if r.finished:
                 continue  # freed mid-move: its grants are already released
@@ -104,9 +154,14 @@ class TransferTracker:
                 failed.append((r, error))
                 continue
             self.ledger.release(r.id, handle.src)
-            if handle.dst == HOST:
+            if move.then is not None:
+                arrived.append(r)
+            elif handle.dst == HOST:
                 self.pool.on_host(r)
         if error is None:
-            self.on_record(TransferRecord(handle.src, handle.dst, len(requests), handle.bytes,
+            self.on_record(TransferRecord(handle.src, handle.dst, len(move.requests), handle.bytes,
                                           handle.seconds or 0.0))
+        if arrived:  # first hop done: on to the final destination
+            failed += [(r, f"could not move its KV from {handle.dst} to {move.then}")
+                       for r in self._begin(arrived, handle.dst, move.then, then=None)]
         return failed

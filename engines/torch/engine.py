@@ -1,4 +1,4 @@
-"""`TorchEngine`: the built-in engine, a Llama-family decoder on one device's paged KV cache."""
+"""`TorchEngine`: the built-in engine, a Llama-family decoder on paged KV caches on one or more devices."""
 from __future__ import annotations
 
 import time
@@ -15,8 +15,9 @@ from engines.base import (
 )
 from engines.manifest import Manifest, ManifestError
 from engines.torch.forward_batch import decode_batch, prefill_batch
-from engines.torch.kv_cache import HostKVPool, KVBlockPool, PagedKVCache
-from engines.torch.kv_transfer import BlockCopier, PendingCopy
+from engines.torch.kv_cache import HostKVPool, PagedKVCache
+from engines.torch.kv_tiers import KVTiers
+from engines.torch.kv_transfer import BlockCopier
 from engines.torch.model import CausalLM
 from engines.torch.model_config import ModelConfig
 from engines.torch.sampler import make_generator, sample
@@ -25,13 +26,12 @@ from engines.torch.weights import load_weights
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 DEFAULT_KV_SEQS = 8
-"""Without an explicit kv_blocks, the pool holds this many sequences of max_seq_len tokens."""
-
+"""Without an explicit kv_blocks, each device's pool holds this many sequences of max_seq_len tokens."""
 
 
 @dataclass(slots=True)
 class _Sequence:
-    """What the engine remembers about one request between calls."""
+    """What the engine remembers about one request between calls (where its KV is: `KVTiers`)."""
 
     kv_len: int
     """Tokens whose K/V are in the cache."""
@@ -39,46 +39,93 @@ class _Sequence:
     """Sampled but not yet fed: the input of the next decode step."""
     sampling: SamplingParams
     generator: torch.Generator | None
-    """Seeded sampling state; it stays here while the KV moves, so offloading changes no token."""
-    tier: str
-    """Tier holding the KV (the device's name or HOST); see `_in_flight` for moves under way."""
+    """Seeded sampling state, on the decode device; it stays here while the KV moves, so
+    prefilling elsewhere or offloading changes no token."""
 
 
 @dataclass(slots=True)
-class _Transfer:
-    """A started `move`: both tiers hold blocks of its requests until it is finished."""
+class _Device:
+    """One device the engine computes on: its tier name, model replica and KV cache."""
 
-    handle: TransferHandle
-    src: KVBlockPool
-    dst: KVBlockPool
-    copy: PendingCopy
-    started: float
-    """time.perf_counter() when `move` started the copy."""
+    tier: str
+    device: torch.device
+    model: CausalLM
+    """Shared by every tier on the same torch device (the CPU tiers share one)."""
+    cache: PagedKVCache
 
 
-def resolve_device(device: str) -> torch.device:
-    """ "auto" -> cuda:0 when CUDA is available, else cpu; anything else as torch spells it."""
-    if device == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
+def resolve_tier(spec: str) -> tuple[str, torch.device]:
+    """A device name -> (tier name, the torch device it computes on).
+
+    "auto": cuda:0 when CUDA is available, else cpu. "cuda" / "cuda:N": that GPU, tier "cuda:N".
+    "cpu": the CPU. "cpu:N" (N > 0): a further tier on the same CPU with a KV pool of its own,
+    so two pools can run on a machine without a GPU; "cpu:0" is "cpu".
+    """
+    if spec == "auto":
+        spec = "cuda:0" if torch.cuda.is_available() else "cpu"
+    try:
+        d = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise EngineError(f"device {spec!r} is not a device name; use 'auto', 'cpu', 'cpu:N' or 'cuda:N'") from None
     if d.type == "cuda":
         if not torch.cuda.is_available():
-            raise EngineError(f"device {device!r} requested but CUDA is not available; use device='cpu' or 'auto'")
-        d = torch.device("cuda", d.index or 0)
-    elif d.type != "cpu":
-        raise EngineError(f"device {device!r} is not supported; use 'auto', 'cpu' or 'cuda:N'")
-    return d
+            raise EngineError(f"device {spec!r} requested but CUDA is not available; use device='cpu' or 'auto'")
+        index = d.index or 0
+        if index >= torch.cuda.device_count():
+            raise EngineError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return f"cuda:{index}", torch.device("cuda", index)
+    if d.type == "cpu":
+        return ("cpu" if not d.index else f"cpu:{d.index}"), torch.device("cpu")
+    raise EngineError(f"device {spec!r} is not supported; use 'auto', 'cpu', 'cpu:N' or 'cuda:N'")
+
+
+def resolve_tiers(device: str, helper_devices: Sequence[str]) -> dict[str, torch.device]:
+    """Tier name -> torch device of the decode device and then each helper, each named once."""
+    if isinstance(helper_devices, str):
+        raise EngineError(f"helper_devices must be a sequence of device names, e.g. ({helper_devices!r},), "
+                          "not a single string")
+    tiers: dict[str, torch.device] = {}
+    named: dict[str, str] = {}
+    for spec in (device, *helper_devices):
+        tier, torch_device = resolve_tier(spec)
+        if tier in tiers:
+            raise EngineError(
+                f"device {spec!r} is tier {tier!r}, which {named[tier]!r} already names "
+                f"(device={device!r}, helper_devices={tuple(helper_devices)!r}); name each device once"
+            )
+        tiers[tier], named[tier] = torch_device, spec
+    return tiers
+
+
+def _place_devices(cfg: ModelConfig, weights: dict[str, torch.Tensor], tiers: dict[str, torch.device],
+                   dtype: torch.dtype, block_size: int, kv_blocks: int) -> dict[str, _Device]:
+    """A model replica and a KV cache for every tier; tiers on one torch device share a replica."""
+    models: dict[torch.device, CausalLM] = {}
+    devices: dict[str, _Device] = {}
+    for tier, torch_device in tiers.items():
+        if torch_device not in models:  # copied from the loaded set, not read from disk again
+            models[torch_device] = CausalLM.from_weights(cfg, {n: t.to(torch_device) for n, t in weights.items()})
+        cache = PagedKVCache(
+            num_layers=cfg.num_layers, num_blocks=kv_blocks, block_size=block_size, num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim, dtype=dtype, device=torch_device, tier=tier,
+        )
+        devices[tier] = _Device(tier, torch_device, models[torch_device], cache)
+    return devices
 
 
 class TorchEngine(Engine):
-    """A real decoder on one device (CPU or CUDA) with a paged KV cache and an optional host pool.
+    """A real decoder on one or more devices (CPU or CUDA), each with a paged KV cache, and an
+    optional host pool; `move` copies KV between any two of them.
 
     model_dir: a Hugging Face checkpoint directory (config.json + safetensors).
-    device: "auto" (cuda:0 if available, else cpu), "cpu" or "cuda:N".
+    device: the decode device: "auto" (cuda:0 if available, else cpu), "cpu" or "cuda:N".
+    helper_devices: further devices that can prefill and hold KV (peer copies to and from the
+        decode device), e.g. ("cuda:1",); "cpu:N" adds a CPU tier with its own pool. Every device
+        name must be distinct. Weights are loaded once per torch device.
     dtype: compute and KV dtype, "float32" or "bfloat16".
     block_size: tokens per KV block.
-    kv_blocks: blocks in the device pool; None sizes it for DEFAULT_KV_SEQS full-length sequences.
-    host_kv_blocks: blocks in the host pool that `move` offloads to (pinned memory when the device
+    kv_blocks: blocks in each device's pool; None sizes it for DEFAULT_KV_SEQS full-length sequences.
+    host_kv_blocks: blocks in the host pool that `move` offloads to (pinned memory when a device
         is a GPU); 0 means no host pool and can_offload=False.
     max_seq_len: longest KV (prompt + generated) per request; None -> max_position_embeddings.
     architecture_check: False accepts an unlisted architecture and runs it as a Llama decoder.
@@ -89,6 +136,7 @@ class TorchEngine(Engine):
         model_dir: str | Path,
         *,
         device: str = "auto",
+        helper_devices: Sequence[str] = (),
         dtype: str = "float32",
         block_size: int = 16,
         kv_blocks: int | None = None,
@@ -103,7 +151,7 @@ class TorchEngine(Engine):
         if host_kv_blocks < 0:
             raise EngineError(f"host_kv_blocks must be >= 0 (0: no host pool), got {host_kv_blocks}")
         self.cfg = ModelConfig.from_dir(model_dir, check_architecture=architecture_check)
-        self.device = resolve_device(device)
+        tiers = resolve_tiers(device, helper_devices)
         self.dtype_name = dtype
         self.max_seq_len = max_seq_len or self.cfg.max_position_embeddings
         if self.max_seq_len <= 0:
@@ -121,34 +169,29 @@ class TorchEngine(Engine):
                 f"pass max_seq_len<={window} to stay exact",
                 stacklevel=2,
             )
-        weights = load_weights(model_dir, self.cfg, DTYPES[dtype], self.device)
-        self.num_params = sum(t.numel() for t in weights.values())
-        self.model = CausalLM.from_weights(self.cfg, weights)
         if kv_blocks is None:
             kv_blocks = -(-DEFAULT_KV_SEQS * self.max_seq_len // block_size)
-        self.cache = PagedKVCache(
-            num_layers=self.cfg.num_layers, num_blocks=kv_blocks, block_size=block_size,
-            num_kv_heads=self.cfg.num_kv_heads, head_dim=self.cfg.head_dim,
-            dtype=DTYPES[dtype], device=self.device, tier=self.tier,
-        )
+        weights = load_weights(model_dir, self.cfg, DTYPES[dtype], next(iter(tiers.values())))
+        self.num_params = sum(t.numel() for t in weights.values())
+        self._devices = _place_devices(self.cfg, weights, tiers, DTYPES[dtype], block_size, kv_blocks)
+        """Decode device first, then the helpers."""
+        del weights
+        self._decode = next(iter(self._devices.values()))
+        self.device, self.model, self.cache = self._decode.device, self._decode.model, self._decode.cache
         self.eos_token_ids = tuple(eos_token_ids) if eos_token_ids else self.cfg.eos_token_ids
         self.bos_token_id = bos_token_id if bos_token_id is not None else self.cfg.bos_token_id
         self._seqs: dict[str, _Sequence] = {}
+        self._has_gpu = any(d.device.type == "cuda" for d in self._devices.values())
         self.host_pool: HostKVPool | None = None
-        self._copier: BlockCopier | None = None
         if host_kv_blocks:
-            self.host_pool = HostKVPool(num_blocks=host_kv_blocks, like=self.cache,
-                                        pin_memory=self.device.type == "cuda")
-            self._copier = BlockCopier(self.cache, self.host_pool)
-        self._transfers: dict[int, _Transfer] = {}
-        """Unfinished moves by handle id."""
-        self._in_flight: dict[str, _Transfer] = {}
-        """Unfinished moves by request id."""
+            self.host_pool = HostKVPool(num_blocks=host_kv_blocks, like=self.cache, pin_memory=self._has_gpu)
+        pools = [d.cache for d in self._devices.values()] + ([self.host_pool] if self.host_pool else [])
+        self._tiers = KVTiers(pools)
 
     @classmethod
     def from_engine_dir(cls, engine_dir: str | Path, manifest: Manifest, device: str = "auto",
                         dtype: str | None = None, kv_blocks: int | None = None,
-                        host_kv_blocks: int | None = None) -> "TorchEngine":
+                        host_kv_blocks: int | None = None, helper_devices: Sequence[str] = ()) -> "TorchEngine":
         """Open an engine directory built by `make build-engine` (see engines/loader.py).
 
         kv_blocks and host_kv_blocks override the manifest's kv_blocks_device and kv_blocks_host."""
@@ -159,8 +202,8 @@ class TorchEngine(Engine):
                 f"config.json's {cfg.architecture!r}; rebuild the engine"
             )
         engine = cls(
-            engine_dir, device=device, dtype=dtype or manifest.dtype, block_size=manifest.kv_block_size,
-            kv_blocks=kv_blocks or manifest.kv_blocks_device,
+            engine_dir, device=device, helper_devices=helper_devices, dtype=dtype or manifest.dtype,
+            block_size=manifest.kv_block_size, kv_blocks=kv_blocks or manifest.kv_blocks_device,
             host_kv_blocks=manifest.kv_blocks_host if host_kv_blocks is None else host_kv_blocks,
             max_seq_len=manifest.max_seq_len,
             eos_token_ids=manifest.eos_token_ids, bos_token_id=manifest.bos_token_id,
@@ -177,8 +220,17 @@ class TorchEngine(Engine):
 
     @property
     def tier(self) -> str:
-        """This engine's device tier name: "cpu" or "cuda:N"."""
-        return "cpu" if self.device.type == "cpu" else f"cuda:{self.device.index}"
+        """The decode device's tier name: "cpu" or "cuda:N"."""
+        return self._decode.tier
+
+    def cache_of(self, tier: str) -> PagedKVCache:
+        """The KV cache of one device tier."""
+        return self._devices[tier].cache
+
+    @property
+    def _copier(self) -> BlockCopier:
+        """The copier every move goes through (tests hold or fail its copies)."""
+        return self._tiers.copier
 
     def describe(self) -> EngineInfo:
         model = ModelInfo(
@@ -190,12 +242,12 @@ class TorchEngine(Engine):
         return EngineInfo(
             backend="torch",
             model=model,
-            devices=(DeviceInfo(self.tier, self.device.type, self.cache.allocator.num_blocks),),
+            devices=tuple(DeviceInfo(d.tier, d.device.type, d.cache.allocator.num_blocks)
+                          for d in self._devices.values()),
             block_size=self.cache.block_size,
             bytes_per_block=self.cache.bytes_per_block,
             host_blocks=self.host_pool.allocator.num_blocks if self.host_pool else 0,
-            capabilities=Capabilities(can_offload=self.host_pool is not None, can_peer_copy=False,
-                                      can_form_batches=True),
+            capabilities=self._capabilities(),
         )
 
     # -- prefill ---------------------------------------------------------------------------
@@ -208,9 +260,10 @@ class TorchEngine(Engine):
                             all_positions: bool = False) -> tuple[StepResult, torch.Tensor]:
         """`prefill`, also returning the float32 logits: [B, vocab] of each prompt's last token,
         or [B, longest prompt, vocab] of every position (pads hold garbage) when all_positions."""
-        if device is not None and device != self.tier:
+        on = self._decode if device is None else self._devices.get(device)
+        if on is None:
             raise EngineError(
-                f"prefill on device {device!r}: this engine computes only on {self.tier!r}"
+                f"prefill on device {device!r}: this engine computes on {list(self._devices)}"
                 + (" (prefill there, then move the KV to the host)" if device == HOST else "")
             )
         self._check_new(requests)
@@ -219,25 +272,27 @@ class TorchEngine(Engine):
         ids = [r.request_id for r in requests]
         try:
             for r in requests:
-                self.cache.reserve(r.request_id, len(r.prompt_ids))
+                on.cache.reserve(r.request_id, len(r.prompt_ids))
         except OutOfKVBlocks:
             for i in ids:
-                self.cache.release(i)
+                on.cache.release(i)
             raise
-        start = self._clock()
+        start = self._clock(on.device)
         try:
-            batch = prefill_batch(self.cache, ids, [r.prompt_ids for r in requests], self.device)
-            logits = self.model(batch, self.cache, all_logits=all_positions)
+            batch = prefill_batch(on.cache, ids, [r.prompt_ids for r in requests], on.device)
+            logits = on.model(batch, on.cache, all_logits=all_positions)
             last = logits[torch.arange(len(ids), device=logits.device), batch.last] if all_positions else logits
+            # Generators live on the decode device, which draws every later token: a seeded
+            # request then gets the same tokens wherever it was prefilled.
             generators = [None if r.sampling.greedy else make_generator(r.sampling, self.device) for r in requests]
-            tokens = sample(last, [r.sampling for r in requests], generators)
+            tokens = sample(last.to(self.device), [r.sampling for r in requests], generators)
         except Exception:
             for i in ids:
-                self.cache.release(i)
+                on.cache.release(i)
             raise
-        seconds = self._clock() - start
+        seconds = self._clock(on.device) - start
         for r, tok, g in zip(requests, tokens, generators):
-            self._seqs[r.request_id] = _Sequence(len(r.prompt_ids), tok, r.sampling, g, self.tier)
+            self._seqs[r.request_id] = _Sequence(len(r.prompt_ids), tok, r.sampling, g)
         lens = [len(r.prompt_ids) for r in requests]
         timing = CallTiming("prefill", seconds, len(ids), sum(lens), sum(lens), max(lens))
         return StepResult(dict(zip(ids, tokens)), timing), logits
@@ -291,11 +346,11 @@ class TorchEngine(Engine):
             )
         for i, s in zip(ids, seqs):
             self.cache.reserve(i, s.kv_len + 1)
-        start = self._clock()
+        start = self._clock(self.device)
         batch = decode_batch(self.cache, ids, [s.last_token for s in seqs], [s.kv_len for s in seqs], self.device)
         logits = self.model(batch, self.cache)
         tokens = sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
-        seconds = self._clock() - start
+        seconds = self._clock(self.device) - start
         for s, tok in zip(seqs, tokens):
             s.kv_len += 1
             s.last_token = tok
@@ -306,101 +361,31 @@ class TorchEngine(Engine):
     # -- KV tiers --------------------------------------------------------------------------
 
     def move(self, request_ids: Sequence[str], src: str, dst: str) -> TransferHandle:
-        """Start copying these requests' KV from tier `src` to `dst` (the device and HOST).
+        """Start copying these requests' KV from tier `src` to `dst`: any two of the devices and
+        HOST (device to device needs 2+ devices, HOST a host pool).
 
         Destination blocks are taken now, all-or-nothing (OutOfKVBlocks changes nothing); until
         `poll` or `wait` sees the copy finish the requests are IN_FLIGHT: they hold blocks in both
         tiers and cannot be decoded or moved. Then the source blocks are released."""
-        if self.host_pool is None:
+        caps = self._capabilities()
+        if not (caps.can_offload or caps.can_peer_copy) or (HOST in (src, dst) and not caps.can_offload):
             return super().move(request_ids, src, dst)
-        pools = {self.tier: self.cache, HOST: self.host_pool}
-        for tier in (src, dst):
-            if tier not in pools:
-                raise EngineError(f"move: unknown KV tier {tier!r}; this engine has {list(pools)}")
-        if src == dst:
-            raise EngineError(f"move: source and destination are both {src!r}")
-        ids = list(request_ids)
-        if len(set(ids)) != len(ids):
-            repeated = sorted({i for i in ids if ids.count(i) > 1})
-            raise EngineError(f"move: request ids appear more than once: {repeated}")
-        unknown = [i for i in ids if i not in self._seqs]
-        if unknown:
-            raise EngineError(f"move: unknown request ids {unknown[:5]}; prefill them first (or they were freed)")
-        elsewhere = [(i, self.tier_of(i)) for i in ids if self.tier_of(i) != src]
-        if elsewhere:
-            where = ", ".join(f"{i!r} is {t}" if t == IN_FLIGHT else f"{i!r} is in {t!r}" for i, t in elsewhere[:5])
-            raise EngineError(f"move from {src!r}: {where}")
-        handle = TransferHandle(tuple(ids), src, dst)
-        if not ids:
-            return handle
-        source, target = pools[src], pools[dst]
-        src_blocks = [source.tables[i] for i in ids]
-        try:
-            flat_dst = target.allocator.allocate(sum(len(t) for t in src_blocks))
-        except OutOfKVBlocks as e:
-            raise OutOfKVBlocks(f"move {ids[:5]} from {src!r} to {dst!r}: {e}") from None
-        at = 0
-        for rid, table in zip(ids, src_blocks):
-            target.adopt(rid, flat_dst[at:at + len(table)])
-            at += len(table)
-        flat_src = [b for t in src_blocks for b in t]
-        device_blocks, host_blocks = (flat_src, flat_dst) if dst == HOST else (flat_dst, flat_src)
-        started = time.perf_counter()
-        try:
-            copy = self._copier.start(device_blocks, host_blocks, to_host=dst == HOST)
-        except Exception:
-            for rid in ids:
-                target.release(rid)
-            raise
-        handle.bytes = len(flat_src) * self.cache.bytes_per_block
-        transfer = _Transfer(handle, source, target, copy, started)
-        self._transfers[handle.id] = transfer
-        for rid in ids:
-            self._in_flight[rid] = transfer
-        return handle
+        return self._tiers.start(request_ids, src, dst)
 
     def poll(self, handle: TransferHandle) -> bool:
-        transfer = self._transfers.get(handle.id)
-        if transfer is None:
-            return True  # finished earlier (or moved nothing)
-        if not transfer.copy.done():
-            return False
-        self._finish(transfer)
-        return True
+        return self._tiers.poll(handle)
 
     def wait(self, handle: TransferHandle) -> None:
-        if self.host_pool is None:
+        caps = self._capabilities()
+        if not (caps.can_offload or caps.can_peer_copy):
             super().wait(handle)
-        transfer = self._transfers.get(handle.id)
-        if transfer is not None:
-            self._finish(transfer)
-
-    def _finish(self, transfer: _Transfer) -> None:
-        """Wait for the copy, then release the source blocks (or, if it failed, the destination's)."""
-        handle = transfer.handle
-        del self._transfers[handle.id]
-        for rid in handle.request_ids:
-            del self._in_flight[rid]
-        try:
-            transfer.copy.wait()
-        except Exception as e:
-            for rid in handle.request_ids:
-                transfer.dst.release(rid)
-            raise EngineError(f"move {list(handle.request_ids)[:5]} from {handle.src!r} to {handle.dst!r} "
-                              f"failed; the KV stays in {handle.src!r}: {e}") from e
-        handle.seconds = time.perf_counter() - transfer.started
-        for rid in handle.request_ids:
-            transfer.src.release(rid)
-            self._seqs[rid].tier = handle.dst
+        self._tiers.wait(handle)
 
     def tier_of(self, request_id: str) -> str:
-        """Where the request's KV is: the device's name, HOST, or IN_FLIGHT during a move."""
-        if request_id in self._in_flight:
-            return IN_FLIGHT
-        seq = self._seqs.get(request_id)
-        if seq is None:
+        """Where the request's KV is: a device's name, HOST, or IN_FLIGHT during a move."""
+        if request_id not in self._seqs:
             raise EngineError(f"tier_of: unknown request id {request_id!r}")
-        return seq.tier
+        return self._tiers.tier_of(request_id)
 
     def kv_contents(self, request_id: str) -> torch.Tensor:
         """A CPU copy of the request's KV, [num_layers, 2 (K, V), kv_len, kv_heads, head_dim],
@@ -408,8 +393,9 @@ class TorchEngine(Engine):
         tier = self.tier_of(request_id)
         if tier == IN_FLIGHT:
             raise EngineError(f"kv_contents: request {request_id!r} is {IN_FLIGHT}; wait on its move first")
-        pool = self.cache if tier == self.tier else self.host_pool
-        blocks = pool.read_blocks(pool.tables[request_id]).movedim(0, 2)  # [L, 2, n, block, heads, dim]
+        pool = self._tiers.pools[tier]
+        # Gathered where the pool is, then a blocking .cpu(): no copy still in the air when read.
+        blocks = pool.gather(pool.tables[request_id], pool.device).movedim(0, 2)  # [L, 2, n, block, heads, dim]
         layers, two, n, block, heads, dim = blocks.shape
         return blocks.reshape(layers, two, n * block, heads, dim)[:, :, : self._seqs[request_id].kv_len].cpu()
 
@@ -418,47 +404,33 @@ class TorchEngine(Engine):
     def free(self, request_ids: Sequence[str]) -> None:
         """Release the requests' blocks in every tier; a request in flight waits for its move."""
         for rid in dict.fromkeys(request_ids):  # a repeated id must not free twice
-            transfer = self._in_flight.get(rid)
-            if transfer is not None:
-                try:
-                    self._finish(transfer)
-                except EngineError:
-                    pass  # the failed move already gave back its destination blocks
+            self._tiers.release(rid)
             self._seqs.pop(rid, None)
-            self.cache.release(rid)
-            if self.host_pool is not None:
-                self.host_pool.release(rid)
 
     def kv_blocks_used(self, tier: str) -> int:
-        if tier == self.tier:
-            return self.cache.allocator.used
-        if tier == HOST:
-            return self.host_pool.allocator.used if self.host_pool else 0
-        raise KeyError(f"unknown KV tier {tier!r}; known: {[self.tier, HOST]}")
+        return self._tiers.used(tier)
 
     def kv_len(self, request_id: str) -> int:
         """Tokens of KV the request holds now."""
         return self._seqs[request_id].kv_len
 
     def close(self) -> None:
-        for transfer in list(self._transfers.values()):
-            try:
-                self._finish(transfer)
-            except EngineError:
-                pass
-        if self._copier is not None:
-            self._copier.close()
-            self._copier = self.host_pool = None
+        self._tiers.close()
         self._seqs.clear()
-        self.cache.tables.clear()
-        del self.model, self.cache
-        if self.device.type == "cuda":
+        self._devices.clear()
+        self.host_pool = None
+        del self.model, self.cache, self._decode
+        if self._has_gpu:
             torch.cuda.empty_cache()
 
-    def _clock(self) -> float:
+    def _capabilities(self) -> Capabilities:
+        return Capabilities(can_offload=self.host_pool is not None, can_peer_copy=len(self._devices) >= 2,
+                            can_form_batches=True)
+
+    def _clock(self, device: torch.device) -> float:
         # CUDA kernels run asynchronously: synchronise so the time covers the work, not the launch.
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return time.perf_counter()
 
     def _empty(self, op: str) -> StepResult:

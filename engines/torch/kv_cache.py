@@ -1,8 +1,10 @@
 """The paged KV cache: one preallocated pool of fixed-size blocks per tier (device, host).
 
 Two owners, kept apart: `BlockAllocator` knows which blocks exist and which are free;
-`KVBlockPool` knows which request owns which blocks (its block table). `PagedKVCache` (the
-device tier, read by the model) and `HostKVPool` (the host tier) hold the tensors.
+`KVBlockPool` knows which request owns which blocks (its block table). `PagedKVCache` (a
+device tier, read by the model) and `HostKVPool` (the host tier) hold the tensors, and every pool
+reads and writes blocks in one common block-major layout (`gather`, `scatter`), so a copy between
+any two pools is a gather from one and a scatter into the other.
 Token t of a request lives in block `table[t // block_size]` at offset `t % block_size`.
 """
 from __future__ import annotations
@@ -114,9 +116,18 @@ class KVBlockPool(abc.ABC):
         if table:
             self.allocator.free(table)
 
+    @property
+    def device(self) -> torch.device:
+        return self.kv.device
+
     @abc.abstractmethod
-    def read_blocks(self, blocks: list[int]) -> torch.Tensor:
-        """Copy of these blocks as [n, num_layers, 2, block_size, kv_heads, head_dim]."""
+    def gather(self, blocks: list[int], device: torch.device) -> torch.Tensor:
+        """Copy of these blocks on `device`, block-major: [n, num_layers, 2, block_size, kv_heads,
+        head_dim]. Copies are queued on the current CUDA streams (non-blocking where they can be)."""
+
+    @abc.abstractmethod
+    def scatter(self, blocks: list[int], data: torch.Tensor) -> None:
+        """Write block-major `data` (as `gather` returns it, on any device) into these blocks."""
 
     def check_consistency(self) -> None:
         """Raise if the block tables and the allocator disagree on how many blocks are held."""
@@ -159,9 +170,15 @@ class PagedKVCache(KVBlockPool):
     def bytes_per_block(self) -> int:
         return self.kv[:, :, 0].numel() * self.kv.element_size()
 
-    def read_blocks(self, blocks: list[int]) -> torch.Tensor:
-        index = torch.tensor(blocks, dtype=torch.long, device=self.kv.device)
-        return self.kv.index_select(2, index).movedim(2, 0)
+    def gather(self, blocks: list[int], device: torch.device) -> torch.Tensor:
+        index = _block_index(blocks, self.kv.device)
+        # Contiguous before it leaves the device, so the bus sees one run of bytes.
+        staged = self.kv.index_select(2, index).movedim(2, 0).contiguous()
+        return staged.to(device, non_blocking=True)
+
+    def scatter(self, blocks: list[int], data: torch.Tensor) -> None:
+        index = _block_index(blocks, self.kv.device)
+        self.kv.index_copy_(2, index, data.to(self.kv.device, non_blocking=True).movedim(0, 2))
 
     def block_tables(self, request_ids: list[str], device: torch.device) -> torch.Tensor:
         """Block tables of these requests as [B, max_blocks], right-padded with block 0 (masked later)."""
@@ -180,7 +197,7 @@ class HostKVPool(KVBlockPool):
 
     Layout [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]: each block is one
     contiguous run of bytes, so a block (or a run of adjacent blocks) crosses the bus in one copy.
-    Pinned when the device is a GPU, so those copies are asynchronous DMA.
+    Pinned when the engine has a GPU, so those copies are asynchronous DMA.
     """
 
     def __init__(self, *, num_blocks: int, like: PagedKVCache, pin_memory: bool):
@@ -196,5 +213,31 @@ class HostKVPool(KVBlockPool):
     def bytes_per_block(self) -> int:
         return self.kv[0].numel() * self.kv.element_size()
 
-    def read_blocks(self, blocks: list[int]) -> torch.Tensor:
-        return self.kv.index_select(0, torch.tensor(blocks, dtype=torch.long))
+    def gather(self, blocks: list[int], device: torch.device) -> torch.Tensor:
+        out = torch.empty((len(blocks),) + tuple(self.kv.shape[1:]), dtype=self.kv.dtype, device=device)
+        for first, count, at in block_runs(blocks):  # one DMA per run of adjacent blocks
+            out[at:at + count].copy_(self.kv[first:first + count], non_blocking=True)
+        return out
+
+    def scatter(self, blocks: list[int], data: torch.Tensor) -> None:
+        for first, count, at in block_runs(blocks):
+            self.kv[first:first + count].copy_(data[at:at + count], non_blocking=True)
+
+
+def _block_index(blocks: list[int], device: torch.device) -> torch.Tensor:
+    """Block ids as a tensor on `device`. To a GPU by way of pinned memory: a plain copy would wait
+    for the stream it is queued on, and a copy stream may be waiting on the model's kernels."""
+    index = torch.tensor(blocks, dtype=torch.long)
+    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
+
+
+def block_runs(blocks: list[int]) -> list[tuple[int, int, int]]:
+    """Runs of consecutive block ids as (first block, count, offset in `blocks`)."""
+    runs: list[tuple[int, int, int]] = []
+    for offset, b in enumerate(blocks):
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            first, count, at = runs[-1]
+            runs[-1] = (first, count + 1, at)
+        else:
+            runs.append((b, 1, offset))
+    return runs

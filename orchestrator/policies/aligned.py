@@ -15,9 +15,11 @@ Each iteration, in this order:
    device, nearest in KV length to the batch's median; new candidates start loading for the
    places still open (by length, only those within the batch's span while the pool holds Kmin
    requests: a staged batch will do better than a misfit).
-4. **Admit.** Waiting requests are prefilled in arrival order. A fresh request joins the running
-   batch when there is room and its length falls within the batch's span (or the batch is
-   empty); otherwise its KV goes to the host pool.
+4. **Admit.** Waiting requests are prefilled, up to max_prefill_tokens per iteration: first any
+   that have waited max_wait_s / 2, then those whose prompt length fits the running batch's span
+   (nearest first, as many as it has room for), then the rest in arrival order. A fresh request
+   joins the running batch when there is room and its length falls within the batch's span (or
+   the batch is empty); otherwise its KV goes to the host pool.
 5. **Stage.** With no staged batch, the density-first search picks the next one from the host
    pool (at least Kmin requests, the narrowest KV-length span fitting Bmax blocks), if it would
    be worth switching to, and its loads start; they overlap the running batch's decode.
@@ -75,7 +77,7 @@ class AlignedPolicy:
         switch = self._switch(pool, now, offload, wait)
         self._rescue(pool, now, load, offload, decoded_last)
         self._refill(pool, load)
-        prefill, park = self._admit(pool)
+        prefill, park = self._admit(pool, now)
         self._stage(pool, load)
         decode = list(pool.running)  # this iteration's joiners start decoding next iteration
         return StepPlan(prefill=prefill, park=park, offload=offload, load=load, wait=wait,
@@ -183,14 +185,13 @@ class AlignedPolicy:
             pool.to_device(r, as_candidate=True)
             load.append(r)
 
-    def _admit(self, pool: RequestPool) -> tuple[list, list]:
+    def _admit(self, pool: RequestPool, now: float) -> tuple[list, list]:
         prefill: list[Request] = []
         park: list[Request] = []
         prompt_tokens = 0
         room = self.config.max_batch_size - len(pool.running)
         lengths = [r.kv_len for r in pool.running]
-        # Arrival order; the head blocks those behind it, so no waiting request is overtaken forever.
-        for r in pool.waiting:
+        for r in self._admission_order(pool, lengths, room, now):
             if prefill and prompt_tokens + r.prompt_len > self.config.max_prefill_tokens:
                 break
             aligned = not lengths or not self.by_length or self._fits(lengths, r.prompt_len)
@@ -208,9 +209,25 @@ class AlignedPolicy:
                 park.append(r)
             prefill.append(r)
             prompt_tokens += r.prompt_len
-        for _ in prefill:
-            pool.waiting.popleft()
+        pool.take_waiting(prefill)
         return prefill, park
+
+    def _admission_order(self, pool: RequestPool, lengths: list[int], room: int, now: float) -> list[Request]:
+        """Which waiting requests to prefill first. fcfs-offload: arrival order. aligned: those
+        overdue (waiting max_wait_s / 2) in arrival order, then the ones whose prompt fits the
+        running batch (or, with no running batch, the oldest request's length), nearest first, as
+        many as there is room for; then the rest in arrival order, to be parked. Prefilling a
+        fitting prompt straight into the batch spares it a trip through the host pool."""
+        waiting = list(pool.waiting)
+        if not self.by_length or room <= 0 or len(waiting) < 2:
+            return waiting
+        overdue = [r for r in waiting if now - r.arrival_time >= self.config.max_wait_s / 2]
+        rest = [r for r in waiting if now - r.arrival_time < self.config.max_wait_s / 2]
+        span = lengths or [(overdue or rest)[0].prompt_len]
+        center = statistics.median_low(span)
+        fit = sorted((r for r in rest if self._fits(span, r.prompt_len)), key=lambda r: abs(r.prompt_len - center))
+        join = {id(r) for r in fit[:max(room - len(overdue), 0)]}
+        return overdue + [r for r in fit if id(r) in join] + [r for r in rest if id(r) not in join]
 
     def _stage(self, pool: RequestPool, load: list) -> None:
         if pool.staged or not len(pool.parked):

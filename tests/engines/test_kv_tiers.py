@@ -182,48 +182,59 @@ def test_from_engine_dir_takes_host_blocks_from_the_manifest(model_dir):
 
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["prefill", "decode", "decode_any", "offload", "reload", "move_any", "poll", "wait",
-                         "free", "stall", "unstall"]),
+        # prefill and move twice: requests to work on, and moves between many pairs of tiers
+        st.sampled_from(["prefill", "prefill", "decode", "decode_any", "offload", "reload", "move", "move",
+                         "move_any", "poll", "wait", "free", "stall", "unstall", "fail_copy"]),
         st.integers(0, 5), st.integers(1, 20),
     ),
-    max_size=40,
+    min_size=10, max_size=40,
 )
 
 
-@pytest.fixture(scope="module")
-def shared_engine(model_dir):
-    return engine_on(model_dir, kv_blocks=14, host_kv_blocks=10)
+@pytest.fixture(scope="module", params=[(), ("cpu:1",)], ids=["one device", "two devices"])
+def shared_engine(request, model_dir):
+    """A small CPU engine with a host pool, alone or with a helper device (peer moves)."""
+    return TorchEngine(model_dir, device="cpu", helper_devices=request.param, block_size=4, kv_blocks=14,
+                       host_kv_blocks=10)
 
 
 def check_accounting(engine: TorchEngine, names: list[str]) -> None:
-    """Every live request holds exactly its blocks in its tier, or in both while in flight."""
-    expected = {"cpu": 0, HOST: 0}
-    pools = {"cpu": engine.cache, HOST: engine.host_pool}
+    """Every live request holds exactly its blocks in its tier, or in both ends of its move while
+    in flight; a freed one holds none anywhere."""
+    pools = engine._tiers.pools
+    expected = dict.fromkeys(pools, 0)
     for r in names:
+        holding = {t for t, pool in pools.items() if r in pool.tables}
         if r not in engine._seqs:
-            assert r not in engine.cache.tables and r not in engine.host_pool.tables
+            assert not holding, f"freed {r} still holds blocks in {holding}"
             continue
         tier = engine.tier_of(r)
-        holding = {"cpu", HOST} if tier == IN_FLIGHT else {tier}
+        if tier == IN_FLIGHT:
+            handle = engine._tiers._in_flight[r].handle
+            assert holding == {handle.src, handle.dst}
+        else:
+            assert holding == {tier}
         for t in holding:
             assert len(pools[t].tables[r]) >= engine.cache.blocks_for(engine.kv_len(r))
             expected[t] += len(pools[t].tables[r])
-        for t in {"cpu", HOST} - holding:
-            assert r not in pools[t].tables
-    assert engine.kv_blocks_used("cpu") == expected["cpu"]
-    assert engine.kv_blocks_used(HOST) == expected[HOST]
-    engine.cache.check_consistency()
-    engine.host_pool.check_consistency()
+    for t, pool in pools.items():
+        assert engine.kv_blocks_used(t) == expected[t], t
+        pool.check_consistency()
 
 
 @settings(max_examples=150, deadline=None)
 @given(OPS)
-def test_random_operations_keep_block_accounting(shared_engine, ops):
-    """Prefill, decode, moves both ways, polls, waits and frees (also in the middle of a move),
-    with errors on the way: blocks are never leaked or freed twice (KVAccountingError)."""
+def test_random_operations_keep_block_accounting(shared_engine, fail_next_copy, ops):
+    """Prefill (on any device), decode, moves between any two tiers, polls, waits, frees (also in
+    the middle of a move) and copies that fail, with errors on the way: blocks are never leaked or
+    freed twice (KVAccountingError) in any tier, and a settled request's KV is always the KV it
+    had after its last prefill or decode."""
     engine = shared_engine
+    devices = [d.name for d in engine.describe().devices]
+    tiers = devices + [HOST]
     names = [f"r{i}" for i in range(6)]
     handles = []
+    kv = {}  # request -> its KV after its last prefill or decode
     gate: threading.Event | None = None  # while set up and unset, the copy worker is held
 
     def blocking(call):
@@ -236,36 +247,66 @@ def test_random_operations_keep_block_accounting(shared_engine, ops):
         live = [r for r in names if r in engine._seqs]
         try:
             if op == "prefill":
-                engine.prefill([PrefillRequest(rid, tokens(who, n))])
-            elif op == "decode":
-                engine.decode([r for r in live if engine.tier_of(r) == "cpu"][: n % 4 + 1])
-            elif op == "decode_any":
-                engine.decode(live[: n % 4 + 1])
+                engine.prefill([PrefillRequest(rid, tokens(who, n))], device=devices[n % len(devices)])
+                kv[rid] = engine.kv_contents(rid)
+            elif op in ("decode", "decode_any"):
+                batch = live if op == "decode_any" else [r for r in live if engine.tier_of(r) == "cpu"]
+                engine.decode(batch[: n % 4 + 1])
+                kv.update({r: engine.kv_contents(r) for r in batch[: n % 4 + 1]})
+            elif op == "move" and live:  # a live request and some neighbours, to any tier (or its own)
+                first = live[who % len(live)]
+                src = engine.tier_of(first)
+                batch = [first] + [r for r in live if r != first and engine.tier_of(r) == src][: n % 3]
+                handles.append(engine.move(batch, src, tiers[n % len(tiers)]))
             elif op in ("offload", "reload", "move_any"):
-                src, dst = ("cpu", HOST) if op == "offload" or n % 2 else (HOST, "cpu")
+                if op == "move_any":
+                    src, dst = tiers[n % len(tiers)], tiers[(n // len(tiers) + who) % len(tiers)]
+                else:
+                    src, dst = ("cpu", HOST) if op == "offload" else (HOST, "cpu")
                 movable = live if op == "move_any" else [r for r in live if engine.tier_of(r) == src]
                 handles.append(engine.move(movable[: n % 3 + 1], src, dst))
             elif op == "poll" and handles:
                 engine.poll(handles[who % len(handles)])
             elif op == "wait" and handles:
-                blocking(lambda: engine.wait(handles.pop(who % len(handles))))
+                handle = handles.pop(who % len(handles))
+                try:
+                    blocking(lambda: engine.wait(handle))
+                except EngineError:  # the copy failed: its requests stay where they were
+                    assert {engine.tier_of(r) for r in handle.request_ids if r in engine._seqs} <= {handle.src}
+                    raise
             elif op == "free":
                 blocking(lambda: engine.free([rid]))
+                kv.pop(rid, None)
             elif op == "stall" and (gate is None or gate.is_set()):
                 gate = threading.Event()
                 engine._copier._worker.submit(gate.wait)
             elif op == "unstall" and gate is not None:
                 gate.set()
+            elif op == "fail_copy":
+                fail_next_copy(engine)
         except KVAccountingError:
             raise
-        except EngineError:  # OutOfKVBlocks, misplaced or in-flight KV, too long: refused as a whole
+        except EngineError:  # OutOfKVBlocks, misplaced or in-flight KV, failed copy: refused as a whole
             pass
         check_accounting(engine, names)
-    blocking(lambda: engine.free(names))
-    assert engine.kv_blocks_used("cpu") == 0 and engine.kv_blocks_used(HOST) == 0
-    assert not engine._transfers and not engine._in_flight
-    engine.cache.allocator.check_empty()
-    engine.host_pool.allocator.check_empty()
+        for r in kv:
+            if engine.tier_of(r) != IN_FLIGHT:
+                assert torch.equal(engine.kv_contents(r), kv[r]), f"{r} in {engine.tier_of(r)}"
+    fail_next_copy(engine, disarm=True)
+    if gate is not None:
+        gate.set()  # a held worker would hang the next example
+    for handle in handles:
+        try:
+            engine.wait(handle)
+        except EngineError:
+            pass  # an injected failure: the KV stayed where it was
+    for r in kv:
+        assert torch.equal(engine.kv_contents(r), kv[r]), f"{r} in {engine.tier_of(r)}"
+    engine.free(names)
+    assert all(engine.kv_blocks_used(t) == 0 for t in tiers)
+    assert not engine._tiers.busy and not engine._tiers._in_flight
+    for pool in engine._tiers.pools.values():
+        pool.allocator.check_empty()
 
 
 def test_loader_passes_the_host_pool_override(demo_engine_dir):

@@ -10,11 +10,17 @@ from engines.torch.kv_transfer import PendingCopy
 
 
 class FaultSwitch:
-    """Wraps a real engine; when armed, its next prefill or decode raises EngineError."""
+    """Wraps a real engine; when armed, its next prefill, decode or move fails (a move either
+    refused at start, or a copy that fails mid-transfer)."""
 
     def __init__(self, engine):
         self._engine = engine
         self.armed: str | None = None
+        self.armed_src: str | None = None
+        """With "move" or "copy": only a move out of this tier trips the fault (None: any)."""
+
+    def arm(self, fault: str, src: str | None = None) -> None:
+        self.armed, self.armed_src = fault, src
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
@@ -32,6 +38,8 @@ class FaultSwitch:
         return self._engine.decode(request_ids)
 
     def move(self, request_ids, src, dst):
+        if self.armed_src is not None and src != self.armed_src:
+            return self._engine.move(request_ids, src, dst)
         if self.armed == "move":
             self.armed = None
             raise EngineError("injected move refusal")

@@ -7,7 +7,7 @@ import pytest
 from engines.base import HOST, SamplingParams
 from engines.loader import load_engine
 from orchestrator.config import ServeConfig
-from orchestrator.core import FinishReason
+from orchestrator.core import FinishReason, RequestState
 from orchestrator.service import Orchestrator
 from orchestrator.stream import TokenStream
 
@@ -92,6 +92,22 @@ def test_a_lone_request_runs_at_once_and_never_touches_the_host(engine):
     steps = run(orch)
     assert len(s.result(timeout=1)) == 10 and steps == 10
     assert orch.loop.metrics.transfer_bytes == 0
+
+
+def test_a_fitting_prompt_is_prefilled_into_the_batch_ahead_of_an_earlier_misfit(engine):
+    orch = Orchestrator(engine, ServeConfig(policy="aligned", max_batch_size=4, max_prefill_tokens=8))
+    first = orch.submit(PROMPTS[0], max_tokens=20, end_id=0)  # 6 tokens: the running batch
+    orch.loop.step()
+    long_one = orch.submit(PROMPTS[1], max_tokens=4, end_id=0)  # 70 tokens, arrived first
+    short = orch.submit(PROMPTS[0][:-1] + [99], max_tokens=4, end_id=0)  # 6 tokens: fits the span
+    orch.loop.step()
+    # The prefill budget (8 tokens) takes one prompt: the fitting one, straight into the batch.
+    assert orch.loop.pool.running == [first, short] and list(orch.loop.pool.waiting) == [long_one]
+    orch.loop.step()  # now the long one is prefilled, and parked: it does not fit the span
+    assert long_one.state is RequestState.PARKED and short.state is RequestState.RUNNING
+    run(orch)
+    assert all(r.finish_reason is FinishReason.LENGTH for r in (first, long_one, short))
+    assert engine.kv_blocks_used("cpu") == 0 and engine.kv_blocks_used(HOST) == 0
 
 
 def test_engine_without_host_pool_runs_aligned_as_fcfs(demo_engine_dir, caplog):

@@ -1,7 +1,9 @@
 """Random sequences of submit / step / cancel / engine failure never leak or double-free KV
 blocks, and every accepted request ends exactly once, under every policy. Real torch engine with
 a host KV pool, demo model; the only addition is a fault switch that makes the engine's next
-call fail (prefill, decode, a move refused at start, or a copy that fails mid-transfer)."""
+call fail (prefill, decode, a move refused at start, or a copy that fails mid-transfer). The
+"aligned-via-helper" case adds a helper device (a second KV pool, "cpu:1") that every load
+passes through: host -> helper -> decode device."""
 from __future__ import annotations
 
 import pytest
@@ -16,8 +18,21 @@ from orchestrator.service import Orchestrator
 
 
 @pytest.fixture(scope="module")
-def real_engine(demo_engine_dir):
-    return load_engine(demo_engine_dir, device="cpu", kv_blocks=24, host_kv_blocks=40)
+def engines(demo_engine_dir):
+    made = {"one": load_engine(demo_engine_dir, device="cpu", kv_blocks=24, host_kv_blocks=40),
+            "two": load_engine(demo_engine_dir, device="cpu", helper_devices=("cpu:1",), kv_blocks=24,
+                               host_kv_blocks=40)}
+    yield made
+    for e in made.values():
+        e.close()
+
+
+SETUPS = {  # name: (engine, config)
+    "fcfs": ("one", dict(policy="fcfs")),
+    "aligned": ("one", dict(policy="aligned")),
+    "fcfs-offload": ("one", dict(policy="fcfs-offload")),
+    "aligned-via-helper": ("two", dict(policy="aligned", helper_devices="cpu:1", prefetch_route="helper")),
+}
 
 
 ops = st.lists(st.one_of(
@@ -28,19 +43,21 @@ ops = st.lists(st.one_of(
 ), min_size=1, max_size=40)
 
 
-@pytest.mark.parametrize("policy", ["fcfs", "aligned", "fcfs-offload"])
+@pytest.mark.parametrize("setup", list(SETUPS))
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=ops)
-def test_random_operations_keep_the_books(real_engine, fault_switch, policy, ops):
-    engine = fault_switch(real_engine)
-    orch = Orchestrator(engine, ServeConfig(policy=policy, max_batch_size=4, max_prefill_tokens=200, kmin=2))
+def test_random_operations_keep_the_books(engines, fault_switch, setup, ops):
+    which, cfg = SETUPS[setup]
+    engine = fault_switch(engines[which])
+    orch = Orchestrator(engine, ServeConfig(max_batch_size=4, max_prefill_tokens=200, kmin=2, **cfg))
+    tiers = [d.name for d in orch.info.devices] + [HOST]
     events: dict[str, list] = {}
     accepted = []
     pool = orch.loop.pool
 
     def check():
         orch.ledger.check()
-        for tier in ("cpu", HOST):
+        for tier in tiers:
             assert engine.kv_blocks_used(tier) <= orch.ledger.used(tier) <= orch.ledger.capacity(tier)
         assert engine.kv_blocks_used("cpu") >= sum(orch.info.blocks_for(r.kv_len) for r in pool.running)
         for r in pool.running:
@@ -80,8 +97,8 @@ def test_random_operations_keep_the_books(real_engine, fault_switch, policy, ops
         if not orch.loop.step():
             break
     check()
-    assert engine.kv_blocks_used("cpu") == 0 and engine.kv_blocks_used(HOST) == 0
-    assert orch.ledger.used("cpu") == 0 and orch.ledger.used(HOST) == 0 and orch.ledger.holders == 0
+    assert all(engine.kv_blocks_used(t) == 0 and orch.ledger.used(t) == 0 for t in tiers)
+    assert orch.ledger.holders == 0
     assert len(orch.loop.pool) == 0
     for r in accepted:
         evs = events.get(r.id, [])

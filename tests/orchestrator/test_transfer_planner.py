@@ -54,3 +54,24 @@ def test_a_slow_peer_link_keeps_loads_direct():
     assert planner.route(GB, {"cuda:0": 0.1 * GB}).via is None
     assert planner.route(GB, {"cuda:0": 2 * GB}).via is None  # 54.5 ms direct vs 118 ms via
     assert planner.route(GB, {"cuda:0": 10 * GB}).via == "cuda:1"  # 200 ms direct
+
+
+def test_direct_mode_never_uses_a_helper():
+    planner = TransferPlanner(info(2, peer=True), mode="direct")
+    assert planner.route(GB, {"cuda:0": 100 * GB}).via is None
+
+
+def test_helper_mode_uses_the_least_busy_helper_even_when_direct_is_faster():
+    planner = TransferPlanner(info(3, peer=True), mode="helper")
+    route = planner.route(GB, {"cuda:1": 2 * GB})
+    assert route.via == "cuda:2"
+    assert route.seconds == pytest.approx(PCIE5_X16.seconds(GB) + NVLINK4.seconds(GB))
+
+
+def test_helper_mode_without_helpers_is_direct():
+    assert TransferPlanner(info(1, peer=False), mode="helper").route(GB).via is None
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="route mode 'sideways'"):
+        TransferPlanner(info(2, peer=True), mode="sideways")

@@ -67,7 +67,7 @@ class TritonPythonModel:
         # Any failure here (missing or corrupt engine dir, bad config) fails this model's load
         # with the message; Triton reports it and keeps serving its other models.
         engine = load_engine(engine_dir, device=config.device, dtype=config.dtype or None,
-                             kv_blocks=config.kv_blocks or None)
+                             kv_blocks=config.kv_blocks or None, helper_devices=config.helpers)
         self.tokenizer = load_tokenizer(engine_dir)
         self.orchestrator = Orchestrator(engine, config).start()
         self.max_tokens_limit = self.orchestrator.config.max_tokens_limit
