@@ -143,7 +143,7 @@ def open_engine(a: argparse.Namespace, workload: Workload) -> Engine:
 
 def serve_config(policy: str, a: argparse.Namespace) -> ServeConfig:
     """The same settings for every policy; only the policy name differs."""
-    return ServeConfig(policy=policy, max_batch_size=a.max_batch_size, kmin=a.kmin,
+    return ServeConfig(policy=policy, max_batch_size=a.max_batch_size, kmin=a.kmin, max_wait_s=a.max_wait_s,
                        max_prefill_tokens=a.max_prefill_tokens, max_queue=max(a.requests, 1024))
 
 
@@ -412,6 +412,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--kmin", type=int, default=8, help="fewest requests in a staged batch (aligned policies)")
+    p.add_argument("--max-wait-s", type=float, default=ServeConfig().max_wait_s,
+                   help="starvation bound of the host-pool policies (the serving default unless given)")
     p.add_argument("--max-prefill-tokens", type=int, default=1024,
                    help="prompt tokens per prefill call (default 1024: the engine pads a prefill batch)")
     p.add_argument("--kv-blocks", type=int, default=0,

@@ -17,7 +17,7 @@ class IterationRecord:
     """What one run-loop iteration did."""
 
     end: float
-    """time.monotonic() when the iteration's engine work ended."""
+    """The run loop's clock (time.monotonic, or virtual time) when the iteration's work ended."""
     seconds: float
     """Wall time of the iteration's engine calls (prefill + decode + waits on transfers)."""
     batch_size: int

@@ -35,11 +35,12 @@ class RunLoop:
         self.ledger = ledger
         self.config = config
         self.clock = clock
-        """Time of arrivals, tokens and parking (the starvation guard reads it too)."""
+        """Time of arrivals, tokens, parking (the starvation guard reads it) and waits on
+        transfers: time.monotonic, or a virtual-time engine's clock."""
         info = self._info = engine.describe()
         self.pool = RequestPool(info.model.max_seq_len, info.block_size)
         self.metrics = Metrics()
-        self.transfers = TransferTracker(engine, info, ledger, self.pool, self.metrics.record_transfer)
+        self.transfers = TransferTracker(engine, info, ledger, self.pool, self.metrics.record_transfer, clock)
         self.planner = TransferPlanner(
             info, host_link=Link(config.pcie_gb_s * 1e9, 10e-6), peer_link=Link(config.peer_gb_s * 1e9, 5e-6),
             mode=config.prefetch_route)
@@ -150,7 +151,7 @@ class RunLoop:
         calls = [t for t in (prefill, decode) if t is not None]
         b = decode.num_seqs if decode else 0
         self.metrics.record_iteration(IterationRecord(
-            end=time.monotonic(),
+            end=self.clock(),
             seconds=sum(t.seconds for t in calls) + bubble,
             batch_size=b,
             kv_max=decode.max_kv if decode else 0,

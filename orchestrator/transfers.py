@@ -48,8 +48,10 @@ class TransferTracker:
     """Starts moves, polls them, and settles the books when they finish."""
 
     def __init__(self, engine: Engine, info: EngineInfo, ledger: KVLedger, pool: RequestPool,
-                 on_record: Callable[[TransferRecord], None]):
+                 on_record: Callable[[TransferRecord], None], clock: Callable[[], float] = time.monotonic):
         self.engine = engine
+        self.clock = clock
+        """Measures the waits (the bubble): wall time, or an engine's virtual time."""
         self.info = info
         self.ledger = ledger
         self.pool = pool
@@ -104,7 +106,7 @@ class TransferTracker:
         """Block until these requests' moves (every hop) finish; returns the seconds spent
         waiting and the failures."""
         wanted = {r.id for r in requests}
-        start = time.perf_counter()
+        start = self.clock()
         failed: list[tuple[Request, str]] = []
         while True:
             pending = [m for m in self._moves.values() if not wanted.isdisjoint(r.id for r in m.requests)]
@@ -116,7 +118,7 @@ class TransferTracker:
                     failed += self._settle(move, None)
                 except EngineError as e:
                     failed += self._settle(move, str(e))
-        return time.perf_counter() - start, failed
+        return self.clock() - start, failed
 
     def wait_all(self) -> tuple[float, list[tuple[Request, str]]]:
         return self.wait([r for m in self._moves.values() for r in m.requests])

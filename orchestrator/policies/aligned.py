@@ -21,8 +21,9 @@ Each iteration, in this order:
    joins the running batch when there is room and its length falls within the batch's span (or
    the batch is empty); otherwise its KV goes to the host pool.
 5. **Stage.** With no staged batch, the density-first search picks the next one from the host
-   pool (at least Kmin requests, the narrowest KV-length span fitting Bmax blocks), if it would
-   be worth switching to, and its loads start; they overlap the running batch's decode.
+   pool (at least Kmin requests, the narrowest KV-length span fitting Bmax blocks; where no
+   Kmin requests fit Bmax, as for the longest lengths, Kmin is halved until some do), if it
+   would be worth switching to, and its loads start; they overlap the running batch's decode.
 
 Grants: a request on the device (running, staged, candidate, or being prefilled to run) holds
 device blocks for its longest possible KV, so a running request never needs eviction; a parked
@@ -251,9 +252,15 @@ class AlignedPolicy:
         kmax = self.config.max_batch_size
         if not self.by_length:
             return tuple(r.id for r in pool.oldest_parked(kmax))
-        window = parked.densest(self.kmin, self.bmax, kmax)
-        if window is not None:
-            return window.request_ids
+        # Kmin is bounded by what Bmax holds: Kmin of the longest requests may not fit, and
+        # then (halving) the largest such batch does, or those requests would wait for the
+        # running batch to drain or for the starvation guard.
+        k = self.kmin
+        while k >= 1 and (k == self.kmin or len(parked) >= self.kmin):
+            window = parked.densest(k, self.bmax, kmax)
+            if window is not None:
+                return window.request_ids
+            k //= 2
         if pool.running:
             return ()  # too few parked requests to align: they are refilled one at a time
         # The device would idle: run what the pool holds, around its oldest request.
