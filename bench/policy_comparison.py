@@ -7,7 +7,7 @@
 One engine is built (cached under .cache/bench/) and loaded once; every (mode, policy) run gets
 a fresh `Orchestrator` on it, driven from this thread by `loop.step()` (no run-loop thread), so
 all policies see the same engine, the same requests and the same arrival schedule. Requests come
-from `bench.workloads` (its docstring says how trace lengths are fitted to --max-seq-len); each
+from `bench.workloads` (`bench/workloads/window.py` says how trace lengths are fitted to --max-seq-len); each
 is sent with end_id 0 and greedy sampling, so it runs to exactly max_tokens tokens unless the
 random model happens to emit byte 0 (counted in `finish_reasons`).
 
