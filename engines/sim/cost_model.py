@@ -1,0 +1,243 @@
+"""How long a prefill, a decode step or a KV transfer takes on a hardware profile: the sim engine's clock.
+
+Notation: W = weight bytes, P = parameters, BW = HBM bandwidth, F = dense FLOP/s, S = SMs,
+l = layers, H = KV heads, Hq = query heads, d = head_dim, b = bytes per element. The e_* and o_*
+are the free constants (`CostConstants`), fitted by `engines.sim.calibration`.
+
+Prefill of prompts n_1..n_B (one call):
+
+    FLOPs   = 2 P Σn_i  +  4 l Hq d Σ n_i (n_i + 1) / 2        linear layers + causal QK^T and PV
+    t       = o_prefill + max(W / (BW e_w),  FLOPs / (F e_f))
+
+The weight read is a floor: a short prompt cannot finish before the weights have streamed in.
+
+Decode step over KV lengths L_1..L_B (each including the token fed this step):
+
+    t       = o_decode + max(W / (BW e_w),  2 P B / (F e_f))  +  t_attn
+
+The first term is the roofline of the linear layers (weight-bound at small B, compute-bound at
+large B). t_attn models the decode attention kernel as it runs on a GPU: one unit of work per
+(sequence, KV head), each reading its sequence's K and V of one head, 2 d b bytes per token per
+layer. Units go to the S SMs in order (sequence by sequence, the heads of a sequence together, as
+the thread-block grid of vLLM's paged attention lays them out) in waves of S; every SM reads at
+its share of the bandwidth, BW e_kv / S, and a wave lasts as long as its longest unit:
+
+    t_attn  = l * Σ_waves max_{u in wave} L_u * 2 d b / (BW e_kv / S)
+
+Without split-KV one long sequence makes its H units long, and the wave holding them keeps the
+other S - H SMs idle until it ends: that is the iteration-level bubble length alignment removes.
+With split_kv=True the kernel (FlashDecoding; vLLM's paged_attention_v2) cuts every sequence into
+chunks of `split_kv_chunk_tokens` and each (chunk, head) is a unit: the waves are balanced and
+t_attn ~ l Σ L_i H 2 d b / (BW e_kv) = Σ L_i * kv_bytes_per_token / (BW e_kv), the KV term of
+DESIGN.md §6's roofline, give or take one wave of chunks. A batch of equal lengths runs the same
+either way, give or take one wave. Left out as small next to these terms: attention FLOPs in decode
+(2 FLOPs per KV byte, far under the ridge point), KV writes, split-KV's reduction pass, sampling.
+
+Transfers: `transfer_seconds(n, link) = latency + n / (bandwidth e_link)` on the link's profile
+numbers; `LinkTimeline` serves the transfers on one link direction first in, first out.
+
+The default `CostConstants` (efficiencies 1, overheads 0) give the plain roofline: the fastest the
+hardware allows, a lower bound on every real call. Absolute times need a fitted profile
+(bench/profiles/*.json, `engines.sim.calibration`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from engines.sim.profiles import HardwareProfile, ModelProfile
+
+SPLIT_KV_CHUNK_TOKENS = 512
+"""KV tokens per split-KV work unit: vLLM's paged_attention_v2 PARTITION_SIZE
+(vllm/attention/ops/paged_attn.py, `_PARTITION_SIZE = 512`)."""
+LINKS = ("pcie", "nvlink")
+"""Link names: "pcie" host<->device, "nvlink" device<->device."""
+
+
+@dataclass(frozen=True, slots=True)
+class CostConstants:
+    """The cost model's free constants. Defaults are the roofline (every efficiency 1, no
+    overhead): a bound, not a guess; fitted values come from `engines.sim.calibration`, never
+    from tuning toward a result."""
+
+    flops_efficiency: float = 1.0
+    """e_f: fraction of dense peak FLOP/s the matmuls reach (prefill, and decode at large B)."""
+    weight_bandwidth_efficiency: float = 1.0
+    """e_w: fraction of HBM bandwidth reached while streaming the weights."""
+    kv_bandwidth_efficiency: float = 1.0
+    """e_kv: fraction of each SM's share of HBM bandwidth the decode attention kernel reaches."""
+    prefill_overhead_s: float = 0.0
+    """o_prefill: fixed seconds per prefill call (launches, scheduling, sampling)."""
+    decode_overhead_s: float = 0.0
+    """o_decode: fixed seconds per decode step (launches, scheduling, sampling)."""
+    pcie_efficiency: float = 1.0
+    """Fraction of the PCIe datasheet bandwidth a KV copy reaches (not fitted yet: no GPU timings)."""
+    nvlink_efficiency: float = 1.0
+    """Fraction of the NVLink datasheet bandwidth a KV copy reaches (not fitted yet)."""
+    split_kv_chunk_tokens: int = SPLIT_KV_CHUNK_TOKENS
+    """KV tokens per split-KV work unit (a kernel's choice, not fitted)."""
+    source: str = "roofline defaults (efficiency 1, overhead 0); not fitted"
+    """Where these values come from: "roofline defaults" or the calibration that fitted them."""
+
+    def __post_init__(self) -> None:
+        for f in ("flops_efficiency", "weight_bandwidth_efficiency", "kv_bandwidth_efficiency",
+                  "pcie_efficiency", "nvlink_efficiency"):
+            v = getattr(self, f)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"CostConstants.{f} must be a finite number > 0, got {v}")
+        for f in ("prefill_overhead_s", "decode_overhead_s"):
+            v = getattr(self, f)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"CostConstants.{f} must be a finite number >= 0 (seconds), got {v}")
+        if self.split_kv_chunk_tokens < 1:
+            raise ValueError(f"CostConstants.split_kv_chunk_tokens must be >= 1, got {self.split_kv_chunk_tokens}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> CostConstants:
+        return cls(**d)
+
+
+class CostModel:
+    """Seconds of each engine call for one model on one hardware profile (module docstring)."""
+
+    def __init__(self, hardware: HardwareProfile, model: ModelProfile, constants: CostConstants = CostConstants()):
+        self.hardware, self.model, self.constants = hardware, model, constants
+        c, hw, m = constants, hardware, model
+        self._weight_s = m.weight_bytes / (hw.hbm_bandwidth * c.weight_bandwidth_efficiency)
+        self._flop_s = 1.0 / (hw.dense_flops * c.flops_efficiency)
+        # One KV token of one head over all layers, read by one SM at its share of the bandwidth.
+        self._unit_token_s = m.layers * 2 * m.head_dim * m.bytes_per_param * hw.sm_count / (
+            hw.hbm_bandwidth * c.kv_bandwidth_efficiency)
+
+    # ---- prefill ------------------------------------------------------------------------------
+
+    def prefill_seconds(self, prompt_lens: Sequence[int]) -> float:
+        """One prefill call over these prompts (0 for none)."""
+        n = _lengths(prompt_lens, "prompt_lens")
+        if not n.size:
+            return 0.0
+        pairs = float((n * (n + 1) // 2).sum())  # causal (query, key) pairs
+        flops = self.model.flops_per_token * float(n.sum()) + self.model.attention_flops_per_token_pair * pairs
+        return self.constants.prefill_overhead_s + max(self._weight_s, flops * self._flop_s)
+
+    # ---- decode -------------------------------------------------------------------------------
+
+    def decode_seconds(self, kv_lens: Sequence[int], split_kv: bool = False) -> float:
+        """One decode step over sequences with these KV lengths (0 for none)."""
+        t = self.decode_breakdown(kv_lens, split_kv)
+        return t["overhead"] + max(t["weights"], t["matmul"]) + t["attention"]
+
+    def decode_breakdown(self, kv_lens: Sequence[int], split_kv: bool = False) -> dict[str, float]:
+        """The terms of a decode step, in seconds: overhead, weights (the weight read), matmul
+        (the linear layers' compute), attention. The step is overhead + max(weights, matmul) +
+        attention; all zero for an empty step."""
+        kv = _lengths(kv_lens, "kv_lens")
+        if not kv.size:
+            return {"overhead": 0.0, "weights": 0.0, "matmul": 0.0, "attention": 0.0}
+        return {
+            "overhead": self.constants.decode_overhead_s,
+            "weights": self._weight_s,
+            "matmul": self.model.flops_per_token * kv.size * self._flop_s,
+            "attention": self.attention_seconds(kv, split_kv),
+        }
+
+    def attention_seconds(self, kv_lens: Sequence[int] | np.ndarray, split_kv: bool = False) -> float:
+        """t_attn of the module docstring: the decode attention kernel's waves over the SMs."""
+        kv = _lengths(kv_lens, "kv_lens")
+        if split_kv:
+            chunk = self.constants.split_kv_chunk_tokens
+            per_seq = -(-kv // chunk)
+            # Chunk j of a sequence of length L holds min(chunk, L - j*chunk) tokens.
+            j = np.arange(int(per_seq.sum())) - np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
+            units = np.minimum(chunk, np.repeat(kv, per_seq) - j * chunk)
+        else:
+            units = kv
+        return wave_sum(units, self.model.kv_heads, self.hardware.sm_count) * self._unit_token_s
+
+    # ---- transfers ----------------------------------------------------------------------------
+
+    def transfer_seconds(self, nbytes: int, link: str) -> float:
+        """One copy of `nbytes` over `link` ("pcie" or "nvlink"): latency + bytes / bandwidth;
+        0 for nothing to copy."""
+        bandwidth, latency = self.link(link)
+        if nbytes < 0:
+            raise ValueError(f"transfer of {nbytes} bytes: a byte count must be >= 0")
+        return 0.0 if nbytes == 0 else latency + nbytes / bandwidth
+
+    def link(self, link: str) -> tuple[float, float]:
+        """(effective bandwidth bytes/s one way, latency s) of a link."""
+        hw, c = self.hardware, self.constants
+        if link == "pcie":
+            return hw.pcie_bandwidth * c.pcie_efficiency, hw.pcie_latency
+        if link == "nvlink":
+            return hw.nvlink_bandwidth * c.nvlink_efficiency, hw.nvlink_latency
+        raise ValueError(f"unknown link {link!r}; known links: {', '.join(LINKS)}")
+
+    def link_timeline(self, link: str) -> LinkTimeline:
+        """A fresh FIFO timeline for one direction of `link`."""
+        return LinkTimeline(*self.link(link), name=link)
+
+
+class LinkTimeline:
+    """One direction of one link: transfers are served one at a time, first in first out, each
+    at the link's full bandwidth and starting when the previous one has finished.
+
+    Why FIFO and not fair sharing: a GPU serves each copy direction (host-to-device,
+    device-to-host, peer) with its own DMA copy engine, which runs the copies queued on it in
+    order; concurrent host-to-device copies from several streams are observed to serialise
+    (NVIDIA developer forum, "Three concurrent cudaMemcpyAsync(HtoD) calls still serialized on
+    H100/H20"). Keep one timeline per (link, direction); a full-duplex link's two directions do not
+    contend. Host memory is not modelled as a shared limit: even all 8 PCIe x16 links of a node
+    loading at once (8 x 64 GB/s = 512 GB/s) stay under the DRAM bandwidth of a DGX H100's two
+    sockets (2 x 8 DDR5-4800 channels = 614 GB/s peak), and AlignedServe loads from host through
+    the helper GPUs only. A run driving every link from host at once would be a little optimistic."""
+
+    def __init__(self, bandwidth: float, latency: float, name: str = ""):
+        if not bandwidth > 0 or not latency >= 0:
+            raise ValueError(f"link {name!r}: bandwidth must be > 0 and latency >= 0, got {bandwidth}, {latency}")
+        self.bandwidth, self.latency, self.name = bandwidth, latency, name
+        self.free_at = 0.0
+        """Virtual time when the last scheduled transfer ends."""
+
+    def schedule(self, nbytes: int, now: float) -> tuple[float, float]:
+        """Queue a transfer of `nbytes` submitted at `now`: its (start, end) virtual times."""
+        if nbytes < 0:
+            raise ValueError(f"transfer of {nbytes} bytes on {self.name or 'link'}: a byte count must be >= 0")
+        start = max(now, self.free_at)
+        end = start + (self.latency + nbytes / self.bandwidth if nbytes else 0.0)
+        self.free_at = end
+        return start, end
+
+
+def wave_sum(items: np.ndarray, repeat: int, slots: int) -> float:
+    """Σ over waves of the longest unit in the wave, where the units are each item repeated
+    `repeat` times in a row (the KV heads of one sequence or chunk), dealt out `slots` (SMs) at a
+    time. Equal to
+
+        units = np.repeat(items, repeat); pad with zeros to a multiple of slots;
+        units.reshape(-1, slots).max(axis=1).sum()
+
+    without building the repeated array (40x smaller for OPT-13B's 40 heads): wave w holds units
+    [w*slots, (w+1)*slots), i.e. items first[w] .. last[w] with first = w*slots // repeat."""
+    if not items.size:
+        return 0.0
+    waves = -(-items.size * repeat // slots)
+    w = np.arange(waves)
+    first = w * slots // repeat
+    last = np.minimum(((w + 1) * slots - 1) // repeat, items.size - 1)
+    # reduceat takes the max over items[first[w]:first[w+1]]; the wave also holds items[last[w]],
+    # which may be first[w+1] (an item whose heads straddle two waves).
+    return float(np.maximum(np.maximum.reduceat(items, first), items[last]).sum())
+
+
+def _lengths(values: Sequence[int] | np.ndarray, what: str) -> np.ndarray:
+    a = np.asarray(values, dtype=np.int64).reshape(-1)
+    if a.size and a.min() < 1:
+        raise ValueError(f"{what} must all be >= 1 token, got {int(a.min())}")
+    return a
