@@ -66,7 +66,10 @@ def engine_dir(model: str, max_seq_len: int) -> Path:
 def measure(model: str, device: str, dtype: str, max_seq_len: int, reps: int) -> TimingRun:
     from engines.loader import load_engine
 
-    t0 = time.monotonic()
+    t0, load_before = time.monotonic(), os.getloadavg()[0]
+    if load_before > torch.get_num_threads():
+        print(f"warning: the 1-minute load average is {load_before:.1f} with {torch.get_num_threads()} torch threads: "
+              "something else is using the CPU and these timings will be noisy")
     path = engine_dir(model, max_seq_len)
     lengths, batches = decode_plan(max_seq_len, reps)
     probe = load_engine(path, device=device, dtype=dtype, kv_blocks=1, host_kv_blocks=0)
@@ -83,7 +86,8 @@ def measure(model: str, device: str, dtype: str, max_seq_len: int, reps: int) ->
     meta = {"date": date.today().isoformat(), "device": device, "dtype": dtype, "engine_model": model,
             "max_seq_len": max_seq_len, "reps": reps, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
-            "wall_s": round(time.monotonic() - t0, 1)}
+            "wall_s": round(time.monotonic() - t0, 1),
+            "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     return TimingRun(timings, hardware, profile, meta)
 
 
