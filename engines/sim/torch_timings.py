@@ -184,7 +184,7 @@ def measure_hardware(tier: str, dtype: str) -> HardwareProfile:
     )
 
 
-def _best(fn, sync, runs: int = 5) -> float:
+def _best(fn, sync, runs: int = 20) -> float:
     """Fastest of `runs` timed calls after one warm-up: the machine's peak, not its average."""
     fn()
     sync()

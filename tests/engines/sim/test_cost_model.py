@@ -69,7 +69,7 @@ def test_equal_lengths_run_the_same_with_and_without_split(h100_13b):
     # 64 sequences of 1024: no split, 2560 units = ceil(2560 / 132) = 20 waves of 1024 tokens;
     # split, 2 chunks of 512 each, 5120 units = 39 waves of 512. Balanced ideal: 64 * 1024 * 819,200 B
     # / 3.35e12 = 16.026 ms. Both are within one no-split wave (1024 U = 0.826 ms) of it, so they
-    # agree within one wave: here 16.526 vs 16.112 ms, 2.5% apart.
+    # agree within one wave: here 16.527 vs 16.114 ms, 2.5% apart.
     kv = [1024] * 64
     no_split, split = h100_13b.attention_seconds(kv), h100_13b.attention_seconds(kv, split_kv=True)
     assert no_split == pytest.approx(20 * 1024 * U, rel=1e-12)
@@ -89,9 +89,9 @@ def test_large_batches_become_compute_bound(h100_13b):
 
 
 def test_prefill_of_2k_tokens_is_compute_bound(h100_13b):
-    # linear: 2 * 12,853,473,280 * 2048 = 5.26498e13 FLOPs; attention: 4 * 40 layers * 40 heads * 128
-    # = 819,200 FLOPs per (query, key) pair * 2048 * 2049 / 2 causal pairs = 1.71882e12 FLOPs.
-    # (5.26498e13 + 1.71882e12) / 989.4e12 = 54.949 ms, 7x the 7.674 ms weight read.
+    # linear: 2 * 12,853,473,280 * 2048 = 5.26478e13 FLOPs; attention: 4 * 40 layers * 40 heads * 128
+    # = 819,200 FLOPs per (query, key) pair * 2048 * 2049 / 2 causal pairs = 1.71883e12 FLOPs.
+    # (5.26478e13 + 1.71883e12) / 989.4e12 = 54.949 ms, 7x the 7.674 ms weight read.
     flops = 2 * 12_853_473_280 * 2048 + 819_200 * 2048 * 2049 // 2
     assert h100_13b.prefill_seconds([2048]) == pytest.approx(flops / 989.4e12, rel=1e-12)
     assert h100_13b.prefill_seconds([2048]) == pytest.approx(54.949e-3, rel=1e-4)

@@ -69,3 +69,18 @@ def test_from_hf_config_reads_llama_and_opt_key_names():
                                             "ffn_dim": 256, "vocab_size": 300, "max_position_embeddings": 512},
                                       params=10_000, bytes_per_param=2)
     assert (opt.kv_heads, opt.intermediate) == (4, 256)
+
+
+def test_the_sim_package_does_not_import_torch():
+    # The sim engine must run where torch is absent or slow to import; only the calibration CLI's
+    # measuring module (engines.sim.torch_timings) may import it, inside main.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, engines.sim.profiles, engines.sim.cost_model, engines.sim.calibration; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])")
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[3],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]", f"torch modules imported: {run.stdout}"
