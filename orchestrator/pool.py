@@ -50,9 +50,9 @@ class RequestPool:
 
     def take_waiting(self, requests: list[Request]) -> None:
         """These waiting requests are admitted (about to be prefilled): out of the queue."""
-        taken = {id(r) for r in requests}
+        taken = set(requests)  # Request compares by identity (eq=False)
         if taken:
-            self.waiting = deque(r for r in self.waiting if id(r) not in taken)
+            self.waiting = deque(r for r in self.waiting if r not in taken)
 
     def start(self, request: Request) -> None:
         """A request's prefill succeeded and it decodes from the next iteration: it joins the

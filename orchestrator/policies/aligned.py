@@ -227,8 +227,9 @@ class AlignedPolicy:
         span = lengths or [(overdue or rest)[0].prompt_len]
         center = statistics.median_low(span)
         fit = sorted((r for r in rest if self._fits(span, r.prompt_len)), key=lambda r: abs(r.prompt_len - center))
-        join = {id(r) for r in fit[:max(room - len(overdue), 0)]}
-        return overdue + [r for r in fit if id(r) in join] + [r for r in rest if id(r) not in join]
+        join = fit[:max(room - len(overdue), 0)]
+        joining = set(join)  # Request compares by identity (eq=False)
+        return overdue + join + [r for r in rest if r not in joining]
 
     def _stage(self, pool: RequestPool, load: list) -> None:
         if pool.staged or not len(pool.parked):
