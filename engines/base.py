@@ -72,6 +72,12 @@ class Capabilities:
     """`move` between two devices works."""
     can_form_batches: bool = True
     """`decode` runs exactly the requests it is given (False: the engine batches on its own)."""
+    can_chunk_prefill: bool = False
+    """`mixed_step` works: one forward decodes a batch and prefills chunks of prompts
+    (SplitFuse / Sarathi-style chunked prefill)."""
+    can_overlap_prefill: bool = False
+    """`start_prefill` on a device other than the decode device runs concurrently with decode
+    steps (a disaggregated prefill device). False: it runs before the call returns."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +151,28 @@ class PrefillRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    """Prompt positions [start, end) of one request, prefilled as part of a `mixed_step`. The
+    chunk with start 0 registers the request (like `prefill`); chunks follow one another without
+    gaps; the one ending at the prompt's length returns the request's first token."""
+
+    request: PrefillRequest
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        n = len(self.request.prompt_ids)
+        if not 0 <= self.start < self.end <= n:
+            raise ValueError(f"chunk of {self.request.request_id!r}: need 0 <= start < end <= prompt length "
+                             f"{n}, got [{self.start}, {self.end})")
+
+    @property
+    def last(self) -> bool:
+        """This chunk completes the prompt: the step returns the request's first token."""
+        return self.end == len(self.request.prompt_ids)
+
+
+@dataclass(frozen=True, slots=True)
 class CallTiming:
     """Wall time of one engine call and the work it did, for cost-model fitting."""
 
@@ -182,6 +210,17 @@ class TransferHandle:
     bytes: int = 0
     seconds: float | None = None
     """Wall time from `move` to the moment `poll` or `wait` saw the copy finish; None until then."""
+    id: int = field(default_factory=lambda: next(_handle_ids))
+
+
+@dataclass(slots=True)
+class PrefillHandle:
+    """A prefill started by `Engine.start_prefill`; `prefill_result` gives its tokens once done."""
+
+    request_ids: tuple[str, ...]
+    device: str
+    result: StepResult | None = None
+    """Set when the prefill has finished (at once when it ran synchronously)."""
     id: int = field(default_factory=lambda: next(_handle_ids))
 
 
@@ -230,6 +269,35 @@ class Engine(abc.ABC):
     def wait(self, handle: TransferHandle) -> None:
         """Block until the transfer has finished."""
         raise CapabilityError(f"{type(self).__name__} has no transfers to wait on (can_offload=False)")
+
+    def mixed_step(self, request_ids: Sequence[str], chunks: Sequence[PrefillChunk]) -> StepResult:
+        """One forward that decodes `request_ids` (as `decode`) and prefills `chunks`; returns
+        the decoded requests' next tokens and the first token of each request whose last chunk
+        ran. Needs `can_chunk_prefill`."""
+        raise CapabilityError(
+            f"{type(self).__name__} cannot prefill prompts in chunks (can_chunk_prefill=False); "
+            "use a policy that prefills whole prompts")
+
+    def start_prefill(self, requests: Sequence[PrefillRequest], device: str) -> PrefillHandle:
+        """Start prefilling on `device`. With `can_overlap_prefill` the prefill runs while the
+        caller goes on decoding; this default runs it now, so the handle is finished on return."""
+        result = self.prefill(requests, device)
+        return PrefillHandle(tuple(r.request_id for r in requests), device, result)
+
+    def prefill_result(self, handle: PrefillHandle) -> StepResult | None:
+        """The prefill's tokens and timing once it has finished, else None. A failed prefill
+        raises EngineError here, and its requests hold no KV."""
+        return handle.result
+
+    def wait_any(self, handles: Sequence[TransferHandle | PrefillHandle]) -> None:
+        """Block until at least one of these moves or prefills has finished (a failure is then
+        raised by the `poll` or `prefill_result` that follows). Only needed with
+        `can_overlap_prefill`: elsewhere a prefill is finished when `start_prefill` returns, so
+        this default returns at once when one is among `handles`."""
+        if any(isinstance(h, PrefillHandle) and h.result is not None for h in handles):
+            return
+        raise CapabilityError(f"{type(self).__name__} cannot wait on several handles at once "
+                              "(can_overlap_prefill=False); wait on each move with `wait`")
 
     def close(self) -> None:
         """Release the engine's memory. The default does nothing."""

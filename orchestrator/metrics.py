@@ -37,6 +37,9 @@ class IterationRecord:
     host_blocks_used: int
     transfer_bytes: int
     """KV bytes moved between tiers this iteration."""
+    schedule_seconds: float = 0.0
+    """Wall time (time.perf_counter, also under virtual time) the policy took to plan this
+    iteration: the scheduler's own cost, reported apart from the engine's."""
 
 
 @dataclass

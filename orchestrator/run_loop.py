@@ -53,6 +53,7 @@ class RunLoop:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._waiting_count = 0  # inbox + waiting, for the queue limit; guarded by _lock
+        self._schedule_seconds = 0.0  # wall time of the latest policy.schedule()
 
     # ---- called from any thread -------------------------------------------------------------
 
@@ -101,7 +102,9 @@ class RunLoop:
         self._drain_inbox()
         self._apply_cancels()
         self._settle(self.transfers.poll())
+        t0 = time.perf_counter()
         plan = self.policy.schedule(self.pool)
+        self._schedule_seconds = time.perf_counter() - t0
         if plan.empty:
             if not len(self.transfers):
                 return False
@@ -163,6 +166,7 @@ class RunLoop:
             device_blocks_used=self.engine.kv_blocks_used(self._device),
             host_blocks_used=self.engine.kv_blocks_used(HOST) if self._has_host else 0,
             transfer_bytes=transfer_bytes,
+            schedule_seconds=self._schedule_seconds,
         ))
 
     def _run(self) -> None:
