@@ -22,7 +22,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ENV_PREFIX = "ALIGNED_"
-POLICIES = ("aligned", "fcfs", "fcfs-offload")
+POLICIES = ("aligned", "fcfs", "fcfs-offload", "disagg-fcfs", "chunked-prefill")
 
 
 class ConfigError(ValueError):
@@ -65,11 +65,21 @@ class ServeConfig:
     "fcfs-offload": the aligned machinery (host pool, staged batches, switches) picking requests
     in arrival order instead of by length: isolates the effect of alignment.
     Both host-pool policies need an engine that can offload (a host KV pool); "aligned" on one
-    that cannot runs as "fcfs"."""
+    that cannot runs as "fcfs".
+    "disagg-fcfs": fcfs with prefill disaggregated as DistServe does it: prompts are prefilled
+    on the first helper device while the decode device decodes, then their KV moves to it over
+    the peer link; needs a helper device.
+    "chunked-prefill": fcfs where prompts are prefilled in chunks inside the decode steps, each
+    step carrying at most `chunk_tokens` tokens (DeepSpeed-FastGen's Dynamic SplitFuse,
+    Sarathi-Serve); needs an engine that can (can_chunk_prefill)."""
     max_batch_size: int = 64
     """Most requests decoding together in one iteration."""
     max_prefill_tokens: int = 4096
     """Most prompt tokens prefilled in one engine call (a longer single prompt runs alone)."""
+    chunk_tokens: int = 512
+    """"chunked-prefill": most tokens (decode tokens plus prompt chunk tokens) in one step.
+    512 is Sarathi-Serve's token budget for strict decode-latency targets (Agrawal et al.,
+    OSDI 2024, §5); larger budgets trade decode latency for prefill throughput."""
     max_queue: int = 1024
     """Most requests waiting for admission; more are refused with a "queue full" error."""
     max_tokens_limit: int = 0
@@ -111,7 +121,8 @@ class ServeConfig:
                 raise ConfigError(f"{name}: must be > 0 GB/s, got {getattr(self, name)}")
         if self.dtype not in ("", "float32", "bfloat16"):
             raise ConfigError(f"dtype: {self.dtype!r} is not float32 or bfloat16")
-        for name in ("max_batch_size", "max_prefill_tokens", "max_queue", "default_max_tokens", "kmin"):
+        for name in ("max_batch_size", "max_prefill_tokens", "max_queue", "default_max_tokens", "kmin",
+                     "chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("kv_blocks", "max_tokens_limit", "max_seq_len"):

@@ -33,6 +33,9 @@ class RequestRejected(ValueError):
 class RequestState(enum.Enum):
     WAITING = "waiting"
     """Accepted, no KV yet."""
+    PREFILLING = "prefilling"
+    """Admitted, its prompt being prefilled: in chunks on the decode device (chunked prefill), or
+    whole on a prefill device (disaggregated prefill). No token yet."""
     RUNNING = "running"
     """KV on the decode device, decoding each iteration."""
     PARKED = "parked"
@@ -91,6 +94,8 @@ class Request:
     error: str | None = None
     moving: bool = False
     """A move of its KV between tiers is under way; it cannot decode or move again until done."""
+    prefilled: int = 0
+    """Prompt tokens whose KV is computed so far, while its prompt is prefilled in chunks."""
     parked_since: float = 0.0
     """Start of its current wait in the host pool (run-loop clock): its last token's time. The
     starvation guard bounds now - parked_since."""
@@ -135,9 +140,17 @@ class StepPlan:
     wait: Sequence[Request] = ()
     """Loads that must finish before this decode; the time spent waiting is the bubble."""
     decode: Sequence[Request] = ()
+    prefill_on: str | None = None
+    """Device `prefill` runs on: None for the decode device. Another device (a disaggregated
+    prefill GPU) prefills while the decode device goes on; when it is done, the KV moves to the
+    decode device (the request becomes a candidate until it lands) or, for `park`, to the host."""
+    chunks: Sequence[tuple[Request, int, int]] = ()
+    """(request, start, end): prompt positions prefilled in this iteration's decode step
+    (chunked prefill); the chunk that ends the prompt gives the first token and the request
+    joins the running batch."""
     switch: bool = False
     """The running batch was replaced by the staged batch this iteration."""
 
     @property
     def empty(self) -> bool:
-        return not (self.prefill or self.offload or self.load or self.wait or self.decode)
+        return not (self.prefill or self.offload or self.load or self.wait or self.decode or self.chunks)

@@ -1,6 +1,7 @@
 """The request pool: every accepted, unfinished request, and where it stands.
 
 - `waiting`: accepted, no KV yet, in arrival order.
+- `prefilling`: admitted, prompt being prefilled (in chunks, or on a prefill device).
 - `running`: the running batch, KV on the decode device.
 - `staged`: the next batch, KV on (or loading to) the decode device.
 - `candidates`: single requests loaded (or loading) to refill the running batch.
@@ -25,6 +26,7 @@ class RequestPool:
 
     def __init__(self, max_len: int = 1, block_size: int = 1) -> None:
         self.waiting: deque[Request] = deque()
+        self.prefilling: list[Request] = []
         self.running: list[Request] = []
         self.staged: list[Request] = []
         self.candidates: list[Request] = []
@@ -53,6 +55,19 @@ class RequestPool:
         taken = set(requests)  # Request compares by identity (eq=False)
         if taken:
             self.waiting = deque(r for r in self.waiting if r not in taken)
+
+    def begin_prefill(self, request: Request) -> None:
+        """An admitted request's prompt starts prefilling in chunks or on a prefill device."""
+        request.state = RequestState.PREFILLING
+        self.prefilling.append(request)
+
+    def to_candidate(self, request: Request) -> None:
+        """Its KV is (about to be) on its way to the decode device from a prefill device: it
+        waits there as a candidate to join the running batch."""
+        self._detach(request)
+        request.state = RequestState.STAGED
+        request.moving = True
+        self.candidates.append(request)
 
     def start(self, request: Request) -> None:
         """A request's prefill succeeded and it decodes from the next iteration: it joins the
@@ -112,7 +127,7 @@ class RequestPool:
         self._detach(request)
 
     def _detach(self, request: Request) -> None:
-        for part in (self.running, self.staged, self.candidates):
+        for part in (self.running, self.staged, self.candidates, self.prefilling):
             if request in part:
                 part.remove(request)
                 return

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from engines.base import HOST, CallTiming, Engine, PrefillRequest
+from engines.base import HOST, CallTiming, Engine, EngineError, PrefillChunk, PrefillHandle, PrefillRequest
 from orchestrator.config import ServeConfig
 from orchestrator.core import FinishReason, Request, RequestRejected, RequestState, TokenEvent
 from orchestrator.kv_ledger import KVLedger
@@ -54,6 +54,8 @@ class RunLoop:
         self._thread: threading.Thread | None = None
         self._waiting_count = 0  # inbox + waiting, for the queue limit; guarded by _lock
         self._schedule_seconds = 0.0  # wall time of the latest policy.schedule()
+        self._prefills: dict[int, tuple[PrefillHandle, list[Request], set[str]]] = {}
+        """Prefills running on another device: handle id -> (handle, requests, ids to park)."""
 
     # ---- called from any thread -------------------------------------------------------------
 
@@ -102,32 +104,58 @@ class RunLoop:
         self._drain_inbox()
         self._apply_cancels()
         self._settle(self.transfers.poll())
+        self._collect_prefills()
         t0 = time.perf_counter()
         plan = self.policy.schedule(self.pool)
         self._schedule_seconds = time.perf_counter() - t0
         if plan.empty:
-            if not len(self.transfers):
+            if not (len(self.transfers) or self._prefills):
                 return False
-            # Nothing runnable until a move lands: wait for it rather than sleep. The device
-            # idles while requests wait for their KV, so this counts as bubble.
-            seconds, failed = self.transfers.wait_all()
+            # Nothing runnable until a move lands or a prefill ends: wait for it rather than
+            # sleep. Waiting on a move counts as bubble (the device idles for its KV).
+            seconds, failed = self._wait_for_anything()
             self._settle(failed)
-            self._record_iteration(None, None, seconds, False, 0)
+            if seconds:
+                self._record_iteration(None, None, seconds, False, 0)
             return True
         bytes_before = self.transfers.bytes_started
         self._start_moves(plan.offload, self._device, HOST)
         self._start_loads(plan.load)
-        prefill_timing = self._prefill(list(plan.prefill), {r.id for r in plan.park}) if plan.prefill else None
+        prefill_timing = None
+        if plan.prefill:
+            park = {r.id for r in plan.park}
+            if plan.prefill_on not in (None, self._device):
+                self._start_prefill(list(plan.prefill), plan.prefill_on, park)
+            else:
+                prefill_timing = self._prefill(list(plan.prefill), park)
         bubble = 0.0
         if plan.wait:
             bubble, failed = self.transfers.wait(list(plan.wait))
             self._settle(failed)
         decode = [r for r in plan.decode if r.state is RequestState.RUNNING and not r.moving]
-        decode_timing = self._decode(decode) if decode else None
+        chunks = [(r, a, b) for r, a, b in plan.chunks if not r.finished]
+        if chunks:
+            decode_timing, chunk_timing = self._mixed(decode, chunks)
+            prefill_timing = prefill_timing or chunk_timing
+        else:
+            decode_timing = self._decode(decode) if decode else None
         self._settle(self.transfers.poll())
+        self._collect_prefills()
         self._record_iteration(prefill_timing, decode_timing, bubble, plan.switch,
                                self.transfers.bytes_started - bytes_before)
         return True
+
+    def _wait_for_anything(self) -> tuple[float, list]:
+        """Block until a move lands or a prefill on another device ends; (seconds waited on
+        moves, failed moves). Without prefills under way: until every move lands."""
+        if not self._prefills:
+            return self.transfers.wait_all()
+        start = self.clock()
+        self.engine.wait_any([h for h, _, _ in self._prefills.values()] + self.transfers.handles())
+        moving = len(self.transfers)
+        failed = self.transfers.poll()
+        self._collect_prefills()
+        return (self.clock() - start if moving else 0.0), failed
 
     def _start_moves(self, requests, src: str, dst: str, via: str | None = None) -> None:
         """Start one move of these requests' KV; a request whose move cannot start ends with
@@ -228,6 +256,88 @@ class RunLoop:
         for r in requests:
             self._accept_token(r, result.tokens[r.id])
         return result.timing
+
+    def _mixed(self, decode: list[Request], chunks: list[tuple[Request, int, int]]
+               ) -> tuple[CallTiming | None, CallTiming | None]:
+        """One decode step that also prefills prompt chunks. Returns timings for the iteration
+        record: the decode part (the whole step's seconds, the decode members' KV) and the
+        prefill part (its prompt tokens; the step's seconds only when nothing decoded)."""
+        new = sum(1 for _, a, _ in chunks if a == 0)
+        with self._lock:
+            self._waiting_count -= new
+        kv = [r.kv_len + 1 for r in decode]
+        try:
+            result = self.engine.mixed_step(
+                [r.id for r in decode],
+                [PrefillChunk(PrefillRequest(r.id, r.prompt_ids, r.sampling), a, b) for r, a, b in chunks])
+        except Exception as e:
+            log.exception("mixed decode + prefill step failed")
+            for r in decode + [c[0] for c in chunks]:
+                self._finish(r, FinishReason.ERROR, f"decode with prefill chunks failed: {e}")
+            return None, None
+        self.metrics.record_call(result.timing)
+        for r in decode:
+            self._accept_token(r, result.tokens[r.id])
+        for r, _, end in chunks:
+            r.prefilled = end
+            if end == r.prompt_len:
+                self.pool.promote(r)
+                self._accept_token(r, result.tokens[r.id])
+        seconds = result.timing.seconds
+        tokens = sum(b - a for _, a, b in chunks)
+        prefill = CallTiming("prefill", 0.0 if decode else seconds, len(chunks), tokens, 0, 0)
+        if not decode:
+            return None, prefill
+        return CallTiming("decode", seconds, len(decode), len(decode), sum(kv), max(kv)), prefill
+
+    def _start_prefill(self, requests: list[Request], device: str, park: set[str]) -> None:
+        """Prefill on another device; `_collect_prefills` takes the tokens when it is done."""
+        with self._lock:
+            self._waiting_count -= len(requests)
+        for r in requests:
+            self.pool.begin_prefill(r)
+        try:
+            handle = self.engine.start_prefill(
+                [PrefillRequest(r.id, r.prompt_ids, r.sampling) for r in requests], device)
+        except Exception as e:
+            log.exception("prefill on %s failed to start", device)
+            for r in requests:
+                self._finish(r, FinishReason.ERROR, f"prefill failed: {e}")
+            return
+        self._prefills[handle.id] = (handle, requests, park)
+        self._collect_prefills()
+
+    def _collect_prefills(self) -> None:
+        """Take the tokens of finished prefills on other devices and start moving their KV: to
+        the host for the requests to park, to the decode device for the others."""
+        for hid, (handle, requests, park) in list(self._prefills.items()):
+            try:
+                result = self.engine.prefill_result(handle)
+            except EngineError as e:
+                del self._prefills[hid]
+                for r in requests:
+                    if not r.finished:
+                        self._finish(r, FinishReason.ERROR, f"prefill failed: {e}")
+                continue
+            if result is None:
+                continue
+            del self._prefills[hid]
+            self.metrics.record_call(result.timing)
+            to_host, to_decode = [], []
+            for r in requests:
+                if r.finished:
+                    continue
+                self._accept_token(r, result.tokens[r.id])
+                if r.finished:
+                    continue
+                if r.id in park:
+                    self.pool.to_host(r, self.clock())
+                    to_host.append(r)
+                else:
+                    self.pool.to_candidate(r)
+                    to_decode.append(r)
+            self._start_moves(to_host, handle.device, HOST)
+            self._start_moves(to_decode, handle.device, self._device)
 
     def _accept_token(self, r: Request, token: int) -> None:
         now = self.clock()

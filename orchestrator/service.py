@@ -74,6 +74,7 @@ class Orchestrator:
             **self.loop.metrics.summary(),
             "policy": self.policy.name,
             "waiting": len(pool.waiting),
+            "prefilling": len(pool.prefilling),
             "running": len(pool.running),
             "staged": len(pool.staged),
             "candidates": len(pool.candidates),
@@ -109,7 +110,7 @@ class Orchestrator:
                 "max_tokens", f"prompt + max_tokens need {blocks} KV blocks but the device holds "
                 f"{capacity}; lower max_tokens or build the engine with more KV memory")
         host = self.ledger.capacity(HOST)
-        if self.policy.name != "fcfs" and blocks > host:
+        if self.policy.name in ("aligned", "fcfs-offload") and blocks > host:
             raise RequestRejected(
                 "max_tokens", f"prompt + max_tokens need {blocks} KV blocks but the host pool holds "
                 f"{host}; lower max_tokens or build the engine with more host KV memory")

@@ -78,6 +78,10 @@ class TransferTracker:
                 self.ledger.release(r.id, via)
         return failed
 
+    def handles(self) -> list[TransferHandle]:
+        """The engine handles of the unfinished hops."""
+        return [m.handle for m in self._moves.values()]
+
     def queued(self) -> dict[str, float]:
         """Bytes of unfinished host <-> device hops per device: the load on each device's PCIe
         link, which the transfer planner weighs."""

@@ -33,6 +33,15 @@ DESIGN.md §6's roofline, give or take one wave of chunks. A batch of equal leng
 either way, give or take one wave. Left out as small next to these terms: attention FLOPs in decode
 (2 FLOPs per KV byte, far under the ridge point), KV writes, split-KV's reduction pass, sampling.
 
+A mixed step (chunked prefill: SplitFuse, Sarathi) runs decode tokens and prompt chunks
+[s_j, e_j) through one forward, so the linear layers see every token of both at once:
+
+    t       = max(o_prefill, o_decode) + max(W / (BW e_w),  2 P (B + Σ(e_j - s_j)) / (F e_f))
+              + t_attn(L)  +  4 l Hq d Σ_j Σ_{p=s_j}^{e_j - 1} (p + 1) / (F e_f)
+
+the chunk's attention FLOPs counted over its causal (query, key) pairs, keys of earlier chunks
+included. With no decode tokens and chunks from 0 it is `prefill_seconds` (overheads aside).
+
 Transfers: `transfer_seconds(n, link) = latency + n / (bandwidth e_link)` on the link's profile
 numbers; `LinkTimeline` serves the transfers on one link direction first in, first out.
 
@@ -159,6 +168,27 @@ class CostModel:
         else:
             units = kv
         return wave_sum(units, self.model.kv_heads, self.hardware.sm_count) * self._unit_token_s
+
+    # ---- mixed (chunked prefill) -------------------------------------------------------------
+
+    def step_seconds(self, kv_lens: Sequence[int], chunks: Sequence[tuple[int, int]],
+                     split_kv: bool = False) -> float:
+        """One forward decoding sequences of these KV lengths and prefilling prompt positions
+        [start, end) of each chunk (module docstring); 0 for an empty step."""
+        kv = _lengths(kv_lens, "kv_lens")
+        spans = np.asarray(chunks, dtype=np.int64).reshape(-1, 2)
+        if spans.size and ((spans[:, 0] < 0).any() or (spans[:, 1] <= spans[:, 0]).any()):
+            raise ValueError(f"chunks must be [start, end) with 0 <= start < end, got {spans.tolist()[:5]}")
+        if not spans.size:
+            return self.decode_seconds(kv, split_kv)
+        s, e = spans[:, 0], spans[:, 1]
+        tokens = kv.size + float((e - s).sum())
+        pairs = float((e * (e + 1) // 2 - s * (s + 1) // 2).sum())
+        c = self.constants
+        linear = max(self._weight_s, self.model.flops_per_token * tokens * self._flop_s)
+        attention = self.attention_seconds(kv, split_kv) if kv.size else 0.0
+        return (max(c.prefill_overhead_s, c.decode_overhead_s) + linear + attention
+                + self.model.attention_flops_per_token_pair * pairs * self._flop_s)
 
     # ---- transfers ----------------------------------------------------------------------------
 

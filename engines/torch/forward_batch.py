@@ -2,7 +2,8 @@
 
 Prefill and decode are the same shape to the model: B sequences of T tokens (right-padded),
 each token at a known position, attending to every earlier token of its own sequence through
-that sequence's block table. Prefill has T = longest prompt; decode has T = 1.
+that sequence's block table. Prefill has T = longest prompt; decode has T = 1; a chunked-prefill
+step mixes both, each sequence a run of tokens starting where its cached KV ends.
 """
 from __future__ import annotations
 
@@ -52,14 +53,27 @@ def _slots(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int)
 def prefill_batch(cache: PagedKVCache, request_ids: Sequence[str], prompts: Sequence[Sequence[int]],
                   device: torch.device) -> ForwardBatch:
     """Batch of whole prompts at positions 0..len-1; blocks must already be reserved."""
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    return chunk_batch(cache, request_ids, prompts, [0] * len(prompts), device)
+
+
+def chunk_batch(cache: PagedKVCache, request_ids: Sequence[str], runs: Sequence[Sequence[int]],
+                starts: Sequence[int], device: torch.device) -> ForwardBatch:
+    """Batch of token runs, run i at positions starts[i]..starts[i]+len-1: a prompt chunk that
+    continues the KV already cached for its request, or a decode token (a run of one at the KV
+    length). Blocks up to each run's end must already be reserved.
+
+    The key mask (keys <= position) lets each run attend to its request's cached KV and to its
+    own earlier tokens, which the forward writes into the cache before it reads it back.
+    """
+    lengths = torch.tensor([len(r) for r in runs], device=device)
     T = int(lengths.max())
-    tokens = torch.zeros((len(prompts), T), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+    tokens = torch.zeros((len(runs), T), dtype=torch.long)
+    for i, r in enumerate(runs):
+        tokens[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
     steps = torch.arange(T, device=device)
     is_real = steps < lengths[:, None]
-    positions = torch.where(is_real, steps, 0)
+    offsets = torch.tensor(list(starts), dtype=torch.long, device=device)[:, None]
+    positions = torch.where(is_real, offsets + steps, 0)
     tables = cache.block_tables(list(request_ids), device)
     real = is_real.flatten().nonzero().squeeze(1)
     slots = _slots(tables, positions, cache.block_size).flatten()[real]

@@ -25,6 +25,8 @@ def make_policy(name: str, info: EngineInfo, config: ServeConfig, ledger: KVLedg
     """The policy `name`; the host-pool policies need an engine that can offload ("aligned"
     without one runs as "fcfs", and says so in the log)."""
     from orchestrator.policies.aligned import AlignedPolicy
+    from orchestrator.policies.chunked import ChunkedPrefillPolicy
+    from orchestrator.policies.disagg import DisaggFcfsPolicy
     from orchestrator.policies.fcfs import FcfsPolicy
 
     can_offload = info.capabilities.can_offload and info.host_blocks > 0
@@ -38,4 +40,11 @@ def make_policy(name: str, info: EngineInfo, config: ServeConfig, ledger: KVLedg
             raise ValueError(f"policy: {name!r} needs a host KV pool, and this {info.backend} engine has none "
                              "(can_offload=False or 0 host blocks); build it with --host-kv-memory-gb")
         return AlignedPolicy(info, config, ledger, clock, by_length=name == "aligned")
+    if name == "disagg-fcfs":
+        return DisaggFcfsPolicy(info, config, ledger)
+    if name == "chunked-prefill":
+        if not info.capabilities.can_chunk_prefill:
+            raise ValueError(f"policy: 'chunked-prefill' needs an engine that prefills prompts in chunks, and "
+                             f"this {info.backend} engine cannot (can_chunk_prefill=False)")
+        return ChunkedPrefillPolicy(info, config, ledger)
     raise ValueError(f"policy: unknown policy {name!r}")
