@@ -37,13 +37,28 @@ class FaultSwitch:
             raise EngineError("injected decode failure")
         return self._engine.decode(request_ids)
 
+    def start_prefill(self, requests, device):
+        if self.armed == "prefill":
+            self.armed = None
+            raise EngineError("injected prefill failure")
+        return self._engine.start_prefill(requests, device)
+
+    def mixed_step(self, request_ids, chunks):
+        if self.armed in ("decode", "prefill"):
+            self.armed = None
+            raise EngineError("injected mixed step failure")
+        return self._engine.mixed_step(request_ids, chunks)
+
     def move(self, request_ids, src, dst):
         if self.armed_src is not None and src != self.armed_src:
             return self._engine.move(request_ids, src, dst)
         if self.armed == "move":
             self.armed = None
             raise EngineError("injected move refusal")
-        if self.armed == "copy":
+        if self.armed == "copy" and hasattr(self._engine, "fail_next_copy"):
+            self.armed = None
+            self._engine.fail_next_copy()  # the sim engine fails the copy when it lands
+        elif self.armed == "copy":
             # The real engine starts the move, but its copy fails: the engine must give back the
             # destination blocks and keep the KV where it was.
             self.armed = None

@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 
 from engines.base import HOST, EngineError
 from engines.loader import load_engine
+from engines.sim.cost_model import CostModel
+from engines.sim.engine import SimEngine
+from engines.sim.profiles import H100_SXM, OPT_13B
 from orchestrator.config import ServeConfig
 from orchestrator.core import FinishReason, RequestRejected
 from orchestrator.service import Orchestrator
@@ -27,11 +30,26 @@ def engines(demo_engine_dir):
         e.close()
 
 
+def sim_engine(helpers: int):
+    """The virtual-time engine with the same pool sizes as the torch engines above (block size
+    16 as the demo engine's), fresh per example: its clock and timelines start at zero."""
+    cost = CostModel(H100_SXM, OPT_13B)
+    return SimEngine(cost, helper_devices=helpers, kv_blocks=24, block_size=16, max_seq_len=256,
+                     host_kv_bytes=40 * cost.model.kv_bytes_per_token * 16)
+
+
 SETUPS = {  # name: (engine, config)
     "fcfs": ("one", dict(policy="fcfs")),
     "aligned": ("one", dict(policy="aligned")),
     "fcfs-offload": ("one", dict(policy="fcfs-offload")),
     "aligned-via-helper": ("two", dict(policy="aligned", helper_devices="cpu:1", prefetch_route="helper")),
+    # The same books on the virtual-time engine, and the baselines that need it or a helper.
+    "sim-fcfs": ("sim", dict(policy="fcfs")),
+    "sim-aligned": ("sim", dict(policy="aligned")),
+    "sim-aligned-via-helper": ("sim2", dict(policy="aligned", helper_devices="cuda:1", prefetch_route="helper")),
+    "sim-disagg-fcfs": ("sim2", dict(policy="disagg-fcfs", helper_devices="cuda:1")),
+    "sim-chunked-prefill": ("sim", dict(policy="chunked-prefill", chunk_tokens=48)),
+    "disagg-fcfs": ("two", dict(policy="disagg-fcfs", helper_devices="cpu:1")),
 }
 
 
@@ -48,9 +66,12 @@ ops = st.lists(st.one_of(
 @given(ops=ops)
 def test_random_operations_keep_the_books(engines, fault_switch, setup, ops):
     which, cfg = SETUPS[setup]
-    engine = fault_switch(engines[which])
-    orch = Orchestrator(engine, ServeConfig(max_batch_size=4, max_prefill_tokens=200, kmin=2, **cfg))
+    real = sim_engine({"sim": 0, "sim2": 1}[which]) if which.startswith("sim") else engines[which]
+    engine = fault_switch(real)
+    clock = {"clock": real.clock} if which.startswith("sim") else {}
+    orch = Orchestrator(engine, ServeConfig(max_batch_size=4, max_prefill_tokens=200, kmin=2, **cfg), **clock)
     tiers = [d.name for d in orch.info.devices] + [HOST]
+    dev = orch.info.decode_device
     events: dict[str, list] = {}
     accepted = []
     pool = orch.loop.pool
@@ -59,18 +80,21 @@ def test_random_operations_keep_the_books(engines, fault_switch, setup, ops):
         orch.ledger.check()
         for tier in tiers:
             assert engine.kv_blocks_used(tier) <= orch.ledger.used(tier) <= orch.ledger.capacity(tier)
-        assert engine.kv_blocks_used("cpu") >= sum(orch.info.blocks_for(r.kv_len) for r in pool.running)
+        assert engine.kv_blocks_used(dev) >= sum(orch.info.blocks_for(r.kv_len) for r in pool.running)
         for r in pool.running:
-            assert orch.ledger.holds(r.id).get("cpu", 0) == orch.info.blocks_for(r.max_kv_len)
-            assert engine.tier_of(r.id) == "cpu"
+            assert orch.ledger.holds(r.id).get(dev, 0) == orch.info.blocks_for(r.max_kv_len)
+            assert engine.tier_of(r.id) == dev
         # A request's KV is where its state says, once no move of it is under way.
         for r in pool.staged + pool.candidates:
-            assert engine.tier_of(r.id) == ("in_flight" if r.moving else "cpu")
+            assert engine.tier_of(r.id) == ("in_flight" if r.moving else dev)
+        for r in pool.prefilling:  # chunks on the decode device, or a whole prompt on a helper
+            assert orch.ledger.holds(r.id).get(dev, 0) == orch.info.blocks_for(r.max_kv_len)
         for rid in pool.parked:
             assert engine.tier_of(rid) == HOST
             assert orch.ledger.holds(rid) == {HOST: orch.info.blocks_for(pool.get(rid).kv_len)}
         # Every live request is in exactly one part of the pool (or on its way to the host).
-        parts = len(pool.waiting) + len(pool.running) + len(pool.staged) + len(pool.candidates) + len(pool.parked)
+        parts = (len(pool.waiting) + len(pool.prefilling) + len(pool.running) + len(pool.staged)
+                 + len(pool.candidates) + len(pool.parked))
         to_host = sum(1 for r in pool if r.state.value == "parked" and r.id not in pool.parked)
         assert parts + to_host == len(pool)
 
