@@ -18,13 +18,14 @@ the iteration would be seen too. Latencies are therefore measured from the *sche
 (what a client would see); `Request.arrival_time`, stamped at submit, lags it by at most one
 iteration.
 
-Per run, following vLLM's definitions:
+Per run, following vLLM's definitions (computed by `bench.run_metrics.summarize`, whose docstring
+has the full list):
 - output tok/s: generated tokens / makespan (first scheduled arrival to last finish);
 - decode tok/s: decode tokens / decode time, where decode time is the summed wall time of the
   engine's decode calls plus the bubble (decode-device time spent waiting for KV loads): the
   decode rate a policy gets, prefill excluded;
 - TTFT (first token - scheduled arrival), TPOT ((last token - first token) / (tokens - 1), for
-  requests with more than one token), ITL (gaps between tokens, pooled), E2E: p50 / p99;
+  requests with more than one token), ITL (gaps between tokens, pooled), E2E: mean / p50 / p90 / p99;
 - alignment efficiency, token-weighted: sum(B * alignment) / sum(B) over decode iterations,
   alignment = sum(KV) / (B * max KV);
 - bubble seconds and their share of decode time, batch switches (count, and per decode
@@ -94,6 +95,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bench.run_metrics import ratios, summarize
 from bench.workloads import CODE_TRACE, Workload, arrival_offsets, draw_workload, load_trace
 from build_scripts.build_engine import main as build_engine
 from engines.base import HOST, CallTiming, Engine, PrefillRequest
@@ -102,6 +104,7 @@ from orchestrator.config import ConfigError, ServeConfig
 from orchestrator.core import Request, TokenEvent
 from orchestrator.metrics import IterationRecord
 from orchestrator.service import Orchestrator
+from orchestrator.transfers import TransferRecord
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "bench"
@@ -158,13 +161,13 @@ class Run:
     """time.monotonic() of each request's scheduled arrival."""
     iterations: list[IterationRecord]
     calls: list[CallTiming]
-    counters: dict
+    transfers: list[TransferRecord]
 
 
 def drive(orch: Orchestrator, workload: Workload, offsets: list[float], desc: str) -> Run:
     """Submit each request once its arrival time has passed and step the loop until all finish."""
     metrics = orch.loop.metrics
-    metrics.history, metrics.timings = deque(), deque()  # a finite run keeps every record
+    metrics.history, metrics.timings, metrics.transfers = deque(), deque(), deque()  # a finite run keeps every record
     bar = tqdm(total=len(offsets), desc=desc, unit="req", leave=False)
 
     def on_event(event: TokenEvent) -> None:
@@ -191,52 +194,22 @@ def drive(orch: Orchestrator, workload: Workload, offsets: list[float], desc: st
                                    f"for {STALL_S:.0f}s: {stuck[:5]}")
             time.sleep(orch.config.idle_wait_s)
     bar.close()
-    counters = {"switches": metrics.switches, "transfer_bytes": metrics.transfer_bytes,
-                "bubble_seconds": metrics.bubble_seconds}
-    return Run(submitted, [start + o for o in offsets], list(metrics.history), list(metrics.timings), counters)
+    return Run(submitted, [start + o for o in offsets], list(metrics.history), list(metrics.timings),
+               list(metrics.transfers))
 
 
 # ---- metrics ----------------------------------------------------------------------------------
 
-def pcts(values: list[float]) -> dict:
-    if not values:
-        return {"p50": None, "p99": None}
-    return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))}
-
-
-def latency_metrics(run: Run) -> dict:
-    done = [(r, t) for r, t in zip(run.requests, run.scheduled) if r.token_times]
-    tpot = [(r.token_times[-1] - r.first_token_time) / (len(r.token_times) - 1)
-            for r, _ in done if len(r.token_times) > 1]
-    itl = [b - a for r, _ in done for a, b in zip(r.token_times, r.token_times[1:])]
-    tokens = sum(len(r.token_times) for r, _ in done)
-    makespan = max(r.finish_time for r in run.requests) - min(run.scheduled)
-    return {
-        "makespan_s": makespan, "output_tokens": tokens, "output_tok_s": tokens / makespan,
-        "request_s": len(run.requests) / makespan,
-        "ttft_s": pcts([r.first_token_time - t for r, t in done]), "tpot_s": pcts(tpot), "itl_s": pcts(itl),
-        "e2e_s": pcts([r.finish_time - t for r, t in done]),
-        "finish_reasons": dict(Counter(r.finish_reason.value for r in run.requests)),
-    }
-
-
-def iteration_metrics(run: Run, calibrated: dict | None) -> dict:
+def run_metrics(run: Run, calibrated: dict | None) -> dict:
+    """`bench.run_metrics.summarize` (latencies, throughput, decode rate, alignment, bubble,
+    switches, KV moved; no SLO, no plot series) plus this benchmark's prefill time and step cost
+    attribution."""
+    metrics = summarize(run.requests, run.scheduled, run.iterations, run.transfers, slo=None, calls=run.calls)
+    del metrics["series"]
     decodes = [c for c in run.calls if c.op == "decode"]
-    decode_tokens = sum(c.num_seqs for c in decodes)
-    bubble = run.counters["bubble_seconds"]
-    decode_s = sum(c.seconds for c in decodes) + bubble
-    batches = [r for r in run.iterations if r.batch_size]
     return {
-        "decode_iterations": len(decodes), "decode_tokens": decode_tokens, "decode_s": decode_s,
-        "decode_tok_s": decode_tokens / decode_s if decode_s else 0.0,
+        **metrics,
         "prefill_s": sum(c.seconds for c in run.calls if c.op == "prefill"),
-        "mean_batch": decode_tokens / len(decodes) if decodes else 0.0,
-        "alignment": (sum(r.batch_size * r.alignment for r in batches) / sum(r.batch_size for r in batches)
-                      if batches else 0.0),
-        "bubble_s": bubble, "bubble_share": bubble / decode_s if decode_s else 0.0,
-        "switches": run.counters["switches"],
-        "switch_rate": run.counters["switches"] / len(decodes) if decodes else 0.0,
-        "transfer_bytes": run.counters["transfer_bytes"],
         "step_cost": fit_step_cost(decodes),
         "step_shares": cost_shares(decodes, list(calibrated["coef"].values())) if calibrated else None,
     }
@@ -324,24 +297,11 @@ def calibrate(engine: Engine, max_batch: int, reps: int = 4) -> list[CallTiming]
 
 
 def with_ratios(rows: list[dict]) -> None:
-    """Add each row's ratio to the fcfs row of its mode (>1: larger than fcfs)."""
-    keys = {"output_tok_s": ("output_tok_s",), "decode_tok_s": ("decode_tok_s",),
-            "ttft_p50": ("ttft_s", "p50"), "ttft_p99": ("ttft_s", "p99"),
-            "tpot_p50": ("tpot_s", "p50"), "tpot_p99": ("tpot_s", "p99")}
+    """Add each row's ratios to the fcfs row of its mode (>1: larger than fcfs)."""
     base = {r["mode"]: r for r in rows if r["policy"] == "fcfs"}
     for r in rows:
         if r["mode"] in base:
-            r["vs_fcfs"] = {k: _ratio(_get(r, path), _get(base[r["mode"]], path)) for k, path in keys.items()}
-
-
-def _get(row: dict, path: tuple[str, ...]):
-    for key in path:
-        row = row[key]
-    return row
-
-
-def _ratio(a, b):
-    return a / b if a is not None and b else None
+            r["vs_fcfs"] = ratios(r, base[r["mode"]])
 
 
 # ---- reporting --------------------------------------------------------------------------------
@@ -447,7 +407,7 @@ def run_all(engine: Engine, workload: Workload, a: argparse.Namespace, calibrate
             leaked = {t: engine.kv_blocks_used(t) for t in (info.decode_device, HOST) if engine.kv_blocks_used(t)}
             if leaked:
                 raise RuntimeError(f"{mode} {policy}: KV blocks still held after the run: {leaked}")
-            rows.append({"mode": mode, "policy": policy, **latency_metrics(run), **iteration_metrics(run, calibrated),
+            rows.append({"mode": mode, "policy": policy, **run_metrics(run, calibrated),
                          "load_avg": [load_before, os.getloadavg()[0]], "config": config.as_dict()})
     with_ratios(rows)
     return rows

@@ -41,6 +41,13 @@ class ServeConfig:
     """Comma-separated helper devices (e.g. "cuda:1"): their PCIe links carry the next batch's
     KV from the host, then the peer link (NVLink) pushes it to the decode device
     (GPU-Prefetch-For-GPU). Empty: one device, every load direct."""
+    prefill_device: str = ""
+    """Device that prefills prompts. Empty: the decode device (policy disagg-fcfs: the first
+    helper device). A helper device (e.g. "cuda:1", the paper's prefill GPU) prefills while the
+    decode device decodes; each prompt's KV then moves to the decode device (joining the running
+    batch) or, for aligned / fcfs-offload, to the host pool over that helper's PCIe link. Needs an
+    engine that overlaps them (can_overlap_prefill) to gain anything; elsewhere prefill and decode
+    take turns as before."""
     prefetch_route: str = "auto"
     """How loads reach the decode device when there are helper devices. "auto": the transfer
     planner's link model picks, per load, direct or via the least busy helper, whichever

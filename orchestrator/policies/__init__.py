@@ -30,6 +30,13 @@ def make_policy(name: str, info: EngineInfo, config: ServeConfig, ledger: KVLedg
     from orchestrator.policies.fcfs import FcfsPolicy
 
     can_offload = info.capabilities.can_offload and info.host_blocks > 0
+    helpers = [d.name for d in info.devices[1:]]
+    if config.prefill_device and config.prefill_device not in helpers:
+        raise ValueError(f"prefill_device: {config.prefill_device!r} is not a helper device of this engine "
+                         f"(helpers: {helpers or 'none'}; the decode device is {info.decode_device!r})")
+    if config.prefill_device and name in ("fcfs", "chunked-prefill"):
+        raise ValueError(f"prefill_device: policy {name!r} prefills on the decode device; use disagg-fcfs, "
+                         "aligned or fcfs-offload to prefill on another device")
     if name == "fcfs" or (name == "aligned" and not can_offload):
         if name == "aligned":
             log.warning("policy aligned: the engine has no host KV pool (build it with "

@@ -25,6 +25,10 @@ Each iteration, in this order:
    Kmin requests fit Bmax, as for the longest lengths, Kmin is halved until some do), if it
    would be worth switching to, and its loads start; they overlap the running batch's decode.
 
+With `prefill_device` set (the paper's prefill GPU), prompts are prefilled there while the decode
+device decodes; joiners hold their place in the batch while they prefill and then move over the
+peer link as candidates, and the others go from there to the host over that device's PCIe link.
+
 Grants: a request on the device (running, staged, candidate, or being prefilled to run) holds
 device blocks for its longest possible KV, so a running request never needs eviction; a parked
 one holds host blocks for its KV length. A move holds both until it finishes, then the run loop
@@ -64,6 +68,8 @@ class AlignedPolicy:
         self.device = info.decode_device
         self.kmin = max(1, min(config.kmin, config.max_batch_size))
         self.bmax = max(1, int(config.bmax_fraction * info.tier_blocks(self.device)))
+        self.prefill_device = config.prefill_device or None
+        """Where prompts are prefilled (None: the decode device)."""
         self._batch_age = 0  # iterations since the running batch was last switched in
 
     # -- the iteration ------------------------------------------------------------------------
@@ -82,7 +88,7 @@ class AlignedPolicy:
         self._stage(pool, load)
         decode = list(pool.running)  # this iteration's joiners start decoding next iteration
         return StepPlan(prefill=prefill, park=park, offload=offload, load=load, wait=wait,
-                        decode=decode, switch=switch)
+                        decode=decode, switch=switch, prefill_on=self.prefill_device)
 
     def _switch(self, pool: RequestPool, now: float, offload: list, wait: list) -> bool:
         """Bring the staged batch in; True when that spilled the running batch (a switch)."""
@@ -191,21 +197,30 @@ class AlignedPolicy:
         park: list[Request] = []
         prompt_tokens = 0
         room = self.config.max_batch_size - len(pool.running)
+        if self.prefill_device:  # joiners still prefilling elsewhere, or on their way, hold places
+            room -= len(pool.candidates) + sum(1 for r in pool.prefilling if self.device in self.ledger.holds(r.id))
         lengths = [r.kv_len for r in pool.running]
+        # The prompt's KV is computed where it is prefilled: on the prefill device, or on the
+        # decode device (for a parked request, until its move to the host is done).
+        at = self.prefill_device or self.device
         for r in self._admission_order(pool, lengths, room, now):
             if prefill and prompt_tokens + r.prompt_len > self.config.max_prefill_tokens:
+                break
+            blocks = self.info.blocks_for(r.prompt_len)
+            if self.prefill_device and not self.ledger.can_reserve(at, blocks):
                 break
             aligned = not lengths or not self.by_length or self._fits(lengths, r.prompt_len)
             if room > 0 and aligned and self._reserve_device(r, headroom=self._headroom(pool)):
                 room -= 1
                 lengths.append(r.prompt_len)
+                if self.prefill_device:
+                    self.ledger.reserve(r.id, at, blocks)
             else:
-                # Prefilled on the device, then parked: device blocks for the prompt until the
-                # move is done, host blocks for it from now.
-                blocks = self.info.blocks_for(r.prompt_len)
-                if not (self.ledger.can_reserve(self.device, blocks) and self.ledger.can_reserve(HOST, blocks)):
+                # Parked once prefilled: blocks where it is prefilled until the move is done,
+                # host blocks for it from now.
+                if not (self.ledger.can_reserve(at, blocks) and self.ledger.can_reserve(HOST, blocks)):
                     break
-                self.ledger.reserve(r.id, self.device, blocks)
+                self.ledger.reserve(r.id, at, blocks)
                 self.ledger.reserve(r.id, HOST, blocks)
                 park.append(r)
             prefill.append(r)

@@ -4,7 +4,7 @@ Zhong et al., "DistServe: Disaggregating Prefill and Decoding for Goodput-optimi
 Serving", OSDI 2024: a prefill instance runs prompts while a decode instance runs the decode
 batch, so a long prompt never stalls the decode steps, and each prompt's KV is shipped to the
 decode instance when its prefill ends. Here the prefill instance is the first helper device and
-the decode instance the decode device; requests go in arrival order, as in fcfs.
+the decode instance the decode device (`prefill_device`, by default the first helper); requests go in arrival order, as in fcfs.
 
 Per iteration: candidates whose KV has landed on the decode device join the running batch;
 waiting requests are admitted in arrival order while the batch (running + in prefill + in
@@ -28,20 +28,16 @@ class DisaggFcfsPolicy:
     name = "disagg-fcfs"
 
     def __init__(self, info: EngineInfo, config: ServeConfig, ledger: KVLedger):
-        helpers = config.helpers
+        helpers = [d.name for d in info.devices[1:]]
         if not helpers:
-            raise ValueError("policy: 'disagg-fcfs' prefills on a separate device; set helper_devices "
-                             "(e.g. ALIGNED_HELPER_DEVICES=cuda:1)")
-        known = [d.name for d in info.devices]
-        if helpers[0] not in known[1:]:
-            raise ValueError(f"helper_devices: {helpers[0]!r} is not a helper device of this engine "
-                             f"(its devices: {known})")
+            raise ValueError(f"policy: 'disagg-fcfs' prefills on a separate device, and this {info.backend} engine "
+                             "has only the decode device; give it a helper device (helper_devices, e.g. cuda:1)")
         if not info.capabilities.can_peer_copy:
             raise ValueError(f"policy: 'disagg-fcfs' moves KV between devices, and this {info.backend} engine "
                              "cannot (can_peer_copy=False)")
         self.info, self.config, self.ledger = info, config, ledger
         self.device = info.decode_device
-        self.prefill_device = helpers[0]
+        self.prefill_device = config.prefill_device or helpers[0]
 
     def schedule(self, pool: RequestPool) -> StepPlan:
         for r in [c for c in pool.candidates if not c.moving]:

@@ -47,6 +47,8 @@ SETUPS = {  # name: (engine, config)
     "sim-fcfs": ("sim", dict(policy="fcfs")),
     "sim-aligned": ("sim", dict(policy="aligned")),
     "sim-aligned-via-helper": ("sim2", dict(policy="aligned", helper_devices="cuda:1", prefetch_route="helper")),
+    "sim-aligned-prefill-on-helper": ("sim2", dict(policy="aligned", helper_devices="cuda:1",
+                                                   prefill_device="cuda:1")),
     "sim-disagg-fcfs": ("sim2", dict(policy="disagg-fcfs", helper_devices="cuda:1")),
     "sim-chunked-prefill": ("sim", dict(policy="chunked-prefill", chunk_tokens=48)),
     "disagg-fcfs": ("two", dict(policy="disagg-fcfs", helper_devices="cpu:1")),
@@ -88,7 +90,9 @@ def test_random_operations_keep_the_books(engines, fault_switch, setup, ops):
         for r in pool.staged + pool.candidates:
             assert engine.tier_of(r.id) == ("in_flight" if r.moving else dev)
         for r in pool.prefilling:  # chunks on the decode device, or a whole prompt on a helper
-            assert orch.ledger.holds(r.id).get(dev, 0) == orch.info.blocks_for(r.max_kv_len)
+            holds = orch.ledger.holds(r.id)
+            assert (holds.get(dev, 0) == orch.info.blocks_for(r.max_kv_len)
+                    or holds.get(HOST, 0) == orch.info.blocks_for(r.prompt_len))
         for rid in pool.parked:
             assert engine.tier_of(rid) == HOST
             assert orch.ledger.holds(rid) == {HOST: orch.info.blocks_for(pool.get(rid).kv_len)}
