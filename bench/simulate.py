@@ -1,0 +1,301 @@
+"""The policy comparison at the paper's scale, in virtual time (`make simulate`).
+
+    python -m bench.simulate [--matrix quick|paper|scale] [--out bench/results/sim-<matrix>]
+        [--jobs N] [--requests N] [--gpus 8] [--hardware H100-SXM] [--models OPT-13B ...]
+        [--workloads azure-conv ...] [--variants aligned fcfs ...] [--loads 0.5 1.0] [--seed 0]
+
+The production orchestrator (its run loop and policies, unchanged) runs on `engines.sim`, whose
+clock advances by the cost model (engines/sim/cost_model.py) instead of running a model, so
+8xH100 with 13B models and tens of thousands of requests takes minutes on a laptop. Scheduler
+decision time is wall time and reported apart (`schedule_s`).
+
+**Deployment: every variant gets the same GPUs** (`--gpus`, 8 as in the paper), split as it
+would use them, and requests are dealt to its replicas round-robin in arrival order (a load
+balancer in front of data-parallel replicas):
+- vLLM-like `fcfs` and FastGen/Sarathi-like `chunked-prefill`: one replica per GPU, prefill and
+  decode on the same GPU;
+- DistServe-like `disagg-fcfs`: one replica per pair of GPUs, a prefill GPU and a decode GPU;
+- AlignedServe `aligned` and its ablations: one replica per pair, a decode GPU and a prefill GPU
+  that also relays the next batch's KV from the host (GPU-Prefetch-For-GPU), with
+  `--host-share` of the node's host memory as each replica's host KV pool.
+Replicas are independent (no request moves between them), so each is simulated on its own and
+their requests and iterations are pooled: output tok/s is the whole deployment's; decode tok/s is
+per decode GPU (decode tokens / decode-GPU seconds summed over replicas).
+
+**Load.** Rates are `--loads` times a capacity measured in the same run: the request
+throughput of the `fcfs` deployment when every request arrives at once (a probe run on the same
+requests). So load 1.0 is what the vLLM-like baseline can just sustain, whatever the model,
+workload and hardware; nothing is tuned per experiment. Trace workloads keep their own arrival
+pattern, rescaled to the rate (`bench.workloads`); generated ones get Poisson arrivals.
+
+**Variants** (`VARIANTS`): aligned, aligned without peer prefetch (`prefetch_route=direct`),
+aligned without prefetch and without alignment (`fcfs-offload`, direct): the paper's two
+ablations, each removing one more mechanism; fcfs; disagg-fcfs; chunked-prefill.
+
+Settings every variant shares (`BASE_CONFIG`): max_batch_size 256 (vLLM's max_num_seqs),
+max_prefill_tokens 8192, Kmin 36 and Bmax 40% (the paper's), the default starvation guard
+(max_wait_s 10 s), 512-token steps for chunked prefill (Sarathi-Serve). Goodput counts
+requests within `--slo-ttft` and `--slo-tpot` (DistServe's chatbot SLO for OPT-13B is TTFT 0.25 s
+and TPOT 0.1 s; the default here, 2 s and 0.1 s, leaves queueing room at the loads run).
+
+Writes `<out>/report.md`, `<out>/results.json` and plots (bench/report.py).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from bench.report import write_report
+from bench.run_metrics import Hardware, Slo, summarize
+from bench.workloads import make_workload
+from bench.workloads.arrivals import schedule
+from bench.workloads.workload import BOS_ID, Workload
+from engines.sim.cost_model import CostConstants, CostModel
+from engines.sim.engine import SimEngine
+from engines.sim.profiles import hardware_profile, model_profile
+from orchestrator.config import ServeConfig
+from orchestrator.service import Orchestrator
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BASE_CONFIG = dict(max_batch_size=256, max_prefill_tokens=8192, kmin=36, bmax_fraction=0.4, chunk_tokens=512)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to serve: a policy, its settings, and how many GPUs one replica takes."""
+
+    label: str
+    policy: str
+    gpus_per_replica: int
+    config: dict = field(default_factory=dict)
+
+    @property
+    def helpers(self) -> int:
+        return self.gpus_per_replica - 1
+
+
+_PAIR = dict(helper_devices="cuda:1", prefill_device="cuda:1")
+VARIANTS = {v.label: v for v in (
+    Variant("aligned", "aligned", 2, dict(_PAIR, prefetch_route="auto")),
+    Variant("aligned, no peer prefetch", "aligned", 2, dict(_PAIR, prefetch_route="direct")),
+    Variant("aligned, no prefetch, no alignment", "fcfs-offload", 2, dict(_PAIR, prefetch_route="direct")),
+    Variant("fcfs (vLLM-like)", "fcfs", 1),
+    Variant("disagg-fcfs (DistServe-like)", "disagg-fcfs", 2, dict(_PAIR)),
+    Variant("chunked-prefill (FastGen/Sarathi-like)", "chunked-prefill", 1),
+)}
+BASELINE = "fcfs (vLLM-like)"
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A named set of experiments: models x workloads x variants x loads."""
+
+    models: tuple[str, ...]
+    workloads: tuple[str, ...]
+    variants: tuple[str, ...]
+    loads: tuple[float | None, ...]
+    """Multiples of the fcfs capacity; None: the workload's own arrival times (traces)."""
+    requests: int | None
+    """Requests per run (None: a trace's every request)."""
+    note: str = ""
+
+
+MATRICES = {
+    "quick": Matrix(("OPT-13B",), ("azure-conv",), tuple(VARIANTS), (0.8,), 400,
+                    "a smoke run: one model, one trace, every variant, one load"),
+    "paper": Matrix(("OPT-6.7B", "OPT-13B"),
+                    ("azure-conv", "azure-code", "sharegpt", "longbench", "synthetic-80-short"),
+                    tuple(VARIANTS), (0.5, 0.8, 1.0, 1.2), 2000,
+                    "the paper's models that fit one H100 with room for KV, its workloads, every variant"),
+    "scale": Matrix(("OPT-13B",), ("azure-conv",), ("aligned", BASELINE), (None,), None,
+                    "the whole Azure conversation trace (19,366 requests) at its own timestamps"),
+}
+
+
+# ---- one replica ------------------------------------------------------------------------------
+
+def _engine(args: dict, variant: Variant, replicas: int) -> SimEngine:
+    hw, model = hardware_profile(args["hardware"]), model_profile(args["model"])
+    cost = CostModel(hw, model, CostConstants())
+    host = hw.host_memory_bytes * args["host_share"] / replicas if variant.policy in ("aligned", "fcfs-offload") else 0
+    return SimEngine(cost, helper_devices=variant.helpers, host_kv_bytes=host, max_seq_len=args["max_seq_len"],
+                     split_kv=args["split_kv"])
+
+
+def run_replica(args: dict, variant: Variant, replicas: int, lengths: list[tuple[int, int]],
+                arrivals: list[float]) -> dict:
+    """Serve these (prompt_len, output_len) requests arriving at these virtual times on one
+    replica; returns what the metrics need."""
+    engine = _engine(args, variant, replicas)
+    config = ServeConfig(policy=variant.policy, max_queue=max(len(lengths), 1024), **BASE_CONFIG, **variant.config)
+    orch = Orchestrator(engine, config, clock=engine.clock)
+    metrics = orch.loop.metrics
+    metrics.history, metrics.timings, metrics.transfers = deque(), deque(), deque()
+    clock, loop = engine.clock, orch.loop
+    submitted = []
+    i, n = 0, len(lengths)
+    while True:
+        while i < n and arrivals[i] <= clock():
+            plen, out = lengths[i]
+            submitted.append(orch.submit((BOS_ID,) + (5,) * (plen - 1), max_tokens=out))
+            i += 1
+        if loop.step():
+            continue
+        if i < n:
+            clock.advance_to(arrivals[i])
+            continue
+        break
+    stuck = [r.id for r in submitted if not r.finished]
+    if stuck:
+        raise RuntimeError(f"{variant.label}: {len(stuck)} requests unfinished with nothing to run: {stuck[:5]}")
+    return {"requests": submitted, "scheduled": arrivals, "iterations": list(metrics.history),
+            "calls": list(metrics.timings), "transfers": list(metrics.transfers),
+            "busy": dict(engine.busy_seconds), "virtual_s": clock()}
+
+
+def run_variant(args: dict, variant: Variant, workload: Workload) -> dict:
+    """Every replica of one deployment on one workload; the pooled metrics."""
+    replicas = max(1, args["gpus"] // variant.gpus_per_replica)
+    reqs = workload.requests
+    lengths = [(r.prompt_len, r.output_len) for r in reqs]
+    arrivals = [r.arrival_s for r in reqs]
+    wall = time.perf_counter()
+    parts = [run_replica(args, variant, replicas, lengths[k::replicas], arrivals[k::replicas])
+             for k in range(replicas)]
+    wall = time.perf_counter() - wall
+    hw, model = hardware_profile(args["hardware"]), model_profile(args["model"])
+    metrics = summarize(
+        [r for p in parts for r in p["requests"]], [t for p in parts for t in p["scheduled"]],
+        [it for p in parts for it in p["iterations"]], [t for p in parts for t in p["transfers"]],
+        slo=Slo(args["slo_ttft"], args["slo_tpot"]), calls=[c for p in parts for c in p["calls"]],
+        hardware=Hardware.of(hw, model), link_bandwidth=hw.pcie_bandwidth * replicas)
+    virtual = max(p["virtual_s"] for p in parts)
+    metrics["gpu_busy_share"] = {d: sum(p["busy"].get(d, 0.0) for p in parts) / (replicas * virtual)
+                                 for d in parts[0]["busy"]} if virtual else None
+    metrics["replicas"] = replicas
+    metrics["wall_s"] = wall
+    metrics["virtual_s"] = virtual
+    return metrics
+
+
+# ---- the matrix -------------------------------------------------------------------------------
+
+def with_load(workload: Workload, rate: float | None, seed: int) -> Workload:
+    """The workload at `rate` requests/s: a trace keeps its own pattern, rescaled; a generated
+    one gets Poisson arrivals. rate None: as it comes (a trace's own timestamps)."""
+    if rate is None:
+        return workload
+    n = len(workload)
+    if workload.name.startswith("azure-"):
+        offsets, how = schedule(n, seed, "trace", rate, own=workload.arrivals)
+    else:
+        offsets, how = schedule(n, seed, "poisson", rate)
+    return workload.with_arrivals(offsets, how)
+
+
+def capacity(args: dict, workload: Workload) -> float:
+    """Requests/s the fcfs deployment serves when every request arrives at once."""
+    burst = workload.with_arrivals(np.zeros(len(workload)), {"kind": "all-at-once"})
+    m = run_variant(args, VARIANTS[BASELINE], burst)
+    return m["request_s"]
+
+
+def experiment(job: dict) -> list[dict]:
+    """One (model, workload): the capacity probe, then every variant at every load."""
+    args = dict(job["args"], model=job["model"])
+    base = make_workload(job["workload"], job["requests"], args["seed"])
+    args["max_seq_len"] = max(r.prompt_len + r.output_len for r in base.requests)
+    cap = capacity(args, base) if any(load is not None for load in job["loads"]) else None
+    out = []
+    for load, label in itertools.product(job["loads"], job["variants"]):
+        rate = None if load is None else load * cap
+        wl = with_load(base, rate, args["seed"])
+        metrics = run_variant(args, VARIANTS[label], wl)
+        out.append({
+            "experiment": f"{job['model']}/{job['workload']}", "model": job["model"], "hardware": args["hardware"],
+            "workload": job["workload"], "policy": VARIANTS[label].policy,
+            "variant": label, "rate": None if rate is None else round(rate, 4), "load": load,
+            "capacity_req_s": cap, "requests": len(wl), "seed": args["seed"], "gpus": args["gpus"],
+            "metrics": metrics,
+        })
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--matrix", choices=sorted(MATRICES), default="quick")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/sim-<matrix>)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="experiments run in parallel processes")
+    p.add_argument("--requests", type=int, default=None, help="override the matrix's requests per run")
+    p.add_argument("--models", nargs="+", default=None)
+    p.add_argument("--workloads", nargs="+", default=None)
+    p.add_argument("--variants", nargs="+", default=None, choices=sorted(VARIANTS))
+    p.add_argument("--loads", nargs="+", type=float, default=None, help="multiples of the fcfs capacity")
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--hardware", default="H100-SXM")
+    p.add_argument("--host-share", type=float, default=0.9, help="share of the node's host memory for KV")
+    p.add_argument("--split-kv", action="store_true", help="decode attention splits long KV (FlashDecoding)")
+    p.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO on TTFT, seconds")
+    p.add_argument("--slo-tpot", type=float, default=0.1, help="goodput SLO on TPOT, seconds")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    m = MATRICES[a.matrix]
+    models, workloads = a.models or m.models, a.workloads or m.workloads
+    variants = a.variants or m.variants
+    if BASELINE not in variants:
+        variants = (BASELINE, *variants)
+    loads = a.loads or m.loads
+    requests = a.requests if a.requests is not None else m.requests
+    for name in models:
+        model_profile(name)
+    hardware_profile(a.hardware)
+    args = dict(hardware=a.hardware, gpus=a.gpus, host_share=a.host_share, split_kv=a.split_kv,
+                slo_ttft=a.slo_ttft, slo_tpot=a.slo_tpot, seed=a.seed)
+    jobs = [dict(args=args, model=mo, workload=w, requests=requests, loads=tuple(loads), variants=tuple(variants))
+            for mo in models for w in workloads]
+    out = a.out or RESULTS / f"sim-{a.matrix}"
+    results: list[dict] = []
+    started = time.perf_counter()
+    bar = tqdm(total=len(jobs) * len(loads) * len(variants), desc=f"simulate {a.matrix}", unit="run")
+    if a.jobs > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(min(a.jobs, len(jobs))) as pool:
+            futures = [pool.submit(experiment, j) for j in jobs]
+            for f in as_completed(futures):
+                runs = f.result()
+                results += runs
+                bar.update(len(runs))
+    else:
+        for j in jobs:
+            runs = experiment(j)
+            results += runs
+            bar.update(len(runs))
+    bar.close()
+    elapsed = time.perf_counter() - started
+    command = "python -m bench.simulate " + " ".join(sys.argv[1:] if argv is None else argv)
+    notes = (f"Command: `{command}`. Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
+             f"{platform.python_version()}; {date.today().isoformat()}; {elapsed:.0f} s wall in all. "
+             f"Virtual time on the {a.hardware} profile, {a.gpus} GPUs per variant, roofline cost constants "
+             f"(efficiency 1, no overhead: no GPU calibration yet). Matrix {a.matrix!r}: {m.note}. "
+             f"Load = multiple of the fcfs deployment's all-at-once request throughput (capacity_req_s in "
+             f"results.json); ratios are against {BASELINE!r} at the same rate.")
+    path = write_report(results, out, f"Simulated policy comparison ({a.matrix})", notes, baseline="fcfs")
+    print(f"wrote {path} ({len(results)} runs, {elapsed:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
