@@ -177,7 +177,7 @@ class CallTiming:
     """Wall time of one engine call and the work it did, for cost-model fitting."""
 
     op: str
-    """"prefill", "decode" or "move"."""
+    """"prefill", "decode", "mixed" (decode with prompt chunks) or "move"."""
     seconds: float
     num_seqs: int
     num_tokens: int

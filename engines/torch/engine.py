@@ -11,10 +11,10 @@ import torch
 
 from engines.base import (
     HOST, IN_FLIGHT, CallTiming, Capabilities, DeviceInfo, Engine, EngineError, EngineInfo, ModelInfo,
-    OutOfKVBlocks, PrefillRequest, SamplingParams, StepResult, TransferHandle,
+    OutOfKVBlocks, PrefillChunk, PrefillRequest, SamplingParams, StepResult, TransferHandle,
 )
 from engines.manifest import Manifest, ManifestError
-from engines.torch.forward_batch import decode_batch, prefill_batch
+from engines.torch.forward_batch import chunk_batch, decode_batch, prefill_batch
 from engines.torch.kv_cache import HostKVPool, PagedKVCache
 from engines.torch.kv_tiers import KVTiers
 from engines.torch.kv_transfer import BlockCopier
@@ -35,12 +35,15 @@ class _Sequence:
 
     kv_len: int
     """Tokens whose K/V are in the cache."""
-    last_token: int
-    """Sampled but not yet fed: the input of the next decode step."""
+    last_token: int | None
+    """Sampled but not yet fed: the input of the next decode step. None while the prompt is
+    prefilled in chunks and its last chunk has not run: the request cannot decode yet."""
     sampling: SamplingParams
     generator: torch.Generator | None
     """Seeded sampling state, on the decode device; it stays here while the KV moves, so
     prefilling elsewhere or offloading changes no token."""
+    prompt_len: int
+    """Tokens in the prompt; a chunked prefill is complete when kv_len reaches it."""
 
 
 @dataclass(slots=True)
@@ -292,29 +295,33 @@ class TorchEngine(Engine):
             raise
         seconds = self._clock(on.device) - start
         for r, tok, g in zip(requests, tokens, generators):
-            self._seqs[r.request_id] = _Sequence(len(r.prompt_ids), tok, r.sampling, g)
+            self._seqs[r.request_id] = _Sequence(len(r.prompt_ids), tok, r.sampling, g, len(r.prompt_ids))
         lens = [len(r.prompt_ids) for r in requests]
         timing = CallTiming("prefill", seconds, len(ids), sum(lens), sum(lens), max(lens))
         return StepResult(dict(zip(ids, tokens)), timing), logits
 
-    def _check_new(self, requests: Sequence[PrefillRequest]) -> None:
+    def _check_new(self, requests: Sequence[PrefillRequest], op: str = "prefill") -> None:
         seen: set[str] = set()
         for r in requests:
             rid = r.request_id
             if rid in seen or rid in self._seqs:
-                raise EngineError(f"prefill: request id {rid!r} is already in use; free it first or pick a new id")
+                raise EngineError(f"{op}: request id {rid!r} is already in use; free it first or pick a new id")
             seen.add(rid)
             n = len(r.prompt_ids)
             if n == 0:
-                raise EngineError(f"prefill: request {rid!r} has an empty prompt")
+                raise EngineError(f"{op}: request {rid!r} has an empty prompt")
             if n > self.max_seq_len:
                 raise EngineError(
-                    f"prefill: request {rid!r} has a {n}-token prompt, longer than max_seq_len={self.max_seq_len}; "
+                    f"{op}: request {rid!r} has a {n}-token prompt, longer than max_seq_len={self.max_seq_len}; "
                     "truncate the prompt or rebuild the engine with a larger max_seq_len"
                 )
-            bad = [t for t in r.prompt_ids if not 0 <= t < self.cfg.vocab_size]
-            if bad:
-                raise EngineError(f"prefill: request {rid!r} has token ids outside [0, {self.cfg.vocab_size}): {bad[:5]}")
+            self._check_vocab(rid, r.prompt_ids, op)
+
+    def _check_vocab(self, request_id: str, token_ids: Sequence[int], op: str) -> None:
+        bad = [t for t in token_ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise EngineError(
+                f"{op}: request {request_id!r} has token ids outside [0, {self.cfg.vocab_size}): {bad[:5]}")
 
     # -- decode ----------------------------------------------------------------------------
 
@@ -325,25 +332,10 @@ class TorchEngine(Engine):
     def decode_with_logits(self, request_ids: Sequence[str]) -> tuple[StepResult, torch.Tensor]:
         """`decode`, also returning the float32 logits [B, vocab] the tokens were sampled from."""
         ids = list(request_ids)
-        if len(set(ids)) != len(ids):
-            raise EngineError(f"decode: request ids appear more than once: {sorted({i for i in ids if ids.count(i) > 1})}")
-        unknown = [i for i in ids if i not in self._seqs]
-        if unknown:
-            raise EngineError(f"decode: unknown request ids {unknown[:5]}; prefill them first (or they were freed)")
+        self._check_decodable(ids, "decode")
         if not ids:
             return self._empty("decode"), torch.empty(0, self.cfg.vocab_size)
-        elsewhere = [(i, self.tier_of(i)) for i in ids if self.tier_of(i) != self.tier]
-        if elsewhere:
-            where = ", ".join(f"{i!r} is {IN_FLIGHT} (wait on its move)" if t == IN_FLIGHT else f"{i!r} is in {t!r}"
-                              for i, t in elsewhere[:5])
-            raise EngineError(f"decode: KV must be on {self.tier!r} to decode, but {where}; move it back first")
         seqs = [self._seqs[i] for i in ids]
-        full = [i for i, s in zip(ids, seqs) if s.kv_len + 1 > self.max_seq_len]
-        if full:
-            raise EngineError(
-                f"decode: requests {full[:5]} already hold max_seq_len={self.max_seq_len} tokens of KV; "
-                "finish them (length limit) before decoding again"
-            )
         for i, s in zip(ids, seqs):
             self.cache.reserve(i, s.kv_len + 1)
         start = self._clock(self.device)
@@ -357,6 +349,158 @@ class TorchEngine(Engine):
         kv = [s.kv_len for s in seqs]
         timing = CallTiming("decode", seconds, len(ids), len(ids), sum(kv), max(kv))
         return StepResult(dict(zip(ids, tokens)), timing), logits
+
+    def _check_decodable(self, ids: list[str], op: str) -> None:
+        """Refuse, before anything changes, requests that cannot take one more decode step here."""
+        if len(set(ids)) != len(ids):
+            repeated = sorted({i for i in ids if ids.count(i) > 1})
+            raise EngineError(f"{op}: request ids appear more than once: {repeated}")
+        unknown = [i for i in ids if i not in self._seqs]
+        if unknown:
+            raise EngineError(f"{op}: unknown request ids {unknown[:5]}; prefill them first (or they were freed)")
+        pending = [(i, self._seqs[i]) for i in ids if self._seqs[i].last_token is None]
+        if pending:
+            done = ", ".join(f"{i!r} has {s.kv_len} of {s.prompt_len}" for i, s in pending[:5])
+            raise EngineError(f"{op}: requests {[i for i, _ in pending[:5]]} are still prefilling their prompts in "
+                              f"chunks ({done} prompt tokens); run their remaining chunks before decoding them")
+        elsewhere = [(i, self.tier_of(i)) for i in ids if self.tier_of(i) != self.tier]
+        if elsewhere:
+            where = ", ".join(f"{i!r} is {IN_FLIGHT} (wait on its move)" if t == IN_FLIGHT else f"{i!r} is in {t!r}"
+                              for i, t in elsewhere[:5])
+            raise EngineError(f"{op}: KV must be on {self.tier!r} to decode, but {where}; move it back first")
+        full = [i for i in ids if self._seqs[i].kv_len + 1 > self.max_seq_len]
+        if full:
+            raise EngineError(
+                f"{op}: requests {full[:5]} already hold max_seq_len={self.max_seq_len} tokens of KV; "
+                "finish them (length limit) before decoding again"
+            )
+
+    # -- mixed steps (chunked prefill) -----------------------------------------------------
+
+    def mixed_step(self, request_ids: Sequence[str], chunks: Sequence[PrefillChunk]) -> StepResult:
+        return self.mixed_step_with_logits(request_ids, chunks)[0]
+
+    @torch.inference_mode()
+    def mixed_step_with_logits(self, request_ids: Sequence[str],
+                               chunks: Sequence[PrefillChunk]) -> tuple[StepResult, torch.Tensor]:
+        """`mixed_step`, also returning the float32 logits [B, vocab] of each sequence's last
+        position: the decoded requests first, then the chunks, in call order.
+
+        One forward on the decode device: a decoded request is a run of one token at its KV
+        length, a chunk a run of prompt tokens at positions [start, end) that attends to the KV
+        its earlier chunks left in the cache. Any failure once blocks are reserved gives them back
+        (`_undo_reservations`), so a failed step changes nothing either."""
+        ids, chunks = list(request_ids), list(chunks)
+        self._check_decodable(ids, "mixed_step")
+        self._check_chunks(chunks)
+        if not ids and not chunks:
+            return self._empty("mixed"), torch.empty(0, self.cfg.vocab_size)
+        decoding = [self._seqs[i] for i in ids]
+        chunk_ids = [c.request.request_id for c in chunks]
+        new = [c.request.request_id for c in chunks if c.start == 0]
+        held = {i: len(self.cache.tables[i]) for i in ids + chunk_ids if i not in new}
+        states = [self._chunk_sampling(c) for c in chunks]
+        try:
+            for i, s in zip(ids, decoding):
+                self.cache.reserve(i, s.kv_len + 1)
+            for c in chunks:
+                self.cache.reserve(c.request.request_id, c.end)
+            start = self._clock(self.device)
+            runs = [[s.last_token] for s in decoding] + [c.request.prompt_ids[c.start:c.end] for c in chunks]
+            starts = [s.kv_len for s in decoding] + [c.start for c in chunks]
+            logits = self.model(chunk_batch(self.cache, ids + chunk_ids, runs, starts, self.device), self.cache)
+            # Unfinished chunks sample nothing: drawing from their generators now would shift
+            # every later token of a seeded request away from what a whole prefill gives it.
+            rows = list(range(len(ids))) + [len(ids) + k for k, c in enumerate(chunks) if c.last]
+            params = [s.sampling for s in decoding] + [p for (p, _), c in zip(states, chunks) if c.last]
+            generators = [s.generator for s in decoding] + [g for (_, g), c in zip(states, chunks) if c.last]
+            tokens = sample(logits[rows], params, generators)
+        except Exception:
+            self._undo_reservations(held, new)
+            raise
+        seconds = self._clock(self.device) - start
+        out = self._commit_mixed(ids, decoding, chunks, states, tokens)
+        kv = [s.kv_len for s in decoding] + [c.end for c in chunks]
+        num_tokens = len(ids) + sum(c.end - c.start for c in chunks)
+        timing = CallTiming("mixed", seconds, len(ids) + len(chunks), num_tokens, sum(kv), max(kv))
+        return StepResult(out, timing), logits
+
+    def _check_chunks(self, chunks: list[PrefillChunk]) -> None:
+        """Refuse, before anything changes, chunks that do not continue their prompts exactly."""
+        ids = [c.request.request_id for c in chunks]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise EngineError(f"mixed_step: requests {repeated[:5]} have more than one chunk in the call; "
+                              "send one chunk per request per step")
+        self._check_new([c.request for c in chunks if c.start == 0], "mixed_step")
+        for c in chunks:
+            if c.start > 0:
+                self._check_continues(c)
+
+    def _check_continues(self, chunk: PrefillChunk) -> None:
+        """A later chunk must pick up exactly where its request's KV ends, on the decode device."""
+        rid, span = chunk.request.request_id, f"[{chunk.start}, {chunk.end})"
+        seq = self._seqs.get(rid)
+        if seq is None:
+            raise EngineError(f"mixed_step: chunk {span} of unknown request {rid!r} must start at 0: the first "
+                              "chunk registers the request (or it was freed)")
+        if seq.last_token is not None:
+            raise EngineError(f"mixed_step: request {rid!r} has prefilled its whole {seq.prompt_len}-token prompt "
+                              f"already; decode it instead of sending chunk {span}")
+        n = len(chunk.request.prompt_ids)
+        if n != seq.prompt_len:
+            raise EngineError(f"mixed_step: chunk {span} of {rid!r} has a {n}-token prompt, but its first chunk had "
+                              f"{seq.prompt_len} tokens; send the same prompt with every chunk")
+        if chunk.start != seq.kv_len:
+            kind = "a gap" if chunk.start > seq.kv_len else "an overlap"
+            raise EngineError(f"mixed_step: chunk {span} of {rid!r} starts at {chunk.start} but the request holds "
+                              f"{seq.kv_len} tokens of KV ({kind}); its next chunk must start at {seq.kv_len}")
+        tier = self.tier_of(rid)
+        if tier != self.tier:
+            raise EngineError(f"mixed_step: KV must be on {self.tier!r} to prefill chunk {span} of {rid!r}, but it is "
+                              f"{'in ' + repr(tier) if tier != IN_FLIGHT else IN_FLIGHT}; move it back first")
+        self._check_vocab(rid, chunk.request.prompt_ids[chunk.start:chunk.end], "mixed_step")
+
+    def _chunk_sampling(self, chunk: PrefillChunk) -> tuple[SamplingParams, torch.Generator | None]:
+        """The chunk's request's sampling and generator: kept from its first chunk, or new (on the
+        decode device, as `prefill` makes it) for a first chunk."""
+        seq = self._seqs.get(chunk.request.request_id) if chunk.start > 0 else None
+        if seq is not None:
+            return seq.sampling, seq.generator
+        params = chunk.request.sampling
+        return params, None if params.greedy else make_generator(params, self.device)
+
+    def _commit_mixed(self, ids: list[str], decoding: list[_Sequence], chunks: list[PrefillChunk],
+                      states: list[tuple[SamplingParams, torch.Generator | None]], tokens: list[int]) -> dict[str, int]:
+        """Record a finished mixed step: decoded requests grow by one, chunked ones by their chunk
+        (a first chunk registers its request), and finished prompts get their first token."""
+        out = dict(zip(ids, tokens))
+        for s, tok in zip(decoding, tokens):
+            s.kv_len += 1
+            s.last_token = tok
+        first_tokens = iter(tokens[len(ids):])
+        for c, (params, generator) in zip(chunks, states):
+            rid = c.request.request_id
+            if c.start == 0:
+                self._seqs[rid] = _Sequence(0, None, params, generator, len(c.request.prompt_ids))
+            seq = self._seqs[rid]
+            seq.kv_len = c.end
+            if c.last:
+                seq.last_token = out[rid] = next(first_tokens)
+        return out
+
+    def _undo_reservations(self, held: dict[str, int], new: Sequence[str]) -> None:
+        """Give back what a failed step reserved on the decode device: the whole tables of the
+        requests it was registering, and the blocks it added to the others' tables (their KV past
+        the old length was never recorded, so those blocks hold nothing the engine knows of)."""
+        for rid in new:
+            self.cache.release(rid)
+        for rid, n in held.items():
+            table = self.cache.tables[rid]
+            grown = table[n:]
+            if grown:
+                del table[n:]
+                self.cache.allocator.free(grown)
 
     # -- KV tiers --------------------------------------------------------------------------
 
@@ -425,7 +569,7 @@ class TorchEngine(Engine):
 
     def _capabilities(self) -> Capabilities:
         return Capabilities(can_offload=self.host_pool is not None, can_peer_copy=len(self._devices) >= 2,
-                            can_form_batches=True)
+                            can_form_batches=True, can_chunk_prefill=True)
 
     def _clock(self, device: torch.device) -> float:
         # CUDA kernels run asynchronously: synchronise so the time covers the work, not the launch.

@@ -52,6 +52,7 @@ SETUPS = {  # name: (engine, config)
     "sim-disagg-fcfs": ("sim2", dict(policy="disagg-fcfs", helper_devices="cuda:1")),
     "sim-chunked-prefill": ("sim", dict(policy="chunked-prefill", chunk_tokens=48)),
     "disagg-fcfs": ("two", dict(policy="disagg-fcfs", helper_devices="cpu:1")),
+    "chunked-prefill": ("one", dict(policy="chunked-prefill", chunk_tokens=48)),
 }
 
 
