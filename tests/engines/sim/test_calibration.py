@@ -114,6 +114,18 @@ def test_refuses_timings_that_do_not_vary():
         fit_constants(flat, H100_SXM, OPT_13B)
 
 
+@pytest.mark.parametrize("field, value", [("seconds", 0.0), ("seconds", -0.01), ("seconds", float("nan")),
+                                          ("seconds", float("inf")), ("max_kv", 0), ("num_tokens", 0)])
+def test_refuses_a_malformed_timing_and_names_the_field(field, value):
+    # Before this check a 0 s timing crashed inside LAPACK ("SVD did not converge"), a NaN gave a
+    # misleading "neither the weight-read nor the matmul time" error, and a negative time was fitted.
+    calls = synthetic()
+    bad = next(c for c in calls if c.op == "decode" and c.num_seqs == 16)
+    calls[calls.index(bad)] = CallTiming(**{**{f: getattr(bad, f) for f in CallTiming.__slots__}, field: value})
+    with pytest.raises(CalibrationError, match=f"has {field} = .*(finite time > 0|>= 1)"):
+        fit_constants(calls, H100_SXM, OPT_13B)
+
+
 def test_moves_and_empty_calls_are_ignored():
     extra = [CallTiming("move", 0.5, 3, 0, 300, 100), CallTiming("decode", 0.0, 0, 0, 0, 0)]
     fit = fit_constants(synthetic() + extra, H100_SXM, OPT_13B)
@@ -136,3 +148,20 @@ def test_fit_round_trips_through_json_and_refits(tmp_path):
     for name in FITTED:
         assert refit["constants"][name] == pytest.approx(getattr(fit.constants, name), rel=1e-9)
     assert refit["meta"]["timed_by"] == "test"
+    # A refit of a refit still names the command that timed the engine, not the previous refit.
+    again = tmp_path / "refit-again.json"
+    assert main(["--out", str(again), "--refit", str(out)]) == 0
+    assert json.loads(again.read_text())["meta"]["timed_by"] == "test"
+
+
+def test_the_timing_plan_refuses_what_it_cannot_time():
+    pytest.importorskip("torch")
+    from engines.sim.torch_timings import decode_plan
+
+    lengths, batches = decode_plan(1024, 3)
+    assert lengths["long"] == 983 and max(len(b) for b in batches) == 31
+    with pytest.raises(ValueError, match="--reps 0: must be >= 1"):
+        decode_plan(1024, 0)
+    decode_plan(83, 3)  # the smallest max_seq_len the message below asks for
+    with pytest.raises(ValueError, match=r"--max-seq-len 82 is too short for --reps 3.*--max-seq-len >= 83"):
+        decode_plan(82, 3)

@@ -174,3 +174,22 @@ def test_wave_sum_matches_building_the_units():
         units = np.repeat(items, repeat)
         plain = np.pad(units, (0, -units.size % slots)).reshape(-1, slots).max(axis=1).sum()
         assert wave_sum(items, repeat, slots) == plain
+
+
+def test_a_mixed_step_adds_chunk_tokens_to_the_linear_layers_and_their_attention(h100_13b):
+    # 4 decode sequences of KV 100 and one chunk [512, 1024) of a prompt:
+    # linear: 2 * 12,853,473,280 FLOPs/token * (4 + 512) tokens / 989.4e12 = 13.407 ms, over the
+    #   7.674 ms weight read, so compute-bound;
+    # chunk attention: 4 * 40 layers * 40 heads * 128 FLOPs per (query, key) pair, pairs =
+    #   sum_{p=512}^{1023} (p + 1) = (1024 * 1025 - 512 * 513) / 2 = 393,472; / 989.4e12;
+    # decode attention: 4 * 40 = 160 units in 2 waves of 132, each 100 tokens long: 200 U.
+    linear = 2 * 12_853_473_280 * 516 / 989.4e12
+    pairs = (1024 * 1025 - 512 * 513) // 2
+    chunk_attention = 4 * 40 * 40 * 128 * pairs / 989.4e12
+    expected = linear + chunk_attention + 200 * U
+    assert h100_13b.step_seconds([100] * 4, [(512, 1024)]) == pytest.approx(expected, rel=1e-9)
+    # No chunks: a decode step; a chunk from 0 alone: a prefill of that prompt.
+    assert h100_13b.step_seconds([100] * 4, []) == h100_13b.decode_seconds([100] * 4)
+    assert h100_13b.step_seconds([], [(0, 700)]) == pytest.approx(h100_13b.prefill_seconds([700]), rel=1e-12)
+    with pytest.raises(ValueError, match="start < end"):
+        h100_13b.step_seconds([], [(10, 10)])
