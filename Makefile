@@ -10,12 +10,14 @@ BUILD_ARGS ?=
 HTTP_PORT ?= 8000
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+SIM_PROFILE ?= bench/profiles/cpu-100m.json
+CALIBRATE_ARGS ?=
 # Hosts without an NVIDIA driver get the CPU build of torch (a plain `pip install torch` would
 # pull several GB of CUDA packages); hosts with one get the default CUDA build from pyproject.
 TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: venv build-engine serve test bench-decode bench-policy clean
+.PHONY: venv build-engine serve test bench-decode bench-policy calibrate clean
 
 venv: $(VENV)/.installed
 
@@ -45,6 +47,10 @@ bench-decode: venv
 
 bench-policy: venv
 	$(BIN)/python -m bench.policy_comparison $(BENCH_ARGS)
+
+# Time the torch engine on this machine and fit the sim cost model to it, written to SIM_PROFILE.
+calibrate: venv
+	$(BIN)/python -m engines.sim.calibration --out "$(SIM_PROFILE)" $(CALIBRATE_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache engines_built .pytest_cache .hypothesis

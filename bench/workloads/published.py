@@ -5,30 +5,44 @@ the papers print. Every figure, its source, and every assumption we add:
 
 ShareGPT (chat; the workload of vLLM's and DistServe's chatbot experiments).
   - Mean input 161.31 tokens, mean output 337.99 tokens: Kwon et al., "Efficient Memory Management
-    for Large Language Model Serving with PagedAttention" (vLLM), SOSP 2023, Figure 11a (OPT
-    tokenizer); the text (§6.1) says ShareGPT has 8.4x longer inputs and 5.8x longer outputs than
-    Alpaca (Fig. 11b: 19.31 / 58.45), consistent with those means. NOTE: we quote these figures from
-    the paper as we recall it; the search corpora available here did not return the figure's text,
-    so check them against the paper before quoting them in a report.
-  - Median: not published there (nor found in DistServe). ASSUMPTION: log-normal with sigma = 1.0
-    for both input and output, i.e. median = mean * exp(-1/2) (input 97.8, output 205.0). Replace
-    `SHAREGPT_INPUT` / `SHAREGPT_OUTPUT` by `LogNormalLength.from_mean_median(...)` once a median is
-    sourced.
-  - Input and output lengths are drawn independently.
+    for Large Language Model Serving with PagedAttention" (vLLM), SOSP 2023, §6.1 "Workloads" and
+    Fig. 11a, whose legend prints "Input (mean: 161.31)" and "Output (mean: 337.99)" (Alpaca,
+    Fig. 11b: 19.31 / 58.45); https://arxiv.org/abs/2309.06180. The text of §6.1 says "the
+    ShareGPT dataset has 8.4x longer input prompts and 5.8x longer outputs on average than the
+    Alpaca dataset, with higher variance", which those means give (8.35x, 5.78x). Checked against
+    the paper's §6.1 text and a transcription of the figure's legend (the figure is an image).
+  - What "input" and "output" are: the paper says only "we tokenize the datasets and use their
+    input and output lengths"; it names no tokenizer (its models are OPT-13B/66B/175B and
+    LLaMA-13B) nor which turns it takes. vLLM's benchmark sampler (vllm/benchmarks/datasets.py,
+    `ShareGPTDataset` and `is_valid_sequence`, whose defaults it says are copied from the original
+    benchmarks/benchmark_serving.py) takes each conversation's first turn (normally the user's) as
+    the prompt and the second turn's token count as the output, and drops pairs with a prompt or
+    output under 4 tokens, a prompt over 1024, or prompt + output over 2048. Whether Fig. 11 was drawn after that filter
+    is not stated. This generator applies no such cap (use `max_context` / `max_output`).
+  - Median, percentiles, spread: not published. The vLLM paper prints only the means; DistServe
+    (Zhong et al., OSDI 2024, §6.1 and Fig. 7) shows ShareGPT's length distribution as a plot and
+    prints no statistic; no other source found here gives them for this sampling. ASSUMPTION:
+    log-normal with sigma = 1.0 for both input and output, i.e. median = mean * exp(-1/2) (input
+    97.8, output 205.0). Replace `SHAREGPT_INPUT` / `SHAREGPT_OUTPUT` by
+    `LogNormalLength.from_mean_median(...)` once a median is sourced.
+  - ASSUMPTION: input and output lengths are drawn independently.
 
 LongBench (long-context understanding; Bai et al., "LongBench: A Bilingual, Multitask Benchmark
-for Long Context Understanding", ACL 2024, arXiv 2308.14508).
-  - Per-task average length and sample count: the paper's Table 1 as reproduced in the
-    THUDM/LongBench repository, LongBench/task.md ("LongBench statistics"). Lengths are in words
-    (Python str.split) for English and code tasks, in characters for Chinese ones. We use the 16
-    English and code tasks (the Chinese ones count characters, whose token ratio differs by
-    tokenizer): a request picks a task with probability proportional to its sample count. Check:
-    the sample-weighted mean of those 16 averages is 6,711.3 words, the paper abstract's "average
-    length of 6,711 words (English)".
-  - Output: each task's generation budget, max_new_tokens, from the repository's
-    config/dataset2maxlen.json (32 for multi-hop QA and synthetic tasks, 64 for MultiFieldQA, TREC
-    and code, 128 for NarrativeQA, Qasper and SAMSum, 512 for the summarisation tasks); LongBench's
-    pred.py requests exactly that, so the request runs to it (a real model may stop earlier at EOS).
+for Long Context Understanding", ACL 2024, https://aclanthology.org/2024.acl-long.172, arXiv
+2308.14508).
+  - Per-task average length and sample count: the paper's Table 1 ("Avg len", "#data"), the same
+    figures as LongBench/task.md ("LongBench statistics") in https://github.com/THUDM/LongBench.
+    Lengths are in words (Python str.split) for English and code tasks, in characters for Chinese
+    ones. We use the 16 English and code tasks (the Chinese ones count characters, whose token
+    ratio differs by tokenizer): a request picks a task with probability proportional to its
+    sample count. Check: the sample-weighted mean of those 16 averages is 6,711.3 words, the paper
+    abstract's "average length of 6,711 words (English)".
+  - Output budget: each task's max_new_tokens, from the repository's
+    LongBench/config/dataset2maxlen.json (32 for multi-hop QA, TriviaQA and the synthetic tasks,
+    64 for MultiFieldQA, TREC and code, 128 for NarrativeQA, Qasper and SAMSum, 512 for the
+    summarisation tasks), which LongBench/pred.py passes to `generate` as max_new_tokens.
+    ASSUMPTION: every request generates its full budget. That is an upper bound: pred.py stops at
+    EOS (and, for SAMSum, at a newline), which LongBench does not report lengths for.
   - ASSUMPTION: 1.3 tokens per word (a common rule of thumb for English under LLaMA-style BPE
     tokenizers; code runs higher), so a task's mean context is 1.3 x its average words.
   - ASSUMPTION: within a task, context ~ log-normal with that mean and sigma = 0.5 (LongBench
@@ -80,9 +94,9 @@ class LogNormalLength:
         return np.maximum(1, np.rint(rng.lognormal(self.mu, self.sigma, size=size))).astype(np.int64)
 
 
-SHAREGPT_MEAN_INPUT = 161.31   # vLLM (SOSP 2023), Fig. 11a
-SHAREGPT_MEAN_OUTPUT = 337.99  # vLLM (SOSP 2023), Fig. 11a
-SHAREGPT_SIGMA = 1.0           # assumption: no published median
+SHAREGPT_MEAN_INPUT = 161.31   # vLLM (Kwon et al., SOSP 2023), §6.1, Fig. 11a legend
+SHAREGPT_MEAN_OUTPUT = 337.99  # vLLM (Kwon et al., SOSP 2023), §6.1, Fig. 11a legend
+SHAREGPT_SIGMA = 1.0           # assumption: no published median or spread (module docstring)
 SHAREGPT_INPUT = LogNormalLength.from_mean_sigma(SHAREGPT_MEAN_INPUT, SHAREGPT_SIGMA)
 SHAREGPT_OUTPUT = LogNormalLength.from_mean_sigma(SHAREGPT_MEAN_OUTPUT, SHAREGPT_SIGMA)
 
@@ -91,11 +105,11 @@ SHAREGPT_OUTPUT = LogNormalLength.from_mean_sigma(SHAREGPT_MEAN_OUTPUT, SHAREGPT
 class LongBenchTask:
     name: str
     avg_words: int
-    """LongBench/task.md, "Avg len" (words)."""
+    """Average context length in words: the paper's Table 1 "Avg len" (= LongBench/task.md)."""
     samples: int
-    """LongBench/task.md, "#Sample"."""
+    """Samples in the task: Table 1 "#data" (= LongBench/task.md "#Sample")."""
     max_new_tokens: int
-    """config/dataset2maxlen.json."""
+    """Generation budget: LongBench/config/dataset2maxlen.json."""
 
 
 LONGBENCH_TASKS = (
@@ -137,7 +151,8 @@ def sharegpt_workload(n: int, seed: int = 0, *, max_context: int | None = None, 
     outputs = _clip(SHAREGPT_OUTPUT.sample(rng, n), max_output)
     offsets, how = schedule(n, seed, arrivals, rate, burstiness)
     description = {
-        "source": "ShareGPT-like: mean input 161.31 / output 337.99 tokens, vLLM (Kwon et al., SOSP 2023) Fig. 11a",
+        "source": "ShareGPT-like: mean input 161.31 / output 337.99 tokens, vLLM (Kwon et al., SOSP 2023) §6.1, "
+                  "Fig. 11a, https://arxiv.org/abs/2309.06180",
         "context": f"log-normal, mean {SHAREGPT_MEAN_INPUT}, sigma {SHAREGPT_SIGMA} (assumed), clip {max_context}",
         "output": f"log-normal, mean {SHAREGPT_MEAN_OUTPUT}, sigma {SHAREGPT_SIGMA} (assumed), clip {max_output}",
         "arrivals": how}
@@ -165,11 +180,12 @@ def longbench_workload(n: int, seed: int = 0, *, max_context: int | None = None,
     outputs = np.array([t.max_new_tokens for t in LONGBENCH_TASKS])[task_of]
     offsets, how = schedule(n, seed, arrivals, rate, burstiness)
     description = {
-        "source": "LongBench-like: per-task avg words and #samples from LongBench/task.md (Bai et al., ACL 2024, "
-                  "Table 1), outputs = config/dataset2maxlen.json; 16 English and code tasks",
+        "source": "LongBench-like: per-task avg words and #samples from Bai et al., ACL 2024, Table 1 "
+                  "(= THUDM/LongBench LongBench/task.md), outputs = LongBench/config/dataset2maxlen.json "
+                  "(an upper bound); 16 English and code tasks",
         "task": "chosen with probability proportional to its sample count",
         "context": f"log-normal per task, mean {tokens_per_word} tokens/word x avg words (assumed), "
                    f"sigma {sigma} (assumed), clip {max_context}",
-        "output": "the task's max_new_tokens", "arrivals": how}
+        "output": "the task's max_new_tokens (assumed run to the end)", "arrivals": how}
     labels = [LONGBENCH_TASKS[k].name for k in task_of.tolist()]
     return Workload("longbench", build_requests(prompts, outputs, offsets, seed, labels=labels), seed, description)

@@ -106,7 +106,7 @@ def fit_constants(timings: Sequence[CallTiming], hardware: HardwareProfile, mode
                   meta: dict | None = None) -> Fit:
     """Least-squares fit of the cost model's free constants to prefill and decode timings (module
     docstring); "move" and empty calls are ignored. CalibrationError if the timings cannot
-    determine them."""
+    determine them, or if one is malformed (seconds not a finite number > 0, no tokens or KV)."""
     calls = [t for t in timings if t.op in OPS and t.num_seqs > 0]
     _check_enough(calls)
     roofline = CostModel(hardware, model, CostConstants(split_kv_chunk_tokens=chunk_tokens))
@@ -131,6 +131,14 @@ def fit_constants(timings: Sequence[CallTiming], hardware: HardwareProfile, mode
 
 
 def _check_enough(calls: list[CallTiming]) -> None:
+    for t in calls:
+        # Rows are divided by seconds (relative error); the cost terms need tokens and a KV length.
+        if not (np.isfinite(t.seconds) and t.seconds > 0):
+            raise CalibrationError(f"{t} has seconds = {t.seconds!r}: every timing must be a finite time > 0 "
+                                   "(drop it, or time the call again)")
+        for name in ("num_tokens", "max_kv"):
+            if getattr(t, name) < 1:
+                raise CalibrationError(f"{t} has {name} = {getattr(t, name)}: a timed call must have {name} >= 1")
     for op in OPS:
         mine = [t for t in calls if t.op == op]
         if len(mine) < MIN_CALLS_PER_OP:
@@ -231,8 +239,10 @@ def _fill_unidentified(theta: np.ndarray, x: np.ndarray, weight_bound: np.ndarra
         if theta[side] > 0 and on_side.any():
             continue
         if theta[other] <= 0:
-            raise CalibrationError("the timings determine neither the weight-read nor the matmul time: "
-                                   "time calls that vary batch size and prompt length")
+            raise CalibrationError("the timings determine neither the weight-read nor the matmul time (a weight "
+                                   "read that bounds every call cannot be told from the fixed overheads): time "
+                                   "calls that vary batch size and prompt length up to sizes where the matmuls "
+                                   "outlast the weight read")
         theta[side] = float(np.min(theta[other] * x[:, other] / x[:, side]))
         notes.append(f"{name} not identified ({why}): set to {1 / theta[side]:.4g}, the lowest value "
                      "consistent with the timings")
@@ -272,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.refit:
         old = Fit.load(a.refit)
         fit = fit_constants(old.timings, old.hardware, old.model, old.split_kv, old.constants.split_kv_chunk_tokens,
-                            meta={**old.meta, "command": command, "timed_by": old.meta.get("command")})
+                            meta={**old.meta, "command": command,
+                                  "timed_by": old.meta.get("timed_by") or old.meta.get("command")})
     else:
         from engines.sim.torch_timings import measure  # torch is imported here, not at module import
 

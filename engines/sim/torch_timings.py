@@ -13,9 +13,10 @@ machine's peaks, and times prefill and decode calls chosen so the fit can separa
   fitted efficiencies are relative to them.
 - prefill: equal-length batches (B in 1, 4; prompts from 16 to max_seq_len/2 tokens), because the
   torch engine pads a prefill batch to its longest prompt and a CallTiming keeps only the sum;
-- decode: batches of one length (short, then mid-length) at batch sizes doubling to 32, and the
-  same with one near-max_seq_len member, so batch size, max_kv and the sum of KV lengths vary
-  independently (bench/policy_comparison.py `calibrate` explains why a workload run does not).
+- decode: batches of one length (short, then mid-length) at batch sizes doubling from 1 (to 31
+  short or 8 mid sequences), and the same with one near-max_seq_len member, so batch size, max_kv
+  and the sum of KV lengths vary independently (bench/policy_comparison.py `calibrate` explains
+  why a workload run does not).
 
 Every call is run `reps` times after one untimed warm-up. ~1 minute on a 2-core CPU at the defaults.
 """
@@ -37,7 +38,10 @@ from engines.sim.profiles import HardwareProfile, ModelProfile
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "sim"
 MAX_BATCH = 32
+"""Sizes the decode plan: MAX_BATCH - 1 short sequences (MAX_BATCH with "long") and MAX_BATCH // 4
+mid-length ones, so the largest decode batch is 31. A choice of this plan, not a limit of the engine."""
 PREFILL_BATCHES = (1, 4)
+"""Prefill batch sizes timed at each prompt length (one prompt, and four equal ones): a choice of this plan."""
 BOS, FILLER = 256, 65
 """Prompt tokens of the demo byte tokenizer: <s> then "A"s (content does not change the time)."""
 
@@ -70,8 +74,8 @@ def measure(model: str, device: str, dtype: str, max_seq_len: int, reps: int) ->
     if load_before > torch.get_num_threads():
         print(f"warning: the 1-minute load average is {load_before:.1f} with {torch.get_num_threads()} torch threads: "
               "something else is using the CPU and these timings will be noisy")
+    lengths, batches = decode_plan(max_seq_len, reps)  # first: it checks max_seq_len and reps
     path = engine_dir(model, max_seq_len)
-    lengths, batches = decode_plan(max_seq_len, reps)
     probe = load_engine(path, device=device, dtype=dtype, kv_blocks=1, host_kv_blocks=0)
     block = probe.describe().block_size
     probe.close()
@@ -83,6 +87,9 @@ def measure(model: str, device: str, dtype: str, max_seq_len: int, reps: int) ->
     timings = time_calls(engine, lengths, batches, prefill_plan(max_seq_len), reps)
     profile = model_profile(engine, model, dtype)
     engine.close()
+    if os.getloadavg()[0] > torch.get_num_threads():
+        print(f"warning: the 1-minute load average rose to {os.getloadavg()[0]:.1f} while timing: something else "
+              "used the CPU, so these timings are noisy; check the fit's error and time again on an idle machine")
     meta = {"date": date.today().isoformat(), "device": device, "dtype": dtype, "engine_model": model,
             "max_seq_len": max_seq_len, "reps": reps, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
@@ -107,9 +114,15 @@ def decode_plan(max_seq_len: int, reps: int) -> tuple[dict[str, int], list[list[
     for group in (short, mid):
         for b in sorted({*(2**k for k in range(len(group).bit_length())), len(group)}):
             batches += [group[:b], ["long"] + group[:b - 1]]
+    if reps < 1:
+        raise ValueError(f"--reps {reps}: must be >= 1 (the first run of each call is an untimed warm-up)")
     with_long = sum("long" in b for b in batches)
     lengths = {**{i: 16 for i in short}, **{i: max_seq_len // 2 for i in mid},
                "long": max_seq_len - 1 - (reps + 1) * with_long}
+    if lengths["long"] <= max_seq_len // 2:  # "long" must start longer than the mid-length sequences
+        raise ValueError(f"--max-seq-len {max_seq_len} is too short for --reps {reps}: the long decode sequence "
+                         f"grows {(reps + 1) * with_long} tokens and must start past max_seq_len / 2; use "
+                         f"--max-seq-len >= {2 * (reps + 1) * with_long + 3} or fewer --reps")
     return lengths, batches
 
 

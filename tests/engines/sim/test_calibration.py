@@ -126,6 +126,18 @@ def test_refuses_a_malformed_timing_and_names_the_field(field, value):
         fit_constants(calls, H100_SXM, OPT_13B)
 
 
+def test_refuses_timings_where_every_call_is_weight_bound():
+    # Short prompts and decode batches up to 128: every call is bound by the 9 ms weight read, which
+    # is then a constant per call, the same as the overheads. The message says what to time instead.
+    model = CostModel(H100_SXM, OPT_13B, TRUE)
+    calls = [CallTiming("prefill", model.prefill_seconds([n] * b), b, b * n, b * n, n)
+             for b in (1, 2) for n in (8, 16, 32, 64)]
+    calls += [CallTiming("decode", model.decode_seconds([kv] * b), b, b, b * kv, kv)
+              for b in (1, 4, 16, 64, 128) for kv in (512, 1024, 2048)]
+    with pytest.raises(CalibrationError, match="up to sizes where the matmuls outlast the weight read"):
+        fit_constants(calls, H100_SXM, OPT_13B)
+
+
 def test_moves_and_empty_calls_are_ignored():
     extra = [CallTiming("move", 0.5, 3, 0, 300, 100), CallTiming("decode", 0.0, 0, 0, 0, 0)]
     fit = fit_constants(synthetic() + extra, H100_SXM, OPT_13B)
