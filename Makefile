@@ -10,6 +10,8 @@ BUILD_ARGS ?=
 HTTP_PORT ?= 8000
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+MATRIX ?= paper
+SIM_ARGS ?=
 SIM_PROFILE ?= bench/profiles/cpu-100m.json
 CALIBRATE_ARGS ?=
 # Hosts without an NVIDIA driver get the CPU build of torch (a plain `pip install torch` would
@@ -17,7 +19,7 @@ CALIBRATE_ARGS ?=
 TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: venv build-engine serve test bench-decode bench-policy calibrate clean
+.PHONY: venv build-engine serve test bench-decode bench-policy calibrate clean bench simulate
 
 venv: $(VENV)/.installed
 
@@ -45,8 +47,15 @@ test: venv
 bench-decode: venv
 	$(BIN)/python -m bench.decode_throughput $(BENCH_ARGS)
 
-bench-policy: venv
+# The policy comparison on the real torch engine (wall-clock time): JSON, report.md and plots.
+bench: venv
 	$(BIN)/python -m bench.policy_comparison $(BENCH_ARGS)
+
+bench-policy: bench
+
+# The paper's experiment matrix in virtual time on the sim engine (MATRIX=quick|paper|scale).
+simulate: venv
+	$(BIN)/python -m bench.simulate --matrix $(MATRIX) $(SIM_ARGS)
 
 # Time the torch engine on this machine and fit the sim cost model to it, written to SIM_PROFILE.
 calibrate: venv

@@ -96,6 +96,7 @@ import torch
 from tqdm import tqdm
 
 from bench.run_metrics import ratios, summarize
+from bench.report import write_report
 from bench.workloads import CODE_TRACE, Workload, arrival_offsets, draw_workload, load_trace
 from build_scripts.build_engine import main as build_engine
 from engines.base import HOST, CallTiming, Engine, PrefillRequest
@@ -109,7 +110,10 @@ from orchestrator.transfers import TransferRecord
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "bench"
 RESULTS = Path(__file__).resolve().parent / "results"
-POLICIES = ("aligned", "fcfs", "fcfs-offload")
+POLICIES = ("aligned", "fcfs", "fcfs-offload", "chunked-prefill", "disagg-fcfs")
+DEFAULT_POLICIES = POLICIES[:4]
+"""disagg-fcfs needs --helper-device (a second KV pool: cpu:1 on a CPU, where its prefill does not
+overlap decode, or cuda:1)."""
 MODES = ("all-at-once", "poisson")
 STALL_S = 60.0
 """A run with unfinished requests, none left to arrive and nothing runnable for this long is stuck."""
@@ -141,13 +145,16 @@ def open_engine(a: argparse.Namespace, workload: Workload) -> Engine:
     path = engine_dir(a.model, a.max_seq_len)
     block_size = json.loads((path / "manifest.json").read_text())["kv_block_size"]
     device, host = pool_sizes(workload, block_size, a.max_batch_size, a.kv_blocks)
-    return load_engine(path, device=a.device, dtype=a.dtype, kv_blocks=device, host_kv_blocks=host)
+    helpers = (a.helper_device,) if a.helper_device else ()
+    return load_engine(path, device=a.device, dtype=a.dtype, kv_blocks=device, host_kv_blocks=host,
+                       helper_devices=helpers)
 
 
 def serve_config(policy: str, a: argparse.Namespace) -> ServeConfig:
     """The same settings for every policy; only the policy name differs."""
     return ServeConfig(policy=policy, max_batch_size=a.max_batch_size, kmin=a.kmin, max_wait_s=a.max_wait_s,
-                       max_prefill_tokens=a.max_prefill_tokens, max_queue=max(a.requests, 1024))
+                       max_prefill_tokens=a.max_prefill_tokens, max_queue=max(a.requests, 1024),
+                       helper_devices=a.helper_device or "")
 
 
 # ---- one run ----------------------------------------------------------------------------------
@@ -202,10 +209,9 @@ def drive(orch: Orchestrator, workload: Workload, offsets: list[float], desc: st
 
 def run_metrics(run: Run, calibrated: dict | None) -> dict:
     """`bench.run_metrics.summarize` (latencies, throughput, decode rate, alignment, bubble,
-    switches, KV moved; no SLO, no plot series) plus this benchmark's prefill time and step cost
+    switches, KV moved, plot series; no SLO) plus this benchmark's prefill time and step cost
     attribution."""
     metrics = summarize(run.requests, run.scheduled, run.iterations, run.transfers, slo=None, calls=run.calls)
-    del metrics["series"]
     decodes = [c for c in run.calls if c.op == "decode"]
     return {
         **metrics,
@@ -368,7 +374,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--requests", type=int, default=100)
     p.add_argument("--rate", type=float, default=1.2, help="Poisson arrival rate, requests/s")
-    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES), choices=POLICIES)
+    p.add_argument("--helper-device", default="", help="a helper device for disagg-fcfs (cpu:1, cuda:1)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--kmin", type=int, default=8, help="fewest requests in a staged batch (aligned policies)")
@@ -383,11 +390,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trace", type=Path, default=CODE_TRACE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "policy_comparison.json")
+    p.add_argument("--report-dir", type=Path, default=None,
+                   help="markdown report and plots (default bench/results/bench-<model>-<device>/)")
     return p.parse_args(argv)
 
 
 def check_policies(a: argparse.Namespace) -> None:
     """Fail before the long part if a policy cannot be configured (unknown, or a bad setting)."""
+    if "disagg-fcfs" in a.policies and not a.helper_device:
+        raise SystemExit("error: policy 'disagg-fcfs' prefills on a second device; give --helper-device "
+                         "(cpu:1 on a CPU, cuda:1 on a GPU host)")
     for policy in a.policies:
         try:
             serve_config(policy, a)
@@ -439,7 +451,15 @@ def main(argv: list[str] | None = None) -> int:
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     print("\n" + headline(result) + "\n")
     print(markdown(rows, calibrated))
-    print(f"\nwritten to {a.out} ({result['wall_s']:.0f} s)")
+    report = write_report(
+        [{"experiment": "policy_comparison", "model": a.model, "hardware": a.device, "workload": "azure-code",
+          "policy": r["policy"], "variant": r["policy"], "rate": None if r["mode"] == "all-at-once" else a.rate,
+          "requests": a.requests, "seed": a.seed, "metrics": r} for r in rows],
+        a.report_dir or RESULTS / f"bench-{a.model}-{a.device.replace(':', '')}",
+        f"Policy comparison on the torch engine ({a.model}, {a.device})",
+        f"Command: `{result['command']}`; {result['date']}; real engine, wall-clock time. "
+        "Ratios within about 0.9-1.2x are this machine's noise on CPU (docs/benchmarks.md).")
+    print(f"\nwritten to {a.out} and {report} ({result['wall_s']:.0f} s)")
     return 0
 
 
