@@ -38,7 +38,8 @@ max_prefill_tokens 8192, Kmin 36 and Bmax 40% (the paper's), the default starvat
 requests within `--slo-ttft` and `--slo-tpot` (DistServe's chatbot SLO for OPT-13B is TTFT 0.25 s
 and TPOT 0.1 s; the default here, 2 s and 0.1 s, leaves queueing room at the loads run).
 
-Writes `<out>/report.md`, `<out>/results.json` and plots (bench/report.py).
+Writes `<out>/report.md`, `<out>/results.json` and plots (bench/report.py), and
+`<out>/paper_comparison.md`: the paper's headline figures beside ours (bench/paper_comparison.py).
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from bench.paper_comparison import paper_table
 from bench.report import write_report
 from bench.run_metrics import Hardware, Slo, summarize
 from bench.workloads import make_workload
@@ -295,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
              f"Load = multiple of the fcfs deployment's all-at-once request throughput (capacity_req_s in "
              f"results.json); ratios are against {BASELINE!r} at the same rate.")
     path = write_report(results, out, f"Simulated policy comparison ({a.matrix})", notes, baseline="fcfs")
-    print(f"wrote {path} ({len(results)} runs, {elapsed:.0f} s)")
+    table = paper_table(results)
+    (out / "paper_comparison.md").write_text(f"# Beside the paper's figures ({a.matrix})\n\n{notes}\n\n{table}")
+    print(table)
+    print(f"wrote {path} and {out / 'paper_comparison.md'} ({len(results)} runs, {elapsed:.0f} s)")
     return 0
 
 
