@@ -14,7 +14,7 @@ import abc
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Container, Sequence
 
 HOST = "host"
 IN_FLIGHT = "in_flight"
@@ -195,6 +195,34 @@ class StepResult:
 
     tokens: dict[str, int]
     timing: CallTiming
+
+
+def check_new_prompts(requests: Sequence[PrefillRequest], in_use: Container[str], max_seq_len: int,
+                      vocab_size: int, op: str = "prefill") -> None:
+    """Refuse, before anything changes, prompts an engine cannot take: an id already in use (or
+    twice in the call), an empty prompt, one longer than max_seq_len, a token outside the
+    vocabulary. Every engine checks new prompts through this one function."""
+    seen: set[str] = set()
+    for r in requests:
+        rid = r.request_id
+        if rid in seen or rid in in_use:
+            raise EngineError(f"{op}: request id {rid!r} is already in use; free it first or pick a new id")
+        seen.add(rid)
+        n = len(r.prompt_ids)
+        if n == 0:
+            raise EngineError(f"{op}: request {rid!r} has an empty prompt")
+        if n > max_seq_len:
+            raise EngineError(
+                f"{op}: request {rid!r} has a {n}-token prompt, longer than max_seq_len={max_seq_len}; "
+                "truncate the prompt or rebuild the engine with a larger max_seq_len")
+        check_vocab(rid, r.prompt_ids, vocab_size, op)
+
+
+def check_vocab(request_id: str, token_ids: Sequence[int], vocab_size: int, op: str) -> None:
+    """Refuse token ids outside [0, vocab_size), naming the first few."""
+    if token_ids and (min(token_ids) < 0 or max(token_ids) >= vocab_size):
+        bad = [t for t in token_ids if not 0 <= t < vocab_size]
+        raise EngineError(f"{op}: request {request_id!r} has token ids outside [0, {vocab_size}): {bad[:5]}")
 
 
 _handle_ids = itertools.count(1)

@@ -28,7 +28,7 @@ from typing import Sequence
 
 from engines.base import (
     HOST, IN_FLIGHT, CallTiming, Capabilities, DeviceInfo, Engine, EngineError, EngineInfo, ModelInfo,
-    OutOfKVBlocks, PrefillChunk, PrefillHandle, PrefillRequest, StepResult, TransferHandle,
+    OutOfKVBlocks, PrefillChunk, PrefillHandle, PrefillRequest, StepResult, TransferHandle, check_new_prompts,
 )
 from engines.block_allocator import BlockAllocator
 from engines.sim.clock import VirtualClock
@@ -351,21 +351,7 @@ class SimEngine(Engine):
         self._pending = {rid: alloc.allocate(n) for rid, n in counts.items() if n}
 
     def _check_new(self, requests: Sequence[PrefillRequest], op: str) -> None:
-        seen: set[str] = set()
-        vocab = self._info.model.vocab_size
-        for r in requests:
-            rid = r.request_id
-            if rid in seen or rid in self._seqs:
-                raise EngineError(f"{op}: request id {rid!r} is already in use; free it first or pick a new id")
-            seen.add(rid)
-            n = len(r.prompt_ids)
-            if n == 0:
-                raise EngineError(f"{op}: request {rid!r} has an empty prompt")
-            if n > self.max_seq_len:
-                raise EngineError(f"{op}: request {rid!r} has a {n}-token prompt, longer than "
-                                  f"max_seq_len={self.max_seq_len}")
-            if min(r.prompt_ids) < 0 or max(r.prompt_ids) >= vocab:
-                raise EngineError(f"{op}: request {rid!r} has token ids outside [0, {vocab})")
+        check_new_prompts(requests, self._seqs, self.max_seq_len, self._info.model.vocab_size, op)
 
     def _check_decodable(self, ids: list[str]) -> None:
         if len(set(ids)) != len(ids):

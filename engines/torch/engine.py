@@ -11,7 +11,7 @@ import torch
 
 from engines.base import (
     HOST, IN_FLIGHT, CallTiming, Capabilities, DeviceInfo, Engine, EngineError, EngineInfo, ModelInfo,
-    OutOfKVBlocks, PrefillChunk, PrefillRequest, SamplingParams, StepResult, TransferHandle,
+    OutOfKVBlocks, PrefillChunk, PrefillRequest, SamplingParams, StepResult, TransferHandle, check_new_prompts, check_vocab,
 )
 from engines.manifest import Manifest, ManifestError
 from engines.torch.forward_batch import chunk_batch, decode_batch, prefill_batch
@@ -301,27 +301,10 @@ class TorchEngine(Engine):
         return StepResult(dict(zip(ids, tokens)), timing), logits
 
     def _check_new(self, requests: Sequence[PrefillRequest], op: str = "prefill") -> None:
-        seen: set[str] = set()
-        for r in requests:
-            rid = r.request_id
-            if rid in seen or rid in self._seqs:
-                raise EngineError(f"{op}: request id {rid!r} is already in use; free it first or pick a new id")
-            seen.add(rid)
-            n = len(r.prompt_ids)
-            if n == 0:
-                raise EngineError(f"{op}: request {rid!r} has an empty prompt")
-            if n > self.max_seq_len:
-                raise EngineError(
-                    f"{op}: request {rid!r} has a {n}-token prompt, longer than max_seq_len={self.max_seq_len}; "
-                    "truncate the prompt or rebuild the engine with a larger max_seq_len"
-                )
-            self._check_vocab(rid, r.prompt_ids, op)
+        check_new_prompts(requests, self._seqs, self.max_seq_len, self.cfg.vocab_size, op)
 
     def _check_vocab(self, request_id: str, token_ids: Sequence[int], op: str) -> None:
-        bad = [t for t in token_ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise EngineError(
-                f"{op}: request {request_id!r} has token ids outside [0, {self.cfg.vocab_size}): {bad[:5]}")
+        check_vocab(request_id, token_ids, self.cfg.vocab_size, op)
 
     # -- decode ----------------------------------------------------------------------------
 
