@@ -25,9 +25,12 @@ class RequestRejected(ValueError):
     `message` says what limit it broke and what to do."""
 
     def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
+        super().__init__(field, message)  # both in args: the exception pickles (process pools)
         self.field = field
         self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
 
 
 class RequestState(enum.Enum):
