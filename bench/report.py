@@ -37,7 +37,10 @@ def write_report(results: Sequence[dict], out_dir: Path, title: str, notes: str 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # numpy scalars become numbers; anything else JSON cannot hold (a Path) its text
-    as_json = json.dumps(list(results), indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    # One line per run: a matrix of hundreds of runs with their plot series stays a few MB.
+    as_json = "[\n" + ",\n".join(
+        json.dumps(r, separators=(",", ":"), default=lambda o: o.item() if hasattr(o, "item") else str(o))
+        for r in results) + "\n]"
     (out_dir / "results.json").write_text(as_json + "\n")
     lines = [f"# {title}", ""] + ([notes.strip(), ""] if notes.strip() else [])
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -164,6 +167,7 @@ def _legend(ax) -> None:
 def _save(fig: Figure, path: Path) -> str:
     """Render with Agg (no display) to `path`; returns its name for the markdown link."""
     fig.tight_layout()
+    fig.set_dpi(72)  # screen resolution: a matrix writes ~100 plots into the repository
     FigureCanvasAgg(fig).print_png(str(path))
     return path.name
 

@@ -77,6 +77,8 @@ WORKLOAD_ARGS = {"longbench": dict(max_context=16_384)}
 """LongBench's prompts reach ~70k tokens, more than one GPU's KV holds for the 13B model (56k on
 an H100); LongBench's own evaluation (pred.py) truncates each prompt in the middle to the
 model's window, and we cut at 16k, the window of its 16k-context models. Fixed before any run."""
+SERIES_POINTS = 300
+"""Points kept per plotted distribution and run (CDFs and spreads keep their shape)."""
 BASE_CONFIG = dict(max_batch_size=256, max_prefill_tokens=8192, kmin=36, bmax_fraction=0.4, chunk_tokens=512)
 
 
@@ -150,6 +152,14 @@ def run_replica(args: dict, variant: Variant, replicas: int, lengths: list[tuple
     replica; returns what the metrics need."""
     engine = _engine(args, variant, replicas)
     config = ServeConfig(policy=variant.policy, max_queue=max(len(lengths), 1024), **BASE_CONFIG, **variant.config)
+    return drive_virtual(engine, config, lengths, arrivals, variant.label)
+
+
+def drive_virtual(engine: SimEngine, config: ServeConfig, lengths: list[tuple[int, int]], arrivals: list[float],
+                  label: str = "") -> dict:
+    """The orchestrator with `config` on a sim engine: each request submitted once the virtual
+    clock reaches its arrival, the run loop stepped until every request has finished (the clock
+    jumps to the next arrival when nothing is runnable)."""
     orch = Orchestrator(engine, config, clock=engine.clock)
     metrics = orch.loop.metrics
     metrics.history, metrics.timings, metrics.transfers = deque(), deque(), deque()
@@ -169,7 +179,7 @@ def run_replica(args: dict, variant: Variant, replicas: int, lengths: list[tuple
         break
     stuck = [r.id for r in submitted if not r.finished]
     if stuck:
-        raise RuntimeError(f"{variant.label}: {len(stuck)} requests unfinished with nothing to run: {stuck[:5]}")
+        raise RuntimeError(f"{label}: {len(stuck)} requests unfinished with nothing to run: {stuck[:5]}")
     return {"requests": submitted, "scheduled": arrivals, "iterations": list(metrics.history),
             "calls": list(metrics.timings), "transfers": list(metrics.transfers),
             "busy": dict(engine.busy_seconds), "virtual_s": clock()}
@@ -190,7 +200,7 @@ def run_variant(args: dict, variant: Variant, workload: Workload) -> dict:
         [r for p in parts for r in p["requests"]], [t for p in parts for t in p["scheduled"]],
         [it for p in parts for it in p["iterations"]], [t for p in parts for t in p["transfers"]],
         slo=Slo(args["slo_ttft"], args["slo_tpot"]), calls=[c for p in parts for c in p["calls"]],
-        hardware=Hardware.of(hw, model), link_bandwidth=hw.pcie_bandwidth * replicas)
+        hardware=Hardware.of(hw, model), link_bandwidth=hw.pcie_bandwidth * replicas, series_points=SERIES_POINTS)
     virtual = max(p["virtual_s"] for p in parts)
     metrics["gpu_busy_share"] = {d: sum(p["busy"].get(d, 0.0) for p in parts) / (replicas * virtual)
                                  for d in parts[0]["busy"]} if virtual else None
