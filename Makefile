@@ -19,7 +19,7 @@ CALIBRATE_ARGS ?=
 TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: venv build-engine serve test bench-decode bench-policy calibrate clean bench simulate
+.PHONY: browser venv build-engine serve test bench-decode bench-policy calibrate clean bench simulate
 
 venv: $(VENV)/.installed
 
@@ -39,8 +39,18 @@ serve: venv
 	@test -f "$(ENGINE)/manifest.json" || $(MAKE) --no-print-directory build-engine OUT="$(ENGINE)"
 	$(BIN)/python -m serving.triton_server --engine-dir "$(ENGINE)" --http-port $(HTTP_PORT)
 
+# The dashboard's browser test drives Debian's Chromium through its ChromeDriver.
+BROWSER_PACKAGES ?= chromium chromium-driver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  echo "installing $(BROWSER_PACKAGES) for the dashboard's browser test"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES); \
+	fi
+
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
-test: venv
+test: venv browser
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 

@@ -117,6 +117,15 @@ class ServeConfig:
     idle_wait_s: float = 0.05
     """How long the run loop sleeps when nothing is runnable before looking again (it also
     wakes at once on a new request or a cancel)."""
+    admin_host: str = "127.0.0.1"
+    """Address the admin API and dashboard listen on. Loopback by default: the read-only pages
+    need no token, so expose them beyond this host only behind your own access control."""
+    admin_port: int = 0
+    """Port of the admin API and dashboard (orchestrator/admin); 0: no admin server."""
+    admin_token: str = ""
+    """Bearer token the admin API's operator actions (drain, resume, cancel, policy switch)
+    require; set it through ALIGNED_ADMIN_TOKEN rather than a file. Empty: those actions are
+    refused (403) and the read-only endpoints still work."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -142,6 +151,8 @@ class ServeConfig:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.idle_wait_s <= 0:
             raise ConfigError(f"idle_wait_s: must be > 0, got {self.idle_wait_s}")
+        if not 0 <= self.admin_port <= 65535:
+            raise ConfigError(f"admin_port: must be in [0, 65535] (0 = no admin server), got {self.admin_port}")
 
     def replace(self, **changes: Any) -> "ServeConfig":
         return dataclasses.replace(self, **changes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -17,7 +18,13 @@ __all__ = [
     "TokenEvent",
     "StepPlan",
     "RequestRejected",
+    "PolicySwitchRefused",
+    "HISTORY_LIMIT",
 ]
+
+HISTORY_LIMIT = 64
+"""Most entries a request's history keeps (the newest; a request spilled and reloaded many
+times would otherwise grow it without bound)."""
 
 
 class RequestRejected(ValueError):
@@ -31,6 +38,12 @@ class RequestRejected(ValueError):
 
     def __str__(self) -> str:
         return f"{self.field}: {self.message}"
+
+
+class PolicySwitchRefused(RuntimeError):
+    """A runtime policy switch was refused: this engine cannot run the policy, or requests in
+    the pool sit where the new policy never looks (they would wait forever). The message says
+    which and what to do."""
 
 
 class RequestState(enum.Enum):
@@ -106,6 +119,13 @@ class Request:
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     finish_time: float | None = None
+    history: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LIMIT))
+    """(time, event, detail) of each state transition, run-loop clock, the newest HISTORY_LIMIT;
+    written by the run loop thread (the pool's methods), read by the admin API."""
+
+    def note(self, t: float, event: str, detail: str = "") -> None:
+        """Add a history entry."""
+        self.history.append((t, event, detail))
 
     @property
     def prompt_len(self) -> int:

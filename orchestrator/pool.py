@@ -9,13 +9,15 @@
   its way to the host is PARKED but not yet in the index, so nobody picks it mid-move.
 
 Owned by the run loop thread; policies move requests between the parts through these methods,
-so a request is always in exactly one of them.
+so a request is always in exactly one of them. Each method also notes the transition in the
+request's history (the admin API shows it), timed by the pool's clock.
 """
 from __future__ import annotations
 
 import heapq
+import time
 from collections import deque
-from typing import Iterator
+from typing import Callable, Iterator
 
 from orchestrator.core import Request, RequestState
 from orchestrator.length_index import LengthIndex
@@ -24,7 +26,10 @@ from orchestrator.length_index import LengthIndex
 class RequestPool:
     """Waiting requests, the running batch, the staged batch, refill candidates, the host pool."""
 
-    def __init__(self, max_len: int = 1, block_size: int = 1) -> None:
+    def __init__(self, max_len: int = 1, block_size: int = 1,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        """Times the history entries: the run loop sets its own clock."""
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
         self.running: list[Request] = []
@@ -49,17 +54,22 @@ class RequestPool:
             raise KeyError(f"request id {request.id} is already in the pool")
         self._by_id[request.id] = request
         self.waiting.append(request)
+        request.note(self.clock(), "waiting", f"queued for admission behind {len(self.waiting) - 1}")
 
     def take_waiting(self, requests: list[Request]) -> None:
         """These waiting requests are admitted (about to be prefilled): out of the queue."""
         taken = set(requests)  # Request compares by identity (eq=False)
         if taken:
             self.waiting = deque(r for r in self.waiting if r not in taken)
+            now = self.clock()
+            for r in requests:
+                r.note(now, "admitted", "to be prefilled")
 
     def begin_prefill(self, request: Request) -> None:
         """An admitted request's prompt starts prefilling in chunks or on a prefill device."""
         request.state = RequestState.PREFILLING
         self.prefilling.append(request)
+        request.note(self.clock(), "prefilling", f"{request.prompt_len} prompt tokens")
 
     def to_candidate(self, request: Request) -> None:
         """Its KV is (about to be) on its way to the decode device from a prefill device: it
@@ -68,12 +78,15 @@ class RequestPool:
         request.state = RequestState.STAGED
         request.moving = True
         self.candidates.append(request)
+        request.note(self.clock(), "candidate", f"prefilled; KV ({request.kv_len} tokens) moving to the decode device")
 
     def start(self, request: Request) -> None:
         """A request's prefill succeeded and it decodes from the next iteration: it joins the
         running batch."""
         request.state = RequestState.RUNNING
         self.running.append(request)
+        # Prefilled requests bound for the host pool pass through here too: say what is certain.
+        request.note(self.clock(), "prefilled", f"KV ({request.prompt_len} tokens) on the decode device")
 
     def to_host(self, request: Request, now: float) -> None:
         """The request's KV is (about to be) on its way to the host pool; the run loop starts
@@ -84,12 +97,14 @@ class RequestPool:
         # move: a request sent back before it decoded keeps the time it already waited.
         request.parked_since = request.token_times[-1] if request.token_times else now
         request.moving = True  # from the moment it is planned: nobody may pick it until it lands
+        request.note(now, "offloading", f"KV ({request.kv_len} tokens) moving to the host pool")
 
     def on_host(self, request: Request) -> None:
         """Its KV arrived in the host pool: it becomes a candidate for batches."""
         self.parked.insert(request.id, request.kv_len)
         self._seq += 1
         heapq.heappush(self._ages, (request.parked_since, self._seq, request.id))
+        request.note(self.clock(), "parked", f"KV ({request.kv_len} tokens) in the host pool")
 
     def oldest_parked(self, k: int = 1) -> list[Request]:
         """The k parked requests that have waited longest, oldest first (O(k log n))."""
@@ -114,17 +129,26 @@ class RequestPool:
         request.state = RequestState.STAGED
         request.moving = True
         (self.candidates if as_candidate else self.staged).append(request)
+        request.note(self.clock(), "loading", f"KV ({request.kv_len} tokens) moving to the decode device "
+                     f"{'as a refill candidate' if as_candidate else 'for the staged batch'}")
 
     def promote(self, request: Request) -> None:
         """A staged request or a candidate joins the running batch."""
+        origin = ("from the staged batch" if request in self.staged
+                  else "as a refill candidate" if request in self.candidates else "after its prefill")
         self._detach(request)
-        self.start(request)
+        request.state = RequestState.RUNNING
+        self.running.append(request)
+        request.note(self.clock(), "running", f"joined the running batch {origin} (KV {request.kv_len} tokens)")
 
     def remove(self, request: Request) -> None:
         """Take a request out wherever it is (finish, cancel, error)."""
         if self._by_id.pop(request.id, None) is None:
             return
         self._detach(request)
+        reason = request.finish_reason.value if request.finish_reason else "removed"
+        request.note(self.clock(), "finished", f"{reason}: {request.error}" if request.error
+                     else f"{reason} after {len(request.output_ids)} tokens")
 
     def _detach(self, request: Request) -> None:
         for part in (self.running, self.staged, self.candidates, self.prefilling):

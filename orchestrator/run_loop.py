@@ -1,8 +1,9 @@
 """The run loop: one thread that asks the policy for a plan and has the engine carry it out.
 
-Other threads talk to it only through `submit` and `cancel`, which queue work and wake it. Every
-exit of a request (finish, cancel, engine error, shutdown) goes through `_finish`, which frees the
-request's KV in the engine and the ledger exactly once and sends its final event.
+Other threads talk to it only through `submit`, `cancel`, `drain`/`resume` and `switch_policy`,
+which queue work (or flip a flag) and wake it. Every exit of a request (finish, cancel, engine
+error, shutdown) goes through `_finish`, which frees the request's KV in the engine and the
+ledger exactly once and sends its final event.
 """
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable
 
 from engines.base import HOST, CallTiming, Engine, EngineError, PrefillChunk, PrefillHandle, PrefillRequest
 from orchestrator.config import ServeConfig
-from orchestrator.core import FinishReason, Request, RequestRejected, RequestState, TokenEvent
+from orchestrator.core import (FinishReason, PolicySwitchRefused, Request, RequestRejected, RequestState,
+                               TokenEvent)
 from orchestrator.kv_ledger import KVLedger
 from orchestrator.policies import Policy
 from orchestrator.pool import RequestPool
@@ -23,6 +27,31 @@ from orchestrator.transfer_planner import Link, TransferPlanner
 from orchestrator.transfers import TransferTracker
 
 log = logging.getLogger("alignedserve.run_loop")
+
+RECENT_FINISHED = 1000
+"""Finished requests kept for the admin API (`RunLoop.recent_finished`)."""
+
+# The parts of the pool each policy schedules from. A runtime switch is refused while requests sit
+# in a part the new policy never looks at: they would wait there forever. "remote" is a prompt
+# prefilling on another device (its KV then becomes a candidate, or parked), "chunks" a prompt
+# prefilled in chunks inside the decode steps.
+_HOST_POOL = frozenset({"waiting", "running", "remote", "candidates", "staged", "parked"})
+POLICY_PARTS = {
+    "fcfs": frozenset({"waiting", "running"}),
+    "chunked-prefill": frozenset({"waiting", "running", "chunks"}),
+    "disagg-fcfs": frozenset({"waiting", "running", "remote", "candidates"}),
+    "aligned": _HOST_POOL,
+    "fcfs-offload": _HOST_POOL,
+}
+
+
+_PART_WORDS = {  # (one, several)
+    "waiting": ("waiting request", "waiting requests"), "running": ("running request", "running requests"),
+    "remote": ("request prefilling on another device", "requests prefilling on another device"),
+    "chunks": ("request prefilling in chunks", "requests prefilling in chunks"),
+    "candidates": ("refill candidate", "refill candidates"), "staged": ("staged request", "staged requests"),
+    "parked": ("request in the host pool", "requests in the host pool"),
+}
 
 
 class RunLoop:
@@ -38,7 +67,7 @@ class RunLoop:
         """Time of arrivals, tokens, parking (the starvation guard reads it) and waits on
         transfers: time.monotonic, or a virtual-time engine's clock."""
         info = self._info = engine.describe()
-        self.pool = RequestPool(info.model.max_seq_len, info.block_size)
+        self.pool = RequestPool(info.model.max_seq_len, info.block_size, clock)
         self.metrics = Metrics()
         self.transfers = TransferTracker(engine, info, ledger, self.pool, self.metrics.record_transfer, clock)
         self.planner = TransferPlanner(
@@ -56,6 +85,11 @@ class RunLoop:
         self._schedule_seconds = 0.0  # wall time of the latest policy.schedule()
         self._prefills: dict[int, tuple[PrefillHandle, list[Request], set[str]]] = {}
         """Prefills running on another device: handle id -> (handle, requests, ids to park)."""
+        self._draining = False  # guarded by _lock
+        self._switches: deque[tuple[Policy, Future]] = deque()
+        self.recent_finished: deque[Request] = deque(maxlen=RECENT_FINISHED)
+        """The latest finished requests, oldest first (the admin API lists and looks them up)."""
+        self._finish_listeners: list[Callable[[Request], None]] = []
 
     # ---- called from any thread -------------------------------------------------------------
 
@@ -63,12 +97,17 @@ class RunLoop:
         with self._lock:
             if self._stopping.is_set():
                 raise RequestRejected("server", "the server is shutting down")
+            if self._draining:
+                raise RequestRejected("server", "draining: an operator stopped admitting new requests (in-flight "
+                                      "requests finish); retry later or on another replica")
             if self._waiting_count >= self.config.max_queue:
                 raise RequestRejected(
                     "queue", f"{self._waiting_count} requests are waiting, the limit is max_queue="
                     f"{self.config.max_queue}; retry later")
             self._waiting_count += 1
             request.arrival_time = self.clock()
+            request.note(request.arrival_time, "submitted",
+                         f"prompt {request.prompt_len} tokens, max_tokens {request.max_tokens}")
             self._inbox.append(request)
             self.metrics.submitted += 1
         self._wake.set()
@@ -76,6 +115,57 @@ class RunLoop:
     def cancel(self, request_id: str) -> None:
         self._cancels.append(request_id)
         self._wake.set()
+
+    def drain(self) -> None:
+        """Stop admitting: `submit` refuses new requests; those already accepted run to the end."""
+        with self._lock:
+            self._draining = True
+
+    def resume(self) -> None:
+        """Admit new requests again after `drain`."""
+        with self._lock:
+            self._draining = False
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def switch_policy(self, policy: Policy, timeout: float = 30.0) -> None:
+        """Schedule with `policy` from the next iteration on. The loop thread swaps it in between
+        two iterations; this waits for that and raises PolicySwitchRefused when requests would
+        be stranded (see POLICY_PARTS). Without a loop thread (tests that step the loop), the
+        swap happens here, on the caller's thread, which is then the one stepping it; so it does
+        when called from the loop thread itself (an event callback)."""
+        if self._stopping.is_set():
+            raise PolicySwitchRefused("the server is shutting down; the policy was not switched")
+        if not self.alive or threading.current_thread() is self._thread:
+            self._apply_switch(policy)
+            return
+        done: Future = Future()
+        self._switches.append((policy, done))
+        self._wake.set()
+        try:
+            done.result(timeout)
+        except FutureTimeout:
+            if done.cancel():  # not picked up yet: it will never apply
+                raise TimeoutError(f"the run loop did not reach the end of an iteration within {timeout}s; "
+                                   "the policy was not switched") from None
+            done.result()  # picked up just now: its outcome is a moment away
+
+    def add_finish_listener(self, listener: Callable[[Request], None]) -> None:
+        """Call `listener(request)` on the loop thread whenever a request finishes; it must be
+        quick and must not block (append to a deque and return)."""
+        self._finish_listeners.append(listener)
+
+    def remove_finish_listener(self, listener: Callable[[Request], None]) -> None:
+        try:
+            self._finish_listeners.remove(listener)
+        except ValueError:
+            pass
+
+    def incoming(self) -> list[Request]:
+        """Submitted requests not yet taken into the pool (a copy)."""
+        return list(self._inbox)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="alignedserve-run-loop", daemon=True)
@@ -103,6 +193,7 @@ class RunLoop:
         call it directly instead of `start()`."""
         self._drain_inbox()
         self._apply_cancels()
+        self._apply_switches()
         self._settle(self.transfers.poll())
         self._collect_prefills()
         t0 = time.perf_counter()
@@ -218,6 +309,50 @@ class RunLoop:
             request = self.pool.get(self._cancels.popleft())
             if request is not None and not request.finished:
                 self._finish(request, FinishReason.CANCELLED)
+
+    def _apply_switches(self) -> None:
+        while self._switches:
+            policy, done = self._switches.popleft()
+            if not done.set_running_or_notify_cancel():
+                continue  # the caller gave up waiting
+            try:
+                self._apply_switch(policy)
+            except PolicySwitchRefused as e:
+                done.set_exception(e)
+            else:
+                done.set_result(None)
+
+    def _apply_switch(self, policy: Policy) -> None:
+        """Swap the policy in, or raise PolicySwitchRefused naming the requests it would strand."""
+        old = self.policy.name
+        if policy.name == old:
+            self.policy = policy
+            return
+        parts = self._occupied_parts()
+        stranded = {part: n for part, n in parts.items() if n and part not in POLICY_PARTS.get(policy.name, ())}
+        if stranded:
+            where = ", ".join(f"{n} {_PART_WORDS[part][n > 1]}" for part, n in stranded.items())
+            raise PolicySwitchRefused(
+                f"switching from {old} to {policy.name} would strand {where}: {policy.name} never schedules "
+                f"them; drain and let them finish first, or switch to aligned or fcfs-offload")
+        log.info("policy switched from %s to %s", old, policy.name)
+        self.policy = policy
+
+    def _occupied_parts(self) -> dict[str, int]:
+        """How many requests sit in each part of the pool a policy must schedule from."""
+        pool = self.pool
+        remote = {r.id for _, requests, _ in self._prefills.values() for r in requests}
+        park_after = sum(len(park) for _, _, park in self._prefills.values())
+        parked = sum(1 for r in pool if r.state is RequestState.PARKED)  # also those moving there
+        return {
+            "waiting": len(pool.waiting) + len(self._inbox),
+            "running": len(pool.running),
+            "remote": len(remote),
+            "chunks": sum(1 for r in pool.prefilling if r.id not in remote),
+            "candidates": len(pool.candidates),
+            "staged": len(pool.staged),
+            "parked": parked + park_after,
+        }
 
     def _prefill(self, requests: list[Request], park: set[str]) -> CallTiming | None:
         """Prefill; the requests whose ids are in `park` then move to the host pool, the others
@@ -375,7 +510,13 @@ class RunLoop:
             log.exception("engine.free failed for %s", r.id)
         self.ledger.release(r.id)
         self.metrics.finished[reason.value] += 1
+        self.recent_finished.append(r)
         self._emit(r, TokenEvent(r.id, tokens, reason, error))
+        for listener in list(self._finish_listeners):
+            try:
+                listener(r)
+            except Exception:  # an observer must never stop the loop
+                log.exception("finish listener failed for %s", r.id)
 
     def _emit(self, r: Request, event: TokenEvent) -> None:
         if r.on_event is None:
@@ -388,6 +529,10 @@ class RunLoop:
                 self.cancel(r.id)
 
     def _shutdown(self, reason: FinishReason, message: str) -> None:
+        while self._switches:  # nobody will run an iteration again
+            _, done = self._switches.popleft()
+            if done.set_running_or_notify_cancel():
+                done.set_exception(PolicySwitchRefused("the server is shutting down; the policy was not switched"))
         self._drain_inbox()
         for r in list(self.pool):
             if not r.finished:

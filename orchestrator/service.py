@@ -1,4 +1,5 @@
-"""The orchestrator as the serving layer sees it: submit, cancel, stats, start and stop.
+"""The orchestrator as the serving layer sees it: submit, cancel, stats, start and stop, and the
+operator's levers (drain, resume, switch the policy at runtime).
 
 It is handed a ready engine (the serving layer loads it with `engines.loader`), so nothing here
 imports a concrete engine.
@@ -6,14 +7,15 @@ imports a concrete engine.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from typing import Callable, Iterable, Sequence
 
 from engines.base import HOST, Engine, SamplingParams
-from orchestrator.config import ServeConfig
-from orchestrator.core import Request, RequestRejected, TokenEvent
+from orchestrator.config import POLICIES, ServeConfig
+from orchestrator.core import PolicySwitchRefused, Request, RequestRejected, TokenEvent
 from orchestrator.kv_ledger import KVLedger
-from orchestrator.policies import make_policy
+from orchestrator.policies import Policy, make_policy
 from orchestrator.run_loop import RunLoop
 
 
@@ -23,14 +25,21 @@ class Orchestrator:
     def __init__(self, engine: Engine, config: ServeConfig, clock: Callable[[], float] = time.monotonic):
         """clock: the time arrivals, tokens and the starvation guard are measured in."""
         self.engine = engine
+        self.clock = clock
         self.info = engine.describe()
         self.config = config.with_manifest(self.info.model.max_seq_len)
         capacity = {d.name: d.kv_blocks for d in self.info.devices}
         capacity[HOST] = self.info.host_blocks
         self.ledger = KVLedger(capacity)
-        self.policy = make_policy(self.config.policy, self.info, self.config, self.ledger, clock)
-        self.loop = RunLoop(engine, self.policy, self.ledger, self.config, clock)
+        policy = make_policy(self.config.policy, self.info, self.config, self.ledger, clock)
+        self.loop = RunLoop(engine, policy, self.ledger, self.config, clock)
         self._ids = itertools.count(1)
+        self._switching = threading.Lock()  # one switch at a time: config and policy stay in step
+
+    @property
+    def policy(self) -> Policy:
+        """The policy scheduling now (it may be switched at runtime)."""
+        return self.loop.policy
 
     def start(self) -> "Orchestrator":
         self.loop.start()
@@ -67,6 +76,39 @@ class Orchestrator:
     def cancel(self, request_id: str) -> None:
         """Cancel a request wherever it is; it ends with finish reason "cancelled"."""
         self.loop.cancel(request_id)
+
+    def drain(self) -> None:
+        """Stop admitting: submit raises RequestRejected("server", "draining ...") until
+        `resume`; requests already accepted run to the end."""
+        self.loop.drain()
+
+    def resume(self) -> None:
+        """Admit new requests again after `drain`."""
+        self.loop.resume()
+
+    @property
+    def draining(self) -> bool:
+        return self.loop.draining
+
+    def switch_policy(self, name: str, timeout: float = 30.0) -> str:
+        """Schedule with policy `name` from the next iteration on; returns the policy now in force
+        ("aligned" on an engine without a host pool runs as "fcfs", as at startup).
+
+        Raises ValueError for an unknown name, PolicySwitchRefused when this engine cannot run
+        it or when requests sit where it never looks (e.g. fcfs while the host pool holds
+        requests), TimeoutError when the run loop does not finish its iteration in `timeout` s.
+        """
+        if name not in POLICIES:
+            raise ValueError(f"policy: {name!r} is not one of {', '.join(POLICIES)}")
+        with self._switching:
+            config = self.config.replace(policy=name)
+            try:
+                policy = make_policy(name, self.info, config, self.ledger, self.clock)
+            except ValueError as e:
+                raise PolicySwitchRefused(str(e)) from None
+            self.loop.switch_policy(policy, timeout)
+            self.config = config
+            return policy.name
 
     def stats(self) -> dict:
         pool = self.loop.pool

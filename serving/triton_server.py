@@ -184,6 +184,14 @@ class TritonServer:
         self.stop()
 
 
+def admin_line(host: str, port: int) -> str:
+    """What `make serve` says about the admin dashboard."""
+    if not port:
+        return "  admin dashboard: off (--admin-port 0)"
+    token = "set" if os.environ.get("ALIGNED_ADMIN_TOKEN") else "not set: operator actions are refused until ALIGNED_ADMIN_TOKEN is"
+    return f"  admin dashboard: http://{host}:{port}/   (JSON API /docs, Prometheus /metrics; admin token {token})"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Serve model_repo/ with a real tritonserver.")
     p.add_argument("--engine-dir", default=os.environ.get("ALIGNED_ENGINE_DIR", "engines_built/demo"))
@@ -192,14 +200,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-port", type=int, default=None, help="default: http port + 1")
     p.add_argument("--metrics-port", type=int, default=None, help="default: http port + 2")
     p.add_argument("--tritonserver", type=Path, default=None, help="use this binary instead of nvidia-pytriton's")
+    p.add_argument("--admin-port", type=int, default=int(os.environ.get("ALIGNED_ADMIN_PORT", 8010)),
+                   help="admin dashboard and API port (default 8010; 0 turns it off)")
     a = p.parse_args(argv)
     engine_dir = Path(a.engine_dir)
     if not (engine_dir / "manifest.json").is_file():
         print(f"error: {engine_dir} is not an engine directory (no manifest.json); "
               "run `make build-engine` first", file=sys.stderr)
         return 2
+    admin_env = {"ALIGNED_ADMIN_PORT": str(a.admin_port), "ALIGNED_ADMIN_HOST": a.host}
     server = TritonServer(engine_dir, a.http_port, a.grpc_port or a.http_port + 1,
-                          a.metrics_port or a.http_port + 2, host=a.host, tritonserver=a.tritonserver)
+                          a.metrics_port or a.http_port + 2, host=a.host, tritonserver=a.tritonserver,
+                          env=admin_env)
     print(f"starting tritonserver for {engine_dir} ...", flush=True)
     try:
         server.start(timeout=300)
@@ -211,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 AlignedServe is ready (model "{MODEL_NAME}", engine {engine_dir}).
   HTTP  {url}   gRPC {server.host}:{server.grpc_port}   metrics http://{server.host}:{server.metrics_port}/metrics
   try:  curl -N -X POST {url}/v2/models/{MODEL_NAME}/generate_stream -d '{{"text_input": "Hello", "max_tokens": 16, "stream": true}}'
+{admin_line(a.host, a.admin_port)}
 Ctrl-C stops the server.""", flush=True)
     stopping = []
     for sig in (signal.SIGINT, signal.SIGTERM):  # set explicitly: a background job ignores SIGINT

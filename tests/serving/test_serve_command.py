@@ -38,11 +38,12 @@ def descendants(pid: int) -> list[int]:
 
 
 def test_serve_prints_endpoints_streams_and_stops_on_ctrl_c(demo_engine_dir, tmp_path):
-    port = free_port(3)
+    port = free_port(4)
+    admin = port + 3  # the fourth of the free run: HTTP, gRPC, metrics, admin
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "serving.triton_server", "--engine-dir", str(demo_engine_dir),
-                             "--http-port", str(port)], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                             "--http-port", str(port), "--admin-port", str(admin)], cwd=REPO_ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while "is ready" not in (tmp_path / "serve.log").read_text():
@@ -56,6 +57,11 @@ def test_serve_prints_endpoints_streams_and_stops_on_ctrl_c(demo_engine_dir, tmp
                           json={"text_input": "Hello", "max_tokens": 5, "stream": True, "end_id": 0}, timeout=30)
         events = [json.loads(l[6:]) for l in r.text.splitlines() if l.startswith("data: ")]
         assert len(events) == 5 and events[-1]["finish_reason"] == "length"
+        # The admin dashboard runs in the model's process, on its own port, with live state.
+        assert f"admin dashboard: http://127.0.0.1:{admin}/" in banner
+        state = requests.get(f"http://127.0.0.1:{admin}/api/state", timeout=10).json()
+        assert state["policy"] == "aligned" and state["totals"]["tokens"] >= 5
+        assert "dashboard.js" in requests.get(f"http://127.0.0.1:{admin}/", timeout=10).text
         server_pids = descendants(proc.pid)
         assert len(server_pids) >= 2  # tritonserver and the model's stub
     finally:

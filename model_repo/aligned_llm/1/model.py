@@ -70,6 +70,13 @@ class TritonPythonModel:
                              kv_blocks=config.kv_blocks or None, helper_devices=config.helpers)
         self.tokenizer = load_tokenizer(engine_dir)
         self.orchestrator = Orchestrator(engine, config).start()
+        self.admin = None
+        if config.admin_port:  # the dashboard and admin API, on their own port and thread
+            from orchestrator.admin import AdminServer
+            self.admin = AdminServer(self.orchestrator, host=config.admin_host, port=config.admin_port,
+                                     token=config.admin_token or None)
+            self.admin.start()
+            log.info("aligned_llm admin dashboard on %s", self.admin.url)
         self.max_tokens_limit = self.orchestrator.config.max_tokens_limit
         self._outbox: queue.Queue = queue.Queue()
         self._live: set[_Stream] = set()  # requests to watch for client cancellation
@@ -181,6 +188,8 @@ class TritonPythonModel:
         orchestrator = getattr(self, "orchestrator", None)
         if orchestrator is None:
             return
+        if getattr(self, "admin", None) is not None:
+            self.admin.stop()
         orchestrator.stop()  # in-flight requests end as cancelled; their finals are queued
         self._stopping.set()
         self._sender.join(timeout=10)

@@ -1,0 +1,14 @@
+"""The admin surface of an orchestrator (DESIGN.md §5): a FastAPI app with a JSON API, server-sent
+events, Prometheus /metrics, the live dashboard page (static/), and the operator actions (drain,
+resume, cancel, policy switch) behind a bearer token.
+
+    server = AdminServer(orch, host="127.0.0.1", port=8010, token=os.environ["ALIGNED_ADMIN_TOKEN"]).start()
+    ...            # the dashboard at server.url, the API's schema at server.url + "docs"
+    server.stop()
+
+The orchestrator layer's rule holds here too: nothing imports torch or a concrete engine.
+"""
+from orchestrator.admin.app import create_app
+from orchestrator.admin.server import AdminServer
+
+__all__ = ["create_app", "AdminServer"]
