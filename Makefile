@@ -19,7 +19,7 @@ CALIBRATE_ARGS ?=
 TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: browser venv build-engine serve test bench-decode bench-policy calibrate clean bench simulate
+.PHONY: browser load venv build-engine serve test bench-decode bench-policy calibrate clean bench simulate
 
 venv: $(VENV)/.installed
 
@@ -62,6 +62,11 @@ bench: venv
 	$(BIN)/python -m bench.policy_comparison $(BENCH_ARGS)
 
 bench-policy: bench
+
+# Traffic for a running `make serve` (watch it on the admin dashboard): LOAD_ARGS, see --help.
+LOAD_ARGS ?=
+load: venv
+	$(BIN)/python -m bench.load_generator $(LOAD_ARGS)
 
 # The paper's experiment matrix in virtual time on the sim engine (MATRIX=quick|paper|scale).
 simulate: venv

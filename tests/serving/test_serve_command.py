@@ -57,11 +57,17 @@ def test_serve_prints_endpoints_streams_and_stops_on_ctrl_c(demo_engine_dir, tmp
                           json={"text_input": "Hello", "max_tokens": 5, "stream": True, "end_id": 0}, timeout=30)
         events = [json.loads(l[6:]) for l in r.text.splitlines() if l.startswith("data: ")]
         assert len(events) == 5 and events[-1]["finish_reason"] == "length"
-        # The admin dashboard runs in the model's process, on its own port, with live state.
+        # The admin dashboard runs in the model's process, on its own port, with live state
+        # while the load generator sends traffic.
         assert f"admin dashboard: http://127.0.0.1:{admin}/" in banner
-        state = requests.get(f"http://127.0.0.1:{admin}/api/state", timeout=10).json()
-        assert state["policy"] == "aligned" and state["totals"]["tokens"] >= 5
         assert "dashboard.js" in requests.get(f"http://127.0.0.1:{admin}/", timeout=10).text
+        load = subprocess.run([sys.executable, "-m", "bench.load_generator", "--url", f"http://127.0.0.1:{port}",
+                               "--requests", "12", "--rate", "0", "--max-prompt-tokens", "60", "--max-tokens", "12"],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        assert load.returncode == 0 and "completed 12, failed 0" in load.stdout, load.stdout + load.stderr
+        state = requests.get(f"http://127.0.0.1:{admin}/api/state", timeout=10).json()
+        assert state["policy"] == "aligned" and state["totals"]["tokens"] >= 5 + 12
+        assert len(requests.get(f"http://127.0.0.1:{admin}/api/requests", timeout=10).json()["requests"]) >= 13
         server_pids = descendants(proc.pid)
         assert len(server_pids) >= 2  # tritonserver and the model's stub
     finally:
