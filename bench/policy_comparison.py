@@ -96,6 +96,7 @@ import torch
 from tqdm import tqdm
 
 from bench.run_metrics import ratios, summarize
+from bench.dashboard import watch
 from bench.report import write_report
 from bench.workloads import CODE_TRACE, Workload, arrival_offsets, draw_workload, load_trace
 from build_scripts.build_engine import main as build_engine
@@ -390,6 +391,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trace", type=Path, default=CODE_TRACE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "policy_comparison.json")
+    p.add_argument("--dashboard", type=int, default=0, metavar="PORT",
+                   help="show each run's orchestrator on the admin dashboard at 127.0.0.1:PORT")
     p.add_argument("--report-dir", type=Path, default=None,
                    help="markdown report and plots (default bench/results/bench-<model>-<device>/)")
     return p.parse_args(argv)
@@ -415,7 +418,9 @@ def run_all(engine: Engine, workload: Workload, a: argparse.Namespace, calibrate
         for policy in a.policies:
             config = serve_config(policy, a)
             load_before = os.getloadavg()[0]
-            run = drive(Orchestrator(engine, config), workload, offsets, f"{mode} {policy}")
+            orch = Orchestrator(engine, config)
+            with watch(orch, a.dashboard):
+                run = drive(orch, workload, offsets, f"{mode} {policy}")
             leaked = {t: engine.kv_blocks_used(t) for t in (info.decode_device, HOST) if engine.kv_blocks_used(t)}
             if leaked:
                 raise RuntimeError(f"{mode} {policy}: KV blocks still held after the run: {leaked}")

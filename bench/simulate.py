@@ -61,6 +61,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bench.paper_comparison import paper_table
+from bench.dashboard import watch
 from bench.report import write_report
 from bench.run_metrics import Hardware, Slo, summarize
 from bench.workloads import make_workload
@@ -152,11 +153,11 @@ def run_replica(args: dict, variant: Variant, replicas: int, lengths: list[tuple
     replica; returns what the metrics need."""
     engine = _engine(args, variant, replicas)
     config = ServeConfig(policy=variant.policy, max_queue=max(len(lengths), 1024), **BASE_CONFIG, **variant.config)
-    return drive_virtual(engine, config, lengths, arrivals, variant.label)
+    return drive_virtual(engine, config, lengths, arrivals, variant.label, dashboard=args.get("dashboard"))
 
 
 def drive_virtual(engine: SimEngine, config: ServeConfig, lengths: list[tuple[int, int]], arrivals: list[float],
-                  label: str = "") -> dict:
+                  label: str = "", dashboard: int | None = None) -> dict:
     """The orchestrator with `config` on a sim engine: each request submitted once the virtual
     clock reaches its arrival, the run loop stepped until every request has finished (the clock
     jumps to the next arrival when nothing is runnable)."""
@@ -166,17 +167,18 @@ def drive_virtual(engine: SimEngine, config: ServeConfig, lengths: list[tuple[in
     clock, loop = engine.clock, orch.loop
     submitted = []
     i, n = 0, len(lengths)
-    while True:
-        while i < n and arrivals[i] <= clock():
-            plen, out = lengths[i]
-            submitted.append(orch.submit((BOS_ID,) + (5,) * (plen - 1), max_tokens=out))
-            i += 1
-        if loop.step():
-            continue
-        if i < n:
-            clock.advance_to(arrivals[i])
-            continue
-        break
+    with watch(orch, dashboard):
+        while True:
+            while i < n and arrivals[i] <= clock():
+                plen, out = lengths[i]
+                submitted.append(orch.submit((BOS_ID,) + (5,) * (plen - 1), max_tokens=out))
+                i += 1
+            if loop.step():
+                continue
+            if i < n:
+                clock.advance_to(arrivals[i])
+                continue
+            break
     stuck = [r.id for r in submitted if not r.finished]
     if stuck:
         raise RuntimeError(f"{label}: {len(stuck)} requests unfinished with nothing to run: {stuck[:5]}")
@@ -270,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO on TTFT, seconds")
     p.add_argument("--slo-tpot", type=float, default=0.1, help="goodput SLO on TPOT, seconds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dashboard", type=int, default=0, metavar="PORT",
+                   help="show each replica's orchestrator on the admin dashboard at 127.0.0.1:PORT (runs --jobs 1)")
     a = p.parse_args(argv)
+    if a.dashboard:
+        a.jobs = 1
     m = MATRICES[a.matrix]
     models, workloads = a.models or m.models, a.workloads or m.workloads
     variants = a.variants or m.variants
@@ -282,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         model_profile(name)
     hardware_profile(a.hardware)
     args = dict(hardware=a.hardware, gpus=a.gpus, host_share=a.host_share, split_kv=a.split_kv,
-                slo_ttft=a.slo_ttft, slo_tpot=a.slo_tpot, seed=a.seed)
+                slo_ttft=a.slo_ttft, slo_tpot=a.slo_tpot, seed=a.seed, dashboard=a.dashboard or None)
     jobs = [dict(args=args, model=mo, workload=w, requests=requests, loads=tuple(loads), variants=tuple(variants))
             for mo in models for w in workloads]
     out = a.out or RESULTS / f"sim-{a.matrix}"
