@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 build-engine: venv
-	$(BIN)/python -m build_scripts.build_engine $(if $(MODEL),--model "$(MODEL)") $(if $(OUT),--out "$(OUT)") $(BUILD_ARGS)
+	$(BIN)/python -m build_scripts.build_engine $(if $(MODEL),--model "$(MODEL)") $(if $(OUT),--out "$(OUT)") $(if $(BACKEND),--backend $(BACKEND)) $(BUILD_ARGS)
 
 serve: venv
 	@test -f "$(ENGINE)/manifest.json" || $(MAKE) --no-print-directory build-engine OUT="$(ENGINE)"

@@ -2,6 +2,7 @@
 
     python -m build_scripts.build_engine [--model HF_DIR] [--out ENGINE_DIR] [--dtype float32|bfloat16]
         [--max-seq-len N] [--block-size 16] [--kv-memory-gb 1.0] [--host-kv-memory-gb 2x] [--force]
+        [--backend torch|trtllm [--max-batch-size 64] [--cache-transceiver NIXL|UCX]]
 
 Without --model it builds the seeded random demo model (`build_scripts.demo_checkpoint`), made
 afresh in a temporary directory each time. The checkpoint is checked completely before anything
@@ -12,10 +13,15 @@ The engine directory (see `build_engine` for the layout) is written into a hidde
 renamed into place (`build_scripts.staging`): an existing engine directory is replaced, any
 other existing path only with --force. The same checkpoint and options give byte-identical
 engine directories: the manifest holds no time and no temporary path.
+
+--backend trtllm builds for TensorRT-LLM instead (`engines.tensorrt_llm.build`, docs/tensorrt-llm.md):
+the same directory and manifest plus its settings; without TensorRT-LLM installed it exits with
+status 2 and one line saying how to get it, before writing anything.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import math
 import shutil
@@ -36,6 +42,7 @@ HOST_KV_FACTOR = 2
 """Without --host-kv-memory-gb the host pool is this many times the device pool: the pool of
 parked requests has to be large for aligned batches to find candidates (DESIGN.md §1)."""
 _COPY_CHUNK = 8 * 2**20
+BUILD_BACKENDS = ("torch", "trtllm")
 
 
 def kv_block_bytes(ckpt: Checkpoint, dtype: str, block_size: int) -> int:
@@ -184,6 +191,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-size", choices=("demo", "100m"),
                    help="without --model: which demo model to build (default demo)")
     p.add_argument("--seed", type=int, help="without --model: seed of the demo weights (default 0)")
+    p.add_argument("--backend", choices=BUILD_BACKENDS, default="torch",
+                   help="engine backend: torch (built in, default) or trtllm (TensorRT-LLM; docs/tensorrt-llm.md)")
+    p.add_argument("--max-batch-size", type=int,
+                   help="--backend trtllm: executor slots = the orchestrator's batch capacity (default 64)")
+    p.add_argument("--cache-transceiver", choices=("NIXL", "UCX"),
+                   help="--backend trtllm: KV hand-off between a prefetch and a decode GPU (peer prefetch)")
     return p
 
 
@@ -193,14 +206,22 @@ def main(argv: list[str] | None = None) -> None:
     a = parser.parse_args(argv)
     if a.model and (a.demo_size or a.seed is not None):
         parser.error("--demo-size and --seed only apply to the demo model (without --model)")
+    if a.backend != "trtllm" and (a.max_batch_size is not None or a.cache_transceiver):
+        parser.error("--max-batch-size and --cache-transceiver only apply to --backend trtllm")
     size, seed = a.demo_size or "demo", a.seed if a.seed is not None else 0
     default_name = Path(a.model).resolve().name if a.model else ("demo" if size == "demo" else f"demo-{size}")
     out = Path(a.out or Path("engines_built") / default_name)
     options = dict(dtype=a.dtype, max_seq_len=a.max_seq_len, block_size=a.block_size,
                    kv_memory_gb=a.kv_memory_gb, host_kv_memory_gb=a.host_kv_memory_gb, force=a.force)
+    build = build_engine
+    if a.backend == "trtllm":
+        from engines.tensorrt_llm.build import DEFAULT_MAX_BATCH_SIZE, build_trtllm_engine
+
+        slots = a.max_batch_size if a.max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
+        build = functools.partial(build_trtllm_engine, max_batch_size=slots, cache_transceiver=a.cache_transceiver)
     try:
         if a.model:
-            manifest = build_engine(a.model, out, **options)
+            manifest = build(a.model, out, **options)
         else:
             check_replaceable(out, a.force)  # before spending time on the demo weights
             from build_scripts.demo_checkpoint import make_demo_checkpoint
@@ -208,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
             source = "demo" if (size, seed) == ("demo", 0) else f"demo:{size}:seed={seed}"
             with tempfile.TemporaryDirectory(prefix="alignedserve-demo-checkpoint-") as ckpt_dir:
                 make_demo_checkpoint(ckpt_dir, seed=seed, size=size)
-                manifest = build_engine(ckpt_dir, out, source=source, **options)
+                manifest = build(ckpt_dir, out, source=source, **options)
     except (BuildError, OSError) as e:  # OSError: disk full, permissions... while writing
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -7,7 +7,7 @@ from typing import Sequence
 from engines.base import Engine
 from engines.manifest import ManifestError, read_manifest
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "tensorrt_llm")
 
 
 def load_engine(
@@ -33,6 +33,11 @@ def load_engine(
 
         return TorchEngine.from_engine_dir(engine_dir, manifest, device=device, dtype=dtype, kv_blocks=kv_blocks,
                                            host_kv_blocks=host_kv_blocks, helper_devices=helper_devices)
+    if manifest.backend == "tensorrt_llm":  # imports TensorRT-LLM only now; a clear error without it
+        from engines.tensorrt_llm.engine import TrtllmEngine
+
+        return TrtllmEngine.from_engine_dir(engine_dir, manifest, device=device, dtype=dtype, kv_blocks=kv_blocks,
+                                            host_kv_blocks=host_kv_blocks, helper_devices=helper_devices)
     raise ManifestError(
         f"{Path(engine_dir) / 'manifest.json'}: backend {manifest.backend!r} is not available; "
         f"known backends: {', '.join(BACKENDS)}"

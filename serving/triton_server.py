@@ -184,6 +184,24 @@ class TritonServer:
         self.stop()
 
 
+def backend_missing(engine_dir: Path) -> str | None:
+    """Why this machine cannot serve the engine's backend (a TensorRT-LLM engine without
+    TensorRT-LLM installed), before starting tritonserver; None when it can."""
+    from engines.manifest import ManifestError, read_manifest
+    try:
+        backend = read_manifest(engine_dir).backend
+    except ManifestError:
+        return None  # the model's load reports a broken manifest with its own message
+    if backend != "tensorrt_llm":
+        return None
+    from engines.tensorrt_llm._import import TensorRTLLMUnavailable, imported
+    try:
+        imported(f"serving the TensorRT-LLM engine {engine_dir}")
+    except TensorRTLLMUnavailable as e:
+        return str(e)
+    return None
+
+
 def admin_line(host: str, port: int) -> str:
     """What `make serve` says about the admin dashboard."""
     if not port:
@@ -209,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
               "run `make build-engine` first", file=sys.stderr)
         return 2
     admin_env = {"ALIGNED_ADMIN_PORT": str(a.admin_port), "ALIGNED_ADMIN_HOST": a.host}
+    missing = backend_missing(engine_dir)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     server = TritonServer(engine_dir, a.http_port, a.grpc_port or a.http_port + 1,
                           a.metrics_port or a.http_port + 2, host=a.host, tritonserver=a.tritonserver,
                           env=admin_env)

@@ -99,9 +99,11 @@ def test_demo_build_is_byte_identical_and_readable(tmp_path, capsys):
     }
     m = read_manifest(a)
     assert (m.backend, m.architecture, m.dtype, m.source) == ("torch", "LlamaForCausalLM", "float32", "demo")
-    assert m.max_seq_len == 2048 and m.kv_block_size == 16 and m.kv_blocks_host == 0
-    # 2 (K,V) * 4 layers * 2 kv heads * 32 head_dim * 16 tokens * 4 bytes, in 1 GiB
+    assert m.max_seq_len == 2048 and m.kv_block_size == 16
+    # 2 (K,V) * 4 layers * 2 kv heads * 32 head_dim * 16 tokens * 4 bytes, in 1 GiB; the host
+    # pool defaults to twice the device pool (HOST_KV_FACTOR).
     assert m.bytes_per_block == 32768 and m.kv_blocks_device == 2**30 // 32768
+    assert m.kv_blocks_host == 2 * m.kv_blocks_device
     assert m.eos_token_ids == (EOS_ID,) and m.bos_token_id == BOS_ID
     assert m.num_params == 804_736
 

@@ -1,0 +1,20 @@
+"""The TensorRT-LLM backend: the engine contract over NVIDIA's TensorRT-LLM (docs/tensorrt-llm.md).
+
+Nothing in this package imports `tensorrt_llm` when it is imported: the package is reached only
+through `engines.tensorrt_llm._import`, at the moment an engine is built or served, so the
+orchestrator and the tests run on machines without it.
+
+One file per concept:
+- `api_surface`: every TensorRT-LLM name the adapter uses, with a source link per name.
+- `_import`: the lazy import, the error when it is missing, and the flavour picked by version.
+- `llm_settings`: the `LLM()` keyword arguments the orchestrator needs.
+- `admission`: slots of the externally formed batch.
+- `host_pool`: the orchestrator's host KV pool (which request's KV sits in which host blocks).
+- `kv_connector`: the connector's decisions (scheduler side) and copies (worker side).
+- `connector_classes`: those two, as subclasses of TensorRT-LLM's connector base classes.
+- `retention`: `KvCacheRetentionConfig` priorities per request role.
+- `token_streams`: draining each request's output stream into a queue of tokens.
+- `disagg`: the context-only / generation-only hand-off between two instances (peer prefetch).
+- `engine`: `TrtllmEngine`, the contract itself.
+- `build`: `make build-engine BACKEND=trtllm`.
+"""

@@ -1,0 +1,424 @@
+"""`TrtllmEngine`: the engine contract (engines/base.py) over TensorRT-LLM's LLM API.
+
+How each contract call maps onto what TensorRT-LLM's public API offers (docs/tensorrt-llm.md):
+
+- `prefill`: submit each request (streaming) and take its first token. Batches are formed by
+  admission (`admission`): max_batch_size = the orchestrator's capacity, GUARANTEED_NO_EVICT,
+  chunked context off, so every submitted request runs from the next iteration until it ends.
+- `decode`: the next token of each named request. TensorRT-LLM decodes *every* admitted request
+  every iteration; tokens the orchestrator has not asked for yet wait in `token_streams`
+  (hence `can_form_batches=False`).
+- `move(device -> host)` parks: order a save (`host_pool`), abort; the KV connector saves the
+  blocks as TensorRT-LLM ends the request. `move(host -> device)` resumes: order a load, submit
+  prompt + generated tokens; the connector loads the saved blocks instead of recomputing them.
+- `move(helper -> device)` hands a `context_only` prefill to the decode instance as a
+  `generation_only` request, whose KV the cache transceiver pulls over the peer link (`disagg`).
+- `free`: abort, close the stream, release host slots. Unknown ids are ignored.
+
+What TensorRT-LLM may still do on its own: pick the iteration's order of context and generation
+work, add no request we did not submit, and under GUARANTEED_NO_EVICT never pause one; it does
+decode requests the orchestrator holds back (their tokens are buffered), and with block reuse it
+keeps finished requests' blocks as reusable cache (evicted by `retention` priority).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from engines.base import (HOST, IN_FLIGHT, CallTiming, CapabilityError, Capabilities, DeviceInfo, Engine, EngineError,
+                          EngineInfo, ModelInfo, PrefillHandle, PrefillRequest, SamplingParams, StepResult,
+                          TransferHandle, check_new_prompts)
+from engines.tensorrt_llm import disagg, host_pool
+from engines.tensorrt_llm.admission import AdmissionGate
+from engines.tensorrt_llm.host_pool import HostKvPool
+from engines.tensorrt_llm.llm_settings import TrtllmSettings
+from engines.tensorrt_llm.retention import retention_config
+from engines.tensorrt_llm.token_streams import TokenStreams
+
+SINGLE_PROCESS_ENV = "TLLM_WORKER_USE_SINGLE_PROCESS"
+"""Runs TensorRT-LLM's executor in this process, where the connector finds the bound host pool."""
+
+
+@dataclass(slots=True)
+class _Request:
+    """The engine's books on one request."""
+
+    rid: str
+    prompt: tuple[int, ...]
+    sampling: SamplingParams
+    tier: str
+    generated: list[int] = field(default_factory=list)
+    """Tokens the orchestrator has received."""
+    stream: str | None = None
+    """Key of the current decode-side stream."""
+    ctx_stream: str | None = None
+    """Key of the context_only stream on the prefetch instance."""
+    submissions: int = 0
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return self.prompt + tuple(self.generated)
+
+
+@dataclass(slots=True)
+class _Move:
+    kind: str
+    """"park", "resume" or "handoff"."""
+    handle: TransferHandle
+    started: float
+    done: bool = False
+
+
+class TrtllmEngine(Engine):
+    """The engine contract over one decode `LLM` instance, optionally a context (prefetch)
+    instance on a helper GPU, and the orchestrator's host KV pool (KV connector)."""
+
+    def __init__(self, api: Any, llm: Any, settings: TrtllmSettings, model: ModelInfo, *, bytes_per_block: int,
+                 kv_blocks: int, device: str = "cuda:0", pool: HostKvPool | None = None, ctx_llm: Any = None,
+                 helper_device: str | None = None, timeout_s: float = 120.0):
+        if (ctx_llm is None) != (helper_device is None):
+            raise ValueError("a context instance and its helper device come together")
+        self.api, self.llm, self.ctx_llm, self.settings = api, llm, ctx_llm, settings
+        self.pool = pool
+        self.gate = AdmissionGate(settings.max_batch_size)
+        self.streams = TokenStreams(timeout_s)
+        self.timeout_s = timeout_s
+        self.device, self.helper_device = device, helper_device
+        self._reqs: dict[str, _Request] = {}
+        self._moves: dict[int, _Move] = {}
+        self._prefills: dict[int, float] = {}  # unfinished helper prefills: handle id -> start time
+        devices = (DeviceInfo(device, "cuda", kv_blocks),)
+        if helper_device:
+            devices += (DeviceInfo(helper_device, "cuda", kv_blocks),)
+        self._info = EngineInfo(
+            backend="tensorrt_llm", model=model, devices=devices, block_size=settings.tokens_per_block,
+            bytes_per_block=bytes_per_block, host_blocks=pool.blocks if pool else 0,
+            capabilities=Capabilities(can_offload=pool is not None and pool.blocks > 0,
+                                      can_peer_copy=ctx_llm is not None, can_form_batches=False,
+                                      can_chunk_prefill=False, can_overlap_prefill=ctx_llm is not None))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_engine_dir(cls, engine_dir: str | Path, manifest, *, device: str = "auto", dtype: str | None = None,
+                        kv_blocks: int | None = None, host_kv_blocks: int | None = None,
+                        helper_devices: Sequence[str] = ()) -> "TrtllmEngine":
+        """Open an engine directory written by `make build-engine BACKEND=trtllm`.
+
+        kv_blocks / host_kv_blocks override the manifest's pools; dtype cannot change without a
+        rebuild (a TensorRT engine is compiled for one)."""
+        from engines.tensorrt_llm import _import
+        from engines.tensorrt_llm.api_surface import ENGINE
+        from engines.tensorrt_llm.llm_settings import llm_kwargs
+
+        engine_dir = Path(engine_dir)
+        _import.imported(f"serving {engine_dir}")
+        api = _import.llmapi(f"serving {engine_dir}")
+        settings = TrtllmSettings.from_dict(dict(manifest.extra.get("llm_settings", {})), where=str(engine_dir))
+        if dtype and dtype != manifest.dtype:
+            raise EngineError(f"{engine_dir} was built for {manifest.dtype}; rebuild it with --dtype {dtype} "
+                              "to serve in another dtype")
+        overrides = {}
+        if host_kv_blocks is not None:
+            overrides["host_pool_blocks"] = host_kv_blocks
+        if kv_blocks is not None:
+            overrides["kv_max_tokens"] = kv_blocks * settings.tokens_per_block
+        settings = TrtllmSettings.from_dict({**settings.to_dict(), **overrides})
+        if len(helper_devices) > 1:
+            raise EngineError(f"the TensorRT-LLM engine takes one helper (context) device, got {list(helper_devices)}")
+        if helper_devices and settings.cache_transceiver_backend is None:
+            raise CapabilityError("peer prefetch needs cache_transceiver_backend (NIXL or UCX) in the engine's "
+                                  "llm_settings; rebuild with --cache-transceiver NIXL")
+        if settings.flavour == ENGINE:
+            llm_cls = _import.module("tensorrt_llm._tensorrt_engine", f"serving {engine_dir}").LLM
+            model_path = engine_dir / "engine"
+        else:
+            llm_cls, model_path = api.LLM, engine_dir
+        pool = HostKvPool(settings.host_pool_blocks, settings.tokens_per_block) if settings.host_pool_blocks else None
+        if pool is not None:
+            os.environ.setdefault(SINGLE_PROCESS_ENV, "1")
+            host_pool.bind(pool)
+        peer = bool(helper_devices)
+        llm = llm_cls(**llm_kwargs(api, settings, str(model_path), connector=pool is not None, transceiver=peer))
+        ctx_llm = None
+        if peer:
+            _select_device(helper_devices[0])
+            ctx_llm = llm_cls(**llm_kwargs(api, settings, str(model_path), connector=False, transceiver=True))
+        decode_device = "cuda:0" if device == "auto" else device
+        return cls(api, llm, settings, _model_info(manifest), bytes_per_block=manifest.bytes_per_block,
+                   kv_blocks=kv_blocks or manifest.kv_blocks_device, device=decode_device, pool=pool, ctx_llm=ctx_llm,
+                   helper_device=helper_devices[0] if peer else None)
+
+    # ------------------------------------------------------------------ the contract
+    def describe(self) -> EngineInfo:
+        return self._info
+
+    def prefill(self, requests: Sequence[PrefillRequest], device: str | None = None) -> StepResult:
+        device = device or self.device
+        if device == self.helper_device:
+            handle = self.start_prefill(requests, device)
+            while (result := self.prefill_result(handle)) is None:
+                time.sleep(0.0005)
+            return result
+        self._check_device(device, "prefill")
+        check_new_prompts(requests, self._reqs, self._info.model.max_seq_len, self._info.model.vocab_size)
+        ids = [r.request_id for r in requests]
+        self.gate.admit(ids, "prefill")
+        t0 = time.perf_counter()
+        try:
+            for r in requests:
+                req = self._reqs[r.request_id] = _Request(r.request_id, tuple(r.prompt_ids), r.sampling, device)
+                self._submit(req, self.llm, "running")
+            tokens = {rid: self._take(rid, "prefill") for rid in ids}
+        except BaseException:
+            self.free(ids)
+            self.gate.release(ids)
+            raise
+        n = sum(len(r.prompt_ids) for r in requests)
+        return StepResult(tokens, CallTiming("prefill", time.perf_counter() - t0, len(ids), n, n,
+                                             max(len(r.prompt_ids) for r in requests)))
+
+    def decode(self, request_ids: Sequence[str]) -> StepResult:
+        ids = list(request_ids)
+        for rid in ids:
+            self._check_on(rid, self.device, "decode")
+        t0 = time.perf_counter()
+        kv = [len(self._reqs[rid].tokens) for rid in ids]
+        tokens = {rid: self._take(rid, "decode") for rid in ids}
+        return StepResult(tokens, CallTiming("decode", time.perf_counter() - t0, len(ids), len(ids), sum(kv),
+                                             max(kv, default=0)))
+
+    def free(self, request_ids: Sequence[str]) -> None:
+        for rid in request_ids:
+            req = self._reqs.pop(rid, None)
+            if req is None:
+                continue
+            for key in (req.stream, req.ctx_stream):
+                if key is not None:
+                    self.streams.close(key)
+            if self.pool is not None:
+                self.pool.release(rid)
+            self.gate.release([rid])
+
+    def tier_of(self, request_id: str) -> str:
+        req = self._reqs.get(request_id)
+        if req is None:
+            raise EngineError(f"tier_of: unknown request id {request_id!r}")
+        return req.tier
+
+    def kv_blocks_used(self, tier: str) -> int:
+        """Host: slots of the host pool. Device: blocks of the requests resident there, counted
+        from their lengths (TensorRT-LLM's own count, with reusable cache, is in `llm.get_stats()`)."""
+        if tier == HOST:
+            return self.pool.used() if self.pool else 0
+        self._info.tier_blocks(tier)  # KeyError for an unknown tier
+        return sum(self._info.blocks_for(len(r.tokens)) for r in self._reqs.values() if r.tier == tier)
+
+    def move(self, request_ids: Sequence[str], src: str, dst: str) -> TransferHandle:
+        ids = list(request_ids)
+        if src == self.device and dst == HOST:
+            kind = "park"
+        elif src == HOST and dst == self.device:
+            kind = "resume"
+        elif src == self.helper_device and dst == self.device and src is not None:
+            kind = "handoff"
+        else:
+            return super().move(ids, src, dst)  # CapabilityError naming the capabilities
+        if kind in ("park", "resume") and self.pool is None:
+            raise CapabilityError(
+                f"move {src} -> {dst}: this TensorRT-LLM engine has no host KV pool (host_pool_blocks=0, or the "
+                "TensorRT-engine flavour, which has no KV connector); rebuild with --host-kv-memory-gb > 0 on the "
+                "LLM-API flavour")
+        for rid in ids:
+            self._check_on(rid, src, "move")
+            if kind == "resume" and self.pool.state(rid) != "saved":
+                raise EngineError(f"move: request {rid!r} has no saved KV in the host pool ({self.pool.state(rid)})")
+        if kind != "park":
+            self.gate.admit(ids, "move")
+        handle = TransferHandle(tuple(ids), src, dst, bytes=self._bytes(ids))
+        started = time.perf_counter()
+        for rid in ids:
+            req = self._reqs[rid]
+            if kind == "park":
+                self.pool.order_park(rid, req.tokens)
+                self.streams.abort(req.stream)
+                self.gate.release([rid])
+            elif kind == "resume":
+                self.streams.close(req.stream)
+                self.pool.order_resume(rid, req.tokens)
+                self._submit(req, self.llm, "staged")
+            else:
+                params = disagg.generation_only(self.api, self.streams.disaggregated_params(req.ctx_stream), rid)
+                self._submit(req, self.llm, "staged", disaggregated=params, tokens=req.prompt,
+                             skip=1 if disagg.GEN_ONLY_REPEATS_FIRST_TOKEN else 0)
+            req.tier = IN_FLIGHT
+        self._moves[handle.id] = _Move(kind, handle, started)
+        return handle
+
+    def poll(self, handle: TransferHandle) -> bool:
+        m = self._moves.get(handle.id)
+        if m is None:
+            raise EngineError(f"poll: transfer {handle.id} was not started by this engine")
+        if m.done:
+            return True
+        live = [rid for rid in handle.request_ids if rid in self._reqs]
+        if not all(self._landed(m.kind, rid) for rid in live):
+            return False
+        for rid in live:
+            req = self._reqs[rid]
+            req.tier = handle.dst
+            if m.kind == "park":
+                self.streams.close(req.stream)
+                req.stream = None
+            elif m.kind == "handoff":
+                self.streams.close(req.ctx_stream)
+                req.ctx_stream = None
+        m.done = True
+        handle.seconds = time.perf_counter() - m.started
+        return True
+
+    def wait(self, handle: TransferHandle) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while not self.poll(handle):
+            if time.monotonic() > deadline:
+                raise EngineError(f"wait: transfer {handle.id} of {list(handle.request_ids)} did not finish in "
+                                  f"{self.timeout_s}s")
+            time.sleep(0.0005)
+
+    def start_prefill(self, requests: Sequence[PrefillRequest], device: str) -> PrefillHandle:
+        if device != self.helper_device:
+            return super().start_prefill(requests, device)
+        check_new_prompts(requests, self._reqs, self._info.model.max_seq_len, self._info.model.vocab_size)
+        ids = [r.request_id for r in requests]
+        try:
+            for r in requests:
+                req = self._reqs[r.request_id] = _Request(r.request_id, tuple(r.prompt_ids), r.sampling, IN_FLIGHT)
+                req.ctx_stream = self._open(req, self.ctx_llm, "running", max_tokens=1,
+                                            disaggregated=disagg.context_only(self.api))
+        except BaseException:
+            self.free(ids)
+            raise
+        handle = PrefillHandle(tuple(ids), device)
+        self._prefills[handle.id] = time.perf_counter()
+        return handle
+
+    def prefill_result(self, handle: PrefillHandle) -> StepResult | None:
+        if handle.id not in self._prefills or handle.result is not None:
+            return handle.result
+        live = [rid for rid in handle.request_ids if rid in self._reqs]
+        if not all(self.streams.has_token(self._reqs[rid].ctx_stream) for rid in live):
+            return None
+        tokens = {}
+        try:
+            for rid in live:
+                req = self._reqs[rid]
+                tok = self.streams.next_token(req.ctx_stream, "prefill", rid)
+                req.generated.append(tok)
+                req.tier = handle.device
+                tokens[rid] = tok
+        except EngineError:
+            self.free(live)
+            raise
+        n = sum(len(self._reqs[rid].prompt) for rid in live)
+        seconds = time.perf_counter() - self._prefills.pop(handle.id)
+        handle.result = StepResult(tokens, CallTiming("prefill", seconds, len(live), n, n,
+                                                      max((len(self._reqs[r].prompt) for r in live), default=0)))
+        return handle.result
+
+    def wait_any(self, handles: Sequence[TransferHandle | PrefillHandle]) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            for h in handles:
+                ready = self.prefill_result(h) is not None if isinstance(h, PrefillHandle) else self.poll(h)
+                if ready:
+                    return
+            if time.monotonic() > deadline:
+                raise EngineError(f"wait_any: none of {len(handles)} handles finished in {self.timeout_s}s")
+            time.sleep(0.0005)
+
+    def close(self) -> None:
+        self.free(list(self._reqs))
+        self.streams.shutdown()
+        for llm in (self.llm, self.ctx_llm):
+            if llm is not None:
+                llm.shutdown()
+        if self.pool is not None:
+            host_pool.bind(None)
+
+    # ------------------------------------------------------------------ helpers
+    def _open(self, req: _Request, llm: Any, role: str, *, max_tokens: int | None = None, disaggregated=None,
+              skip: int = 0, tokens: Sequence[int] | None = None) -> str:
+        """Submit the request (by default its prompt and every token generated so far) and open its stream.
+        A generation_only hand-off sends the prompt alone: the first token travels in the hand-off."""
+        key = f"{req.rid}#{req.submissions}"
+        req.submissions += 1
+        tokens = list(req.tokens if tokens is None else tokens)
+        sp = _sampling_params(self.api, req.sampling, max_tokens or self._info.model.max_seq_len - len(req.tokens))
+        retention = retention_config(self.api, role)
+        self.streams.open(key, lambda: llm.generate_async(tokens, sampling_params=sp, streaming=True,
+                                                          kv_cache_retention_config=retention,
+                                                          disaggregated_params=disaggregated), skip=skip)
+        return key
+
+    def _submit(self, req: _Request, llm: Any, role: str, **kw) -> None:
+        req.stream = self._open(req, llm, role, **kw)
+
+    def _take(self, rid: str, op: str) -> int:
+        req = self._reqs[rid]
+        tok = self.streams.next_token(req.stream, op, rid)
+        req.generated.append(tok)
+        return tok
+
+    def _landed(self, kind: str, rid: str) -> bool:
+        req = self._reqs[rid]
+        if kind == "park":
+            state = self.pool.state(rid)
+            if state.startswith("failed"):
+                raise EngineError(f"move: parking {rid!r} in the host pool failed ({state[8:]}); its KV is gone")
+            return state == "saved"
+        if self.streams.ended(req.stream) and not self.streams.has_token(req.stream):
+            self.streams.next_token(req.stream, "move", rid)  # raises the stream's end or error
+        return self.streams.has_token(req.stream)
+
+    def _check_device(self, device: str, op: str) -> None:
+        if device not in (self.device, self.helper_device):
+            raise EngineError(f"{op}: unknown device {device!r}; this engine has "
+                              f"{[d.name for d in self._info.devices]}")
+
+    def _check_on(self, rid: str, tier: str, op: str) -> None:
+        req = self._reqs.get(rid)
+        if req is None:
+            raise EngineError(f"{op}: unknown request id {rid!r}")
+        if req.tier != tier:
+            raise EngineError(f"{op}: request {rid!r} is in tier {req.tier!r}, not {tier!r}")
+
+    def _bytes(self, ids: list[str]) -> int:
+        return sum(self._info.blocks_for(len(self._reqs[r].tokens)) for r in ids) * self._info.bytes_per_block
+
+
+def _sampling_params(api, s: SamplingParams, max_tokens: int):
+    """TensorRT-LLM sampling for one request. The orchestrator decides when a request stops, so
+    TensorRT-LLM ignores EOS and stops only at max_seq_len; tokens are not detokenized."""
+    if s.greedy:
+        return api.SamplingParams(max_tokens=max_tokens, temperature=None, top_k=1, top_p=None, seed=s.seed,
+                                  ignore_eos=True, detokenize=False)
+    return api.SamplingParams(max_tokens=max_tokens, temperature=s.temperature, top_k=s.top_k or None,
+                              top_p=s.top_p, seed=s.seed, ignore_eos=True, detokenize=False)
+
+
+def _model_info(manifest) -> ModelInfo:
+    m = manifest.extra.get("model", {})
+    return ModelInfo(architecture=manifest.architecture, vocab_size=m["vocab_size"], max_seq_len=manifest.max_seq_len,
+                     num_layers=m["num_layers"], num_kv_heads=m["num_kv_heads"], head_dim=m["head_dim"],
+                     dtype=manifest.dtype, num_params=manifest.num_params, eos_token_ids=manifest.eos_token_ids,
+                     bos_token_id=manifest.bos_token_id)
+
+
+def _select_device(device: str) -> None:
+    """Make `device` current before building the context instance (single-process worker).
+    Not verified on hardware: check placement with nvidia-smi (docs/tensorrt-llm.md)."""
+    import torch
+
+    torch.cuda.set_device(torch.device(device))

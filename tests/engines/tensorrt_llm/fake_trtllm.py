@@ -1,0 +1,500 @@
+"""A FAKE of the TensorRT-LLM surface the adapter uses. It is not TensorRT-LLM and runs no model.
+
+It exists so the adapter's own logic (admission, connector bookkeeping, disaggregated hand-off,
+build and manifest) can be tested on machines without the package. Every name and parameter in
+`engines/tensorrt_llm/api_surface.py` exists here (checked by test_api_surface.py); behaviour is
+modelled only as far as the adapter depends on it:
+
+- `FakeLLM` runs iterations on a background thread like the executor: admits waiting requests
+  while slots and blocks are free (GUARANTEED_NO_EVICT: a request reserves blocks for its whole
+  length up front), decodes every running request each iteration, streams outputs.
+- Its "KV" is a tensor `[blocks, tokens_per_block]` holding each position's token id, and the next
+  token is a hash of the request's KV values, so a request whose KV was loaded wrongly by the
+  connector produces different tokens than one that never left.
+- It calls a configured KV connector at the moments TensorRT-LLM does: get_num_new_matched_tokens
+  and update_state_after_alloc on admission, build_connector_meta / start_load_kv /
+  wait_for_layer_load / save_kv_layer / wait_for_save each iteration, request_finished when a
+  request ends (holding its blocks while the worker saves), get_finished to release them.
+- context_only requests keep their blocks after the first token until a generation_only request
+  on another FakeLLM pulls them (the cache transceiver), which then frees them.
+
+`install(monkeypatch)` puts it into sys.modules under the real module names, only inside a test.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import importlib
+import itertools
+import sys
+import threading
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+VERSION = "1.2.1"
+VOCAB = 128
+_INSTANCES: dict[int, "FakeLLM"] = {}
+_ids = itertools.count(1)
+
+
+# ----------------------------------------------------------------------------- config objects
+class CapacitySchedulerPolicy(enum.Enum):
+    MAX_UTILIZATION = "MAX_UTILIZATION"
+    GUARANTEED_NO_EVICT = "GUARANTEED_NO_EVICT"
+    STATIC_BATCH = "STATIC_BATCH"
+
+
+@dataclass
+class KvCacheConfig:
+    free_gpu_memory_fraction: Optional[float] = 0.9
+    tokens_per_block: int = 32
+    enable_block_reuse: bool = True
+    host_cache_size: Optional[int] = None
+    max_tokens: Optional[int] = None
+
+
+@dataclass
+class SchedulerConfig:
+    capacity_scheduler_policy: CapacitySchedulerPolicy = CapacitySchedulerPolicy.GUARANTEED_NO_EVICT
+    context_chunking_policy: Any = None
+
+
+@dataclass
+class CacheTransceiverConfig:
+    backend: Optional[str] = None
+    max_tokens_in_buffer: Optional[int] = None
+
+
+@dataclass
+class KvCacheConnectorConfig:
+    connector_module: str
+    connector_scheduler_class: str
+    connector_worker_class: str
+
+
+@dataclass
+class DisaggregatedParams:
+    request_type: Optional[str] = None
+    first_gen_tokens: Optional[list] = None
+    ctx_request_id: Optional[int] = None
+    opaque_state: Any = None
+    draft_tokens: Optional[list] = None
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 32
+    temperature: Optional[float] = None
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    seed: Optional[int] = None
+    ignore_eos: bool = False
+    detokenize: bool = True
+
+
+class KvCacheRetentionConfig:
+    class TokenRangeRetentionConfig:
+        def __init__(self, token_start: int, token_end: Optional[int] = None, priority: int = 35,
+                     duration_ms: Optional[int] = None):
+            self.token_start, self.token_end = token_start, token_end
+            self.priority, self.duration_ms = priority, duration_ms
+
+    def __init__(self, token_range_retention_configs: list, decode_retention_priority: int = 35,
+                 decode_duration_ms: Optional[int] = None):
+        for p in [decode_retention_priority] + [c.priority for c in token_range_retention_configs]:
+            if not 0 <= p <= 100:
+                raise ValueError(f"retention priority {p} outside [0, 100]")
+        self.token_range_retention_configs = token_range_retention_configs
+        self.decode_retention_priority = decode_retention_priority
+        self.decode_duration_ms = decode_duration_ms
+
+
+# ----------------------------------------------------------------------------- outputs
+@dataclass
+class CompletionOutput:
+    token_ids: list = field(default_factory=list)
+    disaggregated_params: Any = None
+
+
+class RequestOutput:
+    """Streams snapshots; async-iterable like the real one."""
+
+    outputs: list
+    finished: bool
+
+    def __init__(self, request: "LlmRequest"):
+        self._request = request
+        self.outputs = [CompletionOutput()]
+        self.finished = False
+        self._snapshots: collections.deque = collections.deque()
+        self._closed = False
+
+    def _push(self, token_ids: list, finished: bool, disagg: Any = None) -> None:
+        snap = types.SimpleNamespace(outputs=[CompletionOutput(list(token_ids), disagg)], finished=finished)
+        self._snapshots.append(snap)
+        if finished:
+            self._snapshots.append(None)
+
+    def abort(self) -> None:
+        self._request.aborted = True
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        while True:
+            if self._snapshots:
+                snap = self._snapshots.popleft()
+                if snap is None:
+                    raise StopAsyncIteration
+                self.outputs, self.finished = snap.outputs, snap.finished
+                return self
+            await asyncio.sleep(0.0005)
+
+
+# ----------------------------------------------------------------------------- connector bases
+@dataclass
+class SchedulerOutput:
+    new_requests: list = field(default_factory=list)
+    cached_requests: list = field(default_factory=list)
+
+
+class KvCacheConnectorScheduler:
+    def __init__(self, llm_args):
+        self._llm_args = llm_args
+
+    def build_connector_meta(self, scheduler_output):
+        raise NotImplementedError
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        raise NotImplementedError
+
+    def request_finished(self, request, cache_block_ids):
+        raise NotImplementedError
+
+    def update_state_after_alloc(self, request, block_ids):
+        raise NotImplementedError
+
+
+class KvCacheConnectorWorker:
+    def __init__(self, llm_args):
+        self._llm_args = llm_args
+        self._metadata = None
+
+    def bind_connector_meta(self, metadata):
+        self._metadata = metadata
+
+    def get_connector_meta(self):
+        return self._metadata
+
+    def register_kv_caches(self, kv_cache_tensor):
+        raise NotImplementedError
+
+    def start_load_kv(self, stream):
+        raise NotImplementedError
+
+    def wait_for_layer_load(self, layer_idx, stream):
+        raise NotImplementedError
+
+    def save_kv_layer(self, layer_idx, stream):
+        raise NotImplementedError
+
+    def wait_for_save(self, stream):
+        raise NotImplementedError
+
+    def get_finished(self, finished_gen_req_ids, started_loading_req_ids):
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- the executor
+class LlmRequest:
+    request_id: int
+
+    def __init__(self, tokens: list, sampling: SamplingParams, disagg: Any, retention: Any):
+        self.request_id = next(_ids)
+        self.tokens = list(tokens)
+        self.prompt_len = len(tokens)
+        self.sampling, self.disagg, self.retention = sampling, disagg, retention
+        self.blocks: list[int] = []
+        self.generated: list[int] = []
+        self.aborted = False
+        self.output = RequestOutput(self)
+        self.computed = 0  # positions whose KV is written
+
+    def get_tokens(self, beam: int) -> list:
+        return list(self.tokens)
+
+
+def _next_token(values: torch.Tensor) -> int:
+    h = 0
+    for v in values.tolist():
+        h = (h * 1000003 + int(v) + 1) % (2**61 - 1)
+    return h % VOCAB
+
+
+class FakeLLM:
+    """The fake `tensorrt_llm.LLM` (see the module docstring)."""
+
+    NUM_BLOCKS = 64
+    """KV blocks of every fake instance (tests lower it to exercise GUARANTEED_NO_EVICT waits)."""
+    TICK_S = 0.0005
+
+    def __init__(self, model: str, *, dtype: str = "auto", max_batch_size: int = 8, max_seq_len: int = 256,
+                 kv_cache_config: Optional[KvCacheConfig] = None, scheduler_config: Optional[SchedulerConfig] = None,
+                 enable_chunked_prefill: bool = False,
+                 cache_transceiver_config: Optional[CacheTransceiverConfig] = None,
+                 kv_connector_config: Optional[KvCacheConnectorConfig] = None, **kwargs):
+        self.model = model
+        self.kwargs = dict(dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                           kv_cache_config=kv_cache_config or KvCacheConfig(), scheduler_config=scheduler_config,
+                           enable_chunked_prefill=enable_chunked_prefill,
+                           cache_transceiver_config=cache_transceiver_config, kv_connector_config=kv_connector_config,
+                           **kwargs)
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.block_size = self.kwargs["kv_cache_config"].tokens_per_block
+        self.kv = torch.zeros((self.NUM_BLOCKS, self.block_size), dtype=torch.float64)
+        self.free_blocks = list(range(self.NUM_BLOCKS - 1, -1, -1))
+        self.waiting: collections.deque[LlmRequest] = collections.deque()
+        self.running: list[LlmRequest] = []
+        self.saving: dict[int, LlmRequest] = {}
+        self.ctx_kept: dict[int, LlmRequest] = {}
+        self.max_running_seen = 0
+        self.submitted: list[LlmRequest] = []
+        self.connector_calls: list[str] = []
+        self.sched = self.worker = None
+        if kv_connector_config is not None:
+            mod = importlib.import_module(kv_connector_config.connector_module)
+            args = types.SimpleNamespace(**self.kwargs)
+            self.sched = getattr(mod, kv_connector_config.connector_scheduler_class)(args)
+            self.worker = getattr(mod, kv_connector_config.connector_worker_class)(args)
+            self.worker.register_kv_caches(self.kv)
+        self.lock = threading.RLock()
+        self._stop = threading.Event()
+        _INSTANCES[id(self)] = self
+        self._thread = threading.Thread(target=self._run, daemon=True, name="fake-trtllm-executor")
+        self._thread.start()
+
+    # --- public surface ---
+    def generate_async(self, inputs, sampling_params: Optional[SamplingParams] = None, streaming: bool = False,
+                       kv_cache_retention_config: Any = None, disaggregated_params: Any = None, **kwargs):
+        if not streaming:
+            raise NotImplementedError("the fake only streams")
+        if not inputs or max(inputs) >= VOCAB:
+            raise ValueError("fake LLM: bad input tokens")
+        req = LlmRequest(inputs, sampling_params or SamplingParams(), disaggregated_params, kv_cache_retention_config)
+        with self.lock:
+            self.waiting.append(req)
+            self.submitted.append(req)
+        return req.output
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        _INSTANCES.pop(id(self), None)
+
+    # --- for tests ---
+    def blocks_in_use(self) -> int:
+        with self.lock:
+            return self.NUM_BLOCKS - len(self.free_blocks)
+
+    def idle(self) -> bool:
+        with self.lock:
+            return not (self.waiting or self.running or self.saving)
+
+    # --- the executor loop ---
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self.lock:
+                self._step()
+            time.sleep(self.TICK_S)
+
+    def _call(self, obj, name, *args):
+        self.connector_calls.append(name)
+        return getattr(obj, name)(*args)
+
+    def _step(self) -> None:
+        self._admit()
+        if self.sched is not None:
+            meta = self._call(self.sched, "build_connector_meta", SchedulerOutput())
+            self.worker.bind_connector_meta(meta)
+            self._call(self.worker, "start_load_kv", None)
+            for layer in range(2):
+                self._call(self.worker, "wait_for_layer_load", layer, None)
+                self._call(self.worker, "save_kv_layer", layer, None)
+        ended = [r for r in self.running if r.aborted]
+        for r in self.running:
+            if r.aborted:
+                continue
+            self._forward(r)
+            ctx_only = r.disagg is not None and r.disagg.request_type == "context_only"
+            done = len(r.generated) >= r.sampling.max_tokens or len(r.tokens) >= self.max_seq_len or ctx_only
+            disagg = None
+            if ctx_only:
+                disagg = DisaggregatedParams("context_only", [r.generated[0]], r.request_id, {"instance": id(self)})
+            shown = r.generated if not (r.disagg and r.disagg.request_type == "generation_only") \
+                else list(r.disagg.first_gen_tokens) + r.generated
+            r.output._push(shown, done, disagg)
+            if done:
+                ended.append(r)
+        if self.sched is not None:
+            self._call(self.worker, "wait_for_save", None)
+        for r in ended:
+            self.running.remove(r)
+            if r.aborted:
+                r.output._push(r.generated, True)
+            if r.disagg is not None and r.disagg.request_type == "context_only" and not r.aborted:
+                self.ctx_kept[r.request_id] = r
+                continue
+            if self.sched is not None and self._call(self.sched, "request_finished", r, list(r.blocks)):
+                self.saving[r.request_id] = r
+            else:
+                self._release(r)
+        if self.sched is not None:
+            saved, _ = self._call(self.worker, "get_finished", list(self.saving), [])
+            for rid in saved:
+                self._release(self.saving.pop(rid))
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch_size:
+            r = self.waiting[0]
+            if r.aborted:
+                self.waiting.popleft()
+                r.output._push(r.generated, True)
+                continue
+            total = min(len(r.tokens) + r.sampling.max_tokens, self.max_seq_len)
+            need = -(-total // self.block_size)
+            if need > len(self.free_blocks):
+                return  # GUARANTEED_NO_EVICT: wait until a request ends
+            self.waiting.popleft()
+            r.blocks = [self.free_blocks.pop() for _ in range(need)]
+            gen_only = r.disagg is not None and r.disagg.request_type == "generation_only"
+            if gen_only:
+                self._pull_from_context(r)
+            elif self.sched is not None:
+                matched, _async = self._call(self.sched, "get_num_new_matched_tokens", r, 0)
+                self._call(self.sched, "update_state_after_alloc", r, list(r.blocks))
+                r.computed = matched
+            self.running.append(r)
+            self.max_running_seen = max(self.max_running_seen, len(self.running))
+
+    def _pull_from_context(self, r: LlmRequest) -> None:
+        """The cache transceiver: copy the context instance's KV, then it frees its blocks."""
+        ctx = _INSTANCES[r.disagg.opaque_state["instance"]]
+        with ctx.lock:
+            src = ctx.ctx_kept.pop(r.disagg.ctx_request_id)
+            n = src.computed
+            for p in range(n):
+                self.kv[r.blocks[p // self.block_size], p % self.block_size] = \
+                    ctx.kv[src.blocks[p // ctx.block_size], p % ctx.block_size]
+            ctx._release(src)
+        r.tokens = r.tokens + list(r.disagg.first_gen_tokens)
+        r.computed = n
+
+    def _forward(self, r: LlmRequest) -> None:
+        """Write the KV of every position not yet computed (prompt, or the last token), then sample."""
+        for p in range(r.computed, len(r.tokens)):
+            self.kv[r.blocks[p // self.block_size], p % self.block_size] = r.tokens[p]
+        r.computed = len(r.tokens)
+        values = torch.stack([self.kv[r.blocks[p // self.block_size], p % self.block_size]
+                              for p in range(len(r.tokens))])
+        tok = _next_token(values)
+        r.generated.append(tok)
+        r.tokens.append(tok)
+
+    def _release(self, r: LlmRequest) -> None:
+        self.free_blocks.extend(r.blocks)
+        r.blocks = []
+
+
+def reference_tokens(prompt: list, n: int) -> list:
+    """The tokens the fake model generates for `prompt` when nothing interferes."""
+    tokens, out = list(prompt), []
+    for _ in range(n):
+        t = _next_token(torch.tensor(tokens, dtype=torch.float64))
+        out.append(t)
+        tokens.append(t)
+    return out
+
+
+class FakeTensorrtEngineLLM(FakeLLM):
+    """The fake `tensorrt_llm._tensorrt_engine.LLM` (TensorRT engines: no KV connector)."""
+
+    def __init__(self, model: str, *, max_batch_size: int = 8, max_seq_len: int = 256,
+                 kv_cache_config: Optional[KvCacheConfig] = None, scheduler_config: Optional[SchedulerConfig] = None,
+                 enable_chunked_prefill: bool = False, **kwargs):
+        if kwargs.get("kv_connector_config") is not None:
+            raise ValueError("the KV connector needs the PyTorch backend")
+        super().__init__(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                         kv_cache_config=kv_cache_config, scheduler_config=scheduler_config,
+                         enable_chunked_prefill=enable_chunked_prefill, **kwargs)
+
+
+# ----------------------------------------------------------------------------- building
+class PretrainedModel:
+    """The fake checkpoint converter: writes a config and a marker weight file."""
+
+    def __init__(self, hf_dir: str, dtype: str):
+        self.hf_dir, self.dtype = hf_dir, dtype
+
+    @classmethod
+    def from_hugging_face(cls, hf_model_or_dir, dtype: str = "auto", mapping=None, quant_config=None, **kwargs):
+        return cls(str(hf_model_or_dir), dtype)
+
+    def save_checkpoint(self, output_dir, save_config: bool = True) -> None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text('{"fake": "tensorrt_llm checkpoint", "dtype": "%s"}\n' % self.dtype)
+        (out / "rank0.safetensors").write_bytes(b"fake")
+
+
+# ----------------------------------------------------------------------------- installing
+def modules(version: str = VERSION) -> dict[str, types.ModuleType]:
+    """The fake's modules, by the real module names."""
+    def mod(name: str, **attrs) -> types.ModuleType:
+        m = types.ModuleType(name, "FAKE TensorRT-LLM module for tests (tests/engines/tensorrt_llm/fake_trtllm.py)")
+        m.__dict__.update(attrs)
+        return m
+
+    configs = dict(KvCacheConfig=KvCacheConfig, SchedulerConfig=SchedulerConfig,
+                   CapacitySchedulerPolicy=CapacitySchedulerPolicy, CacheTransceiverConfig=CacheTransceiverConfig)
+    llmapi = mod("tensorrt_llm.llmapi", LLM=FakeLLM, RequestOutput=RequestOutput, CompletionOutput=CompletionOutput,
+                 SamplingParams=SamplingParams, KvCacheRetentionConfig=KvCacheRetentionConfig,
+                 DisaggregatedParams=DisaggregatedParams, **configs)
+    ms = {
+        "tensorrt_llm": mod("tensorrt_llm", __version__=version, LLM=FakeLLM, SamplingParams=SamplingParams,
+                            __fake__=True),
+        "tensorrt_llm.llmapi": llmapi,
+        "tensorrt_llm.llmapi.llm_args": mod("tensorrt_llm.llmapi.llm_args",
+                                            KvCacheConnectorConfig=KvCacheConnectorConfig, **configs),
+        "tensorrt_llm._tensorrt_engine": mod("tensorrt_llm._tensorrt_engine", LLM=FakeTensorrtEngineLLM),
+        "tensorrt_llm._torch": mod("tensorrt_llm._torch"),
+        "tensorrt_llm._torch.pyexecutor": mod("tensorrt_llm._torch.pyexecutor"),
+        "tensorrt_llm._torch.pyexecutor.kv_cache_connector": mod(
+            "tensorrt_llm._torch.pyexecutor.kv_cache_connector", KvCacheConnectorScheduler=KvCacheConnectorScheduler,
+            KvCacheConnectorWorker=KvCacheConnectorWorker, SchedulerOutput=SchedulerOutput),
+        "tensorrt_llm.bindings": mod("tensorrt_llm.bindings"),
+        "tensorrt_llm.bindings.internal": mod("tensorrt_llm.bindings.internal"),
+        "tensorrt_llm.bindings.internal.batch_manager": mod("tensorrt_llm.bindings.internal.batch_manager",
+                                                            LlmRequest=LlmRequest),
+        "tensorrt_llm.models": mod("tensorrt_llm.models", MODEL_MAP={"LlamaForCausalLM": PretrainedModel},
+                                   PretrainedModel=PretrainedModel),
+    }
+    return ms
+
+
+def install(monkeypatch, version: str = VERSION) -> dict[str, types.ModuleType]:
+    """Put the fake into sys.modules for one test (monkeypatch undoes it)."""
+    from engines.tensorrt_llm import connector_classes
+
+    ms = modules(version)
+    for name, m in ms.items():
+        monkeypatch.setitem(sys.modules, name, m)
+    connector_classes.reset()
+    monkeypatch.setattr(FakeLLM, "NUM_BLOCKS", FakeLLM.NUM_BLOCKS)
+    return ms

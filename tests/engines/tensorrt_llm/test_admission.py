@@ -1,0 +1,112 @@
+"""Externally formed batches by admission control, over the fake TensorRT-LLM."""
+from __future__ import annotations
+
+import pytest
+
+from engines.base import EngineError, PrefillRequest
+
+
+def reqs(*specs):
+    return [PrefillRequest(rid, list(prompt)) for rid, prompt in specs]
+
+
+def test_prefill_and_decode_follow_the_model(make_engine, trtllm):
+    e = make_engine()
+    prompt = [5, 6, 7, 8, 9]
+    first = e.prefill(reqs(("a", prompt))).tokens["a"]
+    rest = [e.decode(["a"]).tokens["a"] for _ in range(5)]
+    assert [first, *rest] == trtllm.reference_tokens(prompt, 6)
+    assert e.tier_of("a") == "cuda:0"
+
+
+def test_settings_the_orchestrator_needs_reach_llm(make_engine, trtllm):
+    e = make_engine(slots=3)
+    kw = e.llm.kwargs
+    assert kw["max_batch_size"] == 3
+    assert kw["enable_chunked_prefill"] is False
+    assert kw["scheduler_config"].capacity_scheduler_policy is trtllm.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT
+    assert kw["kv_cache_config"].tokens_per_block == 4
+    info = e.describe()
+    assert info.backend == "tensorrt_llm" and info.block_size == 4
+    assert not info.capabilities.can_form_batches and not info.capabilities.can_chunk_prefill
+
+
+def test_batch_beyond_the_slots_is_refused_before_anything_runs(make_engine):
+    e = make_engine(slots=2)
+    e.prefill(reqs(("a", [1, 2]), ("b", [3, 4])))
+    with pytest.raises(EngineError, match="max_batch_size=2"):
+        e.prefill(reqs(("c", [5, 6])))
+    with pytest.raises(EngineError, match="unknown"):
+        e.tier_of("c")
+    e.free(["a"])  # a slot frees up: the next member of the aligned batch is admitted
+    assert e.prefill(reqs(("c", [5, 6]))).tokens["c"] >= 0
+
+
+def test_executor_never_runs_more_than_the_batch(make_engine):
+    e = make_engine(slots=3)
+    e.prefill(reqs(("a", [1]), ("b", [2, 3]), ("c", [4, 5, 6])))
+    for _ in range(4):
+        e.decode(["a", "b", "c"])
+    assert e.llm.max_running_seen <= 3
+
+
+def test_bad_prompts_are_refused_like_every_engine(make_engine):
+    e = make_engine()
+    with pytest.raises(EngineError, match="empty prompt"):
+        e.prefill(reqs(("a", [])))
+    with pytest.raises(EngineError, match="outside"):
+        e.prefill(reqs(("a", [999])))
+    e.prefill(reqs(("a", [1])))
+    with pytest.raises(EngineError, match="already in use"):
+        e.prefill(reqs(("a", [1])))
+
+
+def test_free_aborts_and_returns_every_block(make_engine):
+    e = make_engine()
+    e.prefill(reqs(("a", [1, 2, 3]), ("b", [4, 5])))
+    e.decode(["a", "b"])
+    e.free(["a", "b", "never-seen"])
+    e.free(["a"])  # twice is fine
+    _wait(lambda: e.llm.idle() and e.llm.blocks_in_use() == 0)
+    assert e.kv_blocks_used("cuda:0") == 0 and e.gate.used == 0 and not e.streams.keys()
+
+
+def _wait(cond, timeout=5.0):
+    import time
+
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.002)
+
+
+def test_a_failing_submission_frees_the_whole_call(make_engine, monkeypatch):
+    e = make_engine(slots=4)
+    real = e.llm.generate_async
+    calls = []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("executor queue closed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(e.llm, "generate_async", flaky)
+    with pytest.raises(EngineError, match="executor queue closed"):
+        e.prefill(reqs(("a", [1, 2]), ("b", [3, 4]), ("c", [5])))
+    assert e.gate.used == 0 and not e.streams.keys()
+    for rid in "abc":
+        with pytest.raises(EngineError, match="unknown"):
+            e.tier_of(rid)
+    _wait(lambda: e.llm.idle() and e.llm.blocks_in_use() == 0)
+
+
+def test_decode_past_the_end_of_a_stream_is_an_error(make_engine):
+    e = make_engine()
+    e.prefill(reqs(("a", [1, 2])))
+    e.streams.abort(e._reqs["a"].stream)  # TensorRT-LLM ended it on its own
+    with pytest.raises(EngineError, match="ended in TensorRT-LLM"):
+        for _ in range(200):
+            e.decode(["a"])
+    e.free(["a"])
+    assert e.gate.used == 0

@@ -1,0 +1,80 @@
+"""The fake TensorRT-LLM offers every name the adapter uses, with the listed parameters; nothing
+in the project imports tensorrt_llm at import time."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engines.tensorrt_llm.api_surface import API_SURFACE, ENGINE, LLM_API, SRC, names
+
+REPO = Path(__file__).resolve().parents[3]
+CHECKED_KINDS = ("class", "method", "enum", "attribute")
+
+
+def _resolve(name: str):
+    api = API_SURFACE_BY_NAME[name]
+    obj = importlib.import_module(api.module)
+    for part in api.name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+API_SURFACE_BY_NAME = {a.qualname: a for a in API_SURFACE}
+
+
+def _has_field(obj, name: str) -> bool:
+    if hasattr(obj, name):
+        return True
+    if dataclasses.is_dataclass(obj) and name in {f.name for f in dataclasses.fields(obj)}:
+        return True
+    return any(name in getattr(k, "__annotations__", {}) for k in getattr(obj, "__mro__", ()))
+
+
+@pytest.mark.parametrize("api", names(), ids=lambda a: a.qualname)
+def test_every_listed_name_is_documented(api):
+    assert api.kind in (*CHECKED_KINDS, "env", "cli")
+    assert api.source.startswith(("https://github.com/NVIDIA/TensorRT-LLM/", "https://nvidia.github.io/TensorRT-LLM/"))
+    assert set(api.flavour) <= {LLM_API, ENGINE} and api.flavour
+
+
+@pytest.mark.parametrize("api", [a for a in API_SURFACE if a.kind in CHECKED_KINDS], ids=lambda a: a.qualname)
+def test_fake_offers_the_name_with_its_parameters(trtllm, api):
+    obj = _resolve(api.qualname)
+    if api.kind in ("class", "method"):
+        params = inspect.signature(obj).parameters
+        explicit = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        missing = [p for p in api.params if p not in explicit]
+        assert not missing, f"{api.qualname}: the fake lacks parameters {missing} (listed in api_surface)"
+    elif api.kind == "attribute":
+        missing = [p for p in api.params if not _has_field(obj, p)]
+        assert not missing, f"{api.qualname}: the fake lacks fields {missing}"
+
+
+def test_links_name_one_release():
+    assert SRC.endswith("/v1.2.1/")
+
+
+def test_adapter_uses_only_listed_names(trtllm):
+    """Every `api.X` attribute the adapter reads is in the list (a crude but useful static check)."""
+    import re
+
+    listed = {a.name.split(".")[0] for a in API_SURFACE}
+    used: set[str] = set()
+    for path in (REPO / "engines" / "tensorrt_llm").glob("*.py"):
+        used |= set(re.findall(r"\bapi\.([A-Z]\w+)", path.read_text()))
+    assert used and used <= listed, f"not in api_surface: {sorted(used - listed)}"
+
+
+def test_nothing_imports_tensorrt_llm_at_import_time():
+    code = ("import sys, engines.tensorrt_llm.engine, engines.tensorrt_llm.connector_classes, "
+            "engines.tensorrt_llm.build, engines.loader, build_scripts.build_engine; "
+            "bad = [m for m in sys.modules if m == 'tensorrt_llm' or m.startswith('tensorrt_llm.')]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,190 @@
+"""`make build-engine BACKEND=trtllm` and `load_engine` of its directory: with the fake, and without
+TensorRT-LLM (one clear line, exit code 2, nothing half-written)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from build_scripts.build_engine import main
+from build_scripts.demo_checkpoint import make_demo_checkpoint
+from engines.base import HOST, PrefillRequest
+from engines.loader import load_engine
+from engines.manifest import read_manifest
+from engines.tensorrt_llm._import import TensorRTLLMUnavailable
+
+REPO = Path(__file__).resolve().parents[3]
+INSTALLED = importlib.util.find_spec("tensorrt_llm") is not None
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """The demo checkpoint (it has the tokenizer.json a build needs)."""
+    return make_demo_checkpoint(tmp_path_factory.mktemp("demo") / "ckpt", seed=0)
+
+
+def build(args, capsys) -> tuple[int, str]:
+    try:
+        main(args)
+        return 0, capsys.readouterr().err
+    except SystemExit as e:
+        return (e.code if isinstance(e.code, int) else 1), capsys.readouterr().err
+
+
+@pytest.fixture
+def no_trtllm(monkeypatch):
+    """TensorRT-LLM cannot be imported, even where it is installed."""
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", None)
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir())
+
+
+def test_build_without_tensorrt_llm_fails_clearly_and_writes_nothing(model_dir, tmp_path, capsys, no_trtllm):
+    out = tmp_path / "built" / "eng"
+    code, err = build(["--backend", "trtllm", "--model", str(model_dir), "--out", str(out)], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "not installed" in err and "https://pypi.nvidia.com" in err and "trtllm-python-py3" in err
+    assert not out.exists() and (not out.parent.exists() or _leftovers(out.parent) == [])
+
+
+@pytest.mark.skipif(INSTALLED, reason="TensorRT-LLM is installed here")
+def test_make_build_engine_backend_trtllm_exits_2(model_dir, tmp_path):
+    out = tmp_path / "eng"
+    r = subprocess.run([sys.executable, "-m", "build_scripts.build_engine", "--backend", "trtllm", "--model",
+                        str(model_dir), "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert "TensorRT-LLM" in r.stderr
+    assert "pip install tensorrt-llm --extra-index-url https://pypi.nvidia.com" in r.stderr
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_makefile_passes_the_backend():
+    r = subprocess.run(["make", "-n", "build-engine", "BACKEND=trtllm", "MODEL=/m", "VENV=.venv"], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    line = [ln for ln in r.stdout.splitlines() if "build_scripts.build_engine" in ln][0]
+    assert "--backend trtllm" in line and '--model "/m"' in line
+    r = subprocess.run(["make", "-n", "build-engine", "VENV=.venv"], cwd=REPO, capture_output=True, text=True)
+    assert "--backend" not in r.stdout  # torch build unchanged
+
+
+def test_trtllm_options_are_refused_for_torch(model_dir, tmp_path, capsys):
+    code, err = build(["--model", str(model_dir), "--out", str(tmp_path / "e"), "--max-batch-size", "4"], capsys)
+    assert code == 2 and "only apply to --backend trtllm" in err
+
+
+def test_llm_api_build_has_the_torch_layout_plus_settings(model_dir, tmp_path, capsys, trtllm, monkeypatch):
+    monkeypatch.setattr(sys.modules["tensorrt_llm"], "__version__", "1.3.0")
+    out = tmp_path / "eng"
+    sizes = ["--max-seq-len", "128", "--block-size", "8", "--kv-memory-gb", "0.001", "--host-kv-memory-gb", "0.002"]
+    code, err = build(["--backend", "trtllm", "--model", str(model_dir), "--out", str(out), "--max-batch-size", "8",
+                       *sizes], capsys)
+    assert code == 0, err
+    m = read_manifest(out)
+    assert m.backend == "tensorrt_llm" and m.kv_block_size == 8
+    s = m.extra["llm_settings"]
+    assert s == json.loads((out / "llm_settings.json").read_text())
+    assert (s["flavour"], s["max_batch_size"], s["tokens_per_block"], s["max_seq_len"]) == ("llm_api", 8, 8,
+                                                                                           m.max_seq_len)
+    assert s["kv_max_tokens"] == m.kv_blocks_device * 8 and s["host_pool_blocks"] == m.kv_blocks_host > 0
+    assert not (out / "engine").exists() and (out / "config.json").is_file() and (out / m.tokenizer).is_file()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    # the same checkpoint through the torch backend: same weights, same geometry
+    code, _ = build(["--model", str(model_dir), "--out", str(tmp_path / "torch"), *sizes], capsys)
+    t = read_manifest(tmp_path / "torch")
+    assert (t.weights, t.kv_blocks_device, t.bytes_per_block) == (m.weights, m.kv_blocks_device, m.bytes_per_block)
+
+    # served through the loader: the manifest's backend picks TrtllmEngine
+    e = load_engine(out)
+    try:
+        assert os.environ.get("TLLM_WORKER_USE_SINGLE_PROCESS") == "1"
+        info = e.describe()
+        assert info.backend == "tensorrt_llm" and info.host_blocks == m.kv_blocks_host
+        assert info.capabilities.can_offload and e.llm.kwargs["kv_cache_config"].max_tokens == s["kv_max_tokens"]
+        e.prefill([PrefillRequest("a", [1, 5, 9])])
+        e.decode(["a"])
+        e.wait(e.move(["a"], "cuda:0", HOST))
+        e.wait(e.move(["a"], HOST, "cuda:0"))
+        e.decode(["a"])
+        e.free(["a"])
+    finally:
+        e.close()
+
+
+def test_engine_flavour_runs_conversion_and_trtllm_build(model_dir, tmp_path, capsys, trtllm, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "trtllm-build.args"
+    script = bin_dir / "trtllm-build"
+    script.write_text(f"#!/bin/sh\necho \"$@\" > {log}\nwhile [ $# -gt 0 ]; do [ \"$1\" = --output_dir ] && "
+                      "mkdir -p \"$2\" && echo fake > \"$2/rank0.engine\"; shift; done\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "eng"
+    code, err = build(["--backend", "trtllm", "--model", str(model_dir), "--out", str(out), "--max-batch-size", "16",
+                       "--block-size", "32", "--max-seq-len", "128", "--kv-memory-gb", "0.01"], capsys)
+    assert code == 0, err
+    args = log.read_text().split()
+    for flag, value in (("--max_batch_size", "16"), ("--max_seq_len", "128"), ("--kv_cache_type", "paged"),
+                        ("--tokens_per_block", "32")):
+        assert args[args.index(flag) + 1] == value
+    m = read_manifest(out)
+    assert m.extra["llm_settings"]["flavour"] == "engine" and (out / "engine" / "rank0.engine").is_file()
+    assert m.kv_blocks_host == 0  # no KV connector on TensorRT engines
+    e = load_engine(out)
+    try:
+        assert e.llm.model == str(out / "engine") and not e.describe().capabilities.can_offload
+    finally:
+        e.close()
+
+
+def test_failed_trtllm_build_leaves_nothing(model_dir, tmp_path, capsys, trtllm, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "trtllm-build").write_text("#!/bin/sh\necho 'out of memory' >&2\nexit 3\n")
+    (bin_dir / "trtllm-build").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "built" / "eng"
+    code, err = build(["--backend", "trtllm", "--model", str(model_dir), "--out", str(out)], capsys)
+    assert code == 2 and "out of memory" in err and "exit code 3" in err
+    assert not out.exists() and _leftovers(out.parent) == []
+
+
+def test_load_without_tensorrt_llm_fails_clearly(model_dir, tmp_path, capsys, trtllm, monkeypatch):
+    monkeypatch.setattr(sys.modules["tensorrt_llm"], "__version__", "1.3.0")
+    out = tmp_path / "eng"
+    args = ["--backend", "trtllm", "--model", str(model_dir), "--out", str(out), "--max-seq-len", "128"]
+    assert build(args, capsys)[0] == 0
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", None)
+    with pytest.raises(TensorRTLLMUnavailable, match="not installed.*pypi.nvidia.com.*trtllm-python-py3"):
+        load_engine(out)
+    # `make serve` on it refuses before starting tritonserver: one error line, exit code 2.
+    r = subprocess.run([sys.executable, "-m", "serving.triton_server", "--engine-dir", str(out), "--admin-port", "0"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    if not INSTALLED:
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert r.stderr.startswith("error: serving the TensorRT-LLM engine") and "pypi.nvidia.com" in r.stderr
+        assert "starting tritonserver" not in r.stdout
+
+
+def test_too_old_tensorrt_llm_is_refused(model_dir, tmp_path, capsys, trtllm, monkeypatch):
+    monkeypatch.setattr(sys.modules["tensorrt_llm"], "__version__", "0.21.0")
+    out = tmp_path / "eng"
+    code, err = build(["--backend", "trtllm", "--model", str(model_dir), "--out", str(out)], capsys)
+    assert code == 2 and "older than 1.0" in err and not out.exists()
+
+
+def test_zero_batch_size_is_refused(model_dir, tmp_path, capsys, trtllm):
+    out = tmp_path / "eng"
+    code, err = build(["--backend", "trtllm", "--model", str(model_dir), "--out", str(out), "--max-batch-size", "0"],
+                      capsys)
+    assert code == 2 and "--max-batch-size must be > 0" in err and not out.exists()

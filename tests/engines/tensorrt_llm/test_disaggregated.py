@@ -1,0 +1,63 @@
+"""Peer prefetch: context_only prefill on the helper instance, generation_only hand-off to the decode one."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from engines.base import EngineError, PrefillRequest
+
+
+def _wait(cond, timeout=5.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.002)
+
+
+def test_hand_off_continues_the_same_tokens(make_engine, trtllm):
+    e = make_engine(peer=True)
+    caps = e.describe().capabilities
+    assert caps.can_peer_copy and caps.can_overlap_prefill
+    assert [d.name for d in e.describe().devices] == ["cuda:0", "cuda:1"]
+    prompt = list(range(30, 41))
+    h = e.start_prefill([PrefillRequest("a", prompt)], "cuda:1")
+    e.wait_any([h])
+    first = e.prefill_result(h).tokens["a"]
+    assert e.tier_of("a") == "cuda:1"
+    sent = e.ctx_llm.submitted[0]
+    assert sent.disagg.request_type == "context_only" and sent.sampling.max_tokens == 1
+    assert e.ctx_llm.kwargs["cache_transceiver_config"].backend == "NIXL"
+    m = e.move(["a"], "cuda:1", "cuda:0")
+    e.wait(m)
+    assert e.tier_of("a") == "cuda:0"
+    gen = e.llm.submitted[0]
+    assert gen.disagg.request_type == "generation_only" and gen.disagg.first_gen_tokens == [first]
+    rest = [e.decode(["a"]).tokens["a"] for _ in range(4)]
+    assert [first, *rest] == trtllm.reference_tokens(prompt, 5)
+    _wait(lambda: e.ctx_llm.blocks_in_use() == 0)  # the context side let go once the KV was pulled
+    e.free(["a"])
+    _wait(lambda: e.llm.blocks_in_use() == 0)
+
+
+def test_prefill_on_the_helper_waits_for_the_result(make_engine):
+    e = make_engine(peer=True)
+    r = e.prefill([PrefillRequest("a", [1, 2, 3])], device="cuda:1")
+    assert set(r.tokens) == {"a"} and e.tier_of("a") == "cuda:1"
+
+
+def test_freeing_before_the_hand_off_releases_nothing_twice(make_engine):
+    e = make_engine(peer=True)
+    h = e.start_prefill([PrefillRequest("a", [1, 2, 3]), PrefillRequest("b", [4])], "cuda:1")
+    e.free(["a"])
+    e.wait_any([h])
+    assert set(e.prefill_result(h).tokens) == {"b"}
+    e.free(["b"])
+    assert e.gate.used == 0 and not e.streams.keys()
+
+
+def test_hand_off_without_a_context_result_is_refused(make_engine):
+    e = make_engine(peer=True)
+    e.prefill([PrefillRequest("a", [1, 2])])
+    with pytest.raises(EngineError, match="tier"):
+        e.move(["a"], "cuda:1", "cuda:0")

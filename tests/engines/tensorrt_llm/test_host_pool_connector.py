@@ -1,0 +1,150 @@
+"""The host KV pool through the KV Cache Connector: park (save) and resume (load), no block leaked."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from engines.base import HOST, CapabilityError, EngineError, PrefillRequest
+from engines.tensorrt_llm.host_pool import HostKvPool
+from engines.tensorrt_llm.kv_connector import HostPoolPlanner
+
+
+def _wait(cond, timeout=5.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.002)
+
+
+def _quiet(e):
+    """Every executor-side block returned: nothing running, saving, or held for a hand-off."""
+    _wait(lambda: e.llm.idle() and e.llm.blocks_in_use() == 0)
+
+
+def test_park_then_resume_continues_the_same_tokens(make_engine, trtllm):
+    e = make_engine(host_blocks=32)
+    prompt = list(range(3, 14))  # 11 tokens: 2 full blocks of 4 and a partial one
+    got = [e.prefill([PrefillRequest("a", prompt)]).tokens["a"]]
+    got += [e.decode(["a"]).tokens["a"] for _ in range(3)]
+    e.wait(e.move(["a"], "cuda:0", HOST))
+    assert e.tier_of("a") == HOST and e.kv_blocks_used(HOST) == 4  # 14 tokens of KV (the last has none yet)
+    _quiet(e)  # the device blocks went back once the save finished
+    h = e.move(["a"], HOST, "cuda:0")
+    e.wait(h)
+    assert e.tier_of("a") == "cuda:0" and h.seconds is not None
+    assert e.kv_blocks_used(HOST) == 0  # loaded back: the host copy is released
+    got += [e.decode(["a"]).tokens["a"] for _ in range(4)]
+    assert got == trtllm.reference_tokens(prompt, 8)
+    calls = e.llm.connector_calls
+    assert "request_finished" in calls and "get_num_new_matched_tokens" in calls and "get_finished" in calls
+
+
+def test_resume_really_loads_the_saved_kv(make_engine, trtllm):
+    """Corrupt the host copy: the resumed request's tokens change, so they came from the load."""
+    e = make_engine(host_blocks=32)
+    prompt = list(range(20, 32))
+    e.prefill([PrefillRequest("a", prompt)])
+    e.decode(["a"])
+    e.wait(e.move(["a"], "cuda:0", HOST))
+    worker_kv = e.llm.worker.mover.host_kv
+    worker_kv += 7  # every saved value now wrong
+    e.wait(e.move(["a"], HOST, "cuda:0"))
+    nxt = e.decode(["a"]).tokens["a"]
+    assert nxt != trtllm.reference_tokens(prompt, 3)[2]
+
+
+def test_planner_matches_whole_blocks_only():
+    pool = HostKvPool(8, 4)
+    planner = HostPoolPlanner(pool)
+
+    class Req:
+        def __init__(self, rid, tokens):
+            self.request_id, self._t = rid, tokens
+
+        def get_tokens(self, beam):
+            return list(self._t)
+
+    pool.order_park("a", (1, 2, 3))
+    assert planner.request_finished(Req(7, list(range(1, 12))), list(range(10))) is True
+    assert pool.used() == 3  # 10 tokens with KV -> 3 blocks
+    plan = planner.build_connector_meta()
+    assert [c.device_blocks for c in plan.saves] == [(0, 1, 2)] and planner.build_connector_meta().saves == []
+    pool.mark_saved("a")
+    pool.order_resume("a", tuple(range(1, 12)))
+    matched, asynchronous = planner.get_num_new_matched_tokens(Req(9, list(range(1, 12))), 0)
+    assert (matched, asynchronous) == (8, False)  # 2 full blocks; the partial one is recomputed
+    planner.update_state_after_alloc(Req(9, []), [5, 6, 7])
+    assert [(c.host_slots, c.device_blocks) for c in planner.build_connector_meta().loads] == [
+        (tuple(pool._entries["a"].slots[:2]), (5, 6))]
+    pool.loaded("a")
+    assert pool.used() == 0
+
+
+def test_a_request_that_just_finishes_is_not_saved():
+    pool = HostKvPool(8, 4)
+    planner = HostPoolPlanner(pool)
+
+    class Req:
+        request_id = 3
+
+        def get_tokens(self, beam):
+            return [1, 2, 3]
+
+    assert planner.request_finished(Req(), [0]) is False and pool.used() == 0
+
+
+def test_full_host_pool_fails_the_move_and_leaks_nothing(make_engine):
+    e = make_engine(host_blocks=2)
+    e.prefill([PrefillRequest("a", list(range(1, 20)))])
+    h = e.move(["a"], "cuda:0", HOST)
+    with pytest.raises(EngineError, match="host KV pool full"):
+        e.wait(h)
+    e.free(["a"])
+    _quiet(e)
+    assert e.kv_blocks_used(HOST) == 0 and e.pool.parked() == ()
+
+
+@pytest.mark.parametrize("when", ["parked", "saving", "resuming", "running"])
+def test_every_exit_path_frees_host_and_device_blocks(make_engine, when):
+    e = make_engine(host_blocks=16)
+    e.prefill([PrefillRequest("a", list(range(1, 10))), PrefillRequest("b", [4, 5])])
+    if when in ("parked", "resuming"):
+        e.wait(e.move(["a"], "cuda:0", HOST))
+    if when == "saving":
+        e.move(["a"], "cuda:0", HOST)  # freed before the save is seen
+    if when == "resuming":
+        e.move(["a"], HOST, "cuda:0")
+    e.free(["a", "b"])
+    _quiet(e)
+    _wait(lambda: e.kv_blocks_used(HOST) == 0)
+    assert e.gate.used == 0 and not e.streams.keys() and e.pool.parked() == ()
+
+
+def test_resume_of_a_request_never_parked_is_refused(make_engine):
+    e = make_engine(host_blocks=16)
+    e.prefill([PrefillRequest("a", [1, 2])])
+    with pytest.raises(EngineError, match="tier"):
+        e.move(["a"], HOST, "cuda:0")
+
+
+def test_without_a_host_pool_moves_are_a_capability_error(make_engine):
+    e = make_engine(host_blocks=0)
+    assert not e.describe().capabilities.can_offload and e.describe().host_blocks == 0
+    e.prefill([PrefillRequest("a", [1, 2])])
+    with pytest.raises(CapabilityError, match="no host KV pool"):
+        e.move(["a"], "cuda:0", HOST)
+    with pytest.raises(CapabilityError):
+        e.move(["a"], "cuda:0", "cuda:1")
+
+
+def test_retention_priorities_mark_the_staged_batch(make_engine):
+    from engines.tensorrt_llm import retention
+
+    e = make_engine(host_blocks=16)
+    e.prefill([PrefillRequest("a", [1, 2, 3])])
+    e.wait(e.move(["a"], "cuda:0", HOST))
+    e.wait(e.move(["a"], HOST, "cuda:0"))
+    priorities = [(r.retention.token_range_retention_configs[0].priority, r.retention.decode_retention_priority)
+                  for r in e.llm.submitted]
+    assert priorities == [(retention.RUNNING,) * 2, (retention.STAGED,) * 2]
