@@ -22,6 +22,7 @@ modelled only as far as the adapter depends on it:
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import enum
@@ -165,24 +166,32 @@ class SchedulerOutput:
     cached_requests: list = field(default_factory=list)
 
 
-class KvCacheConnectorScheduler:
+class KvCacheConnectorScheduler(abc.ABC):
+    """Abstract, as TensorRT-LLM's own base class: the adapter's subclass implements every method."""
+
     def __init__(self, llm_args):
         self._llm_args = llm_args
 
+    @abc.abstractmethod
     def build_connector_meta(self, scheduler_output):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def get_num_new_matched_tokens(self, request, num_computed_tokens):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def request_finished(self, request, cache_block_ids):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def update_state_after_alloc(self, request, block_ids):
-        raise NotImplementedError
+        ...
 
 
-class KvCacheConnectorWorker:
+class KvCacheConnectorWorker(abc.ABC):
+    """Abstract, as TensorRT-LLM's own base class: the adapter's subclass implements the abstract methods."""
+
     def __init__(self, llm_args):
         self._llm_args = llm_args
         self._metadata = None
@@ -193,23 +202,29 @@ class KvCacheConnectorWorker:
     def get_connector_meta(self):
         return self._metadata
 
+    @abc.abstractmethod
     def register_kv_caches(self, kv_cache_tensor):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def start_load_kv(self, stream):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def wait_for_layer_load(self, layer_idx, stream):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def save_kv_layer(self, layer_idx, stream):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def wait_for_save(self, stream):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def get_finished(self, finished_gen_req_ids, started_loading_req_ids):
-        raise NotImplementedError
+        ...
 
 
 # ----------------------------------------------------------------------------- the executor
@@ -284,7 +299,7 @@ class FakeLLM:
     def generate_async(self, inputs, sampling_params: Optional[SamplingParams] = None, streaming: bool = False,
                        kv_cache_retention_config: Any = None, disaggregated_params: Any = None, **kwargs):
         if not streaming:
-            raise NotImplementedError("the fake only streams")
+            raise TypeError("fake generate_async: only streaming=True is modelled (the adapter always streams)")
         if not inputs or max(inputs) >= VOCAB:
             raise ValueError("fake LLM: bad input tokens")
         req = LlmRequest(inputs, sampling_params or SamplingParams(), disaggregated_params, kv_cache_retention_config)
