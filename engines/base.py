@@ -14,7 +14,7 @@ import abc
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Container, Sequence
+from typing import Callable, Container, Sequence
 
 HOST = "host"
 IN_FLIGHT = "in_flight"
@@ -223,6 +223,29 @@ def check_vocab(request_id: str, token_ids: Sequence[int], vocab_size: int, op: 
     if token_ids and (min(token_ids) < 0 or max(token_ids) >= vocab_size):
         bad = [t for t in token_ids if not 0 <= t < vocab_size]
         raise EngineError(f"{op}: request {request_id!r} has token ids outside [0, {vocab_size}): {bad[:5]}")
+
+
+def check_move(request_ids: Sequence[str], src: str, dst: str, tiers: Container[str],
+               where: Callable[[str], str | None]) -> None:
+    """Refuse, before anything changes, a move an engine cannot make: an unknown tier, the same
+    tier twice, a repeated id, an unknown request (`where` gives None), or one whose KV is not in
+    `src` (elsewhere or IN_FLIGHT). Every engine checks moves through this one function."""
+    for tier in (src, dst):
+        if tier not in tiers:
+            raise EngineError(f"move: unknown KV tier {tier!r}; this engine has {list(tiers)}")
+    if src == dst:
+        raise EngineError(f"move: source and destination are both {src!r}")
+    ids = list(request_ids)
+    if len(set(ids)) != len(ids):
+        raise EngineError(f"move: request ids appear more than once: {sorted({i for i in ids if ids.count(i) > 1})}")
+    tiers_of = {i: where(i) for i in ids}
+    unknown = [i for i, t in tiers_of.items() if t is None]
+    if unknown:
+        raise EngineError(f"move: unknown request ids {unknown[:5]}; prefill them first (or they were freed)")
+    elsewhere = [(i, t) for i, t in tiers_of.items() if t != src]
+    if elsewhere:
+        text = ", ".join(f"{i!r} is {t}" if t == IN_FLIGHT else f"{i!r} is in {t!r}" for i, t in elsewhere[:5])
+        raise EngineError(f"move from {src!r}: {text}")
 
 
 _handle_ids = itertools.count(1)

@@ -28,7 +28,7 @@ from typing import Sequence
 
 from engines.base import (
     HOST, IN_FLIGHT, CallTiming, Capabilities, DeviceInfo, Engine, EngineError, EngineInfo, ModelInfo,
-    OutOfKVBlocks, PrefillChunk, PrefillHandle, PrefillRequest, StepResult, TransferHandle, check_new_prompts,
+    OutOfKVBlocks, PrefillChunk, PrefillHandle, PrefillRequest, StepResult, TransferHandle, check_move, check_new_prompts,
 )
 from engines.block_allocator import BlockAllocator
 from engines.sim.clock import VirtualClock
@@ -130,8 +130,6 @@ class SimEngine(Engine):
         self._prefilling: set[str] = set()
         """Requests whose prefill on another device has not ended yet."""
         self._fail_next_copy = False
-        self._pending: dict[str, list[int]] = {}
-        """Blocks `_take` just allocated, by request, for the caller to file in their tables."""
         self.busy_seconds = {d: 0.0 for d in self.devices}
         """Compute seconds per device so far (utilisation = busy / elapsed)."""
         self.link_seconds: dict[str, float] = {}
@@ -190,12 +188,12 @@ class SimEngine(Engine):
         grow = [(i, self._seqs[i].kv_len + 1) for i in ids]
         grow += [(c.request.request_id, c.end) for c in chunks]
         needed = {rid: self._blocks_for(n) - len(self._table(rid)) for rid, n in grow}
-        self._take(self.decode_device, needed, "mixed_step")
+        got = self._take(self.decode_device, needed, "mixed_step")
         for r in new:
-            self._seqs[r.request_id] = _Seq(len(r.prompt_ids), 0, {self.decode_device: self._pending.pop(r.request_id)})
+            self._seqs[r.request_id] = _Seq(len(r.prompt_ids), 0, {self.decode_device: got.pop(r.request_id)})
         for rid, n in needed.items():
-            if n and rid in self._pending:
-                self._seqs[rid].tables[self.decode_device] += self._pending.pop(rid)
+            if n and rid in got:
+                self._seqs[rid].tables[self.decode_device] += got.pop(rid)
         kv = [self._seqs[i].kv_len + 1 for i in ids]
         spans = [(c.start, c.end) for c in chunks]
         seconds = self.cost.step_seconds(kv, spans, self.split_kv)
@@ -219,9 +217,9 @@ class SimEngine(Engine):
         if not ids:
             return handle
         counts = {i: len(self._seqs[i].tables[src]) for i in ids}
-        self._take(dst, counts, f"move {ids[:5]} from {src!r} to {dst!r}")
+        got = self._take(dst, counts, f"move {ids[:5]} from {src!r} to {dst!r}")
         for i in ids:
-            self._seqs[i].tables[dst] = self._pending.pop(i)
+            self._seqs[i].tables[dst] = got[i]
         handle.bytes = sum(counts.values()) * self.bytes_per_block
         now = self.clock()
         ready = max(self._seqs[i].ready_at for i in ids)
@@ -316,9 +314,9 @@ class SimEngine(Engine):
         if not requests:
             return StepResult({}, CallTiming("prefill", 0.0, 0, 0, 0, 0)), self.clock()
         lens = [len(r.prompt_ids) for r in requests]
-        self._take(on, {r.request_id: self._blocks_for(n) for r, n in zip(requests, lens)}, "prefill")
+        got = self._take(on, {r.request_id: self._blocks_for(n) for r, n in zip(requests, lens)}, "prefill")
         for r, n in zip(requests, lens):
-            self._seqs[r.request_id] = _Seq(n, n, {on: self._pending.pop(r.request_id)})
+            self._seqs[r.request_id] = _Seq(n, n, {on: got[r.request_id]})
         seconds = self.cost.prefill_seconds(lens)
         end = self._queue(on, seconds)
         ids = [r.request_id for r in requests]
@@ -341,14 +339,15 @@ class SimEngine(Engine):
         s = self._seqs.get(rid)
         return s.tables[self.decode_device] if s is not None else []
 
-    def _take(self, tier: str, counts: dict[str, int], what: str) -> None:
-        """Allocate counts[rid] blocks in `tier` for each request, all or none, into _pending."""
+    def _take(self, tier: str, counts: dict[str, int], what: str) -> dict[str, list[int]]:
+        """Allocate counts[rid] blocks in `tier` for each request, all or none; the block ids by
+        request (requests needing none are left out)."""
         alloc = self._alloc[tier]
         total = sum(counts.values())
         if total > alloc.num_free:
             raise OutOfKVBlocks(f"{what}: KV pool {tier!r} is out of blocks: {total} needed, "
                                 f"{alloc.num_free} of {alloc.num_blocks} free")
-        self._pending = {rid: alloc.allocate(n) for rid, n in counts.items() if n}
+        return {rid: alloc.allocate(n) for rid, n in counts.items() if n}
 
     def _check_new(self, requests: Sequence[PrefillRequest], op: str) -> None:
         check_new_prompts(requests, self._seqs, self.max_seq_len, self._info.model.vocab_size, op)
@@ -371,19 +370,7 @@ class SimEngine(Engine):
                 raise EngineError(f"decode: {i!r} already holds max_seq_len={self.max_seq_len} tokens of KV")
 
     def _check_move(self, ids: list[str], src: str, dst: str) -> None:
-        for tier in (src, dst):
-            if tier not in self._alloc:
-                raise EngineError(f"move: unknown KV tier {tier!r}; this engine has {list(self._alloc)}")
-        if src == dst:
-            raise EngineError(f"move: source and destination are both {src!r}")
-        if len(set(ids)) != len(ids):
-            raise EngineError(f"move: request ids appear more than once: {sorted({i for i in ids if ids.count(i) > 1})}")
-        for i in ids:
-            if i not in self._seqs:
-                raise EngineError(f"move: unknown request id {i!r}; prefill it first (or it was freed)")
-            where = self.tier_of(i)
-            if where != src:
-                raise EngineError(f"move from {src!r}: {i!r} is " + (IN_FLIGHT if where == IN_FLIGHT else f"in {where!r}"))
+        check_move(ids, src, dst, self._alloc, lambda i: self.tier_of(i) if i in self._seqs else None)
 
     def _route(self, src: str, dst: str) -> list[LinkTimeline]:
         """The link directions a copy from src to dst holds."""

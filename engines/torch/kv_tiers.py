@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from engines.base import HOST, IN_FLIGHT, EngineError, OutOfKVBlocks, TransferHandle
+from engines.base import HOST, IN_FLIGHT, EngineError, OutOfKVBlocks, TransferHandle, check_move
 from engines.torch.kv_cache import KVBlockPool
 from engines.torch.kv_transfer import BlockCopier, PendingCopy
 
@@ -61,22 +61,8 @@ class KVTiers:
 
     def start(self, request_ids: Sequence[str], src: str, dst: str) -> TransferHandle:
         """Take the destination blocks (all-or-nothing) and start the copy; see `Engine.move`."""
-        for tier in (src, dst):
-            if tier not in self.pools:
-                raise EngineError(f"move: unknown KV tier {tier!r}; this engine has {list(self.pools)}")
-        if src == dst:
-            raise EngineError(f"move: source and destination are both {src!r}")
         ids = list(request_ids)
-        if len(set(ids)) != len(ids):
-            repeated = sorted({i for i in ids if ids.count(i) > 1})
-            raise EngineError(f"move: request ids appear more than once: {repeated}")
-        unknown = [i for i in ids if self.tier_of(i) is None]
-        if unknown:
-            raise EngineError(f"move: unknown request ids {unknown[:5]}; prefill them first (or they were freed)")
-        elsewhere = [(i, self.tier_of(i)) for i in ids if self.tier_of(i) != src]
-        if elsewhere:
-            where = ", ".join(f"{i!r} is {t}" if t == IN_FLIGHT else f"{i!r} is in {t!r}" for i, t in elsewhere[:5])
-            raise EngineError(f"move from {src!r}: {where}")
+        check_move(ids, src, dst, self.pools, self.tier_of)
         handle = TransferHandle(tuple(ids), src, dst)
         if not ids:
             return handle

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from engines.base import EngineInfo
 from orchestrator.config import ServeConfig
-from orchestrator.core import Request, StepPlan
+from orchestrator.core import StepPlan
 from orchestrator.kv_ledger import KVLedger
+from orchestrator.policies.fcfs import admit_in_order
 from orchestrator.pool import RequestPool
 
 
@@ -43,22 +44,6 @@ class DisaggFcfsPolicy:
         for r in [c for c in pool.candidates if not c.moving]:
             pool.promote(r)
         room = self.config.max_batch_size - len(pool.running) - len(pool.prefilling) - len(pool.candidates)
-        admitted: list[Request] = []
-        prompt_tokens = 0
-        for request in pool.waiting:  # strict arrival order, as fcfs
-            if len(admitted) >= room:
-                break
-            if admitted and prompt_tokens + request.prompt_len > self.config.max_prefill_tokens:
-                break
-            decode_blocks = self.info.blocks_for(request.max_kv_len)
-            prompt_blocks = self.info.blocks_for(request.prompt_len)
-            if not (self.ledger.can_reserve(self.device, decode_blocks)
-                    and self.ledger.can_reserve(self.prefill_device, prompt_blocks)):
-                break
-            self.ledger.reserve(request.id, self.device, decode_blocks)
-            self.ledger.reserve(request.id, self.prefill_device, prompt_blocks)
-            admitted.append(request)
-            prompt_tokens += request.prompt_len
-        for _ in admitted:
-            pool.waiting.popleft()
+        admitted = admit_in_order(pool, self.config, self.ledger, room, lambda r: [
+            (self.device, self.info.blocks_for(r.max_kv_len)), (self.prefill_device, self.info.blocks_for(r.prompt_len))])
         return StepPlan(prefill=admitted, prefill_on=self.prefill_device, decode=list(pool.running))
