@@ -57,6 +57,9 @@ class _Request:
     ctx_stream: str | None = None
     """Key of the context_only stream on the prefetch instance."""
     submissions: int = 0
+    complete: bool = False
+    """TensorRT-LLM already produced every token this request can get (it reached max_seq_len while
+    the orchestrator read behind): they wait in `stream`, and no KV is held for it anywhere."""
 
     @property
     def tokens(self) -> tuple[int, ...]:
@@ -233,18 +236,21 @@ class TrtllmEngine(Engine):
                 "LLM-API flavour")
         for rid in ids:
             self._check_on(rid, src, "move")
-            if kind == "resume" and self.pool.state(rid) != "saved":
+            if kind == "resume" and not self._reqs[rid].complete and self.pool.state(rid) != "saved":
                 raise EngineError(f"move: request {rid!r} has no saved KV in the host pool ({self.pool.state(rid)})")
         if kind != "park":
-            self.gate.admit(ids, "move")
+            self.gate.admit([r for r in ids if not self._reqs[r].complete], "move")
         handle = TransferHandle(tuple(ids), src, dst, bytes=self._bytes(ids))
         started = time.perf_counter()
         for rid in ids:
             req = self._reqs[rid]
             if kind == "park":
                 self.pool.order_park(rid, req.tokens)
-                self.streams.abort(req.stream)
+                if not self._ran_to_the_end(req):
+                    self.streams.abort(req.stream)
                 self.gate.release([rid])
+            elif req.complete:
+                pass  # resumed from its buffered tokens: nothing to load, nothing to submit
             elif kind == "resume":
                 self.streams.close(req.stream)
                 self.pool.order_resume(rid, req.tokens)
@@ -269,7 +275,7 @@ class TrtllmEngine(Engine):
         for rid in live:
             req = self._reqs[rid]
             req.tier = handle.dst
-            if m.kind == "park":
+            if m.kind == "park" and not req.complete:
                 self.streams.close(req.stream)
                 req.stream = None
             elif m.kind == "handoff":
@@ -374,6 +380,12 @@ class TrtllmEngine(Engine):
     def _landed(self, kind: str, rid: str) -> bool:
         req = self._reqs[rid]
         if kind == "park":
+            if req.complete or self._ran_to_the_end(req):
+                # Every token is buffered, so no KV is needed; a save may never come (the request
+                # ended before the order was seen), and one that does is dropped.
+                self.pool.release(rid)
+                req.complete = True
+                return True
             state = self.pool.state(rid)
             if state.startswith("failed"):
                 raise EngineError(f"move: parking {rid!r} in the host pool failed ({state[8:]}); its KV is gone")
@@ -381,6 +393,12 @@ class TrtllmEngine(Engine):
         if self.streams.ended(req.stream) and not self.streams.has_token(req.stream):
             self.streams.next_token(req.stream, "move", rid)  # raises the stream's end or error
         return self.streams.has_token(req.stream)
+
+    def _ran_to_the_end(self, req: _Request) -> bool:
+        """TensorRT-LLM ended the request at max_seq_len and every token it made is buffered.
+        (An abort ends a stream early; the count tells the two apart.)"""
+        waiting = self.streams.ended_with_all_tokens(req.stream)
+        return waiting is not None and len(req.tokens) + waiting >= self._info.model.max_seq_len
 
     def _check_device(self, device: str, op: str) -> None:
         if device not in (self.device, self.helper_device):

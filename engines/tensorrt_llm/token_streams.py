@@ -103,6 +103,17 @@ class TokenStreams:
             return True
         return s.ended or any(kind != "token" for kind, _ in list(s.tokens.queue))
 
+    def ended_with_all_tokens(self, key: str) -> int | None:
+        """If the stream ended normally (no error), the number of tokens still waiting in it; else None.
+        Such a stream holds every token its request will ever get: nothing more runs in TensorRT-LLM."""
+        s = self._streams.get(key)
+        if s is None:
+            return None
+        items = list(s.tokens.queue)
+        if not items or items[-1][0] != "end":
+            return None
+        return sum(1 for kind, _ in items if kind == "token")
+
     def disaggregated_params(self, key: str) -> Any:
         s = self._streams.get(key)
         return None if s is None else s.disaggregated_params

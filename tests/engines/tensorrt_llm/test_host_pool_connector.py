@@ -148,3 +148,43 @@ def test_retention_priorities_mark_the_staged_batch(make_engine):
     priorities = [(r.retention.token_range_retention_configs[0].priority, r.retention.decode_retention_priority)
                   for r in e.llm.submitted]
     assert priorities == [(retention.RUNNING,) * 2, (retention.STAGED,) * 2]
+
+
+def test_a_request_that_reached_its_end_in_tensorrt_llm_parks_and_resumes_from_its_buffer(make_engine, trtllm):
+    """The executor runs ahead of the orchestrator: a request can reach max_seq_len in TensorRT-LLM
+    (every token buffered, its KV already released) before the orchestrator parks it. Parking it must
+    not wait for a save that will never come; its remaining tokens come from the buffer."""
+    e = make_engine(host_blocks=64, timeout_s=3)
+    prompt = list(range(1, 121))  # 120 tokens; max_seq_len 128: TensorRT-LLM ends it after 8 tokens
+    got = [e.prefill([PrefillRequest("a", prompt)]).tokens["a"]]
+    _quiet(e)  # ended in the executor: all 8 tokens are buffered, no park order existed
+    h = e.move(["a"], "cuda:0", HOST)
+    e.wait(h)
+    assert e.tier_of("a") == HOST and e.kv_blocks_used(HOST) == 0 and e.gate.used == 0
+    e.wait(e.move(["a"], HOST, "cuda:0"))
+    got += [e.decode(["a"]).tokens["a"] for _ in range(7)]
+    assert got == trtllm.reference_tokens(prompt, 8)
+    assert len(e.llm.submitted) == 1  # nothing was resubmitted
+    e.free(["a"])
+    assert not e.streams.keys() and e.pool.parked() == ()
+
+
+def test_a_park_racing_the_natural_end_never_hangs(make_engine, trtllm, monkeypatch):
+    """The order is left after TensorRT-LLM reported the request finished but before its last output
+    reached the stream: the park completes from the buffer once the stream ends."""
+    e = make_engine(host_blocks=64, timeout_s=3)
+    prompt = list(range(1, 121))
+    e.prefill([PrefillRequest("a", prompt)])
+    _quiet(e)
+    stream = e.streams._streams[e._reqs["a"].stream]
+    held = []
+    while not stream.tokens.empty():  # hold the stream's tail back, as if not yet delivered
+        held.append(stream.tokens.get())
+    h = e.move(["a"], "cuda:0", HOST)
+    assert not e.poll(h)
+    for item in held:
+        stream.tokens.put(item)
+    e.wait(h)
+    e.wait(e.move(["a"], HOST, "cuda:0"))
+    assert [e.decode(["a"]).tokens["a"] for _ in range(7)] == trtllm.reference_tokens(prompt, 8)[1:]
+    assert e.pool.parked() == () and e.kv_blocks_used(HOST) == 0
