@@ -18,7 +18,8 @@ DOCS = "https://nvidia.github.io/TensorRT-LLM/"
 LLM_API = "llm_api"
 """Flavour: `tensorrt_llm.LLM` on the PyTorch backend (1.0 and later)."""
 ENGINE = "engine"
-"""Flavour: a TensorRT engine directory built by `trtllm-build` (1.2.x and earlier 1.x only)."""
+"""Flavour: a TensorRT engine directory built by `trtllm-build`, served by the C++ Executor
+(1.2.x and earlier 1.x only; the TensorRT backend and the Executor were removed after 1.2)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,33 +51,64 @@ _LLM = SRC + "tensorrt_llm/llmapi/llm.py"
 _CONNECTOR = "tensorrt_llm._torch.pyexecutor.kv_cache_connector"
 _CONNECTOR_SRC = SRC + "tensorrt_llm/_torch/pyexecutor/kv_cache_connector.py"
 _BOTH = (LLM_API, ENGINE)
+_EXEC = "tensorrt_llm.bindings.executor"
+_NB = SRC + "cpp/tensorrt_llm/nanobind/executor/"
+"""1.2 builds its bindings with nanobind (pybind has the same names; see `ContextPhaseParams`)."""
 
 API_SURFACE: tuple[ApiName, ...] = (
-    # --- running requests (both flavours: the engine flavour uses the same LLM API class) ---
+    # --- running requests: the LLM API ---
     ApiName(_LLMAPI, "LLM", "class",
             ("model", "dtype", "max_batch_size", "max_seq_len", "kv_cache_config", "scheduler_config",
              "enable_chunked_prefill", "cache_transceiver_config", "kv_connector_config"), _LLM),
-    ApiName("tensorrt_llm._tensorrt_engine", "LLM", "class",
-            ("model", "max_batch_size", "max_seq_len", "kv_cache_config", "scheduler_config",
-             "enable_chunked_prefill"), SRC + "tensorrt_llm/_tensorrt_engine/__init__.py", (ENGINE,)),
     ApiName(_LLMAPI, "LLM.generate_async", "method",
-            ("inputs", "sampling_params", "streaming", "kv_cache_retention_config", "disaggregated_params"),
-            _LLM, _BOTH),
-    ApiName(_LLMAPI, "LLM.shutdown", "method", (), _LLM, _BOTH),
+            ("inputs", "sampling_params", "streaming", "kv_cache_retention_config", "disaggregated_params"), _LLM),
+    ApiName(_LLMAPI, "LLM.shutdown", "method", (), _LLM),
     ApiName(_LLMAPI, "RequestOutput", "attribute", ("outputs", "finished", "__aiter__"),
-            SRC + "tensorrt_llm/executor/result.py", _BOTH),
-    ApiName(_LLMAPI, "RequestOutput.abort", "method", (), SRC + "tensorrt_llm/executor/result.py", _BOTH),
+            SRC + "tensorrt_llm/executor/result.py"),
+    ApiName(_LLMAPI, "RequestOutput.abort", "method", (), SRC + "tensorrt_llm/executor/result.py"),
     ApiName(_LLMAPI, "CompletionOutput", "attribute", ("token_ids", "disaggregated_params"),
-            SRC + "tensorrt_llm/executor/result.py", _BOTH),
+            SRC + "tensorrt_llm/executor/result.py"),
+    # (the engine flavour builds SamplingParams too; executor_llm reads these fields back)
     ApiName(_LLMAPI, "SamplingParams", "class",
             ("max_tokens", "temperature", "top_k", "top_p", "seed", "ignore_eos", "detokenize"),
             SRC + "tensorrt_llm/sampling_params.py", _BOTH),
+    # --- running requests: the C++ Executor over a TensorRT engine (1.2.x; executor_llm.py) ---
+    ApiName(_EXEC, "Executor", "class", ("model_path", "model_type", "executor_config"), _NB + "executor.cpp",
+            (ENGINE,)),
+    ApiName(_EXEC, "Executor.enqueue_request", "method", ("request",), _NB + "executor.cpp", (ENGINE,)),
+    ApiName(_EXEC, "Executor.await_responses", "method", ("timeout",), _NB + "executor.cpp", (ENGINE,)),
+    ApiName(_EXEC, "Executor.cancel_request", "method", ("id",), _NB + "executor.cpp", (ENGINE,)),
+    ApiName(_EXEC, "Executor.shutdown", "method", (), _NB + "executor.cpp", (ENGINE,)),
+    ApiName(_EXEC, "ModelType.DECODER_ONLY", "enum", (), _NB + "bindings.cpp", (ENGINE,)),
+    ApiName(_EXEC, "Request", "class",
+            ("input_token_ids", "max_tokens", "streaming", "sampling_config", "end_id", "kv_cache_retention_config",
+             "type", "context_phase_params"), _NB + "request.cpp", (ENGINE,)),
+    ApiName(_EXEC, "RequestType.REQUEST_TYPE_CONTEXT_ONLY", "enum", (), _NB + "bindings.cpp", (ENGINE,)),
+    ApiName(_EXEC, "RequestType.REQUEST_TYPE_GENERATION_ONLY", "enum", (), _NB + "bindings.cpp", (ENGINE,)),
+    ApiName(_EXEC, "SamplingConfig", "class", ("beam_width", "top_k", "top_p", "temperature", "seed"),
+            _NB + "request.cpp", (ENGINE,)),
+    ApiName(_EXEC, "Response", "attribute", ("request_id", "has_error", "error_msg", "result"), _NB + "request.cpp",
+            (ENGINE,)),
+    ApiName(_EXEC, "Result", "attribute", ("output_token_ids", "is_final", "context_phase_params"),
+            _NB + "request.cpp", (ENGINE,)),
+    # positional: the pybind build names no arguments (nanobind: first_gen_tokens, req_id, opaque_state, draft_tokens)
+    ApiName(_EXEC, "ContextPhaseParams", "class", ("first_gen_tokens", "req_id", "opaque_state", "draft_tokens"),
+            _NB + "request.cpp", (ENGINE,)),
     # --- admission of externally formed batches ---
     ApiName(_LLMAPI, "KvCacheConfig", "class",
             ("free_gpu_memory_fraction", "max_tokens", "tokens_per_block", "enable_block_reuse", "host_cache_size"),
-            _ARGS, _BOTH),
-    ApiName(_LLMAPI, "SchedulerConfig", "class", ("capacity_scheduler_policy",), _ARGS, _BOTH),
-    ApiName(_LLMAPI, "CapacitySchedulerPolicy.GUARANTEED_NO_EVICT", "enum", (), _ARGS, _BOTH),
+            _ARGS),
+    ApiName(_LLMAPI, "SchedulerConfig", "class", ("capacity_scheduler_policy",), _ARGS),
+    ApiName(_LLMAPI, "CapacitySchedulerPolicy.GUARANTEED_NO_EVICT", "enum", (), _ARGS),
+    ApiName(_EXEC, "ExecutorConfig", "class",
+            ("max_beam_width", "scheduler_config", "kv_cache_config", "enable_chunked_context", "max_batch_size",
+             "parallel_config", "cache_transceiver_config"), _NB + "executorConfig.cpp", (ENGINE,)),
+    ApiName(_EXEC, "KvCacheConfig", "class",
+            ("enable_block_reuse", "max_tokens", "free_gpu_memory_fraction", "host_cache_size"),
+            _NB + "executorConfig.cpp", (ENGINE,)),
+    ApiName(_EXEC, "SchedulerConfig", "class", ("capacity_scheduler_policy",), _NB + "executorConfig.cpp", (ENGINE,)),
+    ApiName(_EXEC, "CapacitySchedulerPolicy.GUARANTEED_NO_EVICT", "enum", (), _NB + "bindings.cpp", (ENGINE,)),
+    ApiName(_EXEC, "ParallelConfig", "class", ("device_ids",), _NB + "executorConfig.cpp", (ENGINE,)),
     # --- retention priorities (staged batch stays resident) ---
     ApiName(_LLMAPI, "KvCacheRetentionConfig", "class",
             ("token_range_retention_configs", "decode_retention_priority"),
@@ -115,8 +147,11 @@ API_SURFACE: tuple[ApiName, ...] = (
     # --- peer prefetch: disaggregated context-only / generation-only requests ---
     ApiName(_LLMAPI, "DisaggregatedParams", "class",
             ("request_type", "first_gen_tokens", "ctx_request_id", "opaque_state", "draft_tokens"),
-            SRC + "tensorrt_llm/disaggregated_params.py"),
+            SRC + "tensorrt_llm/disaggregated_params.py", _BOTH),
     ApiName(_LLMAPI, "CacheTransceiverConfig", "class", ("backend",), _ARGS),
+    ApiName(_EXEC, "CacheTransceiverConfig", "class", ("backend",), _NB + "executorConfig.cpp", (ENGINE,)),
+    ApiName(_EXEC, "CacheTransceiverBackendType.NIXL", "enum", (), _NB + "executorConfig.cpp", (ENGINE,)),
+    ApiName(_EXEC, "CacheTransceiverBackendType.UCX", "enum", (), _NB + "executorConfig.cpp", (ENGINE,)),
     # --- building (make build-engine BACKEND=trtllm) ---
     ApiName("tensorrt_llm.models", "MODEL_MAP", "attribute", ("__getitem__",),
             SRC + "tensorrt_llm/models/__init__.py", (ENGINE,)),

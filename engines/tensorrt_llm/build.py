@@ -4,7 +4,8 @@ Layout: everything the torch backend writes (config.json, safetensors weights, t
 so the orchestrator and `model_repo/` read it unchanged), plus
 - `llm_settings.json`: the `LLM()` settings (`llm_settings.TrtllmSettings`), also in the
   manifest's `extra`;
-- on 1.2.x (flavour "engine"), `engine/`: the TensorRT engine from checkpoint conversion
+- on 1.2.x (flavour "engine", served by the C++ Executor), `engine/`: the TensorRT engine from
+  checkpoint conversion
   (`MODEL_MAP[architecture].from_hugging_face(...).save_checkpoint(...)`, what
   examples/.../convert_checkpoint.py does) and `trtllm-build` with paged KV, max batch size, max
   sequence length and tokens per block. Later versions serve the checkpoint directly.
@@ -66,11 +67,12 @@ def build_trtllm_engine(model_dir: str | Path, out: str | Path, *, max_batch_siz
             max_batch_size=max_batch_size, max_seq_len=base.max_seq_len, tokens_per_block=base.kv_block_size,
             flavour=flavour, dtype=base.dtype, kv_max_tokens=base.kv_blocks_device * base.kv_block_size,
             host_pool_blocks=0 if flavour == ENGINE else base.kv_blocks_host,
+            host_cache_bytes=base.kv_blocks_host * base.bytes_per_block if flavour == ENGINE else 0,
             cache_transceiver_backend=cache_transceiver)
         if flavour == ENGINE:
             _build_tensorrt_engine(Path(model_dir), tmp / "engine", c.architecture, settings)
         settings.write(tmp)
-        manifest = dataclasses.replace(base, backend=BACKEND, kv_blocks_host=settings.host_pool_blocks, extra={
+        manifest = dataclasses.replace(base, backend=BACKEND, extra={
             "llm_settings": settings.to_dict(), "tensorrt_llm_version": version,
             "model": {"vocab_size": c.vocab_size, "num_layers": c.num_layers, "num_kv_heads": c.num_kv_heads,
                       "head_dim": c.head_dim}})

@@ -1,5 +1,7 @@
-"""`TrtllmEngine`: the engine contract (engines/base.py) over TensorRT-LLM's LLM API.
+"""`TrtllmEngine`: the engine contract (engines/base.py) over TensorRT-LLM.
 
+Two flavours, one code path: the LLM API (`tensorrt_llm.LLM`, PyTorch backend) and, for 1.2.x
+TensorRT engine directories, the C++ Executor behind the same calls (`executor_llm.ExecutorLLM`).
 How each contract call maps onto what TensorRT-LLM's public API offers (docs/tensorrt-llm.md):
 
 - `prefill`: submit each request (streaming) and take its first token. Batches are formed by
@@ -11,6 +13,9 @@ How each contract call maps onto what TensorRT-LLM's public API offers (docs/ten
 - `move(device -> host)` parks: order a save (`host_pool`), abort; the KV connector saves the
   blocks as TensorRT-LLM ends the request. `move(host -> device)` resumes: order a load, submit
   prompt + generated tokens; the connector loads the saved blocks instead of recomputing them.
+  The Executor flavour has no connector: there the host tier is TensorRT-LLM's own
+  (`host_cache`), a cancelled request's blocks stay as reusable cache, and the resubmitted
+  tokens find them again.
 - `move(helper -> device)` hands a `context_only` prefill to the decode instance as a
   `generation_only` request, whose KV the cache transceiver pulls over the peer link (`disagg`).
 - `free`: abort, close the stream, release host slots. Unknown ids are ignored.
@@ -33,6 +38,7 @@ from engines.base import (HOST, IN_FLIGHT, CallTiming, CapabilityError, Capabili
                           TransferHandle, check_new_prompts)
 from engines.tensorrt_llm import disagg, host_pool
 from engines.tensorrt_llm.admission import AdmissionGate
+from engines.tensorrt_llm.host_cache import HostCacheBooks
 from engines.tensorrt_llm.host_pool import HostKvPool
 from engines.tensorrt_llm.llm_settings import TrtllmSettings
 from engines.tensorrt_llm.retention import retention_config
@@ -76,11 +82,13 @@ class _Move:
 
 
 class TrtllmEngine(Engine):
-    """The engine contract over one decode `LLM` instance, optionally a context (prefetch)
-    instance on a helper GPU, and the orchestrator's host KV pool (KV connector)."""
+    """The engine contract over one decode `LLM` (or `ExecutorLLM`) instance, optionally a context
+    (prefetch) instance on a helper GPU, and a host tier: the orchestrator's host KV pool through
+    the KV connector (LLM API), or TensorRT-LLM's own host cache (Executor)."""
 
     def __init__(self, api: Any, llm: Any, settings: TrtllmSettings, model: ModelInfo, *, bytes_per_block: int,
-                 kv_blocks: int, device: str = "cuda:0", pool: HostKvPool | None = None, ctx_llm: Any = None,
+                 kv_blocks: int, device: str = "cuda:0", pool: HostKvPool | HostCacheBooks | None = None,
+                 ctx_llm: Any = None,
                  helper_device: str | None = None, timeout_s: float = 120.0):
         if (ctx_llm is None) != (helper_device is None):
             raise ValueError("a context instance and its helper device come together")
@@ -134,22 +142,29 @@ class TrtllmEngine(Engine):
         if helper_devices and settings.cache_transceiver_backend is None:
             raise CapabilityError("peer prefetch needs cache_transceiver_backend (NIXL or UCX) in the engine's "
                                   "llm_settings; rebuild with --cache-transceiver NIXL")
-        if settings.flavour == ENGINE:
-            llm_cls = _import.module("tensorrt_llm._tensorrt_engine", f"serving {engine_dir}").LLM
-            model_path = engine_dir / "engine"
-        else:
-            llm_cls, model_path = api.LLM, engine_dir
-        pool = HostKvPool(settings.host_pool_blocks, settings.tokens_per_block) if settings.host_pool_blocks else None
-        if pool is not None:
-            os.environ.setdefault(SINGLE_PROCESS_ENV, "1")
-            host_pool.bind(pool)
-        peer = bool(helper_devices)
-        llm = llm_cls(**llm_kwargs(api, settings, str(model_path), connector=pool is not None, transceiver=peer))
-        ctx_llm = None
-        if peer:
-            _select_device(helper_devices[0])
-            ctx_llm = llm_cls(**llm_kwargs(api, settings, str(model_path), connector=False, transceiver=True))
         decode_device = "cuda:0" if device == "auto" else device
+        peer = bool(helper_devices)
+        ctx_llm = None
+        if settings.flavour == ENGINE:
+            from engines.tensorrt_llm.executor_llm import ExecutorLLM
+
+            blocks = settings.host_cache_bytes // manifest.bytes_per_block
+            pool = HostCacheBooks(blocks, settings.tokens_per_block) if blocks else None
+            llm = ExecutorLLM(engine_dir / "engine", settings, llmapi=api, device_index=_cuda_index(decode_device),
+                              transceiver=peer)
+            if peer:
+                ctx_llm = ExecutorLLM(engine_dir / "engine", settings, llmapi=api,
+                                      device_index=_cuda_index(helper_devices[0]), transceiver=True)
+        else:
+            pool = HostKvPool(settings.host_pool_blocks, settings.tokens_per_block) if settings.host_pool_blocks \
+                else None
+            if pool is not None:
+                os.environ.setdefault(SINGLE_PROCESS_ENV, "1")
+                host_pool.bind(pool)
+            llm = api.LLM(**llm_kwargs(api, settings, str(engine_dir), connector=pool is not None, transceiver=peer))
+            if peer:
+                _select_device(helper_devices[0])
+                ctx_llm = api.LLM(**llm_kwargs(api, settings, str(engine_dir), connector=False, transceiver=True))
         return cls(api, llm, settings, _model_info(manifest), bytes_per_block=manifest.bytes_per_block,
                    kv_blocks=kv_blocks or manifest.kv_blocks_device, device=decode_device, pool=pool, ctx_llm=ctx_llm,
                    helper_device=helper_devices[0] if peer else None)
@@ -231,9 +246,8 @@ class TrtllmEngine(Engine):
             return super().move(ids, src, dst)  # CapabilityError naming the capabilities
         if kind in ("park", "resume") and self.pool is None:
             raise CapabilityError(
-                f"move {src} -> {dst}: this TensorRT-LLM engine has no host KV pool (host_pool_blocks=0, or the "
-                "TensorRT-engine flavour, which has no KV connector); rebuild with --host-kv-memory-gb > 0 on the "
-                "LLM-API flavour")
+                f"move {src} -> {dst}: this TensorRT-LLM engine has no host KV pool (host_pool_blocks=0 on the "
+                "LLM-API flavour, host_cache_bytes=0 on the engine flavour); rebuild with --host-kv-memory-gb > 0")
         for rid in ids:
             self._check_on(rid, src, "move")
             if kind == "resume" and not self._reqs[rid].complete and self.pool.state(rid) != "saved":
@@ -346,11 +360,11 @@ class TrtllmEngine(Engine):
 
     def close(self) -> None:
         self.free(list(self._reqs))
-        self.streams.shutdown()
-        for llm in (self.llm, self.ctx_llm):
+        for llm in (self.llm, self.ctx_llm):  # first, so nothing is delivered to the streams' closed loop
             if llm is not None:
                 llm.shutdown()
-        if self.pool is not None:
+        self.streams.shutdown()
+        if isinstance(self.pool, HostKvPool):
             host_pool.bind(None)
 
     # ------------------------------------------------------------------ helpers
@@ -380,6 +394,8 @@ class TrtllmEngine(Engine):
     def _landed(self, kind: str, rid: str) -> bool:
         req = self._reqs[rid]
         if kind == "park":
+            if isinstance(self.pool, HostCacheBooks) and self.streams.ended(req.stream):
+                self.pool.mark_saved(rid)  # cancelled: its blocks are TensorRT-LLM's reusable cache now
             if req.complete or self._ran_to_the_end(req):
                 # Every token is buffered, so no KV is needed; a save may never come (the request
                 # ended before the order was seen), and one that does is dropped.
@@ -432,6 +448,14 @@ def _model_info(manifest) -> ModelInfo:
                      num_layers=m["num_layers"], num_kv_heads=m["num_kv_heads"], head_dim=m["head_dim"],
                      dtype=manifest.dtype, num_params=manifest.num_params, eos_token_ids=manifest.eos_token_ids,
                      bos_token_id=manifest.bos_token_id)
+
+
+def _cuda_index(device: str) -> int:
+    """The GPU ordinal of "cuda:N" (the Executor's `ParallelConfig(device_ids=[N])`)."""
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not index.isdigit():
+        raise EngineError(f"the TensorRT-LLM engine runs on CUDA devices named cuda:N, got {device!r}")
+    return int(index)
 
 
 def _select_device(device: str) -> None:

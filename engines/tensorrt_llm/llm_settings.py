@@ -1,8 +1,9 @@
 """The `LLM()` settings the orchestrator needs, written by the build and read by the engine.
 
 `make build-engine BACKEND=trtllm` writes them to `llm_settings.json` in the engine directory
-(and into the manifest's `extra`), so what is served is what was built; `llm_kwargs` turns them
-into TensorRT-LLM's own config objects at serve time.
+(and into the manifest's `extra`), so what is served is what was built. At serve time `llm_kwargs`
+turns them into `LLM()` arguments (LLM-API flavour) and `executor_llm.executor_config` into an
+`ExecutorConfig` (engine flavour).
 """
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ class TrtllmSettings:
     tokens_per_block), so the orchestrator's block accounting matches the executor's pool."""
     host_cache_bytes: int = 0
     """`KvCacheConfig.host_cache_size`: TensorRT-LLM's own host tier for evicted reusable blocks
-    (priorities in `retention`); 0 turns it off."""
+    (priorities in `retention`). The engine flavour parks requests there (`host_cache`); 0 turns it off."""
     host_pool_blocks: int = 0
-    """Blocks of the orchestrator's host pool served by the KV connector; 0: no connector, no offload."""
+    """LLM-API flavour: blocks of the orchestrator's host pool served by the KV connector; 0: no
+    connector, no offload."""
     enable_block_reuse: bool = True
     """Needed for host_cache_size to onboard offloaded blocks again."""
     cache_transceiver_backend: str | None = None
@@ -76,7 +78,8 @@ class TrtllmSettings:
 
 
 def llm_kwargs(api, settings: TrtllmSettings, model: str, *, connector: bool, transceiver: bool) -> dict:
-    """Keyword arguments of `LLM(...)` (`api` is `tensorrt_llm.llmapi`, or the fake in tests).
+    """Keyword arguments of `LLM(...)` on the LLM-API flavour (`api` is `tensorrt_llm.llmapi`, or the
+    fake in tests).
 
     connector: add the AlignedServe KV connector (needs host_pool_blocks).
     transceiver: add the cache transceiver (context/generation instances of peer prefetch)."""
@@ -85,13 +88,11 @@ def llm_kwargs(api, settings: TrtllmSettings, model: str, *, connector: bool, tr
                            tokens_per_block=settings.tokens_per_block,
                            enable_block_reuse=settings.enable_block_reuse,
                            host_cache_size=settings.host_cache_bytes or None)
-    kwargs = dict(model=model, max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
-                  kv_cache_config=kv,
+    kwargs = dict(model=model, dtype=settings.dtype, max_batch_size=settings.max_batch_size,
+                  max_seq_len=settings.max_seq_len, kv_cache_config=kv,
                   scheduler_config=api.SchedulerConfig(
                       capacity_scheduler_policy=api.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT),
                   enable_chunked_prefill=False)
-    if settings.flavour == LLM_API:
-        kwargs["dtype"] = settings.dtype
     if connector:
         from engines.tensorrt_llm import _import
         from engines.tensorrt_llm.connector_classes import SCHEDULER_CLASS, WORKER_CLASS

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from engines.base import ModelInfo
 from engines.tensorrt_llm import host_pool
+from engines.tensorrt_llm.api_surface import ENGINE, LLM_API
 from engines.tensorrt_llm.llm_settings import TrtllmSettings, llm_kwargs
 
 _FAKE_PATH = Path(__file__).with_name("fake_trtllm.py")
@@ -38,28 +40,59 @@ def trtllm(fake, monkeypatch):
     host_pool.bind(None)
 
 
+BYTES_PER_BLOCK = 1024
 MODEL = ModelInfo(architecture="LlamaForCausalLM", vocab_size=128, max_seq_len=128, num_layers=2, num_kv_heads=2,
                   head_dim=8, dtype="bfloat16", num_params=1000, eos_token_ids=(2,), bos_token_id=1)
 
 
+@pytest.fixture(params=[LLM_API, ENGINE])
+def flavour(request):
+    """Both flavours: the LLM API (PyTorch backend) and the 1.2.x C++ Executor."""
+    return request.param
+
+
 @pytest.fixture
-def make_engine(trtllm):
-    """Build a TrtllmEngine over fake LLM instances; every engine is closed after the test."""
+def core():
+    """The fake executor under an engine's `llm` (FakeLLM itself, or the FakeExecutor in an ExecutorLLM)."""
+    return lambda llm: getattr(llm, "executor", llm)
+
+
+@pytest.fixture
+def make_engine(trtllm, tmp_path):
+    """Build a TrtllmEngine over fake instances of either flavour; every engine is closed after the test."""
     from engines.tensorrt_llm.engine import TrtllmEngine
+    from engines.tensorrt_llm.executor_llm import ExecutorLLM
+    from engines.tensorrt_llm.host_cache import HostCacheBooks
     from engines.tensorrt_llm.host_pool import HostKvPool
 
     made = []
 
-    def make(*, slots: int = 4, host_blocks: int = 0, peer: bool = False, block_size: int = 4, timeout_s: float = 10):
+    def make(*, slots: int = 4, host_blocks: int = 0, peer: bool = False, block_size: int = 4, timeout_s: float = 10,
+             flavour: str = LLM_API):
+        engine_flavour = flavour == ENGINE
         settings = TrtllmSettings(max_batch_size=slots, max_seq_len=MODEL.max_seq_len, tokens_per_block=block_size,
-                                  host_pool_blocks=host_blocks, cache_transceiver_backend="NIXL" if peer else None)
+                                  flavour=flavour, host_pool_blocks=0 if engine_flavour else host_blocks,
+                                  host_cache_bytes=host_blocks * BYTES_PER_BLOCK if engine_flavour else 0,
+                                  cache_transceiver_backend="NIXL" if peer else None)
         api = sys.modules["tensorrt_llm.llmapi"]
-        pool = HostKvPool(host_blocks, block_size) if host_blocks else None
-        host_pool.bind(pool)
-        llm = api.LLM(**llm_kwargs(api, settings, "fake-model", connector=pool is not None, transceiver=peer))
-        ctx = api.LLM(**llm_kwargs(api, settings, "fake-model", connector=False, transceiver=True)) if peer else None
-        engine = TrtllmEngine(api, llm, settings, MODEL, bytes_per_block=1024, kv_blocks=trtllm.FakeLLM.NUM_BLOCKS,
-                              pool=pool, ctx_llm=ctx, helper_device="cuda:1" if peer else None, timeout_s=timeout_s)
+        if engine_flavour:
+            engine_dir = tmp_path / f"engine{len(made)}"
+            engine_dir.mkdir()
+            (engine_dir / "config.json").write_text(json.dumps({"build_config": {
+                "max_batch_size": slots, "max_seq_len": MODEL.max_seq_len, "tokens_per_block": block_size}}))
+            bindings = sys.modules["tensorrt_llm.bindings.executor"]
+            pool = HostCacheBooks(host_blocks, block_size) if host_blocks else None
+            llm = ExecutorLLM(engine_dir, settings, llmapi=api, bindings=bindings, device_index=0, transceiver=peer)
+            ctx = ExecutorLLM(engine_dir, settings, llmapi=api, bindings=bindings, device_index=1,
+                              transceiver=True) if peer else None
+        else:
+            pool = HostKvPool(host_blocks, block_size) if host_blocks else None
+            host_pool.bind(pool)
+            llm = api.LLM(**llm_kwargs(api, settings, "fake-model", connector=pool is not None, transceiver=peer))
+            ctx = api.LLM(**llm_kwargs(api, settings, "fake-model", connector=False, transceiver=True)) if peer else None
+        engine = TrtllmEngine(api, llm, settings, MODEL, bytes_per_block=BYTES_PER_BLOCK,
+                              kv_blocks=trtllm.FakeLLM.NUM_BLOCKS, pool=pool, ctx_llm=ctx,
+                              helper_device="cuda:1" if peer else None, timeout_s=timeout_s)
         made.append(engine)
         return engine
 

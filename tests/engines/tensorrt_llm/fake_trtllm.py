@@ -17,6 +17,10 @@ modelled only as far as the adapter depends on it:
   request ends (holding its blocks while the worker saves), get_finished to release them.
 - context_only requests keep their blocks after the first token until a generation_only request
   on another FakeLLM pulls them (the cache transceiver), which then frees them.
+- `FakeExecutor` is the 1.2.x C++ `Executor` (`tensorrt_llm.bindings.executor`) over the same run
+  loop: requests in, streaming responses (new tokens only) out through `await_responses`,
+  `cancel_request` answered by a final CANCELLED response; it reads its limits from a fake engine
+  directory's config.json.
 
 `install(monkeypatch)` puts it into sys.modules under the real module names, only inside a test.
 """
@@ -437,17 +441,231 @@ def reference_tokens(prompt: list, n: int) -> list:
     return out
 
 
-class FakeTensorrtEngineLLM(FakeLLM):
-    """The fake `tensorrt_llm._tensorrt_engine.LLM` (TensorRT engines: no KV connector)."""
+# ----------------------------------------------------------------------------- the C++ Executor (1.2.x)
+class ModelType(enum.Enum):
+    DECODER_ONLY = 0
+    ENCODER_ONLY = 1
+    ENCODER_DECODER = 2
 
-    def __init__(self, model: str, *, max_batch_size: int = 8, max_seq_len: int = 256,
-                 kv_cache_config: Optional[KvCacheConfig] = None, scheduler_config: Optional[SchedulerConfig] = None,
-                 enable_chunked_prefill: bool = False, **kwargs):
-        if kwargs.get("kv_connector_config") is not None:
-            raise ValueError("the KV connector needs the PyTorch backend")
-        super().__init__(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                         kv_cache_config=kv_cache_config, scheduler_config=scheduler_config,
-                         enable_chunked_prefill=enable_chunked_prefill, **kwargs)
+
+class RequestType(enum.Enum):
+    REQUEST_TYPE_CONTEXT_AND_GENERATION = 0
+    REQUEST_TYPE_CONTEXT_ONLY = 1
+    REQUEST_TYPE_GENERATION_ONLY = 2
+
+
+class FinishReason(enum.Enum):
+    NOT_FINISHED = 0
+    END_ID = 1
+    STOP_WORDS = 2
+    LENGTH = 3
+    TIMED_OUT = 4
+    CANCELLED = 5
+
+
+class CacheTransceiverBackendType(enum.Enum):
+    DEFAULT = 0
+    MPI = 1
+    UCX = 2
+    NIXL = 3
+
+
+class CommunicationType(enum.Enum):
+    MPI = 0
+
+
+class CommunicationMode(enum.Enum):
+    LEADER = 0
+    ORCHESTRATOR = 1
+
+
+@dataclass
+class ExecKvCacheConfig:
+    """The bindings' KvCacheConfig (no tokens_per_block: a TensorRT engine fixes it at build time)."""
+
+    enable_block_reuse: bool = True
+    max_tokens: Optional[int] = None
+    max_attention_window: Any = None
+    sink_token_length: Optional[int] = None
+    free_gpu_memory_fraction: Optional[float] = None
+    host_cache_size: Optional[int] = None
+    onboard_blocks: bool = True
+    cross_kv_cache_fraction: Optional[float] = None
+    secondary_offload_min_priority: Optional[int] = None
+    event_buffer_max_size: int = 0
+
+
+@dataclass
+class ExecSchedulerConfig:
+    capacity_scheduler_policy: CapacitySchedulerPolicy = CapacitySchedulerPolicy.GUARANTEED_NO_EVICT
+    context_chunking_policy: Any = None
+    dynamic_batch_config: Any = None
+
+
+@dataclass
+class ParallelConfig:
+    communication_type: CommunicationType = CommunicationType.MPI
+    communication_mode: CommunicationMode = CommunicationMode.LEADER
+    device_ids: Optional[list] = None
+    participant_ids: Optional[list] = None
+    orchestrator_config: Any = None
+    num_nodes: Optional[int] = None
+
+
+class ExecCacheTransceiverConfig:
+    def __init__(self, backend: Optional[CacheTransceiverBackendType] = None, max_tokens_in_buffer=None,
+                 kv_transfer_timeout_ms=None):
+        if backend is not None and not isinstance(backend, CacheTransceiverBackendType):
+            raise TypeError(f"backend must be a CacheTransceiverBackendType, got {backend!r}")
+        self.backend, self.max_tokens_in_buffer = backend, max_tokens_in_buffer
+        self.kv_transfer_timeout_ms = kv_transfer_timeout_ms
+
+
+@dataclass
+class ExecutorConfig:
+    max_beam_width: int = 1
+    scheduler_config: Optional[ExecSchedulerConfig] = None
+    kv_cache_config: Optional[ExecKvCacheConfig] = None
+    enable_chunked_context: bool = False
+    normalize_log_probs: bool = True
+    iter_stats_max_iterations: int = 1000
+    request_stats_max_iterations: int = 0
+    batching_type: Any = None
+    max_batch_size: Optional[int] = None
+    max_num_tokens: Optional[int] = None
+    parallel_config: Optional[ParallelConfig] = None
+    cache_transceiver_config: Optional[ExecCacheTransceiverConfig] = None
+
+
+class SamplingConfig:
+    def __init__(self, beam_width: int = 1, *, top_k=None, top_p=None, top_p_min=None, seed=None, temperature=None,
+                 min_tokens=None, **kwargs):
+        self.beam_width, self.top_k, self.top_p, self.seed, self.temperature = beam_width, top_k, top_p, seed, \
+            temperature
+
+
+class ContextPhaseParams:
+    def __init__(self, first_gen_tokens, req_id, opaque_state, draft_tokens, /):  # positional, as the pybind build
+        self.first_gen_tokens, self.req_id = list(first_gen_tokens), req_id
+        self.opaque_state, self.draft_tokens = opaque_state, draft_tokens
+
+
+class Request:
+    def __init__(self, input_token_ids, max_tokens, *, streaming: bool = False, sampling_config=None,
+                 output_config=None, end_id=None, pad_id=None, kv_cache_retention_config=None,
+                 return_all_generated_tokens: bool = False, priority: float = 0.5,
+                 type: RequestType = RequestType.REQUEST_TYPE_CONTEXT_AND_GENERATION, context_phase_params=None,
+                 **kwargs):
+        self.input_token_ids, self.max_tokens = list(input_token_ids), max_tokens
+        self.streaming, self.sampling_config, self.end_id = streaming, sampling_config, end_id
+        self.kv_cache_retention_config = kv_cache_retention_config
+        self.request_type, self.context_phase_params = type, context_phase_params
+
+
+@dataclass
+class Result:
+    output_token_ids: list
+    is_final: bool
+    finish_reasons: list
+    context_phase_params: Any = None
+
+
+@dataclass
+class Response:
+    request_id: int
+    result: Optional[Result] = None
+    error_msg: Optional[str] = None
+
+    def has_error(self) -> bool:
+        return self.error_msg is not None
+
+
+class _ResponseSink:
+    """Turns the core's cumulative snapshots into the Executor's streaming responses (new tokens only)."""
+
+    def __init__(self, executor: "FakeExecutor", request: LlmRequest):
+        self.executor, self.request, self.sent = executor, request, 0
+
+    def _push(self, token_ids: list, finished: bool, disagg: Any = None) -> None:
+        new, self.sent = list(token_ids[self.sent:]), len(token_ids)
+        reason = FinishReason.NOT_FINISHED
+        if finished:
+            reason = FinishReason.CANCELLED if self.request.aborted else FinishReason.LENGTH
+        cpp = None if disagg is None else ContextPhaseParams(disagg.first_gen_tokens, disagg.ctx_request_id,
+                                                             disagg.opaque_state, None)
+        self.executor._respond(Response(self.request.request_id, Result([new], finished, [reason], cpp)))
+
+
+class FakeExecutor(FakeLLM):
+    """The fake `tensorrt_llm.bindings.executor.Executor` over a (fake) TensorRT engine directory.
+
+    max_seq_len, max_batch_size and tokens_per_block come from the engine directory's config.json
+    (`build_config`, as the fake trtllm-build in the tests writes it); the run loop is FakeLLM's."""
+
+    def __init__(self, model_path, model_type: ModelType, executor_config: ExecutorConfig):
+        if model_type is not ModelType.DECODER_ONLY:
+            raise ValueError(f"fake Executor: only DECODER_ONLY is modelled, got {model_type}")
+        cfg_path = Path(model_path) / "config.json"
+        if not cfg_path.is_file():
+            raise RuntimeError(f"[TensorRT-LLM][ERROR] engine config {cfg_path} not found")
+        import json
+
+        build = json.loads(cfg_path.read_text())["build_config"]
+        cfg = executor_config
+        slots = cfg.max_batch_size or build["max_batch_size"]
+        if slots > build["max_batch_size"]:
+            raise ValueError(f"max_batch_size {slots} exceeds the engine's {build['max_batch_size']}")
+        kv = cfg.kv_cache_config or ExecKvCacheConfig()
+        self.config = cfg
+        self._responses: collections.deque = collections.deque()
+        self._ready = threading.Condition()
+        self._by_id: dict[int, LlmRequest] = {}
+        super().__init__(str(model_path), max_batch_size=slots, max_seq_len=build["max_seq_len"],
+                         kv_cache_config=KvCacheConfig(tokens_per_block=build["tokens_per_block"],
+                                                       enable_block_reuse=kv.enable_block_reuse,
+                                                       host_cache_size=kv.host_cache_size, max_tokens=kv.max_tokens),
+                         scheduler_config=cfg.scheduler_config, enable_chunked_prefill=cfg.enable_chunked_context,
+                         cache_transceiver_config=cfg.cache_transceiver_config)
+
+    def enqueue_request(self, request: Request) -> int:
+        if not request.streaming:
+            raise TypeError("fake Executor: only streaming requests are modelled (the adapter always streams)")
+        disagg = None
+        if request.request_type is RequestType.REQUEST_TYPE_CONTEXT_ONLY:
+            disagg = DisaggregatedParams("context_only")
+        elif request.request_type is RequestType.REQUEST_TYPE_GENERATION_ONLY:
+            c = request.context_phase_params
+            disagg = DisaggregatedParams("generation_only", c.first_gen_tokens, c.req_id, c.opaque_state)
+        sampling = SamplingParams(max_tokens=request.max_tokens, temperature=request.sampling_config.temperature,
+                                  top_k=request.sampling_config.top_k, seed=request.sampling_config.seed,
+                                  ignore_eos=request.end_id == -1)
+        with self.lock:  # the run loop must not step the request before its sink is in place
+            out = self.generate_async(request.input_token_ids, sampling, streaming=True,
+                                      kv_cache_retention_config=request.kv_cache_retention_config,
+                                      disaggregated_params=disagg)
+            req = out._request
+            req.output = _ResponseSink(self, req)
+            self._by_id[req.request_id] = req
+        return req.request_id
+
+    def await_responses(self, timeout=None) -> list:
+        if isinstance(timeout, int):  # the real overload await_responses(id) takes an int request id
+            raise TypeError("fake Executor: an int is a request id; pass the timeout as a timedelta")
+        seconds = timeout.total_seconds() if timeout is not None else None
+        with self._ready:
+            self._ready.wait_for(lambda: self._responses, timeout=seconds)
+            out, self._responses = list(self._responses), collections.deque()
+        return out
+
+    def cancel_request(self, id: int) -> None:
+        req = self._by_id.get(id)
+        if req is not None:
+            req.aborted = True
+
+    def _respond(self, response: Response) -> None:
+        with self._ready:
+            self._responses.append(response)
+            self._ready.notify_all()
 
 
 # ----------------------------------------------------------------------------- building
@@ -487,13 +705,20 @@ def modules(version: str = VERSION) -> dict[str, types.ModuleType]:
         "tensorrt_llm.llmapi": llmapi,
         "tensorrt_llm.llmapi.llm_args": mod("tensorrt_llm.llmapi.llm_args",
                                             KvCacheConnectorConfig=KvCacheConnectorConfig, **configs),
-        "tensorrt_llm._tensorrt_engine": mod("tensorrt_llm._tensorrt_engine", LLM=FakeTensorrtEngineLLM),
         "tensorrt_llm._torch": mod("tensorrt_llm._torch"),
         "tensorrt_llm._torch.pyexecutor": mod("tensorrt_llm._torch.pyexecutor"),
         "tensorrt_llm._torch.pyexecutor.kv_cache_connector": mod(
             "tensorrt_llm._torch.pyexecutor.kv_cache_connector", KvCacheConnectorScheduler=KvCacheConnectorScheduler,
             KvCacheConnectorWorker=KvCacheConnectorWorker, SchedulerOutput=SchedulerOutput),
         "tensorrt_llm.bindings": mod("tensorrt_llm.bindings"),
+        "tensorrt_llm.bindings.executor": mod(
+            "tensorrt_llm.bindings.executor", Executor=FakeExecutor, ExecutorConfig=ExecutorConfig,
+            ModelType=ModelType, Request=Request, RequestType=RequestType, Response=Response, Result=Result,
+            FinishReason=FinishReason, SamplingConfig=SamplingConfig, ContextPhaseParams=ContextPhaseParams,
+            KvCacheConfig=ExecKvCacheConfig, SchedulerConfig=ExecSchedulerConfig,
+            CapacitySchedulerPolicy=CapacitySchedulerPolicy, ParallelConfig=ParallelConfig,
+            CacheTransceiverConfig=ExecCacheTransceiverConfig, CacheTransceiverBackendType=CacheTransceiverBackendType,
+            KvCacheRetentionConfig=KvCacheRetentionConfig),
         "tensorrt_llm.bindings.internal": mod("tensorrt_llm.bindings.internal"),
         "tensorrt_llm.bindings.internal.batch_manager": mod("tensorrt_llm.bindings.internal.batch_manager",
                                                             LlmRequest=LlmRequest),

@@ -10,8 +10,8 @@ def reqs(*specs):
     return [PrefillRequest(rid, list(prompt)) for rid, prompt in specs]
 
 
-def test_prefill_and_decode_follow_the_model(make_engine, trtllm):
-    e = make_engine()
+def test_prefill_and_decode_follow_the_model(make_engine, trtllm, flavour):
+    e = make_engine(flavour=flavour)
     prompt = [5, 6, 7, 8, 9]
     first = e.prefill(reqs(("a", prompt))).tokens["a"]
     rest = [e.decode(["a"]).tokens["a"] for _ in range(5)]
@@ -31,8 +31,8 @@ def test_settings_the_orchestrator_needs_reach_llm(make_engine, trtllm):
     assert not info.capabilities.can_form_batches and not info.capabilities.can_chunk_prefill
 
 
-def test_batch_beyond_the_slots_is_refused_before_anything_runs(make_engine):
-    e = make_engine(slots=2)
+def test_batch_beyond_the_slots_is_refused_before_anything_runs(make_engine, flavour):
+    e = make_engine(flavour=flavour, slots=2)
     e.prefill(reqs(("a", [1, 2]), ("b", [3, 4])))
     with pytest.raises(EngineError, match="max_batch_size=2"):
         e.prefill(reqs(("c", [5, 6])))
@@ -42,16 +42,16 @@ def test_batch_beyond_the_slots_is_refused_before_anything_runs(make_engine):
     assert e.prefill(reqs(("c", [5, 6]))).tokens["c"] >= 0
 
 
-def test_executor_never_runs_more_than_the_batch(make_engine):
-    e = make_engine(slots=3)
+def test_executor_never_runs_more_than_the_batch(make_engine, flavour, core):
+    e = make_engine(flavour=flavour, slots=3)
     e.prefill(reqs(("a", [1]), ("b", [2, 3]), ("c", [4, 5, 6])))
     for _ in range(4):
         e.decode(["a", "b", "c"])
-    assert e.llm.max_running_seen <= 3
+    assert core(e.llm).max_running_seen <= 3
 
 
-def test_bad_prompts_are_refused_like_every_engine(make_engine):
-    e = make_engine()
+def test_bad_prompts_are_refused_like_every_engine(make_engine, flavour):
+    e = make_engine(flavour=flavour)
     with pytest.raises(EngineError, match="empty prompt"):
         e.prefill(reqs(("a", [])))
     with pytest.raises(EngineError, match="outside"):
@@ -61,13 +61,13 @@ def test_bad_prompts_are_refused_like_every_engine(make_engine):
         e.prefill(reqs(("a", [1])))
 
 
-def test_free_aborts_and_returns_every_block(make_engine):
-    e = make_engine()
+def test_free_aborts_and_returns_every_block(make_engine, flavour, core):
+    e = make_engine(flavour=flavour)
     e.prefill(reqs(("a", [1, 2, 3]), ("b", [4, 5])))
     e.decode(["a", "b"])
     e.free(["a", "b", "never-seen"])
     e.free(["a"])  # twice is fine
-    _wait(lambda: e.llm.idle() and e.llm.blocks_in_use() == 0)
+    _wait(lambda: core(e.llm).idle() and core(e.llm).blocks_in_use() == 0)
     assert e.kv_blocks_used("cuda:0") == 0 and e.gate.used == 0 and not e.streams.keys()
 
 
@@ -80,8 +80,8 @@ def _wait(cond, timeout=5.0):
         time.sleep(0.002)
 
 
-def test_a_failing_submission_frees_the_whole_call(make_engine, monkeypatch):
-    e = make_engine(slots=4)
+def test_a_failing_submission_frees_the_whole_call(make_engine, monkeypatch, flavour, core):
+    e = make_engine(flavour=flavour, slots=4)
     real = e.llm.generate_async
     calls = []
 
@@ -98,11 +98,11 @@ def test_a_failing_submission_frees_the_whole_call(make_engine, monkeypatch):
     for rid in "abc":
         with pytest.raises(EngineError, match="unknown"):
             e.tier_of(rid)
-    _wait(lambda: e.llm.idle() and e.llm.blocks_in_use() == 0)
+    _wait(lambda: core(e.llm).idle() and core(e.llm).blocks_in_use() == 0)
 
 
-def test_decode_past_the_end_of_a_stream_is_an_error(make_engine):
-    e = make_engine()
+def test_decode_past_the_end_of_a_stream_is_an_error(make_engine, flavour):
+    e = make_engine(flavour=flavour)
     e.prefill(reqs(("a", [1, 2])))
     e.streams.abort(e._reqs["a"].stream)  # TensorRT-LLM ended it on its own
     with pytest.raises(EngineError, match="ended in TensorRT-LLM"):

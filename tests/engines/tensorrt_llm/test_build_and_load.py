@@ -125,8 +125,17 @@ def test_engine_flavour_runs_conversion_and_trtllm_build(model_dir, tmp_path, ca
     bin_dir.mkdir()
     log = tmp_path / "trtllm-build.args"
     script = bin_dir / "trtllm-build"
-    script.write_text(f"#!/bin/sh\necho \"$@\" > {log}\nwhile [ $# -gt 0 ]; do [ \"$1\" = --output_dir ] && "
-                      "mkdir -p \"$2\" && echo fake > \"$2/rank0.engine\"; shift; done\n")
+    # Writes rank0.engine and a config.json whose build_config the fake Executor reads (its own layout).
+    script.write_text(f"#!/bin/sh\necho \"$@\" > {log}\n" + r"""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --output_dir) out="$2";; --max_batch_size) mbs="$2";; --max_seq_len) msl="$2";; --tokens_per_block) tpb="$2";;
+  esac; shift
+done
+mkdir -p "$out" && echo fake > "$out/rank0.engine"
+printf '{"build_config": {"max_batch_size": %s, "max_seq_len": %s, "tokens_per_block": %s}}' $mbs $msl $tpb \
+  > "$out/config.json"
+""")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "eng"
@@ -139,10 +148,24 @@ def test_engine_flavour_runs_conversion_and_trtllm_build(model_dir, tmp_path, ca
         assert args[args.index(flag) + 1] == value
     m = read_manifest(out)
     assert m.extra["llm_settings"]["flavour"] == "engine" and (out / "engine" / "rank0.engine").is_file()
-    assert m.kv_blocks_host == 0  # no KV connector on TensorRT engines
-    e = load_engine(out)
+    s = m.extra["llm_settings"]
+    # no KV connector on TensorRT engines: the host tier is TensorRT-LLM's own host cache
+    assert m.kv_blocks_host > 0 and s["host_pool_blocks"] == 0
+    assert s["host_cache_bytes"] == m.kv_blocks_host * m.bytes_per_block
+    e = load_engine(out)  # served by the C++ Executor (fake), parked requests in its host cache
     try:
-        assert e.llm.model == str(out / "engine") and not e.describe().capabilities.can_offload
+        assert e.llm.model == str(out / "engine") and e.describe().capabilities.can_offload
+        assert e.describe().host_blocks == m.kv_blocks_host
+        cfg = e.llm.executor.config
+        assert cfg.kv_cache_config.host_cache_size == s["host_cache_bytes"] and cfg.max_batch_size == 16
+        assert cfg.parallel_config.device_ids == [0] and not cfg.enable_chunked_context
+        e.prefill([PrefillRequest("a", [1, 5, 9])])
+        e.decode(["a"])
+        e.wait(e.move(["a"], "cuda:0", HOST))
+        assert e.kv_blocks_used(HOST) == 1
+        e.wait(e.move(["a"], HOST, "cuda:0"))
+        e.decode(["a"])
+        e.free(["a"])
     finally:
         e.close()
 

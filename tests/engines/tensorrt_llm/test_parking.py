@@ -1,0 +1,134 @@
+"""Parking (device -> host) and resuming (host -> device) on both flavours: the LLM API's KV connector
+into the orchestrator's host pool, and the C++ Executor's own host cache. Same tokens, no block leaked."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from engines.base import HOST, CapabilityError, EngineError, PrefillRequest
+
+
+def _wait(cond, timeout=5.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.002)
+
+
+def _quiet(e):
+    """Every executor-side block returned: nothing running, saving, or held for a hand-off."""
+    fake = getattr(e.llm, "executor", e.llm)
+    _wait(lambda: fake.idle() and fake.blocks_in_use() == 0)
+
+
+def test_park_then_resume_continues_the_same_tokens(make_engine, trtllm, flavour, core):
+    e = make_engine(flavour=flavour, host_blocks=32)
+    prompt = list(range(3, 14))  # 11 tokens: 2 full blocks of 4 and a partial one
+    got = [e.prefill([PrefillRequest("a", prompt)]).tokens["a"]]
+    got += [e.decode(["a"]).tokens["a"] for _ in range(3)]
+    e.wait(e.move(["a"], "cuda:0", HOST))
+    assert e.tier_of("a") == HOST and e.kv_blocks_used(HOST) == 4  # 14 tokens of KV (the last has none yet)
+    _quiet(e)  # the device blocks went back once the save finished
+    h = e.move(["a"], HOST, "cuda:0")
+    e.wait(h)
+    assert e.tier_of("a") == "cuda:0" and h.seconds is not None
+    assert e.kv_blocks_used(HOST) == 0  # loaded back: the host copy is released
+    got += [e.decode(["a"]).tokens["a"] for _ in range(4)]
+    assert got == trtllm.reference_tokens(prompt, 8)
+
+
+def test_full_host_pool_fails_the_move_and_leaks_nothing(make_engine, flavour):
+    e = make_engine(flavour=flavour, host_blocks=2)
+    e.prefill([PrefillRequest("a", list(range(1, 20)))])
+    h = e.move(["a"], "cuda:0", HOST)
+    with pytest.raises(EngineError, match="host KV pool full"):
+        e.wait(h)
+    e.free(["a"])
+    _quiet(e)
+    assert e.kv_blocks_used(HOST) == 0 and e.pool.parked() == ()
+
+
+@pytest.mark.parametrize("when", ["parked", "saving", "resuming", "running"])
+def test_every_exit_path_frees_host_and_device_blocks(make_engine, when, flavour):
+    e = make_engine(flavour=flavour, host_blocks=16)
+    e.prefill([PrefillRequest("a", list(range(1, 10))), PrefillRequest("b", [4, 5])])
+    if when in ("parked", "resuming"):
+        e.wait(e.move(["a"], "cuda:0", HOST))
+    if when == "saving":
+        e.move(["a"], "cuda:0", HOST)  # freed before the save is seen
+    if when == "resuming":
+        e.move(["a"], HOST, "cuda:0")
+    e.free(["a", "b"])
+    _quiet(e)
+    _wait(lambda: e.kv_blocks_used(HOST) == 0)
+    assert e.gate.used == 0 and not e.streams.keys() and e.pool.parked() == ()
+
+
+def test_resume_of_a_request_never_parked_is_refused(make_engine, flavour):
+    e = make_engine(flavour=flavour, host_blocks=16)
+    e.prefill([PrefillRequest("a", [1, 2])])
+    with pytest.raises(EngineError, match="tier"):
+        e.move(["a"], HOST, "cuda:0")
+
+
+def test_without_a_host_pool_moves_are_a_capability_error(make_engine, flavour):
+    e = make_engine(flavour=flavour, host_blocks=0)
+    assert not e.describe().capabilities.can_offload and e.describe().host_blocks == 0
+    e.prefill([PrefillRequest("a", [1, 2])])
+    with pytest.raises(CapabilityError, match="no host KV pool"):
+        e.move(["a"], "cuda:0", HOST)
+    with pytest.raises(CapabilityError):
+        e.move(["a"], "cuda:0", "cuda:1")
+
+
+def test_retention_priorities_mark_the_staged_batch(make_engine, flavour, core):
+    from engines.tensorrt_llm import retention
+
+    e = make_engine(flavour=flavour, host_blocks=16)
+    e.prefill([PrefillRequest("a", [1, 2, 3])])
+    e.wait(e.move(["a"], "cuda:0", HOST))
+    e.wait(e.move(["a"], HOST, "cuda:0"))
+    priorities = [(r.retention.token_range_retention_configs[0].priority, r.retention.decode_retention_priority)
+                  for r in core(e.llm).submitted]
+    assert priorities == [(retention.RUNNING,) * 2, (retention.STAGED,) * 2]
+
+
+def test_a_request_that_reached_its_end_in_tensorrt_llm_parks_and_resumes_from_its_buffer(make_engine, trtllm, flavour, core):
+    """The executor runs ahead of the orchestrator: a request can reach max_seq_len in TensorRT-LLM
+    (every token buffered, its KV already released) before the orchestrator parks it. Parking it must
+    not wait for a save that will never come; its remaining tokens come from the buffer."""
+    e = make_engine(flavour=flavour, host_blocks=64, timeout_s=3)
+    prompt = list(range(1, 121))  # 120 tokens; max_seq_len 128: TensorRT-LLM ends it after 8 tokens
+    got = [e.prefill([PrefillRequest("a", prompt)]).tokens["a"]]
+    _quiet(e)  # ended in the executor: all 8 tokens are buffered, no park order existed
+    h = e.move(["a"], "cuda:0", HOST)
+    e.wait(h)
+    assert e.tier_of("a") == HOST and e.kv_blocks_used(HOST) == 0 and e.gate.used == 0
+    e.wait(e.move(["a"], HOST, "cuda:0"))
+    got += [e.decode(["a"]).tokens["a"] for _ in range(7)]
+    assert got == trtllm.reference_tokens(prompt, 8)
+    assert len(core(e.llm).submitted) == 1  # nothing was resubmitted
+    e.free(["a"])
+    assert not e.streams.keys() and e.pool.parked() == ()
+
+
+def test_a_park_racing_the_natural_end_never_hangs(make_engine, trtllm, monkeypatch, flavour):
+    """The order is left after TensorRT-LLM reported the request finished but before its last output
+    reached the stream: the park completes from the buffer once the stream ends."""
+    e = make_engine(flavour=flavour, host_blocks=64, timeout_s=3)
+    prompt = list(range(1, 121))
+    e.prefill([PrefillRequest("a", prompt)])
+    _quiet(e)
+    stream = e.streams._streams[e._reqs["a"].stream]
+    held = []
+    while not stream.tokens.empty():  # hold the stream's tail back, as if not yet delivered
+        held.append(stream.tokens.get())
+    h = e.move(["a"], "cuda:0", HOST)
+    assert not e.poll(h)
+    for item in held:
+        stream.tokens.put(item)
+    e.wait(h)
+    e.wait(e.move(["a"], HOST, "cuda:0"))
+    assert [e.decode(["a"]).tokens["a"] for _ in range(7)] == trtllm.reference_tokens(prompt, 8)[1:]
+    assert e.pool.parked() == () and e.kv_blocks_used(HOST) == 0
