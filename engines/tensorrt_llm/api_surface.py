@@ -49,6 +49,7 @@ _LLMAPI = "tensorrt_llm.llmapi"
 _ARGS = SRC + "tensorrt_llm/llmapi/llm_args.py"
 _LLM = SRC + "tensorrt_llm/llmapi/llm.py"
 _CONNECTOR = "tensorrt_llm._torch.pyexecutor.kv_cache_connector"
+"""1.x; `main` moved it to `...pyexecutor.connectors.kv_cache_connector` (connector_classes tries both)."""
 _CONNECTOR_SRC = SRC + "tensorrt_llm/_torch/pyexecutor/kv_cache_connector.py"
 _BOTH = (LLM_API, ENGINE)
 _EXEC = "tensorrt_llm.bindings.executor"
@@ -140,8 +141,10 @@ API_SURFACE: tuple[ApiName, ...] = (
     ApiName(_CONNECTOR, "KvCacheConnectorWorker.wait_for_save", "method", ("stream",), _CONNECTOR_SRC),
     ApiName(_CONNECTOR, "KvCacheConnectorWorker.get_finished", "method",
             ("finished_gen_req_ids", "started_loading_req_ids"), _CONNECTOR_SRC),
-    ApiName("os.environ", "TLLM_WORKER_USE_SINGLE_PROCESS", "env", ("1",),
-            SRC + "tensorrt_llm/executor/executor.py"),
+    # read once (cached) by the first LLM of the process; tensor-parallel size 1 only
+    ApiName("os.environ", "TLLM_WORKER_USE_SINGLE_PROCESS", "env", ("1",), SRC + "tensorrt_llm/llmapi/utils.py"),
+    # request_id is the executor's internal id (the same in every connector call); the adapter never
+    # compares it with RequestOutput ids: it recognises its requests by their tokens
     ApiName("tensorrt_llm.bindings.internal.batch_manager", "LlmRequest", "attribute",
             ("request_id", "get_tokens"), SRC + "tensorrt_llm/_torch/pyexecutor/llm_request.py"),
     # --- peer prefetch: disaggregated context-only / generation-only requests ---
@@ -155,8 +158,10 @@ API_SURFACE: tuple[ApiName, ...] = (
     # --- building (make build-engine BACKEND=trtllm) ---
     ApiName("tensorrt_llm.models", "MODEL_MAP", "attribute", ("__getitem__",),
             SRC + "tensorrt_llm/models/__init__.py", (ENGINE,)),
-    ApiName("tensorrt_llm.models", "PretrainedModel.from_hugging_face", "method", ("hf_model_or_dir", "dtype"),
-            SRC + "tensorrt_llm/models/modeling_utils.py", (ENGINE,)),
+    # a classmethod of each concrete model (MODEL_MAP's values), not of PretrainedModel; its first
+    # parameter's name differs between models, so the adapter passes it positionally
+    ApiName("tensorrt_llm.models", "LLaMAForCausalLM.from_hugging_face", "method", ("hf_model_or_dir", "dtype"),
+            SRC + "tensorrt_llm/models/llama/model.py", (ENGINE,)),
     ApiName("tensorrt_llm.models", "PretrainedModel.save_checkpoint", "method", ("output_dir",),
             SRC + "tensorrt_llm/models/modeling_utils.py", (ENGINE,)),
     ApiName("trtllm-build", "trtllm-build", "cli",

@@ -87,7 +87,8 @@ def _build_tensorrt_engine(model_dir: Path, engine_dir: Path, architecture: str,
     if architecture not in models.MODEL_MAP:
         raise BuildError(f"TensorRT-LLM has no converter for {architecture!r}; known: {sorted(models.MODEL_MAP)[:20]}")
     with tempfile.TemporaryDirectory(prefix="alignedserve-trtllm-ckpt-") as ckpt_dir:
-        model = models.MODEL_MAP[architecture].from_hugging_face(hf_model_or_dir=str(model_dir), dtype=s.dtype)
+        # positional: the first parameter's name differs between TensorRT-LLM's model classes
+        model = models.MODEL_MAP[architecture].from_hugging_face(str(model_dir), dtype=s.dtype)
         model.save_checkpoint(output_dir=ckpt_dir)
         cmd = [TRTLLM_BUILD, "--checkpoint_dir", ckpt_dir, "--output_dir", str(engine_dir),
                "--max_batch_size", str(s.max_batch_size), "--max_seq_len", str(s.max_seq_len),

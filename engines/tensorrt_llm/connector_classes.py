@@ -14,13 +14,22 @@ from engines.tensorrt_llm.kv_connector import HostPoolMover, HostPoolPlanner
 
 SCHEDULER_CLASS = "HostPoolConnectorScheduler"
 WORKER_CLASS = "HostPoolConnectorWorker"
-CONNECTOR_BASE = "tensorrt_llm._torch.pyexecutor.kv_cache_connector"
+CONNECTOR_BASES = ("tensorrt_llm._torch.pyexecutor.kv_cache_connector",
+                   "tensorrt_llm._torch.pyexecutor.connectors.kv_cache_connector")
+"""Where the base classes live: 1.x (through at least 1.3.0rc11), then `main` (2026)."""
 
 _made: dict[str, type] = {}
 
 
 def _make() -> None:
-    base = _import.module(CONNECTOR_BASE, "the AlignedServe KV connector")
+    for name in CONNECTOR_BASES[:-1]:
+        try:
+            base = _import.module(name, "the AlignedServe KV connector")
+            break
+        except _import.TensorRTLLMUnavailable:
+            continue
+    else:
+        base = _import.module(CONNECTOR_BASES[-1], "the AlignedServe KV connector")
 
     class HostPoolConnectorScheduler(base.KvCacheConnectorScheduler):
         """Scheduler side: delegates every decision to `HostPoolPlanner` over the bound host pool."""

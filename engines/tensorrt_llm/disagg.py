@@ -15,8 +15,11 @@ CONTEXT_ONLY = "context_only"
 GENERATION_ONLY = "generation_only"
 GEN_ONLY_REPEATS_FIRST_TOKEN = True
 """The generation-only request's output starts with the context side's first token, which the
-orchestrator already has, so the engine skips it. Checked against the fake only: verify on a
-GPU host (docs/tensorrt-llm.md, "verify")."""
+orchestrator already has, so the engine skips it (by position in the cumulative token list, not
+by trusting a streamed diff). NVIDIA's tests/integration/defs/disaggregated/
+test_disaggregated_single_gpu.py asserts this for non-streaming outputs; 1.1+ dropped the special
+case that hid the repeat while streaming. Still to verify on a GPU host for streaming and for the
+C++ Executor (docs/tensorrt-llm.md)."""
 
 
 def context_only(api):

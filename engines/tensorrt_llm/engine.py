@@ -27,6 +27,7 @@ keeps finished requests' blocks as reusable cache (evicted by `retention` priori
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ from engines.tensorrt_llm.llm_settings import TrtllmSettings
 from engines.tensorrt_llm.retention import retention_config
 from engines.tensorrt_llm.token_streams import TokenStreams
 
+CONNECTOR_REFUSES_HANDOFF = (
+    "TensorRT-LLM's KV connector refuses generation-only requests (\"Connector API is not supported for "
+    "generation-only requests\"), so one decode instance cannot have both the connector host pool and peer "
+    "prefetch; with a helper device the engine parks requests in TensorRT-LLM's own host cache instead")
 SINGLE_PROCESS_ENV = "TLLM_WORKER_USE_SINGLE_PROCESS"
 """Runs TensorRT-LLM's executor in this process, where the connector finds the bound host pool."""
 
@@ -92,6 +97,8 @@ class TrtllmEngine(Engine):
                  helper_device: str | None = None, timeout_s: float = 120.0):
         if (ctx_llm is None) != (helper_device is None):
             raise ValueError("a context instance and its helper device come together")
+        if isinstance(pool, HostKvPool) and ctx_llm is not None:
+            raise CapabilityError(CONNECTOR_REFUSES_HANDOFF)
         self.api, self.llm, self.ctx_llm, self.settings = api, llm, ctx_llm, settings
         self.pool = pool
         self.gate = AdmissionGate(settings.max_batch_size)
@@ -121,7 +128,7 @@ class TrtllmEngine(Engine):
         kv_blocks / host_kv_blocks override the manifest's pools; dtype cannot change without a
         rebuild (a TensorRT engine is compiled for one)."""
         from engines.tensorrt_llm import _import
-        from engines.tensorrt_llm.api_surface import ENGINE
+        from engines.tensorrt_llm.api_surface import ENGINE, LLM_API
         from engines.tensorrt_llm.llm_settings import llm_kwargs
 
         engine_dir = Path(engine_dir)
@@ -132,7 +139,9 @@ class TrtllmEngine(Engine):
             raise EngineError(f"{engine_dir} was built for {manifest.dtype}; rebuild it with --dtype {dtype} "
                               "to serve in another dtype")
         overrides = {}
-        if host_kv_blocks is not None:
+        if host_kv_blocks is not None and settings.flavour == ENGINE:
+            overrides["host_cache_bytes"] = host_kv_blocks * manifest.bytes_per_block
+        elif host_kv_blocks is not None:
             overrides["host_pool_blocks"] = host_kv_blocks
         if kv_blocks is not None:
             overrides["kv_max_tokens"] = kv_blocks * settings.tokens_per_block
@@ -145,23 +154,25 @@ class TrtllmEngine(Engine):
         decode_device = "cuda:0" if device == "auto" else device
         peer = bool(helper_devices)
         ctx_llm = None
+        if settings.flavour == LLM_API and peer and settings.host_pool_blocks:
+            # CONNECTOR_REFUSES_HANDOFF: the same host memory becomes TensorRT-LLM's own host cache
+            settings = dataclasses.replace(settings, host_pool_blocks=0,
+                                           host_cache_bytes=settings.host_pool_blocks * manifest.bytes_per_block)
+        pool = _host_tier(settings, manifest.bytes_per_block)
         if settings.flavour == ENGINE:
             from engines.tensorrt_llm.executor_llm import ExecutorLLM
 
-            blocks = settings.host_cache_bytes // manifest.bytes_per_block
-            pool = HostCacheBooks(blocks, settings.tokens_per_block) if blocks else None
             llm = ExecutorLLM(engine_dir / "engine", settings, llmapi=api, device_index=_cuda_index(decode_device),
                               transceiver=peer)
             if peer:
                 ctx_llm = ExecutorLLM(engine_dir / "engine", settings, llmapi=api,
                                       device_index=_cuda_index(helper_devices[0]), transceiver=True)
         else:
-            pool = HostKvPool(settings.host_pool_blocks, settings.tokens_per_block) if settings.host_pool_blocks \
-                else None
-            if pool is not None:
+            connector = isinstance(pool, HostKvPool)
+            if connector:
                 os.environ.setdefault(SINGLE_PROCESS_ENV, "1")
                 host_pool.bind(pool)
-            llm = api.LLM(**llm_kwargs(api, settings, str(engine_dir), connector=pool is not None, transceiver=peer))
+            llm = api.LLM(**llm_kwargs(api, settings, str(engine_dir), connector=connector, transceiver=peer))
             if peer:
                 _select_device(helper_devices[0])
                 ctx_llm = api.LLM(**llm_kwargs(api, settings, str(engine_dir), connector=False, transceiver=True))
@@ -448,6 +459,14 @@ def _model_info(manifest) -> ModelInfo:
                      num_layers=m["num_layers"], num_kv_heads=m["num_kv_heads"], head_dim=m["head_dim"],
                      dtype=manifest.dtype, num_params=manifest.num_params, eos_token_ids=manifest.eos_token_ids,
                      bos_token_id=manifest.bos_token_id)
+
+
+def _host_tier(settings: TrtllmSettings, bytes_per_block: int) -> HostKvPool | HostCacheBooks | None:
+    """The orchestrator's host pool behind the KV connector, else TensorRT-LLM's own host cache, else none."""
+    if settings.host_pool_blocks:
+        return HostKvPool(settings.host_pool_blocks, settings.tokens_per_block)
+    blocks = settings.host_cache_bytes // bytes_per_block
+    return HostCacheBooks(blocks, settings.tokens_per_block) if blocks else None
 
 
 def _cuda_index(device: str) -> int:

@@ -146,6 +146,9 @@ class RequestOutput:
         if finished:
             self._snapshots.append(None)
 
+    def _push_error(self, error: Exception) -> None:
+        self._snapshots.append(error)
+
     def abort(self) -> None:
         self._request.aborted = True
 
@@ -158,6 +161,8 @@ class RequestOutput:
                 snap = self._snapshots.popleft()
                 if snap is None:
                     raise StopAsyncIteration
+                if isinstance(snap, Exception):
+                    raise snap
                 self.outputs, self.finished = snap.outputs, snap.finished
                 return self
             await asyncio.sleep(0.0005)
@@ -393,6 +398,10 @@ class FakeLLM:
             self.waiting.popleft()
             r.blocks = [self.free_blocks.pop() for _ in range(need)]
             gen_only = r.disagg is not None and r.disagg.request_type == "generation_only"
+            if gen_only and self.sched is not None:  # as TensorRT-LLM's KvCacheConnectorManager
+                self._release(r)
+                r.output._push_error(RuntimeError("Connector API is not supported for generation-only requests!"))
+                continue
             if gen_only:
                 self._pull_from_context(r)
             elif self.sched is not None:
@@ -670,20 +679,25 @@ class FakeExecutor(FakeLLM):
 
 # ----------------------------------------------------------------------------- building
 class PretrainedModel:
-    """The fake checkpoint converter: writes a config and a marker weight file."""
+    """The fake base of TensorRT-LLM's models: saves a checkpoint (config and a marker weight file).
+    As in the real one, `from_hugging_face` belongs to the concrete models, not to this base."""
 
     def __init__(self, hf_dir: str, dtype: str):
         self.hf_dir, self.dtype = hf_dir, dtype
-
-    @classmethod
-    def from_hugging_face(cls, hf_model_or_dir, dtype: str = "auto", mapping=None, quant_config=None, **kwargs):
-        return cls(str(hf_model_or_dir), dtype)
 
     def save_checkpoint(self, output_dir, save_config: bool = True) -> None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text('{"fake": "tensorrt_llm checkpoint", "dtype": "%s"}\n' % self.dtype)
         (out / "rank0.safetensors").write_bytes(b"fake")
+
+
+class LLaMAForCausalLM(PretrainedModel):
+    """The fake converter of Llama-family checkpoints (MODEL_MAP's value for LlamaForCausalLM)."""
+
+    @classmethod
+    def from_hugging_face(cls, hf_model_or_dir, dtype: str = "auto", mapping=None, quant_config=None, **kwargs):
+        return cls(str(hf_model_or_dir), dtype)
 
 
 # ----------------------------------------------------------------------------- installing
@@ -722,8 +736,8 @@ def modules(version: str = VERSION) -> dict[str, types.ModuleType]:
         "tensorrt_llm.bindings.internal": mod("tensorrt_llm.bindings.internal"),
         "tensorrt_llm.bindings.internal.batch_manager": mod("tensorrt_llm.bindings.internal.batch_manager",
                                                             LlmRequest=LlmRequest),
-        "tensorrt_llm.models": mod("tensorrt_llm.models", MODEL_MAP={"LlamaForCausalLM": PretrainedModel},
-                                   PretrainedModel=PretrainedModel),
+        "tensorrt_llm.models": mod("tensorrt_llm.models", MODEL_MAP={"LlamaForCausalLM": LLaMAForCausalLM},
+                                   PretrainedModel=PretrainedModel, LLaMAForCausalLM=LLaMAForCausalLM),
     }
     return ms
 

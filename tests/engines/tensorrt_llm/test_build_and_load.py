@@ -168,6 +168,11 @@ printf '{"build_config": {"max_batch_size": %s, "max_seq_len": %s, "tokens_per_b
         e.free(["a"])
     finally:
         e.close()
+    e = load_engine(out, host_kv_blocks=5)  # the override sizes TensorRT-LLM's host cache on this flavour
+    try:
+        assert e.describe().host_blocks == 5 and e.llm.config.kv_cache_config.host_cache_size == 5 * m.bytes_per_block
+    finally:
+        e.close()
 
 
 def test_failed_trtllm_build_leaves_nothing(model_dir, tmp_path, capsys, trtllm, monkeypatch):
@@ -211,3 +216,39 @@ def test_zero_batch_size_is_refused(model_dir, tmp_path, capsys, trtllm):
     code, err = build(["--backend", "trtllm", "--model", str(model_dir), "--out", str(out), "--max-batch-size", "0"],
                       capsys)
     assert code == 2 and "--max-batch-size must be > 0" in err and not out.exists()
+
+
+def test_llm_api_with_a_helper_parks_in_tensorrt_llms_host_cache(model_dir, tmp_path, capsys, trtllm, monkeypatch):
+    """The connector refuses generation-only requests: with a helper device the same host memory
+    becomes TensorRT-LLM's own host cache, and both parking and the hand-off work."""
+    from engines.tensorrt_llm import engine as trt_engine
+    from engines.tensorrt_llm.host_cache import HostCacheBooks
+
+    monkeypatch.setattr(sys.modules["tensorrt_llm"], "__version__", "1.3.0")
+    monkeypatch.setattr(trt_engine, "_select_device", lambda device: None)  # no GPU here
+    out = tmp_path / "eng"
+    code, err = build(["--backend", "trtllm", "--model", str(model_dir), "--out", str(out), "--max-seq-len", "128",
+                       "--block-size", "8", "--kv-memory-gb", "0.001", "--host-kv-memory-gb", "0.002",
+                       "--cache-transceiver", "NIXL"], capsys)
+    assert code == 0, err
+    m = read_manifest(out)
+    e = load_engine(out, helper_devices=("cuda:1",))
+    try:
+        assert isinstance(e.pool, HostCacheBooks) and e.describe().host_blocks == m.kv_blocks_host
+        kw = e.llm.kwargs
+        assert kw["kv_connector_config"] is None
+        assert kw["kv_cache_config"].host_cache_size == m.kv_blocks_host * m.bytes_per_block
+        caps = e.describe().capabilities
+        assert caps.can_offload and caps.can_peer_copy
+        h = e.start_prefill([PrefillRequest("a", [1, 5, 9])], "cuda:1")
+        e.wait_any([h])
+        e.prefill_result(h)
+        e.wait(e.move(["a"], "cuda:1", "cuda:0"))
+        e.decode(["a"])
+        e.wait(e.move(["a"], "cuda:0", HOST))
+        e.wait(e.move(["a"], HOST, "cuda:0"))
+        e.decode(["a"])
+        e.free(["a"])
+        assert e.kv_blocks_used(HOST) == 0
+    finally:
+        e.close()

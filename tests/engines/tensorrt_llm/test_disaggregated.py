@@ -1,11 +1,17 @@
 """Peer prefetch: context_only prefill on the helper instance, generation_only hand-off to the decode one."""
 from __future__ import annotations
 
+import asyncio
+import sys
 import time
 
 import pytest
 
-from engines.base import EngineError, PrefillRequest
+from engines.base import CapabilityError, EngineError, PrefillRequest
+from engines.tensorrt_llm import host_pool
+from engines.tensorrt_llm.api_surface import ENGINE
+from engines.tensorrt_llm.host_pool import HostKvPool
+from engines.tensorrt_llm.llm_settings import TrtllmSettings, llm_kwargs
 
 
 def _wait(cond, timeout=5.0):
@@ -62,3 +68,34 @@ def test_hand_off_without_a_context_result_is_refused(make_engine, flavour):
     e.prefill([PrefillRequest("a", [1, 2])])
     with pytest.raises(EngineError, match="tier"):
         e.move(["a"], "cuda:1", "cuda:0")
+
+
+def test_connector_host_pool_and_peer_prefetch_exclude_each_other(make_engine):
+    """TensorRT-LLM's connector refuses generation-only requests, so the engine refuses the pair up front
+    (from_engine_dir parks in TensorRT-LLM's own host cache instead: test_build_and_load)."""
+    with pytest.raises(CapabilityError, match="generation-only"):
+        make_engine(host_blocks=16, peer=True)
+    e = make_engine(flavour=ENGINE, host_blocks=16, peer=True)  # no connector on the Executor: both work
+    caps = e.describe().capabilities
+    assert caps.can_offload and caps.can_peer_copy
+
+
+def test_the_fake_connector_refuses_generation_only_as_tensorrt_llm_does(trtllm):
+    """Why the engine refuses the pair: the message TensorRT-LLM's KvCacheConnectorManager raises."""
+    api = sys.modules["tensorrt_llm.llmapi"]
+    settings = TrtllmSettings(max_batch_size=2, max_seq_len=64, tokens_per_block=4, host_pool_blocks=8,
+                              cache_transceiver_backend="NIXL")
+    host_pool.bind(HostKvPool(8, 4))
+    llm = api.LLM(**llm_kwargs(api, settings, "fake-model", connector=True, transceiver=True))
+
+    async def run():
+        out = llm.generate_async([1, 2], api.SamplingParams(max_tokens=2), streaming=True,
+                                 disaggregated_params=api.DisaggregatedParams("generation_only", [3], 1, {}))
+        async for _ in out:
+            pass
+
+    try:
+        with pytest.raises(RuntimeError, match="not supported for generation-only requests"):
+            asyncio.run(run())
+    finally:
+        llm.shutdown()
