@@ -19,7 +19,7 @@ CALIBRATE_ARGS ?=
 TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: browser load venv build-engine serve test bench-decode bench-policy calibrate clean bench simulate
+.PHONY: browser load venv build-engine verify-engine serve test bench-decode bench-policy calibrate clean bench simulate
 
 venv: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ $(VENV)/.installed: pyproject.toml
 
 build-engine: venv
 	$(BIN)/python -m build_scripts.build_engine $(if $(MODEL),--model "$(MODEL)") $(if $(OUT),--out "$(OUT)") $(if $(BACKEND),--backend $(BACKEND)) $(BUILD_ARGS)
+
+# Same greedy tokens through park/resume (and the hand-off with HELPER=cuda:1); no block left.
+HELPER ?=
+VERIFY_ARGS ?=
+verify-engine: venv
+	$(BIN)/python -m engines.verify "$(ENGINE)" $(if $(HELPER),--helper-device $(HELPER)) $(VERIFY_ARGS)
 
 serve: venv
 	@test -f "$(ENGINE)/manifest.json" || $(MAKE) --no-print-directory build-engine OUT="$(ENGINE)"

@@ -43,7 +43,8 @@ from typing import Any, Optional
 import torch
 
 VERSION = "1.2.1"
-VOCAB = 128
+VOCAB = 259
+"""The demo checkpoint's vocabulary, so engine directories built from it run on the fake."""
 _INSTANCES: dict[int, "FakeLLM"] = {}
 _ids = itertools.count(1)
 

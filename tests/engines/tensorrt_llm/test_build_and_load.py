@@ -120,7 +120,8 @@ def test_llm_api_build_has_the_torch_layout_plus_settings(model_dir, tmp_path, c
         e.close()
 
 
-def test_engine_flavour_runs_conversion_and_trtllm_build(model_dir, tmp_path, capsys, trtllm, monkeypatch):
+def _fake_trtllm_build(tmp_path: Path, monkeypatch) -> Path:
+    """Put a fake `trtllm-build` on PATH; returns the file its arguments are written to."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "trtllm-build.args"
@@ -138,6 +139,11 @@ printf '{"build_config": {"max_batch_size": %s, "max_seq_len": %s, "tokens_per_b
 """)
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def test_engine_flavour_runs_conversion_and_trtllm_build(model_dir, tmp_path, capsys, trtllm, monkeypatch):
+    log = _fake_trtllm_build(tmp_path, monkeypatch)
     out = tmp_path / "eng"
     code, err = build(["--backend", "trtllm", "--model", str(model_dir), "--out", str(out), "--max-batch-size", "16",
                        "--block-size", "32", "--max-seq-len", "128", "--kv-memory-gb", "0.01"], capsys)
@@ -252,3 +258,32 @@ def test_llm_api_with_a_helper_parks_in_tensorrt_llms_host_cache(model_dir, tmp_
         assert e.kv_blocks_used(HOST) == 0
     finally:
         e.close()
+
+
+@pytest.mark.parametrize("version", ["1.3.0", "1.2.1"])
+def test_verify_engine_passes_on_both_flavours_and_catches_a_bad_load(version, model_dir, tmp_path, capsys, trtllm,
+                                                                     monkeypatch):
+    """`make verify-engine` (engines/verify.py) over the fake: the step a GPU host runs after building."""
+    from engines.tensorrt_llm import kv_connector
+    from engines.verify import main as verify_main
+
+    monkeypatch.setattr(sys.modules["tensorrt_llm"], "__version__", version)
+    _fake_trtllm_build(tmp_path, monkeypatch)
+    out = tmp_path / "eng"
+    code, err = build(["--backend", "trtllm", "--model", str(model_dir), "--out", str(out), "--max-seq-len", "128",
+                       "--block-size", "8", "--kv-memory-gb", "0.001", "--host-kv-memory-gb", "0.002"], capsys)
+    assert code == 0, err
+    args = [str(out), "--tokens", "12", "--prompt", "abc abc abc abc"]  # ids inside the fake's vocabulary
+    assert verify_main(args) == 0, capsys.readouterr().out
+    assert capsys.readouterr().out.count("PASS") == 3  # uninterrupted, park-resume, no-leak (hand-off: SKIP)
+    if version == "1.3.0":  # the connector's load is what park-resume checks on the LLM-API flavour
+        real = kv_connector.HostPoolMover.load
+
+        def bad_load(self, plan):
+            if self.host_kv is not None:
+                self.host_kv += 1
+            real(self, plan)
+
+        monkeypatch.setattr(kv_connector.HostPoolMover, "load", bad_load)
+        assert verify_main(args) == 1
+        assert "FAIL  park-resume" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from engines.base import HOST, PrefillRequest
+from engines.tensorrt_llm import host_pool
 from engines.tensorrt_llm.host_pool import HostKvPool
 from engines.tensorrt_llm.kv_connector import HostPoolPlanner
 
@@ -70,3 +71,18 @@ def test_park_and_resume_go_through_the_connector(make_engine, trtllm):
     assert e.decode(["a"]).tokens["a"] == trtllm.reference_tokens(prompt, 2)[1]
     calls = e.llm.connector_calls
     assert "request_finished" in calls and "get_num_new_matched_tokens" in calls and "get_finished" in calls
+
+
+def test_connector_bases_are_found_where_main_moved_them(trtllm, monkeypatch):
+    """1.x keeps the base classes in pyexecutor.kv_cache_connector; main (2026) in pyexecutor.connectors."""
+    import sys
+
+    from engines.tensorrt_llm import connector_classes
+
+    old, new = connector_classes.CONNECTOR_BASES
+    monkeypatch.setitem(sys.modules, new, sys.modules[old])
+    monkeypatch.setitem(sys.modules, old, None)  # gone on main
+    connector_classes.reset()
+    host_pool.bind(HostKvPool(4, 4))
+    cls = connector_classes.HostPoolConnectorScheduler
+    assert issubclass(cls, sys.modules[new].KvCacheConnectorScheduler)
