@@ -23,8 +23,10 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 venv: $(VENV)/.installed
 
+# VENV_ARGS=--system-site-packages lets the venv see an image's own packages (TensorRT-LLM's NGC image).
+VENV_ARGS ?=
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	@if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 	  echo "no NVIDIA driver: installing the CPU build of torch"; \
 	  $(BIN)/pip install -q "$(TORCH_CPU)" || $(BIN)/pip install -q "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); \
