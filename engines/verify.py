@@ -116,9 +116,8 @@ def verify(engine: Engine, prompt: Sequence[int], n: int, helper: str | None = N
                                                 f"can_peer_copy={caps.can_peer_copy})"))
     else:
         checks.append(compare("hand-off", ref, lambda: hand_off(engine, prompt, n, helper)))
-    leaked = {t: engine.kv_blocks_used(t) for t in (*(d.name for d in info.devices), HOST)
-              if t != HOST or info.host_blocks}
-    leaked = {t: b for t, b in leaked.items() if b}
+    tiers = [d.name for d in info.devices] + ([HOST] if info.host_blocks else [])
+    leaked = {t: n for t in tiers if (n := engine.kv_blocks_used(t))}
     checks.append(Check("no-leak", "FAIL" if leaked else "PASS",
                         f"blocks still held: {leaked}" if leaked else "every tier back to 0 blocks"))
     return checks

@@ -21,15 +21,18 @@ CONNECTOR_BASES = ("tensorrt_llm._torch.pyexecutor.kv_cache_connector",
 _made: dict[str, type] = {}
 
 
-def _make() -> None:
-    for name in CONNECTOR_BASES[:-1]:
+def _base_module():
+    """The first of CONNECTOR_BASES that imports; the last one's error if none does."""
+    for name in CONNECTOR_BASES:
         try:
-            base = _import.module(name, "the AlignedServe KV connector")
-            break
-        except _import.TensorRTLLMUnavailable:
-            continue
-    else:
-        base = _import.module(CONNECTOR_BASES[-1], "the AlignedServe KV connector")
+            return _import.module(name, "the AlignedServe KV connector")
+        except _import.TensorRTLLMUnavailable as e:
+            missing = e
+    raise missing
+
+
+def _make() -> None:
+    base = _base_module()
 
     class HostPoolConnectorScheduler(base.KvCacheConnectorScheduler):
         """Scheduler side: delegates every decision to `HostPoolPlanner` over the bound host pool."""

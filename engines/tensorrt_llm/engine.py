@@ -158,7 +158,7 @@ class TrtllmEngine(Engine):
             # CONNECTOR_REFUSES_HANDOFF: the same host memory becomes TensorRT-LLM's own host cache
             settings = dataclasses.replace(settings, host_pool_blocks=0,
                                            host_cache_bytes=settings.host_pool_blocks * manifest.bytes_per_block)
-        pool = _host_tier(settings, manifest.bytes_per_block)
+        pool = host_tier(settings, manifest.bytes_per_block)
         if settings.flavour == ENGINE:
             from engines.tensorrt_llm.executor_llm import ExecutorLLM
 
@@ -461,7 +461,7 @@ def _model_info(manifest) -> ModelInfo:
                      bos_token_id=manifest.bos_token_id)
 
 
-def _host_tier(settings: TrtllmSettings, bytes_per_block: int) -> HostKvPool | HostCacheBooks | None:
+def host_tier(settings: TrtllmSettings, bytes_per_block: int) -> HostKvPool | HostCacheBooks | None:
     """The orchestrator's host pool behind the KV connector, else TensorRT-LLM's own host cache, else none."""
     if settings.host_pool_blocks:
         return HostKvPool(settings.host_pool_blocks, settings.tokens_per_block)

@@ -60,10 +60,8 @@ def core():
 @pytest.fixture
 def make_engine(trtllm, tmp_path):
     """Build a TrtllmEngine over fake instances of either flavour; every engine is closed after the test."""
-    from engines.tensorrt_llm.engine import TrtllmEngine
+    from engines.tensorrt_llm.engine import TrtllmEngine, host_tier
     from engines.tensorrt_llm.executor_llm import ExecutorLLM
-    from engines.tensorrt_llm.host_cache import HostCacheBooks
-    from engines.tensorrt_llm.host_pool import HostKvPool
 
     made = []
 
@@ -75,18 +73,17 @@ def make_engine(trtllm, tmp_path):
                                   host_cache_bytes=host_blocks * BYTES_PER_BLOCK if engine_flavour else 0,
                                   cache_transceiver_backend="NIXL" if peer else None)
         api = sys.modules["tensorrt_llm.llmapi"]
+        pool = host_tier(settings, BYTES_PER_BLOCK)
         if engine_flavour:
             engine_dir = tmp_path / f"engine{len(made)}"
             engine_dir.mkdir()
             (engine_dir / "config.json").write_text(json.dumps({"build_config": {
                 "max_batch_size": slots, "max_seq_len": MODEL.max_seq_len, "tokens_per_block": block_size}}))
             bindings = sys.modules["tensorrt_llm.bindings.executor"]
-            pool = HostCacheBooks(host_blocks, block_size) if host_blocks else None
             llm = ExecutorLLM(engine_dir, settings, llmapi=api, bindings=bindings, device_index=0, transceiver=peer)
             ctx = ExecutorLLM(engine_dir, settings, llmapi=api, bindings=bindings, device_index=1,
                               transceiver=True) if peer else None
         else:
-            pool = HostKvPool(host_blocks, block_size) if host_blocks else None
             host_pool.bind(pool)
             llm = api.LLM(**llm_kwargs(api, settings, "fake-model", connector=pool is not None, transceiver=peer))
             ctx = api.LLM(**llm_kwargs(api, settings, "fake-model", connector=False, transceiver=True)) if peer else None

@@ -32,6 +32,7 @@ import collections
 import enum
 import importlib
 import itertools
+import json
 import sys
 import threading
 import time
@@ -618,8 +619,6 @@ class FakeExecutor(FakeLLM):
         cfg_path = Path(model_path) / "config.json"
         if not cfg_path.is_file():
             raise RuntimeError(f"[TensorRT-LLM][ERROR] engine config {cfg_path} not found")
-        import json
-
         build = json.loads(cfg_path.read_text())["build_config"]
         cfg = executor_config
         slots = cfg.max_batch_size or build["max_batch_size"]
