@@ -194,7 +194,7 @@ def backend_missing(engine_dir: Path) -> str | None:
         return None  # the model's load reports a broken manifest with its own message
     if backend != "tensorrt_llm":
         return None
-    from engines.tensorrt_llm._import import TensorRTLLMUnavailable, imported
+    from engines.tensorrt_llm.lazy_import import TensorRTLLMUnavailable, imported
     try:
         imported(f"serving the TensorRT-LLM engine {engine_dir}")
     except TensorRTLLMUnavailable as e:

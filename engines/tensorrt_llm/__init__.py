@@ -1,12 +1,12 @@
 """The TensorRT-LLM backend: the engine contract over NVIDIA's TensorRT-LLM (docs/tensorrt-llm.md).
 
 Nothing in this package imports `tensorrt_llm` when it is imported: the package is reached only
-through `engines.tensorrt_llm._import`, at the moment an engine is built or served, so the
+through `engines.tensorrt_llm.lazy_import`, at the moment an engine is built or served, so the
 orchestrator and the tests run on machines without it.
 
 One file per concept:
 - `api_surface`: every TensorRT-LLM name the adapter uses, with a source link per name.
-- `_import`: the lazy import, the error when it is missing, and the flavour picked by version.
+- `lazy_import`: the lazy import, the error when it is missing, and the flavour picked by version.
 - `llm_settings`: the `LLM()` keyword arguments the orchestrator needs.
 - `admission`: slots of the externally formed batch.
 - `host_pool`: the orchestrator's host KV pool (which request's KV sits in which host blocks).

@@ -24,7 +24,7 @@ from pathlib import Path
 from build_scripts.checkpoint import BuildError, inspect_checkpoint
 from build_scripts.staging import check_replaceable, staged_dir
 from engines.manifest import MANIFEST_NAME, Manifest, read_manifest
-from engines.tensorrt_llm import _import
+from engines.tensorrt_llm import lazy_import
 from engines.tensorrt_llm.api_surface import ENGINE
 from engines.tensorrt_llm.llm_settings import TrtllmSettings
 
@@ -47,12 +47,12 @@ def build_trtllm_engine(model_dir: str | Path, out: str | Path, *, max_batch_siz
     if max_batch_size <= 0:
         raise BuildError(f"--max-batch-size must be > 0, got {max_batch_size}")
     try:
-        _trtllm, version = _import.imported("make build-engine BACKEND=trtllm")
-        flavour = _import.build_flavour(version)
+        _trtllm, version = lazy_import.imported("make build-engine BACKEND=trtllm")
+        flavour = lazy_import.build_flavour(version)
         if flavour == ENGINE and shutil.which(TRTLLM_BUILD) is None:
-            raise _import.TensorRTLLMUnavailable(
-                f"tensorrt-llm {version} is installed but `{TRTLLM_BUILD}` is not on PATH; {_import.INSTALL_HINT}")
-    except _import.TensorRTLLMUnavailable as e:
+            raise lazy_import.TensorRTLLMUnavailable(
+                f"tensorrt-llm {version} is installed but `{TRTLLM_BUILD}` is not on PATH; {lazy_import.INSTALL_HINT}")
+    except lazy_import.TensorRTLLMUnavailable as e:
         raise BuildError(str(e)) from None
     ckpt = inspect_checkpoint(model_dir)
     with staged_dir(out, force=force) as tmp:
@@ -83,7 +83,7 @@ def build_trtllm_engine(model_dir: str | Path, out: str | Path, *, max_batch_siz
 
 def _build_tensorrt_engine(model_dir: Path, engine_dir: Path, architecture: str, s: TrtllmSettings) -> None:
     """Checkpoint conversion, then trtllm-build with the settings the orchestrator needs."""
-    models = _import.module("tensorrt_llm.models", "make build-engine BACKEND=trtllm")
+    models = lazy_import.module("tensorrt_llm.models", "make build-engine BACKEND=trtllm")
     if architecture not in models.MODEL_MAP:
         raise BuildError(f"TensorRT-LLM has no converter for {architecture!r}; known: {sorted(models.MODEL_MAP)[:20]}")
     with tempfile.TemporaryDirectory(prefix="alignedserve-trtllm-ckpt-") as ckpt_dir:

@@ -8,7 +8,7 @@ classes, and importing those imports TensorRT-LLM, so the classes are made by th
 """
 from __future__ import annotations
 
-from engines.tensorrt_llm import _import
+from engines.tensorrt_llm import lazy_import
 from engines.tensorrt_llm.host_pool import bound
 from engines.tensorrt_llm.kv_connector import HostPoolMover, HostPoolPlanner
 
@@ -25,8 +25,8 @@ def _base_module():
     """The first of CONNECTOR_BASES that imports; the last one's error if none does."""
     for name in CONNECTOR_BASES:
         try:
-            return _import.module(name, "the AlignedServe KV connector")
-        except _import.TensorRTLLMUnavailable as e:
+            return lazy_import.module(name, "the AlignedServe KV connector")
+        except lazy_import.TensorRTLLMUnavailable as e:
             missing = e
     raise missing
 

@@ -127,13 +127,13 @@ class TrtllmEngine(Engine):
 
         kv_blocks / host_kv_blocks override the manifest's pools; dtype cannot change without a
         rebuild (a TensorRT engine is compiled for one)."""
-        from engines.tensorrt_llm import _import
+        from engines.tensorrt_llm import lazy_import
         from engines.tensorrt_llm.api_surface import ENGINE, LLM_API
         from engines.tensorrt_llm.llm_settings import llm_kwargs
 
         engine_dir = Path(engine_dir)
-        _import.imported(f"serving {engine_dir}")
-        api = _import.llmapi(f"serving {engine_dir}")
+        lazy_import.imported(f"serving {engine_dir}")
+        api = lazy_import.llmapi(f"serving {engine_dir}")
         settings = TrtllmSettings.from_dict(dict(manifest.extra.get("llm_settings", {})), where=str(engine_dir))
         if dtype and dtype != manifest.dtype:
             raise EngineError(f"{engine_dir} was built for {manifest.dtype}; rebuild it with --dtype {dtype} "

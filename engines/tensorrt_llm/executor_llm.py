@@ -93,9 +93,9 @@ class ExecutorLLM:
     def __init__(self, engine_dir: str | Path, settings: TrtllmSettings, *, llmapi: Any, bindings: Any = None,
                  device_index: int | None = None, transceiver: bool = False):
         if bindings is None:
-            from engines.tensorrt_llm import _import
+            from engines.tensorrt_llm import lazy_import
 
-            bindings = _import.module(BINDINGS, f"serving {engine_dir}")
+            bindings = lazy_import.module(BINDINGS, f"serving {engine_dir}")
         self.b, self.llmapi = bindings, llmapi
         self.model = str(engine_dir)
         self.config = executor_config(bindings, settings, device_index=device_index, transceiver=transceiver)

@@ -94,10 +94,10 @@ def llm_kwargs(api, settings: TrtllmSettings, model: str, *, connector: bool, tr
                       capacity_scheduler_policy=api.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT),
                   enable_chunked_prefill=False)
     if connector:
-        from engines.tensorrt_llm import _import
+        from engines.tensorrt_llm import lazy_import
         from engines.tensorrt_llm.connector_classes import SCHEDULER_CLASS, WORKER_CLASS
 
-        args = _import.module("tensorrt_llm.llmapi.llm_args", "the AlignedServe KV connector")
+        args = lazy_import.module("tensorrt_llm.llmapi.llm_args", "the AlignedServe KV connector")
         kwargs["kv_connector_config"] = args.KvCacheConnectorConfig(
             connector_module="engines.tensorrt_llm.connector_classes",
             connector_scheduler_class=SCHEDULER_CLASS, connector_worker_class=WORKER_CLASS)

@@ -17,7 +17,7 @@ from build_scripts.demo_checkpoint import make_demo_checkpoint
 from engines.base import HOST, PrefillRequest
 from engines.loader import load_engine
 from engines.manifest import read_manifest
-from engines.tensorrt_llm._import import TensorRTLLMUnavailable
+from engines.tensorrt_llm.lazy_import import TensorRTLLMUnavailable
 
 REPO = Path(__file__).resolve().parents[3]
 INSTALLED = importlib.util.find_spec("tensorrt_llm") is not None
