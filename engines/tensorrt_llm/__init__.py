@@ -16,5 +16,6 @@ One file per concept:
 - `token_streams`: draining each request's output stream into a queue of tokens.
 - `disagg`: the context-only / generation-only hand-off between two instances (peer prefetch).
 - `engine`: `TrtllmEngine`, the contract itself.
-- `build`: `make build-engine BACKEND=trtllm`.
+
+Its build, `make build-engine BACKEND=trtllm`, is a build script: `build_scripts/trtllm_build.py`.
 """

@@ -11,7 +11,8 @@ so the orchestrator and `model_repo/` read it unchanged), plus
   sequence length and tokens per block. Later versions serve the checkpoint directly.
 The manifest's backend is "tensorrt_llm", so `engines.loader` opens it with `TrtllmEngine`.
 
-TensorRT-LLM is checked first: without it the build stops before writing anything (exit code 2).
+TensorRT-LLM is checked first: without it the build raises BuildError before writing anything (the
+command exits with status 2). TensorRT-LLM is reached only through `engines.tensorrt_llm.lazy_import`.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from build_scripts.checkpoint import BuildError, inspect_checkpoint
 from build_scripts.staging import check_replaceable, staged_dir
+from build_scripts.torch_build import build_engine
 from engines.manifest import MANIFEST_NAME, Manifest, read_manifest
 from engines.tensorrt_llm import lazy_import
 from engines.tensorrt_llm.api_surface import ENGINE
@@ -38,10 +40,8 @@ def build_trtllm_engine(model_dir: str | Path, out: str | Path, *, max_batch_siz
                         cache_transceiver: str | None = None, force: bool = False, **options) -> Manifest:
     """Check TensorRT-LLM, then build like the torch backend and add what TensorRT-LLM needs.
 
-    options: those of `build_scripts.build_engine.build_engine` (dtype, max_seq_len, block_size,
+    options: those of `build_scripts.torch_build.build_engine` (dtype, max_seq_len, block_size,
     kv_memory_gb, host_kv_memory_gb, source, progress)."""
-    from build_scripts.build_engine import build_engine
-
     out = Path(out)
     check_replaceable(out, force)
     if max_batch_size <= 0:
