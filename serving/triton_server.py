@@ -187,19 +187,12 @@ class TritonServer:
 def backend_missing(engine_dir: Path) -> str | None:
     """Why this machine cannot serve the engine's backend (a TensorRT-LLM engine without
     TensorRT-LLM installed), before starting tritonserver; None when it can."""
-    from engines.manifest import ManifestError, read_manifest
+    from engines.loader import backend_unavailable
+    from engines.manifest import ManifestError
     try:
-        backend = read_manifest(engine_dir).backend
+        return backend_unavailable(engine_dir)
     except ManifestError:
-        return None  # the model's load reports a broken manifest with its own message
-    if backend != "tensorrt_llm":
-        return None
-    from engines.tensorrt_llm.lazy_import import TensorRTLLMUnavailable, imported
-    try:
-        imported(f"serving the TensorRT-LLM engine {engine_dir}")
-    except TensorRTLLMUnavailable as e:
-        return str(e)
-    return None
+        return None  # the model's load reports a broken manifest or an unknown backend with its own message
 
 
 def admin_line(host: str, port: int) -> str:

@@ -15,7 +15,7 @@ import pytest
 from build_scripts.build_engine import main
 from build_scripts.demo_checkpoint import make_demo_checkpoint
 from engines.base import HOST, PrefillRequest
-from engines.loader import load_engine
+from engines.loader import backend_unavailable, load_engine
 from engines.manifest import read_manifest
 from engines.tensorrt_llm.lazy_import import TensorRTLLMUnavailable
 
@@ -201,6 +201,7 @@ def test_load_without_tensorrt_llm_fails_clearly(model_dir, tmp_path, capsys, tr
     monkeypatch.setitem(sys.modules, "tensorrt_llm", None)
     with pytest.raises(TensorRTLLMUnavailable, match="not installed.*pypi.nvidia.com.*trtllm-python-py3"):
         load_engine(out)
+    assert backend_unavailable(out).startswith(f"serving the TensorRT-LLM engine {out} needs TensorRT-LLM")
     # `make serve` on it refuses before starting tritonserver: one error line, exit code 2.
     r = subprocess.run([sys.executable, "-m", "serving.triton_server", "--engine-dir", str(out), "--admin-port", "0"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
