@@ -82,7 +82,7 @@ simulate: venv
 
 # Time the torch engine on this machine and fit the sim cost model to it, written to SIM_PROFILE.
 calibrate: venv
-	$(BIN)/python -m engines.sim.calibration --out "$(SIM_PROFILE)" $(CALIBRATE_ARGS)
+	$(BIN)/python -m bench.calibrate --out "$(SIM_PROFILE)" $(CALIBRATE_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache engines_built .pytest_cache .hypothesis

@@ -2,7 +2,7 @@
 
 `profiles` names the hardware and models, `cost_model` turns a call (a prefill, a decode step, a
 KV transfer) into seconds on them, and `calibration` fits the cost model's free constants from
-the per-call timings a real engine records (`torch_timings` takes those timings for its CLI, and
-is the only module here that imports torch). The engine that advances virtual time with these
-lives beside them.
+the per-call timings a real engine records (numpy only: the command that takes those timings from
+the torch engine is `python -m bench.calibrate`, and nothing here imports torch). The engine that
+advances virtual time with these lives beside them.
 """

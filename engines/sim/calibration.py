@@ -1,7 +1,5 @@
 """Fit the cost model's free constants to the per-call timings a real engine records.
 
-    python -m engines.sim.calibration --out bench/profiles/cpu-100m.json [--model 100m] [--max-seq-len 1024]
-
 `fit_constants(timings, hardware, model)` fits e_f, e_w, e_kv, o_prefill and o_decode (see
 `engines.sim.cost_model`) to `CallTiming`s. Each term of the cost model is a known quantity (from
 the profiles) times one constant, so with every efficiency written as its inverse θ = 1/e the
@@ -22,23 +20,17 @@ What a CallTiming lacks, and how the fit makes do:
   otherwise. With split_kv=True it is taken as B sequences of the mean length (the balanced case).
 - Prefill attention needs Σ n_i²; it is taken as max_kv * Σ n_i (exact for equal prompts, an
   upper bound otherwise). The torch engine pads a prefill batch to its longest prompt, so its
-  prefill timings are only exact for equal-length batches, which is what the CLI times.
+  prefill timings are only exact for equal-length batches, which is what `bench.calibrate` times.
 - If no call lands on one branch of the max (e.g. no decode step is compute-bound), that branch's
   efficiency is not identified: it is set to the lowest value the data allow (the branch ties with
   the other on the call where it comes closest) and the fit says so in `notes`.
 
-The CLI runs the torch engine (lazily imported; engines/sim/torch_timings.py says what it times)
-and writes a `Fit` as JSON under bench/profiles/, with the timings it fitted (`--refit` refits
-them). On the project's 2-core CPU (100m model, float32, 87 calls, ~45 s) the fit gave prefill
-R^2 0.98 / MAPE 5-7% and decode R^2 0.76-0.90 / MAPE 15-17% over three runs; no linear model in
-(1, B, B max_kv) does better than 15% on those decode steps (CPU noise: B = 2 steps are slower
-than B = 4 ones), and no step is weight-bound there, so e_w is reported as not identified.
+This module is numpy only. The command that times the torch engine and writes a `Fit` under
+bench/profiles/ is `python -m bench.calibrate` (`make calibrate`).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -144,7 +136,7 @@ def _check_enough(calls: list[CallTiming]) -> None:
         if len(mine) < MIN_CALLS_PER_OP:
             raise CalibrationError(
                 f"too few {op} timings to fit the cost model: got {len(mine)}, need at least {MIN_CALLS_PER_OP} "
-                f"(time more {op} calls, e.g. with `python -m engines.sim.calibration`)")
+                f"(time more {op} calls, e.g. with `python -m bench.calibrate`)")
     for op, what, key in (("prefill", "prompt token count", lambda t: t.num_tokens),
                           ("decode", "batch size", lambda t: t.num_seqs),
                           ("decode", "longest KV length", lambda t: t.max_kv)):
@@ -258,50 +250,3 @@ def _error(y: np.ndarray, predicted: np.ndarray) -> dict:
     ss_tot = float(((y - y.mean()) ** 2).sum())
     r2 = 1 - float(((y - predicted) ** 2).sum()) / ss_tot if ss_tot > 0 else None
     return {"r2": r2, "mape": float(np.mean(np.abs(predicted - y) / y)), "points": int(y.size)}
-
-
-# ---- CLI ----------------------------------------------------------------------------------------
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True,
-                   help="where to write the fit (JSON), e.g. bench/profiles/cpu-100m.json")
-    p.add_argument("--refit", type=Path,
-                   help="fit the timings stored in this fit (JSON) again instead of timing the engine")
-    p.add_argument("--model", default="100m", choices=["100m", "demo"], help="random-weight demo model to time")
-    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--max-seq-len", type=int, default=1024)
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions of each call (after one warm-up)")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    command = " ".join(["python -m engines.sim.calibration", *(sys.argv[1:] if argv is None else argv)])
-    if a.refit:
-        old = Fit.load(a.refit)
-        fit = fit_constants(old.timings, old.hardware, old.model, old.split_kv, old.constants.split_kv_chunk_tokens,
-                            meta={**old.meta, "command": command,
-                                  "timed_by": old.meta.get("timed_by") or old.meta.get("command")})
-    else:
-        from engines.sim.torch_timings import measure  # torch is imported here, not at module import
-
-        run = measure(a.model, a.device, a.dtype, a.max_seq_len, a.reps)
-        fit = fit_constants(run.timings, run.hardware, run.model, meta={"command": command, **run.meta})
-    fit.save(a.out)
-    c = fit.constants
-    print(f"{fit.hardware.name}, {fit.model.name}: e_f={c.flops_efficiency:.3g} "
-          f"e_w={c.weight_bandwidth_efficiency:.3g} e_kv={c.kv_bandwidth_efficiency:.3g} "
-          f"o_prefill={c.prefill_overhead_s * 1e3:.2f} ms o_decode={c.decode_overhead_s * 1e3:.2f} ms")
-    for op, e in fit.error.items():
-        r2 = "n/a" if e["r2"] is None else f"{e['r2']:.4f}"
-        print(f"  {op}: R^2 {r2}, MAPE {e['mape']:.1%} over {e['points']} calls")
-    for note in fit.notes:
-        print(f"  note: {note}")
-    print(f"written to {a.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,13 +2,11 @@
 refuses timings that cannot determine them."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from engines.base import CallTiming
-from engines.sim.calibration import MIN_CALLS_PER_OP, CalibrationError, Fit, fit_constants, main
+from engines.sim.calibration import MIN_CALLS_PER_OP, CalibrationError, Fit, fit_constants
 from engines.sim.cost_model import CostConstants, CostModel
 from engines.sim.profiles import H100_SXM, OPT_13B
 
@@ -145,7 +143,7 @@ def test_moves_and_empty_calls_are_ignored():
     assert fit.constants.decode_overhead_s == pytest.approx(TRUE.decode_overhead_s, rel=1e-6)
 
 
-def test_fit_round_trips_through_json_and_refits(tmp_path):
+def test_fit_round_trips_through_json(tmp_path):
     fit = fit_constants(synthetic(noise=0.02, reps=2), H100_SXM, OPT_13B, meta={"command": "test"})
     path = tmp_path / "profiles" / "h100-13b.json"
     fit.save(path)
@@ -153,27 +151,3 @@ def test_fit_round_trips_through_json_and_refits(tmp_path):
     assert loaded.constants == fit.constants and loaded.model == OPT_13B and loaded.hardware == H100_SXM
     assert loaded.timings == fit.timings and len(loaded.timings) == 62
     assert loaded.cost_model().decode_seconds([700] * 9) == fit.cost_model().decode_seconds([700] * 9)
-    # The CLI refits stored timings without timing an engine again, and gets the same constants.
-    out = tmp_path / "refit.json"
-    assert main(["--out", str(out), "--refit", str(path)]) == 0
-    refit = json.loads(out.read_text())
-    for name in FITTED:
-        assert refit["constants"][name] == pytest.approx(getattr(fit.constants, name), rel=1e-9)
-    assert refit["meta"]["timed_by"] == "test"
-    # A refit of a refit still names the command that timed the engine, not the previous refit.
-    again = tmp_path / "refit-again.json"
-    assert main(["--out", str(again), "--refit", str(out)]) == 0
-    assert json.loads(again.read_text())["meta"]["timed_by"] == "test"
-
-
-def test_the_timing_plan_refuses_what_it_cannot_time():
-    pytest.importorskip("torch")
-    from engines.sim.torch_timings import decode_plan
-
-    lengths, batches = decode_plan(1024, 3)
-    assert lengths["long"] == 983 and max(len(b) for b in batches) == 31
-    with pytest.raises(ValueError, match="--reps 0: must be >= 1"):
-        decode_plan(1024, 0)
-    decode_plan(83, 3)  # the smallest max_seq_len the message below asks for
-    with pytest.raises(ValueError, match=r"--max-seq-len 82 is too short for --reps 3.*--max-seq-len >= 83"):
-        decode_plan(82, 3)

@@ -1,6 +1,6 @@
-"""Time the torch engine for calibration: what `python -m engines.sim.calibration` measures.
+"""Time the torch engine for calibration: what `python -m bench.calibrate` measures.
 
-This module imports torch; only the calibration CLI imports it, and only inside `main`.
+This module imports torch; only the calibration CLI (`bench.calibrate`) imports it, and only inside `main`.
 
 `measure` builds (once, cached under .cache/sim/) a random-weight demo engine, measures the
 machine's peaks, and times prefill and decode calls chosen so the fit can separate its terms:
@@ -35,7 +35,7 @@ from tqdm import tqdm
 from engines.base import CallTiming, PrefillRequest
 from engines.sim.profiles import HardwareProfile, ModelProfile
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "sim"
 MAX_BATCH = 32
 """Sizes the decode plan: MAX_BATCH - 1 short sequences (MAX_BATCH with "long") and MAX_BATCH // 4
@@ -192,7 +192,7 @@ def measure_hardware(tier: str, dtype: str) -> HardwareProfile:
         hbm_bandwidth=2 * nbytes / copy_s, dense_flops=2 * n**3 / mm_s, sm_count=sms, hbm_bytes=capacity,
         pcie_bandwidth=nbytes / link_s, pcie_latency=0.0, nvlink_bandwidth=nbytes / link_s, nvlink_latency=0.0,
         host_memory_bytes=host_bytes,
-        source=f"measured by engines/sim/torch_timings.py on {date.today().isoformat()}: 256 MiB tensor copy "
+        source=f"measured by bench/torch_timings.py on {date.today().isoformat()}: 256 MiB tensor copy "
                f"(read + write bytes / s), {n}x{n} {dtype} matmul; {peer}; latencies not measured (0)",
     )
 
