@@ -12,9 +12,14 @@ One file per concept:
 - `host_pool`: the orchestrator's host KV pool (which request's KV sits in which host blocks).
 - `kv_connector`: the connector's decisions (scheduler side) and copies (worker side).
 - `connector_classes`: those two, as subclasses of TensorRT-LLM's connector base classes.
+- `host_cache`: the Executor flavour's host tier, TensorRT-LLM's own host cache, and the books on it.
+- `executor_llm`: `ExecutorLLM`, the 1.2.x C++ Executor behind the LLM-API calls the engine makes.
 - `retention`: `KvCacheRetentionConfig` priorities per request role.
 - `token_streams`: draining each request's output stream into a queue of tokens.
 - `disagg`: the context-only / generation-only hand-off between two instances (peer prefetch).
+- `sampling`: the orchestrator's sampling settings as TensorRT-LLM's `SamplingParams`.
+- `request_state`: the engine's books on each request and each move in flight.
+- `instances`: what an engine directory opens into (the LLM or Executor instances, the host tier).
 - `engine`: `TrtllmEngine`, the contract itself.
 
 Its build, `make build-engine BACKEND=trtllm`, is a build script: `build_scripts/trtllm_build.py`.

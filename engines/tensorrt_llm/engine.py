@@ -27,63 +27,28 @@ keeps finished requests' blocks as reusable cache (evicted by `retention` priori
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from engines.base import (HOST, IN_FLIGHT, CallTiming, CapabilityError, Capabilities, DeviceInfo, Engine, EngineError,
-                          EngineInfo, ModelInfo, PrefillHandle, PrefillRequest, SamplingParams, StepResult,
-                          TransferHandle, check_new_prompts)
+                          EngineInfo, ModelInfo, PrefillHandle, PrefillRequest, StepResult, TransferHandle,
+                          check_new_prompts)
 from engines.tensorrt_llm import disagg, host_pool
 from engines.tensorrt_llm.admission import AdmissionGate
 from engines.tensorrt_llm.host_cache import HostCacheBooks
 from engines.tensorrt_llm.host_pool import HostKvPool
+from engines.tensorrt_llm.instances import open_engine_dir
 from engines.tensorrt_llm.llm_settings import TrtllmSettings
+from engines.tensorrt_llm.request_state import PendingMove, RequestState
 from engines.tensorrt_llm.retention import retention_config
+from engines.tensorrt_llm.sampling import sampling_params
 from engines.tensorrt_llm.token_streams import TokenStreams
 
 CONNECTOR_REFUSES_HANDOFF = (
     "TensorRT-LLM's KV connector refuses generation-only requests (\"Connector API is not supported for "
     "generation-only requests\"), so one decode instance cannot have both the connector host pool and peer "
     "prefetch; with a helper device the engine parks requests in TensorRT-LLM's own host cache instead")
-SINGLE_PROCESS_ENV = "TLLM_WORKER_USE_SINGLE_PROCESS"
-"""Runs TensorRT-LLM's executor in this process, where the connector finds the bound host pool."""
-
-
-@dataclass(slots=True)
-class _Request:
-    """The engine's books on one request."""
-
-    rid: str
-    prompt: tuple[int, ...]
-    sampling: SamplingParams
-    tier: str
-    generated: list[int] = field(default_factory=list)
-    """Tokens the orchestrator has received."""
-    stream: str | None = None
-    """Key of the current decode-side stream."""
-    ctx_stream: str | None = None
-    """Key of the context_only stream on the prefetch instance."""
-    submissions: int = 0
-    complete: bool = False
-    """TensorRT-LLM already produced every token this request can get (it reached max_seq_len while
-    the orchestrator read behind): they wait in `stream`, and no KV is held for it anywhere."""
-
-    @property
-    def tokens(self) -> tuple[int, ...]:
-        return self.prompt + tuple(self.generated)
-
-
-@dataclass(slots=True)
-class _Move:
-    kind: str
-    """"park", "resume" or "handoff"."""
-    handle: TransferHandle
-    started: float
-    done: bool = False
 
 
 class TrtllmEngine(Engine):
@@ -105,8 +70,8 @@ class TrtllmEngine(Engine):
         self.streams = TokenStreams(timeout_s)
         self.timeout_s = timeout_s
         self.device, self.helper_device = device, helper_device
-        self._reqs: dict[str, _Request] = {}
-        self._moves: dict[int, _Move] = {}
+        self._reqs: dict[str, RequestState] = {}
+        self._moves: dict[int, PendingMove] = {}
         self._prefills: dict[int, float] = {}  # unfinished helper prefills: handle id -> start time
         devices = (DeviceInfo(device, "cuda", kv_blocks),)
         if helper_device:
@@ -126,59 +91,9 @@ class TrtllmEngine(Engine):
         """Open an engine directory written by `make build-engine BACKEND=trtllm`.
 
         kv_blocks / host_kv_blocks override the manifest's pools; dtype cannot change without a
-        rebuild (a TensorRT engine is compiled for one)."""
-        from engines.tensorrt_llm import lazy_import
-        from engines.tensorrt_llm.api_surface import ENGINE, LLM_API
-        from engines.tensorrt_llm.llm_settings import llm_kwargs
-
-        engine_dir = Path(engine_dir)
-        lazy_import.imported(f"serving {engine_dir}")
-        api = lazy_import.llmapi(f"serving {engine_dir}")
-        settings = TrtllmSettings.from_dict(dict(manifest.extra.get("llm_settings", {})), where=str(engine_dir))
-        if dtype and dtype != manifest.dtype:
-            raise EngineError(f"{engine_dir} was built for {manifest.dtype}; rebuild it with --dtype {dtype} "
-                              "to serve in another dtype")
-        overrides = {}
-        if host_kv_blocks is not None and settings.flavour == ENGINE:
-            overrides["host_cache_bytes"] = host_kv_blocks * manifest.bytes_per_block
-        elif host_kv_blocks is not None:
-            overrides["host_pool_blocks"] = host_kv_blocks
-        if kv_blocks is not None:
-            overrides["kv_max_tokens"] = kv_blocks * settings.tokens_per_block
-        settings = TrtllmSettings.from_dict({**settings.to_dict(), **overrides})
-        if len(helper_devices) > 1:
-            raise EngineError(f"the TensorRT-LLM engine takes one helper (context) device, got {list(helper_devices)}")
-        if helper_devices and settings.cache_transceiver_backend is None:
-            raise CapabilityError("peer prefetch needs cache_transceiver_backend (NIXL or UCX) in the engine's "
-                                  "llm_settings; rebuild with --cache-transceiver NIXL")
-        decode_device = "cuda:0" if device == "auto" else device
-        peer = bool(helper_devices)
-        ctx_llm = None
-        if settings.flavour == LLM_API and peer and settings.host_pool_blocks:
-            # CONNECTOR_REFUSES_HANDOFF: the same host memory becomes TensorRT-LLM's own host cache
-            settings = dataclasses.replace(settings, host_pool_blocks=0,
-                                           host_cache_bytes=settings.host_pool_blocks * manifest.bytes_per_block)
-        pool = host_tier(settings, manifest.bytes_per_block)
-        if settings.flavour == ENGINE:
-            from engines.tensorrt_llm.executor_llm import ExecutorLLM
-
-            llm = ExecutorLLM(engine_dir / "engine", settings, llmapi=api, device_index=_cuda_index(decode_device),
-                              transceiver=peer)
-            if peer:
-                ctx_llm = ExecutorLLM(engine_dir / "engine", settings, llmapi=api,
-                                      device_index=_cuda_index(helper_devices[0]), transceiver=True)
-        else:
-            connector = isinstance(pool, HostKvPool)
-            if connector:
-                os.environ.setdefault(SINGLE_PROCESS_ENV, "1")
-                host_pool.bind(pool)
-            llm = api.LLM(**llm_kwargs(api, settings, str(engine_dir), connector=connector, transceiver=peer))
-            if peer:
-                _select_device(helper_devices[0])
-                ctx_llm = api.LLM(**llm_kwargs(api, settings, str(engine_dir), connector=False, transceiver=True))
-        return cls(api, llm, settings, _model_info(manifest), bytes_per_block=manifest.bytes_per_block,
-                   kv_blocks=kv_blocks or manifest.kv_blocks_device, device=decode_device, pool=pool, ctx_llm=ctx_llm,
-                   helper_device=helper_devices[0] if peer else None)
+        rebuild (a TensorRT engine is compiled for one). The instances are started by `instances`."""
+        return cls(**open_engine_dir(engine_dir, manifest, device=device, dtype=dtype, kv_blocks=kv_blocks,
+                                     host_kv_blocks=host_kv_blocks, helper_devices=helper_devices))
 
     # ------------------------------------------------------------------ the contract
     def describe(self) -> EngineInfo:
@@ -198,7 +113,7 @@ class TrtllmEngine(Engine):
         t0 = time.perf_counter()
         try:
             for r in requests:
-                req = self._reqs[r.request_id] = _Request(r.request_id, tuple(r.prompt_ids), r.sampling, device)
+                req = self._reqs[r.request_id] = RequestState(r.request_id, tuple(r.prompt_ids), r.sampling, device)
                 self._submit(req, self.llm, "running")
             tokens = {rid: self._take(rid, "prefill") for rid in ids}
         except BaseException:
@@ -285,7 +200,7 @@ class TrtllmEngine(Engine):
                 self._submit(req, self.llm, "staged", disaggregated=params, tokens=req.prompt,
                              skip=1 if disagg.GEN_ONLY_REPEATS_FIRST_TOKEN else 0)
             req.tier = IN_FLIGHT
-        self._moves[handle.id] = _Move(kind, handle, started)
+        self._moves[handle.id] = PendingMove(kind, handle, started)
         return handle
 
     def poll(self, handle: TransferHandle) -> bool:
@@ -325,7 +240,7 @@ class TrtllmEngine(Engine):
         ids = [r.request_id for r in requests]
         try:
             for r in requests:
-                req = self._reqs[r.request_id] = _Request(r.request_id, tuple(r.prompt_ids), r.sampling, IN_FLIGHT)
+                req = self._reqs[r.request_id] = RequestState(r.request_id, tuple(r.prompt_ids), r.sampling, IN_FLIGHT)
                 req.ctx_stream = self._open(req, self.ctx_llm, "running", max_tokens=1,
                                             disaggregated=disagg.context_only(self.api))
         except BaseException:
@@ -379,21 +294,21 @@ class TrtllmEngine(Engine):
             host_pool.bind(None)
 
     # ------------------------------------------------------------------ helpers
-    def _open(self, req: _Request, llm: Any, role: str, *, max_tokens: int | None = None, disaggregated=None,
+    def _open(self, req: RequestState, llm: Any, role: str, *, max_tokens: int | None = None, disaggregated=None,
               skip: int = 0, tokens: Sequence[int] | None = None) -> str:
         """Submit the request (by default its prompt and every token generated so far) and open its stream.
         A generation_only hand-off sends the prompt alone: the first token travels in the hand-off."""
         key = f"{req.rid}#{req.submissions}"
         req.submissions += 1
         tokens = list(req.tokens if tokens is None else tokens)
-        sp = _sampling_params(self.api, req.sampling, max_tokens or self._info.model.max_seq_len - len(req.tokens))
+        sp = sampling_params(self.api, req.sampling, max_tokens or self._info.model.max_seq_len - len(req.tokens))
         retention = retention_config(self.api, role)
         self.streams.open(key, lambda: llm.generate_async(tokens, sampling_params=sp, streaming=True,
                                                           kv_cache_retention_config=retention,
                                                           disaggregated_params=disaggregated), skip=skip)
         return key
 
-    def _submit(self, req: _Request, llm: Any, role: str, **kw) -> None:
+    def _submit(self, req: RequestState, llm: Any, role: str, **kw) -> None:
         req.stream = self._open(req, llm, role, **kw)
 
     def _take(self, rid: str, op: str) -> int:
@@ -421,7 +336,7 @@ class TrtllmEngine(Engine):
             self.streams.next_token(req.stream, "move", rid)  # raises the stream's end or error
         return self.streams.has_token(req.stream)
 
-    def _ran_to_the_end(self, req: _Request) -> bool:
+    def _ran_to_the_end(self, req: RequestState) -> bool:
         """TensorRT-LLM ended the request at max_seq_len and every token it made is buffered.
         (An abort ends a stream early; the count tells the two apart.)"""
         waiting = self.streams.ended_with_all_tokens(req.stream)
@@ -441,45 +356,3 @@ class TrtllmEngine(Engine):
 
     def _bytes(self, ids: list[str]) -> int:
         return sum(self._info.blocks_for(len(self._reqs[r].tokens)) for r in ids) * self._info.bytes_per_block
-
-
-def _sampling_params(api, s: SamplingParams, max_tokens: int):
-    """TensorRT-LLM sampling for one request. The orchestrator decides when a request stops, so
-    TensorRT-LLM ignores EOS and stops only at max_seq_len; tokens are not detokenized."""
-    if s.greedy:
-        return api.SamplingParams(max_tokens=max_tokens, temperature=None, top_k=1, top_p=None, seed=s.seed,
-                                  ignore_eos=True, detokenize=False)
-    return api.SamplingParams(max_tokens=max_tokens, temperature=s.temperature, top_k=s.top_k or None,
-                              top_p=s.top_p, seed=s.seed, ignore_eos=True, detokenize=False)
-
-
-def _model_info(manifest) -> ModelInfo:
-    m = manifest.extra.get("model", {})
-    return ModelInfo(architecture=manifest.architecture, vocab_size=m["vocab_size"], max_seq_len=manifest.max_seq_len,
-                     num_layers=m["num_layers"], num_kv_heads=m["num_kv_heads"], head_dim=m["head_dim"],
-                     dtype=manifest.dtype, num_params=manifest.num_params, eos_token_ids=manifest.eos_token_ids,
-                     bos_token_id=manifest.bos_token_id)
-
-
-def host_tier(settings: TrtllmSettings, bytes_per_block: int) -> HostKvPool | HostCacheBooks | None:
-    """The orchestrator's host pool behind the KV connector, else TensorRT-LLM's own host cache, else none."""
-    if settings.host_pool_blocks:
-        return HostKvPool(settings.host_pool_blocks, settings.tokens_per_block)
-    blocks = settings.host_cache_bytes // bytes_per_block
-    return HostCacheBooks(blocks, settings.tokens_per_block) if blocks else None
-
-
-def _cuda_index(device: str) -> int:
-    """The GPU ordinal of "cuda:N" (the Executor's `ParallelConfig(device_ids=[N])`)."""
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or not index.isdigit():
-        raise EngineError(f"the TensorRT-LLM engine runs on CUDA devices named cuda:N, got {device!r}")
-    return int(index)
-
-
-def _select_device(device: str) -> None:
-    """Make `device` current before building the context instance (single-process worker).
-    Not verified on hardware: check placement with nvidia-smi (docs/tensorrt-llm.md)."""
-    import torch
-
-    torch.cuda.set_device(torch.device(device))

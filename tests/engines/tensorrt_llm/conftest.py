@@ -60,7 +60,8 @@ def core():
 @pytest.fixture
 def make_engine(trtllm, tmp_path):
     """Build a TrtllmEngine over fake instances of either flavour; every engine is closed after the test."""
-    from engines.tensorrt_llm.engine import TrtllmEngine, host_tier
+    from engines.tensorrt_llm.engine import TrtllmEngine
+    from engines.tensorrt_llm.instances import host_tier
     from engines.tensorrt_llm.executor_llm import ExecutorLLM
 
     made = []

@@ -73,7 +73,8 @@ def test_adapter_uses_only_listed_names(trtllm):
 
 
 def test_nothing_imports_tensorrt_llm_at_import_time():
-    code = ("import sys, engines.tensorrt_llm.engine, engines.tensorrt_llm.connector_classes, "
+    code = ("import sys, engines.tensorrt_llm.engine, engines.tensorrt_llm.instances, "
+            "engines.tensorrt_llm.executor_llm, engines.tensorrt_llm.connector_classes, "
             "build_scripts.trtllm_build, engines.loader, build_scripts.build_engine; "
             "bad = [m for m in sys.modules if m == 'tensorrt_llm' or m.startswith('tensorrt_llm.')]; "
             "assert not bad, bad")

@@ -228,11 +228,11 @@ def test_zero_batch_size_is_refused(model_dir, tmp_path, capsys, trtllm):
 def test_llm_api_with_a_helper_parks_in_tensorrt_llms_host_cache(model_dir, tmp_path, capsys, trtllm, monkeypatch):
     """The connector refuses generation-only requests: with a helper device the same host memory
     becomes TensorRT-LLM's own host cache, and both parking and the hand-off work."""
-    from engines.tensorrt_llm import engine as trt_engine
+    from engines.tensorrt_llm import instances
     from engines.tensorrt_llm.host_cache import HostCacheBooks
 
     monkeypatch.setattr(sys.modules["tensorrt_llm"], "__version__", "1.3.0")
-    monkeypatch.setattr(trt_engine, "_select_device", lambda device: None)  # no GPU here
+    monkeypatch.setattr(instances, "_select_device", lambda device: None)  # no GPU here
     out = tmp_path / "eng"
     code, err = build(["--backend", "trtllm", "--model", str(model_dir), "--out", str(out), "--max-seq-len", "128",
                        "--block-size", "8", "--kv-memory-gb", "0.001", "--host-kv-memory-gb", "0.002",
