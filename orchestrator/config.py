@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from orchestrator.policies import POLICIES
 from orchestrator.transfer_planner import ROUTE_MODES
 
 if sys.version_info >= (3, 11):
@@ -22,7 +23,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ENV_PREFIX = "ALIGNED_"
-POLICIES = ("aligned", "fcfs", "fcfs-offload", "disagg-fcfs", "chunked-prefill")
 
 
 class ConfigError(ValueError):
@@ -64,7 +64,7 @@ class ServeConfig:
     kv_blocks: int = 0
     """KV blocks on the decode device; 0 keeps the manifest's (sized by its memory budget)."""
     policy: str = "aligned"
-    """Scheduling policy.
+    """Scheduling policy, a name in the registry (`orchestrator/policies/__init__.py`).
     "aligned": length-aligned batches from a host-memory KV pool (DESIGN.md §1): the running
     batch is refilled by nearest KV length and switched for a denser staged batch.
     "fcfs": continuous batching in arrival order, as vLLM and TensorRT-LLM's in-flight batcher

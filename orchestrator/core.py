@@ -16,6 +16,7 @@ __all__ = [
     "FinishReason",
     "Request",
     "TokenEvent",
+    "Grant",
     "StepPlan",
     "RequestRejected",
     "PolicySwitchRefused",
@@ -148,11 +149,30 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
-class StepPlan:
-    """One iteration as a policy decided it, in the order the run loop carries it out: start
-    the moves, prefill, park the prefilled requests that do not join the running batch, wait
-    for the loads the decode needs, decode. The policy has already booked every KV grant."""
+class Grant:
+    """KV blocks a plan books for a request in one tier (the ledger's side of the books)."""
 
+    request: Request
+    tier: str
+    blocks: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """One iteration as a policy decided it.
+
+    The run loop first applies the decisions about the pool and the ledger (`admit`, `grants`,
+    `offload`, `promote`, `load`), then has the engine carry the plan out, in this order: start
+    the moves, prefill, park the prefilled requests that do not join the running batch, wait for
+    the loads the decode needs, decode."""
+
+    admit: Sequence[Request] = ()
+    """Waiting requests leaving the queue this iteration: prefilled whole (`prefill`) or in
+    chunks (`chunks` starting at 0)."""
+    grants: Sequence[Grant] = ()
+    """KV blocks booked for this plan's requests."""
+    promote: Sequence[Request] = ()
+    """Staged requests or refill candidates joining the running batch."""
     prefill: Sequence[Request] = ()
     park: Sequence[Request] = ()
     """Requests of `prefill` whose KV goes to the host pool once prefilled."""
@@ -160,6 +180,8 @@ class StepPlan:
     """Device -> host now: running members spilled by a switch, or staged requests given back."""
     load: Sequence[Request] = ()
     """Host -> device now: the next batch, or candidates to refill the running batch."""
+    stage: Sequence[Request] = ()
+    """The requests of `load` that form the next batch; the others are refill candidates."""
     wait: Sequence[Request] = ()
     """Loads that must finish before this decode; the time spent waiting is the bubble."""
     decode: Sequence[Request] = ()

@@ -12,14 +12,20 @@ in length order (the shortest kmin of any window have the smallest span and the 
 so it scans every such window at once over the distinct pooled lengths (vectorised; the prefix
 sums are cached until the pool changes), then widens the winner to every pooled request inside
 its span while the budget and `kmax` allow.
+
+Every query takes `exclude`: ids to treat as already gone. A policy planning an iteration picks
+several requests in turn (refills, then a staged batch) without touching the index; each query
+answers as if the earlier picks had left it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import AbstractSet
 
 import numpy as np
 
 FANOUT = 4
+NONE: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,16 +112,31 @@ class LengthIndex:
 
     # ---- nearest length (single refills) ----------------------------------------------------
 
-    def nearest(self, length: int) -> str | None:
+    def nearest(self, length: int, exclude: AbstractSet[str] = NONE) -> str | None:
         """A pooled request whose length is closest to `length` (ties: the shorter, then the
-        earliest inserted); None when the pool is empty."""
+        earliest inserted); None when the pool (less `exclude`) is empty."""
         if not self._length:
             return None
-        below = self._scan(min(length, self.max_len) - 1, -1)
-        above = self._scan(max(length, 1) - 1, +1)
+        below = self._scan_kept(min(length, self.max_len) - 1, -1, exclude)
+        above = self._scan_kept(max(length, 1) - 1, +1, exclude)
         candidates = [x + 1 for x in (below, above) if x is not None]
+        if not candidates:
+            return None
         best = min(candidates, key=lambda x: (abs(x - length), x))
-        return next(iter(self._bucket[best]))
+        return self._first(best, exclude)
+
+    def _first(self, length: int, exclude: AbstractSet[str]) -> str | None:
+        """The earliest inserted request of this length that is not excluded."""
+        return next((rid for rid in self._bucket[length] if rid not in exclude), None)
+
+    def _scan_kept(self, start: int, step: int, exclude: AbstractSet[str]) -> int | None:
+        """`_scan`, passing over leaves whose every request is excluded."""
+        i = self._scan(start, step)
+        while i is not None and exclude and self._first(i + 1, exclude) is None:
+            if not 0 <= i + step < self.counts[0].size:
+                return None
+            i = self._scan(i + step, step)
+        return i
 
     def _scan(self, start: int, step: int) -> int | None:
         """The first non-empty leaf from `start` in direction `step` (inclusive), via the tree."""
@@ -144,13 +165,15 @@ class LengthIndex:
 
     # ---- density-first search ---------------------------------------------------------------
 
-    def densest(self, kmin: int, block_budget: int, kmax: int | None = None) -> Window | None:
+    def densest(self, kmin: int, block_budget: int, kmax: int | None = None,
+                exclude: AbstractSet[str] = NONE) -> Window | None:
         """The narrowest-span set of at least `kmin` pooled requests fitting `block_budget` KV
         blocks (ties: the shorter lengths), widened to all requests inside that span while the
         budget and `kmax` allow. None if no set of kmin requests fits."""
-        if kmin < 1 or kmin > len(self._length):
+        pooled = len(self._length) - sum(1 for rid in exclude if rid in self._length)
+        if kmin < 1 or kmin > pooled:
             return None
-        lengths, counts, cum_n, cum_b = self._prefix()
+        lengths, counts, cum_n, cum_b = self._prefix(exclude)
         # Window starting at distinct length index a: the kmin requests from lengths[a] upwards.
         start_n = cum_n[:-1]
         end_at = np.searchsorted(cum_n, start_n + kmin, side="left")  # cum_n[end_at] >= start + kmin
@@ -166,14 +189,14 @@ class LengthIndex:
         spans = lengths[z] - lengths[a]
         best = int(np.argmin(spans))  # first minimum = the shortest lengths among ties
         lo_i, hi_i = int(a[best]), int(z[best])
-        return self._widen(lengths, lo_i, hi_i, block_budget, kmax if kmax is not None else len(self._length))
+        return self._widen(lengths, lo_i, hi_i, block_budget, kmax if kmax is not None else pooled, exclude)
 
-    def around(self, request_id: str, kmax: int, block_budget: int) -> Window:
+    def around(self, request_id: str, kmax: int, block_budget: int, exclude: AbstractSet[str] = NONE) -> Window:
         """`request_id` and the pooled requests of nearest KV lengths, up to `kmax` requests
         fitting `block_budget` blocks (the request itself always counts, even past the budget):
         the batch the starvation guard builds around a request that waited too long."""
         center = self._length[request_id]
-        lengths = self._prefix()[0]
+        lengths = self._prefix(exclude)[0]
         left = right = int(np.searchsorted(lengths, center))
         chosen, blocks, lo, hi = [request_id], self.blocks_for(center), center, center
         j = left
@@ -181,7 +204,7 @@ class LengthIndex:
             length = int(lengths[j])
             per = self.blocks_for(length)
             for rid in self._bucket[length]:
-                if rid == request_id:
+                if rid == request_id or rid in exclude:
                     continue
                 if len(chosen) >= kmax or blocks + per > block_budget:
                     return Window(tuple(chosen), lo, hi, blocks)
@@ -200,13 +223,16 @@ class LengthIndex:
                 j = right
         return Window(tuple(chosen), lo, hi, blocks)
 
-    def _widen(self, lengths: np.ndarray, lo_i: int, hi_i: int, budget: int, kmax: int) -> Window:
+    def _widen(self, lengths: np.ndarray, lo_i: int, hi_i: int, budget: int, kmax: int,
+               exclude: AbstractSet[str]) -> Window:
         chosen: list[str] = []
         blocks = 0
         for i in range(lo_i, hi_i + 1):
             length = int(lengths[i])
             per = self.blocks_for(length)
             for rid in self._bucket[length]:
+                if rid in exclude:
+                    continue
                 if len(chosen) >= kmax or blocks + per > budget:
                     break
                 chosen.append(rid)
@@ -216,12 +242,22 @@ class LengthIndex:
     def _blocks_of(self, lengths: np.ndarray) -> np.ndarray:
         return -(-lengths // self.block_size)
 
-    def _prefix(self):
-        if self._cache is None:
-            nonempty = np.flatnonzero(self.counts[0])
-            lengths = nonempty + 1
-            counts = self.counts[0][nonempty]
-            cum_n = np.concatenate(([0], np.cumsum(counts)))
-            cum_b = np.concatenate(([0], np.cumsum(counts * self._blocks_of(lengths))))
+    def _prefix(self, exclude: AbstractSet[str] = NONE):
+        """(distinct lengths, requests of each, prefix sums of requests and of blocks); cached
+        until the index changes, computed afresh when some ids are excluded."""
+        leaves = self.counts[0]
+        if exclude:
+            leaves = leaves.copy()
+            for rid in exclude:
+                if rid in self._length:
+                    leaves[self._length[rid] - 1] -= 1
+        elif self._cache is not None:
+            return self._cache
+        nonempty = np.flatnonzero(leaves)
+        lengths = nonempty + 1
+        counts = leaves[nonempty]
+        cum_n = np.concatenate(([0], np.cumsum(counts)))
+        cum_b = np.concatenate(([0], np.cumsum(counts * self._blocks_of(lengths))))
+        if not exclude:
             self._cache = (lengths, counts, cum_n, cum_b)
-        return self._cache
+        return lengths, counts, cum_n, cum_b

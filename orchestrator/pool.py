@@ -8,19 +8,20 @@
 - `parked`: requests whose KV is resident in the host pool, indexed by KV length. A request on
   its way to the host is PARKED but not yet in the index, so nobody picks it mid-move.
 
-Owned by the run loop thread; policies move requests between the parts through these methods,
-so a request is always in exactly one of them. Each method also notes the transition in the
-request's history (the admin API shows it), timed by the pool's clock.
+Owned by the run loop thread, which moves requests between the parts only through these methods
+(applying a policy's plan, then what the engine did), so a request is always in exactly one of
+them. Each method also notes the transition in the request's history (the admin API shows it),
+timed by the pool's clock. Policies never call them: they read the pool through a `Draft`.
 """
 from __future__ import annotations
 
 import heapq
 import time
 from collections import deque
-from typing import Callable, Iterator
+from typing import AbstractSet, Callable, Iterator
 
 from orchestrator.core import Request, RequestState
-from orchestrator.length_index import LengthIndex
+from orchestrator.length_index import NONE, LengthIndex
 
 
 class RequestPool:
@@ -99,22 +100,24 @@ class RequestPool:
         request.moving = True  # from the moment it is planned: nobody may pick it until it lands
         request.note(now, "offloading", f"KV ({request.kv_len} tokens) moving to the host pool")
 
-    def on_host(self, request: Request) -> None:
-        """Its KV arrived in the host pool: it becomes a candidate for batches."""
+    def on_host(self, request: Request, at: float | None = None) -> None:
+        """Its KV arrived in the host pool (at time `at`, default now): it becomes a candidate
+        for batches."""
         self.parked.insert(request.id, request.kv_len)
         self._seq += 1
         heapq.heappush(self._ages, (request.parked_since, self._seq, request.id))
-        request.note(self.clock(), "parked", f"KV ({request.kv_len} tokens) in the host pool")
+        request.note(self.clock() if at is None else at, "parked", f"KV ({request.kv_len} tokens) in the host pool")
 
-    def oldest_parked(self, k: int = 1) -> list[Request]:
-        """The k parked requests that have waited longest, oldest first (O(k log n))."""
-        ages, taken, seen = self._ages, [], set()
+    def oldest_parked(self, k: int = 1, exclude: AbstractSet[str] = NONE) -> list[Request]:
+        """The k parked requests that have waited longest, oldest first, passing over the ids in
+        `exclude` (O((k + excluded) log n))."""
+        ages, taken, kept, seen = self._ages, [], [], set()
         while ages and len(taken) < k:
             entry = heapq.heappop(ages)
             if self._current(entry) and entry[2] not in seen:  # else: it left the host pool since
-                taken.append(entry)
+                (kept if entry[2] in exclude else taken).append(entry)
                 seen.add(entry[2])
-        for entry in taken:
+        for entry in taken + kept:
             heapq.heappush(ages, entry)
         return [self._by_id[e[2]] for e in taken]
 

@@ -1,5 +1,6 @@
-"""The orchestrator as the serving layer sees it: submit, cancel, stats, start and stop, and the
-operator's levers (drain, resume, switch the policy at runtime).
+"""The orchestrator as the serving layer sees it: submit, cancel, start and stop, the operator's
+levers (drain, resume, switch the policy at runtime), and what readers may look at (a snapshot,
+a request's history, iteration records, finished requests).
 
 It is handed a ready engine (the serving layer loads it with `engines.loader`), so nothing here
 imports a concrete engine.
@@ -12,11 +13,13 @@ import time
 from typing import Callable, Iterable, Sequence
 
 from engines.base import HOST, Engine, SamplingParams
-from orchestrator.config import POLICIES, ServeConfig
-from orchestrator.core import PolicySwitchRefused, Request, RequestRejected, TokenEvent
+from orchestrator.config import ServeConfig
+from orchestrator.core import PolicySwitchRefused, Request, RequestRejected, RequestState, TokenEvent
 from orchestrator.kv_ledger import KVLedger
-from orchestrator.policies import Policy, make_policy
+from orchestrator.metrics import IterationRecord
+from orchestrator.policies import POLICIES, Policy, make_policy
 from orchestrator.run_loop import RunLoop
+from orchestrator.snapshot import Snapshot, TierUsage, view
 
 
 class Orchestrator:
@@ -31,7 +34,7 @@ class Orchestrator:
         capacity = {d.name: d.kv_blocks for d in self.info.devices}
         capacity[HOST] = self.info.host_blocks
         self.ledger = KVLedger(capacity)
-        policy = make_policy(self.config.policy, self.info, self.config, self.ledger, clock)
+        policy = make_policy(self.config.policy, self.info, self.config)
         self.loop = RunLoop(engine, policy, self.ledger, self.config, clock)
         self._ids = itertools.count(1)
         self._switching = threading.Lock()  # one switch at a time: config and policy stay in step
@@ -103,27 +106,83 @@ class Orchestrator:
         with self._switching:
             config = self.config.replace(policy=name)
             try:
-                policy = make_policy(name, self.info, config, self.ledger, self.clock)
+                policy = make_policy(name, self.info, config)
             except ValueError as e:
                 raise PolicySwitchRefused(str(e)) from None
             self.loop.switch_policy(policy, timeout)
             self.config = config
             return policy.name
 
-    def stats(self) -> dict:
-        pool = self.loop.pool
-        return {
-            **self.loop.metrics.summary(),
-            "policy": self.policy.name,
-            "waiting": len(pool.waiting),
-            "prefilling": len(pool.prefilling),
-            "running": len(pool.running),
-            "staged": len(pool.staged),
-            "candidates": len(pool.candidates),
-            "parked": len(pool.parked),
-            "kv_blocks": {tier: {"reserved": self.ledger.used(tier), "capacity": self.ledger.capacity(tier)}
-                          for tier in [d.name for d in self.info.devices] + [HOST]},
-        }
+    def step(self) -> bool:
+        """Run one iteration on the caller's thread instead of `start()`'s (benchmarks, tests);
+        False when there was nothing to do."""
+        return self.loop.step()
+
+    # ---- reading (any thread) -------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """The pool, the KV tiers and the counters now, as one consistent copy (see
+        `orchestrator.snapshot`); safe from any thread."""
+        loop, pool = self.loop, self.loop.pool
+        parts = {"waiting": loop.incoming() + list(pool.waiting), "prefilling": list(pool.prefilling),
+                 "running": list(pool.running), "staged": list(pool.staged), "candidates": list(pool.candidates)}
+        everyone = list(pool)
+        listed = {r.id for part in parts.values() for r in part}
+        # parked: in the host pool, or on its way there (not yet indexed)
+        parts["parked"] = [r for r in everyone if r.state is RequestState.PARKED and r.id not in listed]
+        device = self.info.decode_device
+        prefill = self.config.prefill_device or device
+        views = {part: tuple(view(r, device, prefill) for r in requests) for part, requests in parts.items()}
+        return Snapshot(
+            time=self.clock(), policy=self.policy.name, draining=self.draining, **views,
+            finished=tuple(view(r, device, prefill) for r in list(loop.lifecycle.recent_finished)),
+            kv=self._tier_usage(), totals=self._totals(), max_seq_len=self.config.max_seq_len)
+
+    def history(self, request_id: str) -> tuple[tuple[float, str, str], ...] | None:
+        """(time, event, detail) of each transition of a live or recently finished request, the
+        newest HISTORY_LIMIT; None if unknown."""
+        r = self.loop.pool.get(request_id)
+        if r is None:
+            r = next((r for r in self.loop.incoming() + list(reversed(self.loop.lifecycle.recent_finished))
+                      if r.id == request_id), None)
+        return None if r is None else tuple(r.history)
+
+    def iterations(self) -> list[IterationRecord]:
+        """The latest iteration records, oldest first (a copy; the records never change)."""
+        return list(self.loop.metrics.history)
+
+    def recently_finished(self) -> list[Request]:
+        """The latest finished requests, oldest first (finished requests never change)."""
+        return list(self.loop.lifecycle.recent_finished)
+
+    def add_finish_listener(self, listener: Callable[[Request], None]) -> None:
+        """Call `listener(request)` on the run loop thread whenever a request finishes; it must
+        be quick and must not block (append to a deque and return)."""
+        self.loop.lifecycle.add_listener(listener)
+
+    def remove_finish_listener(self, listener: Callable[[Request], None]) -> None:
+        self.loop.lifecycle.remove_listener(listener)
+
+    def _tier_usage(self) -> dict[str, TierUsage]:
+        tiers = [d.name for d in self.info.devices] + ([HOST] if self.ledger.capacity(HOST) > 0 else [])
+        usage = {}
+        for tier in tiers:
+            try:
+                used = self.engine.kv_blocks_used(tier)
+            except Exception:  # an engine without that pool; the ledger still says what is booked
+                used = 0
+            usage[tier] = TierUsage(int(used), self.ledger.used(tier), self.ledger.capacity(tier))
+        return usage
+
+    def _totals(self) -> dict:
+        """Metrics.summary(), retried: it walks the metrics' deques, which the loop may append to
+        mid-walk (a RuntimeError that a second try does not meet)."""
+        for _ in range(5):
+            try:
+                return self.loop.metrics.summary()
+            except RuntimeError:
+                continue
+        return self.loop.metrics.summary()
 
     def _build(self, prompt_ids, max_tokens, sampling, end_id, stop_sequences, on_event) -> Request:
         cfg, model = self.config, self.info.model
@@ -152,7 +211,7 @@ class Orchestrator:
                 "max_tokens", f"prompt + max_tokens need {blocks} KV blocks but the device holds "
                 f"{capacity}; lower max_tokens or build the engine with more KV memory")
         host = self.ledger.capacity(HOST)
-        if self.policy.name in ("aligned", "fcfs-offload") and blocks > host:
+        if type(self.policy).needs.host_pool and blocks > host:
             raise RequestRejected(
                 "max_tokens", f"prompt + max_tokens need {blocks} KV blocks but the host pool holds "
                 f"{host}; lower max_tokens or build the engine with more host KV memory")

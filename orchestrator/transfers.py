@@ -1,9 +1,10 @@
 """KV moves under way, and what finishing one means for the books.
 
 The policy books the destination grant when it plans a move; the tracker starts the move on the
-engine, and when the engine reports it finished, releases the source grant and tells the pool
-(a request that reached the host becomes pickable). A request freed mid-move (cancel, error) is
-already out of the books: its completion is ignored.
+engine, and when the engine reports it finished, releases the source grant and reports what
+landed (`Settled`): the run loop then tells the pool, so a request that reached the host becomes
+pickable. A request freed mid-move (cancel, error) is already out of the books: its completion
+is ignored.
 
 A move may go in two hops through a helper device (GPU-Prefetch-For-GPU, DESIGN.md §1.4):
 host -> helper, then helper -> decode device. The tracker books the helper's blocks for the
@@ -14,13 +15,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from engines.base import HOST, Engine, EngineError, EngineInfo, TransferHandle
 from orchestrator.core import Request
 from orchestrator.kv_ledger import KVLedger
-from orchestrator.pool import RequestPool
 
 log = logging.getLogger("alignedserve.transfers")
 
@@ -37,6 +37,21 @@ class TransferRecord:
 
 
 @dataclass(slots=True)
+class Settled:
+    """What finished moves leave for the run loop to apply."""
+
+    on_host: list[tuple[Request, float]] = field(default_factory=list)
+    """(request, when) of KV that reached the host pool: it becomes a candidate for batches."""
+    failed: list[tuple[Request, str]] = field(default_factory=list)
+    """(request, error) of moves that failed: the request ends with an error."""
+
+    def add(self, other: "Settled") -> "Settled":
+        self.on_host += other.on_host
+        self.failed += other.failed
+        return self
+
+
+@dataclass(slots=True)
 class _Move:
     handle: TransferHandle
     requests: list[Request]
@@ -47,14 +62,13 @@ class _Move:
 class TransferTracker:
     """Starts moves, polls them, and settles the books when they finish."""
 
-    def __init__(self, engine: Engine, info: EngineInfo, ledger: KVLedger, pool: RequestPool,
+    def __init__(self, engine: Engine, info: EngineInfo, ledger: KVLedger,
                  on_record: Callable[[TransferRecord], None], clock: Callable[[], float] = time.monotonic):
         self.engine = engine
         self.clock = clock
         """Measures the waits (the bubble): wall time, or an engine's virtual time."""
         self.info = info
         self.ledger = ledger
-        self.pool = pool
         self.on_record = on_record
         self.bytes_started = 0
         """KV bytes of every hop started so far (a two-hop move counts both)."""
@@ -93,25 +107,25 @@ class TransferTracker:
                 load[device] = load.get(device, 0.0) + h.bytes
         return load
 
-    def poll(self) -> list[tuple[Request, str]]:
-        """Settle every finished move; returns (request, error) for moves that failed."""
-        failed: list[tuple[Request, str]] = []
+    def poll(self) -> Settled:
+        """Settle every finished move."""
+        settled = Settled()
         for move in list(self._moves.values()):
             try:
                 done = self.engine.poll(move.handle)
             except EngineError as e:
-                failed += self._settle(move, str(e))
+                settled.add(self._settle(move, str(e)))
                 continue
             if done:
-                failed += self._settle(move, None)
-        return failed
+                settled.add(self._settle(move, None))
+        return settled
 
-    def wait(self, requests: list[Request]) -> tuple[float, list[tuple[Request, str]]]:
+    def wait(self, requests: list[Request]) -> tuple[float, Settled]:
         """Block until these requests' moves (every hop) finish; returns the seconds spent
-        waiting and the failures."""
+        waiting and what settled."""
         wanted = {r.id for r in requests}
         start = self.clock()
-        failed: list[tuple[Request, str]] = []
+        settled = Settled()
         while True:
             pending = [m for m in self._moves.values() if not wanted.isdisjoint(r.id for r in m.requests)]
             if not pending:
@@ -119,12 +133,12 @@ class TransferTracker:
             for move in pending:
                 try:
                     self.engine.wait(move.handle)
-                    failed += self._settle(move, None)
+                    settled.add(self._settle(move, None))
                 except EngineError as e:
-                    failed += self._settle(move, str(e))
-        return self.clock() - start, failed
+                    settled.add(self._settle(move, str(e)))
+        return self.clock() - start, settled
 
-    def wait_all(self) -> tuple[float, list[tuple[Request, str]]]:
+    def wait_all(self) -> tuple[float, Settled]:
         return self.wait([r for m in self._moves.values() for r in m.requests])
 
     def _book(self, requests: list[Request], tier: str) -> bool:
@@ -148,26 +162,26 @@ class TransferTracker:
         self._moves[handle.id] = _Move(handle, requests, then)
         return []
 
-    def _settle(self, move: _Move, error: str | None) -> list[tuple[Request, str]]:
+    def _settle(self, move: _Move, error: str | None) -> Settled:
         handle = move.handle
         del self._moves[handle.id]
-        failed, arrived = [], []
+        settled, arrived = Settled(), []
         for r in move.requests:
             r.moving = False
             if r.finished:
                 continue  # freed mid-move: its grants are already released
             if error is not None:
-                failed.append((r, error))
+                settled.failed.append((r, error))
                 continue
             self.ledger.release(r.id, handle.src)
             if move.then is not None:
                 arrived.append(r)
             elif handle.dst == HOST:
-                self.pool.on_host(r)
+                settled.on_host.append((r, self.clock()))
         if error is None:
             self.on_record(TransferRecord(handle.src, handle.dst, len(move.requests), handle.bytes,
                                           handle.seconds or 0.0))
         if arrived:  # first hop done: on to the final destination
-            failed += [(r, f"could not move its KV from {handle.dst} to {move.then}")
-                       for r in self._begin(arrived, handle.dst, move.then, then=None)]
-        return failed
+            settled.failed += [(r, f"could not move its KV from {handle.dst} to {move.then}")
+                               for r in self._begin(arrived, handle.dst, move.then, then=None)]
+        return settled

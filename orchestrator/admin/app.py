@@ -25,7 +25,7 @@ from orchestrator.admin.guards import MAX_BODY_BYTES, BodyLimit, bearer_guard
 from orchestrator.admin.prometheus import CONTENT_TYPE, PrometheusMetrics
 from orchestrator.admin.telemetry import KEEP_MINUTES, Telemetry
 from orchestrator.core import PolicySwitchRefused
-from orchestrator.run_loop import RECENT_FINISHED
+from orchestrator.lifecycle import RECENT_FINISHED
 from orchestrator.service import Orchestrator
 
 log = logging.getLogger("alignedserve.admin")

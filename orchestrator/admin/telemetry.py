@@ -72,16 +72,16 @@ class Telemetry:
         self._capacity = {self._device: orch.ledger.capacity(self._device)}
         if orch.ledger.capacity(HOST) > 0:
             self._capacity[HOST] = orch.ledger.capacity(HOST)
-        orch.loop.add_finish_listener(self._finished.append)
+        orch.add_finish_listener(self._finished.append)
         # Requests that finished before this app existed (it may start after the orchestrator):
         # take the ones the loop still keeps. One finishing right now may arrive both ways.
-        earlier = list(orch.loop.recent_finished)
+        earlier = orch.recently_finished()
         self._seeded = {r.id for r in earlier}
         self._finished.extendleft(reversed(earlier))
         self._seed_count = len(earlier)
 
     def close(self) -> None:
-        self.orch.loop.remove_finish_listener(self._finished.append)
+        self.orch.remove_finish_listener(self._finished.append)
 
     # ---- folding ------------------------------------------------------------------------------
 
@@ -106,7 +106,7 @@ class Telemetry:
             self._prune()
 
     def _new_records(self) -> list[IterationRecord]:
-        records = list(self.orch.loop.metrics.history)  # one C call: a consistent copy
+        records = self.orch.iterations()  # a copy
         start = 0
         last = self._last_record
         if last is not None:

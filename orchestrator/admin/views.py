@@ -132,7 +132,7 @@ def recent(orch: Orchestrator, limit: int) -> list[dict[str, Any]]:
     now = orch.loop.clock()
     live = orch.loop.incoming() + list(orch.loop.pool)
     ids = {r.id for r in live}
-    everyone = live + [r for r in list(orch.loop.recent_finished) if r.id not in ids]
+    everyone = live + [r for r in list(orch.loop.lifecycle.recent_finished) if r.id not in ids]
     everyone.sort(key=lambda r: r.arrival_time, reverse=True)
     return [row(orch, r, now) for r in everyone[:limit]]
 
@@ -142,7 +142,7 @@ def find(orch: Orchestrator, request_id: str) -> Request | None:
     r = orch.loop.pool.get(request_id)
     if r is not None:
         return r
-    for r in orch.loop.incoming() + list(reversed(orch.loop.recent_finished)):
+    for r in orch.loop.incoming() + list(reversed(orch.loop.lifecycle.recent_finished)):
         if r.id == request_id:
             return r
     return None

@@ -34,19 +34,29 @@ device blocks for its longest possible KV, so a running request never needs evic
 one holds host blocks for its KV length. A move holds both until it finishes, then the run loop
 releases the source grant.
 
-`by_length=False` is the "fcfs-offload" ablation: the same machinery choosing requests in arrival
-order (refills and staged batches take the oldest parked requests, every fresh request may join).
+Each pass reads the `Draft`, which shows the pool as the earlier passes' decisions would leave
+it (a request the switch spilled is gone from the running batch; one the guard loaded is no longer
+parked), and records its own decisions there; nothing is applied until the plan is done.
+
+`FcfsOffloadPolicy` ("fcfs-offload") is the ablation: the same machinery choosing requests in
+arrival order (refills and staged batches take the oldest parked requests, every fresh request
+may join).
 """
 from __future__ import annotations
 
 import statistics
-from typing import Callable
+from typing import TYPE_CHECKING
 
-from engines.base import HOST, EngineInfo
-from orchestrator.config import ServeConfig
+from engines.base import HOST
 from orchestrator.core import Request, StepPlan
-from orchestrator.kv_ledger import KVLedger
-from orchestrator.pool import RequestPool
+from orchestrator.draft import Draft
+from orchestrator.policies.base import Needs, Policy
+
+if TYPE_CHECKING:
+    from engines.base import EngineInfo
+    from orchestrator.config import ServeConfig
+
+_HOST_POOL = frozenset({"waiting", "running", "remote", "candidates", "staged", "parked"})
 
 
 def alignment(lengths: list[int]) -> float:
@@ -54,18 +64,20 @@ def alignment(lengths: list[int]) -> float:
     return sum(lengths) / (len(lengths) * max(lengths)) if lengths else 0.0
 
 
-class AlignedPolicy:
-    """The `aligned` policy (and, with by_length=False, `fcfs-offload`)."""
+class AlignedPolicy(Policy):
+    """The `aligned` policy (and, as `FcfsOffloadPolicy`, `fcfs-offload`)."""
 
-    def __init__(self, info: EngineInfo, config: ServeConfig, ledger: KVLedger,
-                 clock: Callable[[], float], by_length: bool = True):
-        self.name = "aligned" if by_length else "fcfs-offload"
-        self.info = info
-        self.config = config
-        self.ledger = ledger
-        self.clock = clock
-        self.by_length = by_length
-        self.device = info.decode_device
+    name = "aligned"
+    summary = "length-aligned batches from a host-memory KV pool, switched a batch at a time (AlignedServe)"
+    parts = _HOST_POOL
+    needs = Needs(host_pool=True)
+    prefills_elsewhere = True
+    fallback = "fcfs"
+    by_length = True
+    """Choose requests by KV length (False: in arrival order, the fcfs-offload ablation)."""
+
+    def __init__(self, info: EngineInfo, config: ServeConfig):
+        super().__init__(info, config)
         self.kmin = max(1, min(config.kmin, config.max_batch_size))
         self.bmax = max(1, int(config.bmax_fraction * info.tier_blocks(self.device)))
         self.prefill_device = config.prefill_device or None
@@ -74,35 +86,32 @@ class AlignedPolicy:
 
     # -- the iteration ------------------------------------------------------------------------
 
-    def schedule(self, pool: RequestPool) -> StepPlan:
-        now = self.clock()
-        offload: list[Request] = []
-        load: list[Request] = []
+    def schedule(self, draft: Draft) -> StepPlan:
         wait: list[Request] = []
         self._batch_age += 1
-        decoded_last = list(pool.running)  # members that may give up their place
-        switch = self._switch(pool, now, offload, wait)
-        self._rescue(pool, now, load, offload, decoded_last)
-        self._refill(pool, load)
-        prefill, park = self._admit(pool, now)
-        self._stage(pool, load)
-        decode = list(pool.running)  # this iteration's joiners start decoding next iteration
-        return StepPlan(prefill=prefill, park=park, offload=offload, load=load, wait=wait,
-                        decode=decode, switch=switch, prefill_on=self.prefill_device)
+        decoded_last = list(draft.running)  # members that may give up their place
+        switch = self._switch(draft, wait)
+        self._rescue(draft, decoded_last)
+        self._refill(draft)
+        prefill, park = self._admit(draft)
+        self._stage(draft)
+        # this iteration's joiners start decoding next iteration
+        return draft.plan(prefill=prefill, park=park, wait=wait, decode=draft.running, switch=switch,
+                          prefill_on=self.prefill_device)
 
-    def _switch(self, pool: RequestPool, now: float, offload: list, wait: list) -> bool:
+    def _switch(self, draft: Draft, wait: list) -> bool:
         """Bring the staged batch in; True when that spilled the running batch (a switch)."""
-        staged, running = pool.staged, pool.running
+        staged, running = draft.staged, draft.running
         if not staged:
             return False
-        loading = [r for r in staged if r.moving]
+        loading = [r for r in staged if draft.moving(r)]
         if loading and running:
             return False  # keep decoding; bring it in once its loads are done
         if len(running) < self.kmin and self._joinable(staged, running):
             # Room for both, and (by length) the staged requests fit the running batch's span:
             # they join it and nothing spills.
             for r in list(staged):
-                pool.promote(r)
+                draft.promote(r)
             wait.extend(loading)
             return False
         shrunk = len(running) < self.kmin and len(staged) > len(running)
@@ -113,12 +122,12 @@ class AlignedPolicy:
         if not (shrunk or better):
             return False
         lengths = [r.kv_len for r in staged]
-        spill = list(running) + [c for c in pool.candidates if self.by_length and not c.moving
-                                 and not self._fits(lengths, c.kv_len) and not self._starving(c, now)]
-        if not self._spill(pool, spill, now, offload):
+        spill = list(running) + [c for c in draft.candidates if self.by_length and not draft.moving(c)
+                                 and not self._fits(lengths, c.kv_len) and not self._starving(c, draft.now)]
+        if not self._spill(draft, spill):
             return False  # the host pool cannot take the running batch now
         for r in list(staged):
-            pool.promote(r)
+            draft.promote(r)
         wait.extend(loading)
         self._batch_age = 0
         return True
@@ -134,111 +143,109 @@ class AlignedPolicy:
         tol = self.config.align_tolerance
         return min(lengths) * (1 - tol) <= length <= max(lengths) * (1 + tol)
 
-    def _rescue(self, pool: RequestPool, now: float, load: list, offload: list, decoded_last: list) -> None:
+    def _rescue(self, draft: Draft, decoded_last: list) -> None:
         """The starvation guard: overdue candidates on the device join the running batch (a
         full batch gives up its least aligned member among those that decoded last iteration,
         never one that just joined), and overdue parked requests load."""
-        for c in [c for c in pool.candidates if not c.moving and self._starving(c, now)]:
-            if len(pool.running) >= self.config.max_batch_size:
-                others = [r for r in decoded_last if r in pool.running]
+        for c in [c for c in draft.candidates if not draft.moving(c) and self._starving(c, draft.now)]:
+            if len(draft.running) >= self.config.max_batch_size:
+                others = [r for r in decoded_last if r in draft.running]
                 if not others:
                     break
-                center = statistics.median_low(r.kv_len for r in pool.running)
+                center = statistics.median_low(r.kv_len for r in draft.running)
                 victim = max(others, key=lambda r: abs(r.kv_len - center))
-                if not self._spill(pool, [victim], now, offload):
+                if not self._spill(draft, [victim]):
                     return
-            pool.promote(c)
-        while len(pool.parked):
-            r = pool.oldest_parked()[0]
-            if not self._starving(r, now) or not self._reserve_device(r, headroom=0):
+            draft.promote(c)
+        while draft.parked:
+            r = draft.oldest_parked()[0]
+            if not self._starving(r, draft.now) or not self._reserve_device(draft, r, headroom=0):
                 return
-            pool.to_device(r, as_candidate=True)
-            load.append(r)
+            draft.load(r, stage=False)
 
-    def _spill(self, pool: RequestPool, requests: list[Request], now: float, offload: list) -> bool:
+    def _spill(self, draft: Draft, requests: list[Request]) -> bool:
         """Book host blocks for these device requests and send them to the host; False (and
         nothing done) when the host pool cannot take them all."""
         blocks = [self.info.blocks_for(r.kv_len) for r in requests]
-        if not self.ledger.can_reserve(HOST, sum(blocks)):
+        if not draft.can_reserve(HOST, sum(blocks)):
             return False
         for r, n in zip(requests, blocks):
-            self.ledger.reserve(r.id, HOST, n)
-            pool.to_host(r, now)
-            offload.append(r)
+            draft.reserve(r, HOST, n)
+            draft.offload(r)
         return True
 
-    def _refill(self, pool: RequestPool, load: list) -> None:
-        resident = [c for c in pool.candidates if not c.moving]
-        if not pool.running and (pool.staged or not resident):
+    def _refill(self, draft: Draft) -> None:
+        resident = [c for c in draft.candidates if not draft.moving(c)]
+        if not draft.running and (draft.staged or not resident):
             return  # an empty running batch is replaced by the staged batch, not refilled
-        room = self.config.max_batch_size - len(pool.running)
-        center = statistics.median_low(r.kv_len for r in (pool.running or resident))
+        room = self.config.max_batch_size - len(draft.running)
+        center = statistics.median_low(r.kv_len for r in (draft.running or resident))
         for r in sorted(resident, key=lambda c: abs(c.kv_len - center)):
             if room <= 0:
                 break
-            pool.promote(r)
+            draft.promote(r)
             room -= 1
-        lengths = [r.kv_len for r in pool.running]
-        for _ in range(room - len(pool.candidates)):
-            r = self._pick_single(pool, center)
+        lengths = [r.kv_len for r in draft.running]
+        for _ in range(room - len(draft.candidates)):
+            r = self._pick_single(draft, center)
             if r is None:
                 break
-            if self.by_length and len(pool.parked) + len(pool.waiting) >= self.kmin and not self._fits(lengths, r.kv_len):
+            if (self.by_length and draft.parked + len(draft.waiting) >= self.kmin
+                    and not self._fits(lengths, r.kv_len)):
                 # Leave the place open while there are enough requests (parked, or still to be
                 # prefilled) to align from: once the batch is below Kmin, a staged batch replaces it.
                 break
-            if not self._reserve_device(r, headroom=0):
+            if not self._reserve_device(draft, r, headroom=0):
                 break
-            pool.to_device(r, as_candidate=True)
-            load.append(r)
+            draft.load(r, stage=False)
 
-    def _admit(self, pool: RequestPool, now: float) -> tuple[list, list]:
+    def _admit(self, draft: Draft) -> tuple[list, list]:
         prefill: list[Request] = []
         park: list[Request] = []
         prompt_tokens = 0
-        room = self.config.max_batch_size - len(pool.running)
+        room = self.config.max_batch_size - len(draft.running)
         if self.prefill_device:  # joiners still prefilling elsewhere, or on their way, hold places
-            room -= len(pool.candidates) + sum(1 for r in pool.prefilling if self.device in self.ledger.holds(r.id))
-        lengths = [r.kv_len for r in pool.running]
+            room -= len(draft.candidates) + sum(1 for r in draft.prefilling if self.device in draft.holds(r))
+        lengths = [r.kv_len for r in draft.running]
         # The prompt's KV is computed where it is prefilled: on the prefill device, or on the
         # decode device (for a parked request, until its move to the host is done).
         at = self.prefill_device or self.device
-        for r in self._admission_order(pool, lengths, room, now):
+        for r in self._admission_order(draft, lengths, room):
             if prefill and prompt_tokens + r.prompt_len > self.config.max_prefill_tokens:
                 break
             blocks = self.info.blocks_for(r.prompt_len)
-            if self.prefill_device and not self.ledger.can_reserve(at, blocks):
+            if self.prefill_device and not draft.can_reserve(at, blocks):
                 break
             aligned = not lengths or not self.by_length or self._fits(lengths, r.prompt_len)
-            if room > 0 and aligned and self._reserve_device(r, headroom=self._headroom(pool)):
+            if room > 0 and aligned and self._reserve_device(draft, r, headroom=self._headroom(draft)):
                 room -= 1
                 lengths.append(r.prompt_len)
                 if self.prefill_device:
-                    self.ledger.reserve(r.id, at, blocks)
+                    draft.reserve(r, at, blocks)
             else:
                 # Parked once prefilled: blocks where it is prefilled until the move is done,
                 # host blocks for it from now.
-                if not (self.ledger.can_reserve(at, blocks) and self.ledger.can_reserve(HOST, blocks)):
+                if not (draft.can_reserve(at, blocks) and draft.can_reserve(HOST, blocks)):
                     break
-                self.ledger.reserve(r.id, at, blocks)
-                self.ledger.reserve(r.id, HOST, blocks)
+                draft.reserve(r, at, blocks)
+                draft.reserve(r, HOST, blocks)
                 park.append(r)
             prefill.append(r)
             prompt_tokens += r.prompt_len
-        pool.take_waiting(prefill)
+        draft.admit(prefill)
         return prefill, park
 
-    def _admission_order(self, pool: RequestPool, lengths: list[int], room: int, now: float) -> list[Request]:
+    def _admission_order(self, draft: Draft, lengths: list[int], room: int) -> list[Request]:
         """Which waiting requests to prefill first. fcfs-offload: arrival order. aligned: those
         overdue (waiting max_wait_s / 2) in arrival order, then the ones whose prompt fits the
         running batch (or, with no running batch, the oldest request's length), nearest first, as
         many as there is room for; then the rest in arrival order, to be parked. Prefilling a
         fitting prompt straight into the batch spares it a trip through the host pool."""
-        waiting = list(pool.waiting)
+        waiting = list(draft.waiting)
         if not self.by_length or room <= 0 or len(waiting) < 2:
             return waiting
-        overdue = [r for r in waiting if now - r.arrival_time >= self.config.max_wait_s / 2]
-        rest = [r for r in waiting if now - r.arrival_time < self.config.max_wait_s / 2]
+        overdue = [r for r in waiting if draft.now - r.arrival_time >= self.config.max_wait_s / 2]
+        rest = [r for r in waiting if draft.now - r.arrival_time < self.config.max_wait_s / 2]
         span = lengths or [(overdue or rest)[0].prompt_len]
         center = statistics.median_low(span)
         fit = sorted((r for r in rest if self._fits(span, r.prompt_len)), key=lambda r: abs(r.prompt_len - center))
@@ -246,62 +253,68 @@ class AlignedPolicy:
         joining = set(join)  # Request compares by identity (eq=False)
         return overdue + join + [r for r in rest if r not in joining]
 
-    def _stage(self, pool: RequestPool, load: list) -> None:
-        if pool.staged or not len(pool.parked):
+    def _stage(self, draft: Draft) -> None:
+        if draft.staged or not draft.parked:
             return
-        batch = [pool.get(i) for i in self._next_batch(pool)]
-        running = [r.kv_len for r in pool.running]
+        batch = [draft.get(i) for i in self._next_batch(draft)]
+        running = [r.kv_len for r in draft.running]
         if (self.by_length and batch and len(running) >= self.kmin
                 and alignment([r.kv_len for r in batch]) < alignment(running) + self.config.switch_margin):
             return  # not worth switching to: keep the device memory for a better batch
         for r in batch:
-            if not self._reserve_device(r, headroom=0):
+            if not self._reserve_device(draft, r, headroom=0):
                 break  # the device is full: stage what fits
-            pool.to_device(r, as_candidate=False)
-            load.append(r)
+            draft.load(r, stage=True)
 
     # -- choosing requests --------------------------------------------------------------------
 
-    def _next_batch(self, pool: RequestPool) -> tuple[str, ...]:
+    def _next_batch(self, draft: Draft) -> tuple[str, ...]:
         """Ids of the next batch, best first."""
-        parked = pool.parked
         kmax = self.config.max_batch_size
         if not self.by_length:
-            return tuple(r.id for r in pool.oldest_parked(kmax))
+            return tuple(r.id for r in draft.oldest_parked(kmax))
         # Kmin is bounded by what Bmax holds: Kmin of the longest requests may not fit, and
         # then (halving) the largest such batch does, or those requests would wait for the
         # running batch to drain or for the starvation guard.
         k = self.kmin
-        while k >= 1 and (k == self.kmin or len(parked) >= self.kmin):
-            window = parked.densest(k, self.bmax, kmax)
+        while k >= 1 and (k == self.kmin or draft.parked >= self.kmin):
+            window = draft.densest_parked(k, self.bmax, kmax)
             if window is not None:
                 return window.request_ids
             k //= 2
-        if pool.running:
+        if draft.running:
             return ()  # too few parked requests to align: they are refilled one at a time
         # The device would idle: run what the pool holds, around its oldest request.
-        return parked.around(pool.oldest_parked()[0].id, kmax, self.bmax).request_ids
+        return draft.parked_around(draft.oldest_parked()[0], kmax, self.bmax).request_ids
 
-    def _pick_single(self, pool: RequestPool, center: int) -> Request | None:
-        if not len(pool.parked):
+    def _pick_single(self, draft: Draft, center: int) -> Request | None:
+        if not draft.parked:
             return None
         if self.by_length:
-            return pool.get(pool.parked.nearest(center))
-        return pool.oldest_parked()[0]
+            return draft.nearest_parked(center)
+        return draft.oldest_parked()[0]
 
     def _starving(self, r: Request, now: float) -> bool:
         return now - r.parked_since >= self.config.max_wait_s / 2
 
     # -- grants -------------------------------------------------------------------------------
 
-    def _headroom(self, pool: RequestPool) -> int:
+    def _headroom(self, draft: Draft) -> int:
         """Device blocks kept free for the next staged batch while there is one to stage."""
-        return self.bmax if not pool.staged and len(pool.parked) >= self.kmin else 0
+        return self.bmax if not draft.staged and draft.parked >= self.kmin else 0
 
-    def _reserve_device(self, r: Request, headroom: int) -> bool:
+    def _reserve_device(self, draft: Draft, r: Request, headroom: int) -> bool:
         blocks = self.info.blocks_for(r.max_kv_len)
-        if not self.ledger.can_reserve(self.device, blocks + headroom):
+        if not draft.can_reserve(self.device, blocks + headroom):
             return False
-        self.ledger.reserve(r.id, self.device, blocks)
+        draft.reserve(r, self.device, blocks)
         return True
 
+
+class FcfsOffloadPolicy(AlignedPolicy):
+    """The aligned machinery choosing requests in arrival order: isolates the effect of alignment."""
+
+    name = "fcfs-offload"
+    summary = "the aligned machinery (host pool, staged batches, switches) choosing in arrival order (ablation)"
+    fallback = None
+    by_length = False

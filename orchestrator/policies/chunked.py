@@ -11,40 +11,39 @@ gives its first token, and the request decodes from the next step.
 """
 from __future__ import annotations
 
-from engines.base import EngineInfo
-from orchestrator.config import ServeConfig
 from orchestrator.core import Request, StepPlan
-from orchestrator.kv_ledger import KVLedger
-from orchestrator.pool import RequestPool
+from orchestrator.draft import Draft
+from orchestrator.policies.base import Needs, Policy
 
 
-class ChunkedPrefillPolicy:
+class ChunkedPrefillPolicy(Policy):
     name = "chunked-prefill"
+    summary = "fcfs with prompts prefilled in chunks inside the decode steps (SplitFuse, Sarathi-Serve)"
+    parts = frozenset({"waiting", "running", "chunks"})
+    needs = Needs(chunked_prefill=True)
 
-    def __init__(self, info: EngineInfo, config: ServeConfig, ledger: KVLedger):
-        self.info, self.config, self.ledger = info, config, ledger
-        self.device = info.decode_device
-
-    def schedule(self, pool: RequestPool) -> StepPlan:
-        budget = max(self.config.chunk_tokens - len(pool.running), 0)
+    def schedule(self, draft: Draft) -> StepPlan:
+        budget = max(self.config.chunk_tokens - len(draft.running), 0)
         chunks: list[tuple[Request, int, int]] = []
-        for r in pool.prefilling:
+        for r in draft.prefilling:
             if budget <= 0:
                 break
             n = min(r.prompt_len - r.prefilled, budget)
             chunks.append((r, r.prefilled, r.prefilled + n))
             budget -= n
-        room = self.config.max_batch_size - len(pool.running) - len(pool.prefilling)
-        while budget > 0 and room > 0 and pool.waiting:
-            request = pool.waiting[0]
+        room = self.config.max_batch_size - len(draft.running) - len(draft.prefilling)
+        admitted = []
+        for request in draft.waiting:
+            if budget <= 0 or room <= 0:
+                break
             blocks = self.info.blocks_for(request.max_kv_len)
-            if not self.ledger.can_reserve(self.device, blocks):
+            if not draft.can_reserve(self.device, blocks):
                 break  # strict arrival order: the head waits for memory, nobody overtakes it
-            self.ledger.reserve(request.id, self.device, blocks)
-            pool.waiting.popleft()
-            pool.begin_prefill(request)
+            draft.reserve(request, self.device, blocks)
+            admitted.append(request)
             n = min(request.prompt_len, budget)
             chunks.append((request, 0, n))
             budget -= n
             room -= 1
-        return StepPlan(decode=list(pool.running), chunks=chunks)
+        draft.admit(admitted)
+        return draft.plan(decode=draft.running, chunks=chunks)

@@ -17,33 +17,33 @@ tracker then releases the prefill device's grant.
 """
 from __future__ import annotations
 
-from engines.base import EngineInfo
-from orchestrator.config import ServeConfig
+from typing import TYPE_CHECKING
+
 from orchestrator.core import StepPlan
-from orchestrator.kv_ledger import KVLedger
+from orchestrator.draft import Draft
+from orchestrator.policies.base import Needs, Policy
 from orchestrator.policies.fcfs import admit_in_order
-from orchestrator.pool import RequestPool
+
+if TYPE_CHECKING:
+    from engines.base import EngineInfo
+    from orchestrator.config import ServeConfig
 
 
-class DisaggFcfsPolicy:
+class DisaggFcfsPolicy(Policy):
     name = "disagg-fcfs"
+    summary = "fcfs with prompts prefilled on a helper device and their KV shipped to the decode device (DistServe)"
+    parts = frozenset({"waiting", "running", "remote", "candidates"})
+    needs = Needs(helper_device=True)
+    prefills_elsewhere = True
 
-    def __init__(self, info: EngineInfo, config: ServeConfig, ledger: KVLedger):
-        helpers = [d.name for d in info.devices[1:]]
-        if not helpers:
-            raise ValueError(f"policy: 'disagg-fcfs' prefills on a separate device, and this {info.backend} engine "
-                             "has only the decode device; give it a helper device (helper_devices, e.g. cuda:1)")
-        if not info.capabilities.can_peer_copy:
-            raise ValueError(f"policy: 'disagg-fcfs' moves KV between devices, and this {info.backend} engine "
-                             "cannot (can_peer_copy=False)")
-        self.info, self.config, self.ledger = info, config, ledger
-        self.device = info.decode_device
-        self.prefill_device = config.prefill_device or helpers[0]
+    def __init__(self, info: EngineInfo, config: ServeConfig):
+        super().__init__(info, config)
+        self.prefill_device = config.prefill_device or info.devices[1].name
 
-    def schedule(self, pool: RequestPool) -> StepPlan:
-        for r in [c for c in pool.candidates if not c.moving]:
-            pool.promote(r)
-        room = self.config.max_batch_size - len(pool.running) - len(pool.prefilling) - len(pool.candidates)
-        admitted = admit_in_order(pool, self.config, self.ledger, room, lambda r: [
+    def schedule(self, draft: Draft) -> StepPlan:
+        for r in [c for c in draft.candidates if not draft.moving(c)]:
+            draft.promote(r)
+        room = self.config.max_batch_size - len(draft.running) - len(draft.prefilling) - len(draft.candidates)
+        admitted = admit_in_order(draft, self.config.max_prefill_tokens, room, lambda r: [
             (self.device, self.info.blocks_for(r.max_kv_len)), (self.prefill_device, self.info.blocks_for(r.prompt_len))])
-        return StepPlan(prefill=admitted, prefill_on=self.prefill_device, decode=list(pool.running))
+        return draft.plan(prefill=admitted, prefill_on=self.prefill_device, decode=draft.running)

@@ -9,50 +9,41 @@ from __future__ import annotations
 
 from typing import Callable
 
-from engines.base import EngineInfo
-
-from orchestrator.config import ServeConfig
 from orchestrator.core import Request, StepPlan
-from orchestrator.kv_ledger import KVLedger
-from orchestrator.pool import RequestPool
+from orchestrator.draft import Draft
+from orchestrator.policies.base import Policy
 
 
-class FcfsPolicy:
+class FcfsPolicy(Policy):
     name = "fcfs"
+    summary = "continuous batching in arrival order, as vLLM and TensorRT-LLM's in-flight batcher do"
+    parts = frozenset({"waiting", "running"})
 
-    def __init__(self, info: EngineInfo, config: ServeConfig, ledger: KVLedger):
-        self.info = info
-        self.config = config
-        self.ledger = ledger
-        self.device = info.decode_device
-
-    def schedule(self, pool: RequestPool) -> StepPlan:
-        room = self.config.max_batch_size - len(pool.running)
-        admitted = admit_in_order(pool, self.config, self.ledger, room,
+    def schedule(self, draft: Draft) -> StepPlan:
+        room = self.config.max_batch_size - len(draft.running)
+        admitted = admit_in_order(draft, self.config.max_prefill_tokens, room,
                                   lambda r: [(self.device, self.info.blocks_for(r.max_kv_len))])
-        return StepPlan(prefill=admitted, decode=list(pool.running))
+        return draft.plan(prefill=admitted, decode=draft.running)
 
 
-def admit_in_order(pool: RequestPool, config: ServeConfig, ledger: KVLedger, room: int,
+def admit_in_order(draft: Draft, max_prefill_tokens: int, room: int,
                    grants: Callable[[Request], list[tuple[str, int]]]) -> list[Request]:
-    """Take waiting requests in strict arrival order while there is `room`, their prompts fit
-    max_prefill_tokens and the ledger can book every (tier, blocks) of `grants(request)`; book
-    them and take them out of the queue. The head of the queue blocks those behind it, so no
-    request can be overtaken forever by shorter ones."""
+    """Admit waiting requests in strict arrival order while there is `room`, their prompts fit
+    `max_prefill_tokens` and every (tier, blocks) of `grants(request)` can be booked. The head of
+    the queue blocks those behind it, so no request can be overtaken forever by shorter ones."""
     admitted: list[Request] = []
     prompt_tokens = 0
-    for request in pool.waiting:
+    for request in draft.waiting:
         if len(admitted) >= room:
             break
-        if admitted and prompt_tokens + request.prompt_len > config.max_prefill_tokens:
+        if admitted and prompt_tokens + request.prompt_len > max_prefill_tokens:
             break
         need = grants(request)
-        if not all(ledger.can_reserve(tier, blocks) for tier, blocks in need):
+        if not all(draft.can_reserve(tier, blocks) for tier, blocks in need):
             break
         for tier, blocks in need:
-            ledger.reserve(request.id, tier, blocks)
+            draft.reserve(request, tier, blocks)
         admitted.append(request)
         prompt_tokens += request.prompt_len
-    for _ in admitted:
-        pool.waiting.popleft()
+    draft.admit(admitted)
     return admitted

@@ -114,7 +114,7 @@ def test_cancel_waiting_and_running(engine):
     assert a.finish_reason is FinishReason.CANCELLED and len(a.token_ids) == 2
     assert b.finish_reason is FinishReason.CANCELLED and b.token_ids == []
     assert engine.kv_blocks_used("cpu") == 0 and orch.ledger.used("cpu") == 0
-    assert orch.stats()["finished"] == {"cancelled": 2}
+    assert orch.snapshot().totals["finished"] == {"cancelled": 2}
 
 
 def test_seeded_sampling_is_reproducible_through_the_orchestrator(engine):
@@ -192,6 +192,6 @@ def test_iteration_metrics_record_batch_shape_and_alignment(engine):
     assert second.alignment == pytest.approx(52 / (2 * 41))
     assert second.device_blocks_used == 1 + 3  # ceil(11/16) + ceil(41/16)
     assert second.host_blocks_used == 0 and second.transfer_bytes == 0 and not second.switch
-    summary = orch.stats()
+    summary = orch.snapshot().totals
     assert summary["iterations"] == len(history) == 3 and summary["tokens"] == 6
     assert summary["recent"]["batch_size"] == 2.0

@@ -66,7 +66,7 @@ def test_auto_route_goes_through_the_helper_when_spills_queue_on_the_decode_link
     # model's multi-MB batches are.
     orch = Orchestrator(engine, ServeConfig(policy="aligned", max_batch_size=3, kmin=2, helper_devices="cpu:1",
                                             pcie_gb_s=1.0))
-    planner, calls = orch.loop.planner, []
+    planner, calls = orch.loop.executor.planner, []
     real_route = planner.route
 
     def spy(nbytes, queued=None):
