@@ -23,7 +23,7 @@ def watch(orch: Orchestrator, port: int | None, host: str = "127.0.0.1") -> Iter
     if not port:
         yield
         return
-    from orchestrator.admin import AdminServer
+    from serving.admin import AdminServer
 
     server = AdminServer(orch, host=host, port=port, token=None).start()
     try:

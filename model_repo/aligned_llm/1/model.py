@@ -72,7 +72,7 @@ class TritonPythonModel:
         self.orchestrator = Orchestrator(engine, config).start()
         self.admin = None
         if config.admin_port:  # the dashboard and admin API, on their own port and thread
-            from orchestrator.admin import AdminServer
+            from serving.admin import AdminServer
             self.admin = AdminServer(self.orchestrator, host=config.admin_host, port=config.admin_port,
                                      token=config.admin_token or None)
             self.admin.start()

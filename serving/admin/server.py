@@ -9,7 +9,7 @@ import time
 
 import uvicorn
 
-from orchestrator.admin.app import create_app
+from serving.admin.app import create_app
 from orchestrator.service import Orchestrator
 
 log = logging.getLogger("alignedserve.admin")

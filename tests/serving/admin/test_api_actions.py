@@ -6,8 +6,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from engines.loader import load_engine
-from orchestrator.admin import create_app
-from orchestrator.admin.guards import NO_TOKEN
+from serving.admin import create_app
+from serving.admin.guards import NO_TOKEN
 from orchestrator.config import POLICIES, ServeConfig
 from orchestrator.core import FinishReason, RequestRejected, RequestState
 from orchestrator.service import Orchestrator

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engines.base import HOST
 from engines.loader import load_engine
-from orchestrator.admin import create_app
+from serving.admin import create_app
 from orchestrator.config import ServeConfig
 from orchestrator.core import FinishReason, RequestState
 from orchestrator.service import Orchestrator

@@ -6,7 +6,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.config import POLICIES
+from orchestrator.policies import POLICIES
 
 PolicyName = Literal[POLICIES]  # type: ignore[valid-type]
 

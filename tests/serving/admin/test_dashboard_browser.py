@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from engines.loader import load_engine
-from orchestrator.admin import AdminServer
+from serving.admin import AdminServer
 from orchestrator.config import ServeConfig
 from orchestrator.core import RequestRejected
 from orchestrator.service import Orchestrator
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 TOKEN = "test-token-123"
 

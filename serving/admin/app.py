@@ -19,11 +19,11 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator.admin import schemas, views
-from orchestrator.admin.gpus import GpuProbe
-from orchestrator.admin.guards import MAX_BODY_BYTES, BodyLimit, bearer_guard
-from orchestrator.admin.prometheus import CONTENT_TYPE, PrometheusMetrics
-from orchestrator.admin.telemetry import KEEP_MINUTES, Telemetry
+from serving.admin import schemas, views
+from serving.admin.gpus import GpuProbe
+from serving.admin.guards import MAX_BODY_BYTES, BodyLimit, bearer_guard
+from serving.admin.prometheus import CONTENT_TYPE, PrometheusMetrics
+from serving.admin.telemetry import KEEP_MINUTES, Telemetry
 from orchestrator.core import PolicySwitchRefused
 from orchestrator.lifecycle import RECENT_FINISHED
 from orchestrator.service import Orchestrator

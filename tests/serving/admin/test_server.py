@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from engines.loader import load_engine
-from orchestrator.admin import AdminServer
+from serving.admin import AdminServer
 from orchestrator.config import ServeConfig
 from orchestrator.service import Orchestrator
 

@@ -12,8 +12,8 @@ from typing import Iterator
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from orchestrator.admin import views
-from orchestrator.admin.telemetry import tpot
+from serving.admin import views
+from serving.admin.telemetry import tpot
 from orchestrator.core import FinishReason, Request, RequestState
 from orchestrator.service import Orchestrator
 

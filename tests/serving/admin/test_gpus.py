@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pynvml
 
-from orchestrator.admin.gpus import GpuProbe
+from serving.admin.gpus import GpuProbe
 
 
 class FakeNvml:

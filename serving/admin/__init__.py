@@ -6,9 +6,9 @@ resume, cancel, policy switch) behind a bearer token.
     ...            # the dashboard at server.url, the API's schema at server.url + "docs"
     server.stop()
 
-The orchestrator layer's rule holds here too: nothing imports torch or a concrete engine.
+The serving layer's rule holds here: nothing imports torch or a concrete engine.
 """
-from orchestrator.admin.app import create_app
-from orchestrator.admin.server import AdminServer
+from serving.admin.app import create_app
+from serving.admin.server import AdminServer
 
 __all__ = ["create_app", "AdminServer"]
