@@ -5,7 +5,7 @@
         [--seed 0] [--out bench/results/policy_comparison.json]
 
 One engine is built (cached under .cache/bench/) and loaded once; every (mode, policy) run gets
-a fresh `Orchestrator` on it, driven from this thread by `loop.step()` (no run-loop thread), so
+a fresh `Orchestrator` on it, driven from this thread by `orch.step()` (no run-loop thread), so
 all policies see the same engine, the same requests and the same arrival schedule. Requests come
 from `bench.workloads` (`bench/workloads/window.py` says how trace lengths are fitted to --max-seq-len); each
 is sent with end_id 0 and greedy sampling, so it runs to exactly max_tokens tokens unless the
@@ -35,19 +35,9 @@ has the full list):
   near the torch thread count; well above it, something else shared the CPU and the run's
   timings are not comparable with the others.
 
-Step cost model: seconds ~ c0 + c1 B + c2 B max_kv + c3 sum_kv per decode step. c0 is fixed
-(one pass over the weights, plus per-step overhead), c1 per token (the weight matmuls growing
-with B), c2 padded KV work (this engine gathers every sequence's blocks up to the longest and
-attends over the padding), c3 real KV work (reading distinct blocks). A workload run cannot
-tell these apart: in an fcfs run one long request sets max_kv for most of the run, so B,
-B max_kv and sum_kv move together (correlation 0.96-0.998 measured). So before the runs a short
-calibration times decode steps over batches built to vary them independently (same-length
-batches, and the same with one near-full-length member, at doubling batch sizes), and the
-least-squares fit of those steps is reported as fitted (coefficients, R^2). Each run's decode
-time is then attributed to the terms under it ("model share" = c0 + c1 B, the part of a step
-that does not depend on KV length; the padded KV share is what length alignment can remove),
-with predicted / measured seconds as a check. Each run's own fit is kept in the JSON too, with
-its collinearity; read its coefficients only where that is well below 1.
+Step cost model (`bench.step_cost`): before the runs a short calibration times decode steps
+built so that batch size, padded KV and real KV vary independently, and fits seconds ~ c0 + c1 B
++ c2 B max_kv + c3 sum_kv; each run's decode time is then attributed to those terms.
 
 KV pools. fcfs reserves prompt + max_tokens on the device at admission and may fill the whole
 device pool with its running batch. The host-pool policies (aligned, fcfs-offload) keep a
@@ -86,35 +76,35 @@ import os
 import platform
 import sys
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.run_metrics import ratios, summarize
 from bench.dashboard import watch
 from bench.report import write_report
+from bench.run_metrics import ratios, summarize
+from bench.step_cost import calibrate, cost_shares, fit_step_cost
 from bench.workloads import CODE_TRACE, Workload, arrival_offsets, draw_workload, load_trace
 from build_scripts.build_engine import main as build_engine
-from engines.base import HOST, CallTiming, Engine, PrefillRequest
+from engines.base import HOST, CallTiming, Engine
 from engines.loader import load_engine
 from orchestrator.config import ConfigError, ServeConfig
 from orchestrator.core import Request, TokenEvent
 from orchestrator.metrics import IterationRecord
+from orchestrator.policies import POLICIES
 from orchestrator.service import Orchestrator
 from orchestrator.transfers import TransferRecord
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "bench"
 RESULTS = Path(__file__).resolve().parent / "results"
-POLICIES = ("aligned", "fcfs", "fcfs-offload", "chunked-prefill", "disagg-fcfs")
-DEFAULT_POLICIES = POLICIES[:4]
-"""disagg-fcfs needs --helper-device (a second KV pool: cpu:1 on a CPU, where its prefill does not
-overlap decode, or cuda:1)."""
+DEFAULT_POLICIES = tuple(p for p in POLICIES if p != "disagg-fcfs")
+"""Every registered policy but disagg-fcfs, which needs --helper-device (a second KV pool: cpu:1
+on a CPU, where its prefill does not overlap decode, or cuda:1)."""
 MODES = ("all-at-once", "poisson")
 STALL_S = 60.0
 """A run with unfinished requests, none left to arrive and nothing runnable for this long is stuck."""
@@ -190,7 +180,7 @@ def drive(orch: Orchestrator, workload: Workload, offsets: list[float], desc: st
         while len(submitted) < len(offsets) and offsets[len(submitted)] <= now:
             r = workload.requests[len(submitted)]
             submitted.append(orch.submit(r.prompt_ids, max_tokens=r.max_tokens, end_id=END_ID, on_event=on_event))
-        if orch.loop.step():
+        if orch.step():
             idle_since = None
         elif len(submitted) < len(offsets):
             time.sleep(max(0.0, start + offsets[len(submitted)] - time.monotonic()))
@@ -220,87 +210,6 @@ def run_metrics(run: Run, calibrated: dict | None) -> dict:
         "step_cost": fit_step_cost(decodes),
         "step_shares": cost_shares(decodes, list(calibrated["coef"].values())) if calibrated else None,
     }
-
-
-TERMS = ("fixed", "per_token", "padded_kv", "kv")
-
-
-def cost_terms(decodes: list[CallTiming]) -> np.ndarray:
-    """Rows [1, B, B * max_kv, sum_kv] of the step cost model, one per decode call."""
-    return np.array([[1.0, c.num_seqs, c.num_seqs * c.max_kv, c.kv_tokens] for c in decodes]).reshape(-1, 4)
-
-
-def fit_step_cost(decodes: list[CallTiming]) -> dict | None:
-    """Least-squares seconds ~ c0 + c1 B + c2 B max_kv + c3 sum_kv, as fitted (nothing clamped).
-    `collinearity` is the largest correlation between two of B, B max_kv and sum_kv: near 1 the
-    data cannot tell those terms apart and the coefficients are not to be read one by one."""
-    x, y = cost_terms(decodes), np.array([c.seconds for c in decodes])
-    if len(y) < 2 * len(TERMS):
-        return None
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-    r2 = 1.0 - float(((y - x @ coef) ** 2).sum()) / float(((y - y.mean()) ** 2).sum())
-    with np.errstate(invalid="ignore", divide="ignore"):
-        corr = np.corrcoef(x[:, 1:].T)
-    collinearity = float(np.nanmax(np.abs(corr - np.eye(3)))) if np.isfinite(corr).any() else None
-    return {"coef": dict(zip(TERMS, coef.tolist())), "r2": r2, "collinearity": collinearity,
-            "points": len(y), "shares": cost_shares(decodes, coef.tolist())}
-
-
-def cost_shares(decodes: list[CallTiming], coef: list[float]) -> dict | None:
-    """Each term's share of the decode time the model predicts for these calls (time-weighted:
-    sum over calls of c_k x_k / sum of predictions), "model" = fixed + per_token (the part that
-    does not depend on KV length), and predicted / measured seconds as a check of the model."""
-    x = cost_terms(decodes)
-    predicted = float((x @ np.array(coef)).sum())
-    if predicted <= 0:  # no decode calls, or a fit that makes no sense for them
-        return None
-    share = dict(zip(TERMS, ((x * coef).sum(axis=0) / predicted).tolist()))
-    return {**share, "model": share["fixed"] + share["per_token"],
-            "predicted_over_measured": predicted / sum(c.seconds for c in decodes)}
-
-
-def calibration_batches(max_seq_len: int, max_batch: int, n_mid: int, reps: int) -> tuple[dict, list[list[str]]]:
-    """Sequence lengths by id and the batches to time: short (16 tokens) and `n_mid` mid
-    (max_seq_len/2) batches, all one length (B max_kv = sum_kv), and the same with one
-    near-full-length member (B max_kv >> sum_kv), at batch sizes doubling from 1 to max_batch.
-    Each sequence grows by the decode steps it takes part in; the long one is sized to fit."""
-    short = [f"s{i}" for i in range(max(max_batch - 1, 1))]
-    mid = [f"m{i}" for i in range(n_mid)]
-    batches = []
-    for group in (short, mid):
-        for b in sorted({*(2**k for k in range(len(group).bit_length())), len(group)} - {0}):
-            batches += [group[:b], ["long"] + group[:b - 1]]
-    with_long = sum("long" in b for b in batches)
-    lengths = {**{i: 16 for i in short}, **{i: max_seq_len // 2 for i in mid},
-               "long": max_seq_len - 1 - (reps + 1) * with_long}
-    return lengths, batches
-
-
-def calibrate(engine: Engine, max_batch: int, reps: int = 4) -> list[CallTiming] | None:
-    """Decode steps over batches built so that B, B max_kv and sum_kv vary independently, which
-    a workload run does not do (module docstring). Each batch is decoded reps + 1 times and its
-    first step dropped (cold caches after the previous batch); this also warms the engine up
-    before the measured runs. As many mid-length sequences as the device pool holds, up to
-    max_batch / 4; None if it cannot hold even the short and long ones."""
-    info = engine.describe()
-    for n_mid in range(max(max_batch // 4, 1), -1, -1):
-        lengths, batches = calibration_batches(info.model.max_seq_len, max_batch, n_mid, reps)
-        steps = Counter(i for b in batches for i in b)
-        need = sum(info.blocks_for(n + (reps + 1) * steps[i]) for i, n in lengths.items())
-        if need <= info.devices[0].kv_blocks:
-            break
-    else:
-        return None
-    if lengths["long"] <= info.model.max_seq_len // 2:
-        return None
-    for n in sorted(set(lengths.values())):  # one prefill per length: no padding
-        ids = [i for i, m in lengths.items() if m == n]
-        engine.prefill([PrefillRequest(i, [256] + [65] * (n - 1)) for i in ids])
-    timings = []
-    for batch in tqdm(batches, desc="step cost calibration", unit="batch", leave=False):
-        timings += [engine.decode(batch).timing for _ in range(reps + 1)][1:]
-    engine.free(list(lengths))
-    return timings
 
 
 def with_ratios(rows: list[dict]) -> None:

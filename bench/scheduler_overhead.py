@@ -11,9 +11,10 @@ Bmax 10,240 blocks. Two measurements, p50/p99 each:
 - search: the density-first search alone, after the chosen batch left the pool and as many spilled
   requests (fresh draws) entered it;
 - decision: one whole `AlignedPolicy.schedule()` (switch, starvation guard, refill, admission,
-  staging) over a pool of that many parked requests, a running batch of 64 of which 4 finish
-  per iteration, and 4 arrivals per iteration. The moves it plans are settled at once between
-  decisions (no engine: this times the policy only).
+  staging) on a `Draft` of a pool of that many parked requests, and the plan applied to the pool
+  and the ledger (what the run loop times as `schedule_seconds`), with a running batch of 64 of
+  which 4 finish per iteration, and 4 arrivals per iteration. The moves it plans are settled at
+  once between decisions (no engine: this times the policy only).
 """
 from __future__ import annotations
 
@@ -33,10 +34,12 @@ from tqdm import tqdm
 from engines.base import HOST, Capabilities, DeviceInfo, EngineInfo, ModelInfo
 from orchestrator.config import ServeConfig
 from orchestrator.core import Request, RequestState
+from orchestrator.draft import Draft
 from orchestrator.kv_ledger import KVLedger
 from orchestrator.length_index import LengthIndex
 from orchestrator.policies.aligned import AlignedPolicy
 from orchestrator.pool import RequestPool
+from orchestrator.run_loop import apply_plan
 
 REPO = Path(__file__).resolve().parent.parent
 TRACE = REPO / "bench" / "traces" / "azure_llm_2023_conv.csv"
@@ -85,13 +88,14 @@ def request(rid: str, length: int, now: float) -> Request:
 
 
 def time_decision(rng, ctx, gen, n: int, decisions: int) -> dict:
-    """p50/p99 of AlignedPolicy.schedule() over n parked requests (see the module docstring)."""
+    """p50/p99 of AlignedPolicy.schedule() and the plan's application over n parked requests
+    (see the module docstring)."""
     model = ModelInfo("LlamaForCausalLM", 128_256, MAX_LEN, 32, 8, 128, "bfloat16", 8_000_000_000)
     info = EngineInfo("bench", model, (DeviceInfo("cuda:0", "cuda", 25_600),), BLOCK, 131_072 * BLOCK,
                       host_blocks=10**9, capabilities=Capabilities(can_offload=True))
     ledger = KVLedger({"cuda:0": 25_600, HOST: 10**9})
     clock = [0.0]
-    policy = AlignedPolicy(info, ServeConfig(max_batch_size=64, max_wait_s=1e9), ledger, lambda: clock[0])
+    policy = AlignedPolicy(info, ServeConfig(max_batch_size=64, max_wait_s=1e9))
     pool = RequestPool(MAX_LEN, BLOCK)
     ids = iter(range(10**9))
     for length in draw(rng, ctx, gen, n):
@@ -110,7 +114,8 @@ def time_decision(rng, ctx, gen, n: int, decisions: int) -> dict:
         for length in draw(rng, ctx, gen, 4):
             pool.add(request(f"r{next(ids)}", int(length), clock[0]))
         t0 = time.perf_counter()
-        plan = policy.schedule(pool)
+        plan = policy.schedule(Draft(pool, ledger, clock[0]))
+        apply_plan(plan, pool, ledger, clock[0], info.decode_device)
         times.append(time.perf_counter() - t0)
         settle(plan, pool, ledger, info)
     ms = np.array(times) * 1e3

@@ -164,7 +164,7 @@ def drive_virtual(engine: SimEngine, config: ServeConfig, lengths: list[tuple[in
     orch = Orchestrator(engine, config, clock=engine.clock)
     metrics = orch.loop.metrics
     metrics.history, metrics.timings, metrics.transfers = deque(), deque(), deque()
-    clock, loop = engine.clock, orch.loop
+    clock = engine.clock
     submitted = []
     i, n = 0, len(lengths)
     with watch(orch, dashboard):
@@ -173,7 +173,7 @@ def drive_virtual(engine: SimEngine, config: ServeConfig, lengths: list[tuple[in
                 plen, out = lengths[i]
                 submitted.append(orch.submit((BOS_ID,) + (5,) * (plen - 1), max_tokens=out))
                 i += 1
-            if loop.step():
+            if orch.step():
                 continue
             if i < n:
                 clock.advance_to(arrivals[i])

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from orchestrator.policies import POLICIES
+from orchestrator.policies import REGISTRY
 from orchestrator.transfer_planner import ROUTE_MODES
 
 if sys.version_info >= (3, 11):
@@ -128,8 +128,8 @@ class ServeConfig:
     refused (403) and the read-only endpoints still work."""
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ConfigError(f"policy: {self.policy!r} is not one of {', '.join(POLICIES)}")
+        if self.policy not in REGISTRY:
+            raise ConfigError(f"policy: {self.policy!r} is not one of {', '.join(REGISTRY)}")
         if self.prefetch_route not in ROUTE_MODES:
             raise ConfigError(f"prefetch_route: {self.prefetch_route!r} is not one of {', '.join(ROUTE_MODES)}")
         for name in ("pcie_gb_s", "peer_gb_s"):

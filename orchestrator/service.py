@@ -17,7 +17,7 @@ from orchestrator.config import ServeConfig
 from orchestrator.core import PolicySwitchRefused, Request, RequestRejected, RequestState, TokenEvent
 from orchestrator.kv_ledger import KVLedger
 from orchestrator.metrics import IterationRecord
-from orchestrator.policies import POLICIES, Policy, make_policy
+from orchestrator.policies import Policy, make_policy
 from orchestrator.run_loop import RunLoop
 from orchestrator.snapshot import Snapshot, TierUsage, view
 
@@ -101,8 +101,6 @@ class Orchestrator:
         it or when requests sit where it never looks (e.g. fcfs while the host pool holds
         requests), TimeoutError when the run loop does not finish its iteration in `timeout` s.
         """
-        if name not in POLICIES:
-            raise ValueError(f"policy: {name!r} is not one of {', '.join(POLICIES)}")
         with self._switching:
             config = self.config.replace(policy=name)
             try:

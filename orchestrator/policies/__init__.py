@@ -26,7 +26,8 @@ log = logging.getLogger("alignedserve.policies")
 REGISTRY: dict[str, type[Policy]] = {p.name: p for p in (
     AlignedPolicy, FcfsPolicy, FcfsOffloadPolicy, DisaggFcfsPolicy, ChunkedPrefillPolicy)}
 POLICIES = tuple(REGISTRY)
-"""Every policy name, the default (aligned) first."""
+"""Every policy name, the default (aligned) first (as registered at import; `REGISTRY` is read
+afresh by config validation and `make_policy`)."""
 
 
 def unavailable(name: str, info: EngineInfo) -> str | None:
@@ -54,7 +55,7 @@ def make_policy(name: str, info: EngineInfo, config: ServeConfig) -> Policy:
     run here. A policy whose host pool is missing runs as its fallback, and says so in the log
     ("aligned" without one runs as "fcfs")."""
     if name not in REGISTRY:
-        raise ValueError(f"policy: {name!r} is not one of {', '.join(POLICIES)}")
+        raise ValueError(f"policy: {name!r} is not one of {', '.join(REGISTRY)}")
     cls = REGISTRY[name]
     helpers = [d.name for d in info.devices[1:]]
     if config.prefill_device and config.prefill_device not in helpers:
