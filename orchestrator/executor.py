@@ -57,9 +57,6 @@ class Outcome:
     failed: list[tuple[Request, str]] = field(default_factory=list)
     """(request, message): the request ends with an error."""
 
-    def __bool__(self) -> bool:
-        return bool(self.timing or self.on_host or self.progress or self.tokens or self.failed)
-
 
 @dataclass(slots=True)
 class StepReport:
