@@ -13,6 +13,9 @@ from typing import Any
 
 from engines.base import HOST
 from orchestrator.core import Request, RequestState
+from orchestrator.lifecycle import RECENT_FINISHED
+
+__all__ = ["PARTS", "RECENT_FINISHED", "RequestView", "Snapshot", "TierUsage", "view"]
 
 PARTS = ("waiting", "prefilling", "running", "staged", "candidates", "parked")
 """The parts of the pool a snapshot lists, in the order a request usually passes them."""
@@ -36,6 +39,10 @@ class RequestView:
     arrival_time: float
     finish_reason: str | None
     error: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.state == RequestState.FINISHED.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +73,7 @@ class Snapshot:
     parked: tuple[RequestView, ...]
     """KV in the host pool, or on its way there."""
     finished: tuple[RequestView, ...]
-    """The most recently finished requests, oldest first."""
+    """The most recently finished requests (the newest RECENT_FINISHED), oldest first."""
     kv: dict[str, TierUsage]
     """Per tier: the decode device, helper devices, then "host" when the engine has a host pool."""
     totals: dict[str, Any]

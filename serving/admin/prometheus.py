@@ -1,9 +1,9 @@
 """Prometheus /metrics in vLLM's naming style (`vllm:num_requests_running` ->
 `alignedserve_num_requests_running`), on a registry of its own per admin app.
 
-Gauges and counters are read from the orchestrator at scrape time (a custom collector), so the
-run loop keeps no Prometheus objects; the latency histograms are fed from finished requests by
-`Telemetry.update()`, off the loop thread.
+Gauges and counters are read from one `Orchestrator.snapshot()` per scrape (a custom collector),
+so the run loop keeps no Prometheus objects and a scrape's figures describe one moment; the latency
+histograms are fed from finished requests by `Telemetry.update()`, off the loop thread.
 """
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from typing import Iterator
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from serving.admin import views
-from serving.admin.telemetry import tpot
-from orchestrator.core import FinishReason, Request, RequestState
+from orchestrator.core import FinishReason, Request
 from orchestrator.service import Orchestrator
+from serving.admin.telemetry import tpot
 
 # vLLM's bucket edges (vllm/v1/metrics/loggers.py), so dashboards built for it read ours.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -26,36 +25,34 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _StateCollector:
-    """Gauges and counters computed from the orchestrator at each scrape."""
+    """Gauges and counters from a snapshot of the orchestrator taken at each scrape."""
 
     def __init__(self, orch: Orchestrator):
         self.orch = orch
 
     def collect(self) -> Iterator[Metric]:
-        orch, pool = self.orch, self.orch.loop.pool
-        everyone = list(pool)
+        snap = self.orch.snapshot()
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"alignedserve_{name}", doc, value=value)
 
-        yield gauge("num_requests_running", "Requests in the running (decoding) batch.", len(list(pool.running)))
+        yield gauge("num_requests_running", "Requests in the running (decoding) batch.", len(snap.running))
         yield gauge("num_requests_waiting", "Requests accepted and waiting for admission (no KV yet).",
-                    len(orch.loop.incoming()) + len(list(pool.waiting)))
-        yield gauge("num_requests_parked", "Requests whose KV is in (or moving to) the host pool.",
-                    sum(1 for r in everyone if r.state is RequestState.PARKED))
+                    len(snap.waiting))
+        yield gauge("num_requests_parked", "Requests whose KV is in (or moving to) the host pool.", len(snap.parked))
         yield gauge("num_requests_staged", "Requests staged for the next batch or loaded as refill candidates.",
-                    len(list(pool.staged)) + len(list(pool.candidates)))
+                    len(snap.staged) + len(snap.candidates))
         usage = GaugeMetricFamily("alignedserve_kv_cache_usage_ratio",
                                   "KV blocks the engine holds in a tier over the tier's capacity (1 = full).",
                                   labels=["tier"])
-        for tier, b in views.kv_blocks(orch).items():
-            usage.add_metric([tier], b["used"] / b["capacity"] if b["capacity"] else 0.0)
+        for tier, b in snap.kv.items():
+            usage.add_metric([tier], b.used / b.capacity if b.capacity else 0.0)
         yield usage
-        totals = views.summary(orch)
+        totals = snap.totals
         yield gauge("alignment_efficiency", "Mean sum(L) / (batch size x max L) of the last 256 decode "
                     "iterations (1 = every member of a batch has the same KV length).",
                     totals["recent"]["alignment"])
-        yield gauge("draining", "1 while an operator has stopped admission (drain), else 0.", float(orch.draining))
+        yield gauge("draining", "1 while an operator has stopped admission (drain), else 0.", float(snap.draining))
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(f"alignedserve_{name}", doc, value=value)

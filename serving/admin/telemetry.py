@@ -1,10 +1,12 @@
 """Per-second time series and latency observations, computed off the run loop thread.
 
-The run loop only appends: an `IterationRecord` to `metrics.history` per iteration, and each
-finished request to a deque (a finish listener). `Telemetry.update()` — called by the admin
-app's one-second ticker and by the endpoints that read it — folds what is new since the last
-call into per-second buckets and hands finished requests to the Prometheus histograms. So the
-loop pays one deque append per finish, and the page's polling costs it nothing.
+The run loop only appends: an `IterationRecord` per iteration (read here as a copy,
+`Orchestrator.iterations()`), and each finished request to a deque (a finish listener,
+`Orchestrator.add_finish_listener`). `Telemetry.update()` — called by the admin app's one-second
+ticker and by the endpoints that read it — folds what is new since the last call into per-second
+buckets and hands finished requests to the Prometheus histograms. So the loop pays one deque
+append per finish, and the page's polling costs it nothing. Records and finished requests never
+change once handed out, so reading them off the loop thread is safe.
 """
 from __future__ import annotations
 
@@ -69,9 +71,10 @@ class Telemetry:
         self._last_record: IterationRecord | None = None
         self._finished: deque[Request] = deque(maxlen=10_000)  # drained each second
         self._device = orch.info.decode_device
-        self._capacity = {self._device: orch.ledger.capacity(self._device)}
-        if orch.ledger.capacity(HOST) > 0:
-            self._capacity[HOST] = orch.ledger.capacity(HOST)
+        kv = orch.snapshot().kv  # capacities never change
+        self._capacity = {self._device: kv[self._device].capacity}
+        if HOST in kv:
+            self._capacity[HOST] = kv[HOST].capacity
         orch.add_finish_listener(self._finished.append)
         # Requests that finished before this app existed (it may start after the orchestrator):
         # take the ones the loop still keeps. One finishing right now may arrive both ways.
@@ -148,7 +151,7 @@ class Telemetry:
             del self._buckets[key]
 
     def _current(self) -> int:
-        return int(self.orch.loop.clock() // self.interval_s)
+        return int(self.orch.clock() // self.interval_s)
 
     # ---- reading ------------------------------------------------------------------------------
 
