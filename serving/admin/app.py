@@ -3,6 +3,10 @@
 Read-only endpoints are open (the server listens on loopback by default); the operator actions
 (drain, resume, cancel, policy switch) need the bearer token. Every error answers
 {"detail": "<what went wrong and what to do>"}.
+
+The app reads the orchestrator only through its public API: each read-only answer is built from
+one `Orchestrator.snapshot()`, the time series from `iterations()` and the finish listener, the
+policy list from the policy registry; it never reaches into the run loop, the engine or the ledger.
 """
 from __future__ import annotations
 
@@ -19,14 +23,15 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from serving.admin import schemas, views
+import serving.admin.schemas as schemas
+import serving.admin.views as views
+from orchestrator.core import PolicySwitchRefused
+from orchestrator.service import Orchestrator
+from orchestrator.snapshot import RECENT_FINISHED
 from serving.admin.gpus import GpuProbe
 from serving.admin.guards import MAX_BODY_BYTES, BodyLimit, bearer_guard
 from serving.admin.prometheus import CONTENT_TYPE, PrometheusMetrics
 from serving.admin.telemetry import KEEP_MINUTES, Telemetry
-from orchestrator.core import PolicySwitchRefused
-from orchestrator.lifecycle import RECENT_FINISHED
-from orchestrator.service import Orchestrator
 
 log = logging.getLogger("alignedserve.admin")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -102,23 +107,29 @@ def create_app(orch: Orchestrator, *, token: str | None, events_interval_s: floa
 
     @app.get("/api/state", response_model=schemas.State, summary="Pool, batches, KV histogram and tiers")
     def state() -> dict:
-        return views.state(orch)
+        return views.state(orch.snapshot())
 
     @app.get("/api/requests", response_model=schemas.RequestList, summary="Latest requests, live and finished")
     def requests(limit: int = Query(100, ge=1, le=1000, description="Most rows, newest first.")) -> dict:
-        return {"requests": views.recent(orch, limit)}
+        return {"requests": views.recent(orch.snapshot(), limit)}
 
     @app.get("/api/requests/{request_id}", response_model=schemas.RequestDetail,
              responses={404: {"model": schemas.Problem}}, summary="One request and its history")
     def request_detail(request_id: str = PathParam(max_length=200)) -> dict:
-        r = views.find(orch, request_id)
+        snap = orch.snapshot()
+        r = snap.find(request_id)
         if r is None:
             raise HTTPException(404, _unknown(request_id))
-        return views.detail(orch, r)
+        return views.detail(r, snap.time, orch.history(request_id) or ())
 
     @app.get("/api/timeseries", response_model=schemas.TimeSeries, summary="Per-second series of the last minutes")
     def timeseries(minutes: float = Query(5.0, gt=0, le=KEEP_MINUTES)) -> dict:
         return {"interval_s": telemetry.interval_s, "points": telemetry.points(minutes)}
+
+    @app.get("/api/policies", response_model=schemas.Policies,
+             summary="Every registered policy, and whether this engine can run it")
+    def policies() -> dict:
+        return views.policies(orch)
 
     @app.get("/api/gpus", response_model=schemas.Gpus, summary="GPU telemetry through NVML")
     def gpu_info() -> dict:
@@ -134,7 +145,7 @@ def create_app(orch: Orchestrator, *, token: str | None, events_interval_s: floa
              response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
     async def events(request: Request) -> StreamingResponse:
         def payload() -> str:
-            data = {"state": views.state(orch), "point": telemetry.latest()}
+            data = {"state": views.state(orch.snapshot()), "point": telemetry.latest()}
             return f"event: update\ndata: {json.dumps(data)}\n\n"
 
         async def stream():
@@ -165,7 +176,7 @@ def create_app(orch: Orchestrator, *, token: str | None, events_interval_s: floa
               summary="Stop admitting new requests; those in flight finish")
     def drain() -> dict:
         orch.drain()
-        n = len(orch.loop.pool) + len(orch.loop.incoming())
+        n = len(orch.snapshot().live)
         return {"ok": True, "draining": True,
                 "detail": f"draining: new requests are refused; {n} in flight run to the end"}
 
@@ -179,11 +190,11 @@ def create_app(orch: Orchestrator, *, token: str | None, events_interval_s: floa
               responses={**problems, 404: {"model": schemas.Problem}, 409: {"model": schemas.Problem}},
               summary="Cancel a request wherever it is")
     def cancel(request_id: str = PathParam(max_length=200)) -> dict:
-        r = views.find(orch, request_id)
+        r = orch.snapshot().find(request_id)
         if r is None:
             raise HTTPException(404, _unknown(request_id))
         if r.finished:
-            raise HTTPException(409, f"request {request_id!r} already finished ({r.finish_reason.value})")
+            raise HTTPException(409, f"request {request_id!r} already finished ({r.finish_reason})")
         orch.cancel(request_id)
         return {"ok": True, "id": request_id,
                 "detail": f"cancel queued: {request_id} ends with finish reason cancelled at the next iteration"}

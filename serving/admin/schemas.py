@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from orchestrator.policies import POLICIES
 
 PolicyName = Literal[POLICIES]  # type: ignore[valid-type]
+"""A registered policy's name (POST /api/policy answers 422 naming them all for any other)."""
 
 
 class Member(BaseModel):
@@ -152,6 +153,23 @@ class Gpus(BaseModel):
     available: bool
     reason: Optional[str]
     gpus: list[Gpu]
+
+
+class PolicyInfo(BaseModel):
+    """One registered scheduling policy."""
+
+    name: str
+    summary: str
+    available: bool = Field(description="Whether this orchestrator's engine can run it (a policy with a fallback "
+                                        "can, as its fallback: aligned without a host pool runs as fcfs).")
+    reason: Optional[str] = Field(description="Why it cannot run on this engine and what to change; null if it can.")
+
+
+class Policies(BaseModel):
+    """GET /api/policies: every registered policy, in the registry's order (the default first)."""
+
+    current: str = Field(description="The policy scheduling now.")
+    policies: list[PolicyInfo]
 
 
 class PolicyChange(BaseModel):

@@ -9,8 +9,8 @@ import time
 
 import uvicorn
 
-from serving.admin.app import create_app
 from orchestrator.service import Orchestrator
+from serving.admin.app import create_app
 
 log = logging.getLogger("alignedserve.admin")
 

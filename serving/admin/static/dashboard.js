@@ -4,7 +4,8 @@
 // histogram and line charts, a few dozen lines of SVG each, so a vendored library would be more
 // code to ship and audit than it saves. Data: /api/timeseries once at load, then /api/events
 // (one update a second: the state and the newest time-series point); the request table polls
-// /api/requests every two seconds; the GPU panel polls /api/gpus every five.
+// /api/requests every two seconds; the GPU panel polls /api/gpus every five; the policy list
+// comes from /api/policies (the policy registry) once at load.
 "use strict";
 
 const SVG = "http://www.w3.org/2000/svg";
@@ -199,6 +200,32 @@ async function refreshGpus() {
 
 // ---- operator actions -----------------------------------------------------------------------
 
+async function loadPolicies() {
+  // Every registered policy; one this engine cannot run is listed but disabled, with the reason.
+  const select = document.getElementById("policy-select");
+  try {
+    const p = await getJSON("/api/policies");
+    select.replaceChildren(...p.policies.map(info => {
+      const option = document.createElement("option");
+      option.value = option.textContent = info.name;
+      option.title = info.available ? info.summary : info.reason;
+      option.disabled = !info.available;
+      option.dataset.summary = info.available ? info.summary : `unavailable: ${info.reason}`;
+      return option;
+    }));
+    select.value = p.current;
+    showPolicySummary();
+    select.dataset.loaded = "true";
+  } catch (e) {
+    setTimeout(loadPolicies, 2000);  // the server may be starting; try again
+  }
+}
+
+function showPolicySummary() {
+  const option = document.getElementById("policy-select").selectedOptions[0];
+  document.getElementById("policy-summary").textContent = option ? option.dataset.summary : "";
+}
+
 async function act(path, body) {
   const out = document.getElementById("action-result");
   const token = document.getElementById("token").value.trim();
@@ -219,6 +246,7 @@ async function act(path, body) {
 
 document.getElementById("drain").onclick = () => act("/api/drain");
 document.getElementById("resume").onclick = () => act("/api/resume");
+document.getElementById("policy-select").onchange = showPolicySummary;
 document.getElementById("switch-policy").onclick = () => act("/api/policy", { policy: document.getElementById("policy-select").value });
 document.getElementById("cancel").onclick = () => {
   const id = document.getElementById("cancel-id").value.trim();
@@ -264,6 +292,7 @@ async function start() {
     drawState(await getJSON("/api/state"));
   } catch (e) { setStatus(String(e), "down"); }
   connect();
+  loadPolicies();
   refreshRequests();
   refreshGpus();
   setInterval(refreshRequests, 2000);

@@ -6,12 +6,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from engines.loader import load_engine
-from serving.admin import create_app
-from serving.admin.guards import NO_TOKEN
-from orchestrator.config import POLICIES, ServeConfig
-from orchestrator.core import FinishReason, RequestRejected, RequestState
+from orchestrator.config import ServeConfig
+from orchestrator.core import FinishReason, RequestRejected
+from orchestrator.policies import POLICIES
 from orchestrator.service import Orchestrator
 from orchestrator.stream import TokenStream
+from serving.admin import create_app
+from serving.admin.guards import NO_TOKEN
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -28,7 +29,7 @@ def engine(demo_engine_dir):
 
 def run_until_idle(orch: Orchestrator, max_steps: int = 20_000) -> None:
     for _ in range(max_steps):
-        if not orch.loop.step():
+        if not orch.step():
             return
     raise AssertionError("the run loop never went idle")
 
@@ -76,7 +77,7 @@ def test_actions_are_forbidden_without_a_configured_token(orch, token):
 
 def test_drain_refuses_new_requests_and_finishes_those_in_flight(orch):
     before = [submit(orch, p) for p in PROMPTS[:4]]
-    orch.loop.step()
+    orch.step()
     with TestClient(create_app(orch, token=TOKEN)) as client:
         r = client.post("/api/drain", headers=AUTH)
         assert r.status_code == 200 and r.json()["ok"] and r.json()["draining"] is True
@@ -98,7 +99,7 @@ def test_drain_refuses_new_requests_and_finishes_those_in_flight(orch):
 def test_cancel_ends_the_request_as_cancelled(orch):
     streams = [submit(orch, p, max_tokens=30) for p in PROMPTS[:3]]
     for _ in range(3):
-        orch.loop.step()
+        orch.step()
     with TestClient(create_app(orch, token=TOKEN)) as client:
         r = client.post("/api/requests/req-2/cancel", headers=AUTH)
         assert r.status_code == 200 and r.json()["id"] == "req-2" and r.json()["ok"]
@@ -139,8 +140,8 @@ def test_policy_switch_refused_when_it_would_strand_requests(orch, engine):
     for p in PROMPTS:
         submit(orch, p, max_tokens=12)
     for _ in range(500):
-        orch.loop.step()
-        if any(r.state is RequestState.PARKED for r in orch.loop.pool):
+        orch.step()
+        if orch.snapshot().parked:
             break
     else:
         raise AssertionError("nothing went to the host pool")
@@ -212,8 +213,8 @@ def test_bad_query_parameters_name_the_field(orch):
 def test_switch_away_from_chunked_prefill_waits_for_the_chunks(engine):
     orch = Orchestrator(engine, ServeConfig(policy="chunked-prefill", chunk_tokens=16))
     stream = submit(orch, PROMPTS[1], max_tokens=4)  # 70 prompt tokens: five steps of chunks
-    orch.loop.step()
-    assert orch.loop.pool.prefilling
+    orch.step()
+    assert orch.snapshot().prefilling
     with TestClient(create_app(orch, token=TOKEN)) as client:
         r = client.post("/api/policy", json={"policy": "aligned"}, headers=AUTH)
         assert r.status_code == 409 and "would strand 1 request prefilling in chunks" in r.json()["detail"]

@@ -1,5 +1,5 @@
 """The admin API's read-only views on a real orchestrator (torch engine, demo model, host KV pool):
-state, request table and history, time series, Prometheus /metrics, config and GPUs."""
+state, request table and history, time series, Prometheus /metrics, config, policies and GPUs."""
 from __future__ import annotations
 
 import time
@@ -8,13 +8,17 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+import ast
+from pathlib import Path
+
 from engines.base import HOST
 from engines.loader import load_engine
-from serving.admin import create_app
 from orchestrator.config import ServeConfig
 from orchestrator.core import FinishReason, RequestState
+from orchestrator.policies import REGISTRY, unavailable
 from orchestrator.service import Orchestrator
 from orchestrator.stream import TokenStream
+from serving.admin import create_app
 
 # Two clusters of prompt lengths, interleaved, so the aligned policy parks and reloads requests.
 PROMPTS = [[256] + [40 + (i * 7 + j) % 180 for j in range(n - 1)]
@@ -38,7 +42,7 @@ def submit_all(orch: Orchestrator) -> list[TokenStream]:
 
 def run_until_idle(orch: Orchestrator, max_steps: int = 20_000) -> None:
     for _ in range(max_steps):
-        if not orch.loop.step():
+        if not orch.step():
             return
     raise AssertionError("the run loop never went idle")
 
@@ -49,7 +53,7 @@ def test_state_shows_the_pool_as_it_is(engine):
     pool = orch.loop.pool
     # Step until the running batch decodes and the host pool holds requests.
     for _ in range(500):
-        orch.loop.step()
+        orch.step()
         if len(pool.running) >= 2 and len(pool.parked) >= 2 and all(r.output_ids for r in pool.running):
             break
     else:
@@ -127,7 +131,7 @@ def test_timeseries_after_traffic(engine, wait_for):
         for s in streams:
             assert s.result(timeout=60) and s.finish_reason is FinishReason.LENGTH
         # The points cover whole seconds: wait for the second of the last iteration to end.
-        last = orch.loop.metrics.history[-1].end
+        last = orch.iterations()[-1].end
         body = wait_for(lambda: (lambda b: b if b["points"] and b["points"][-1]["t"] + 1 > last else None)(
             client.get("/api/timeseries", params={"minutes": 5}).json()), what="points up to the last iteration")
     assert body["interval_s"] == 1.0
@@ -135,7 +139,7 @@ def test_timeseries_after_traffic(engine, wait_for):
     ts = [p["t"] for p in points]
     assert ts == sorted(ts) and all(b - a == 1.0 for a, b in zip(ts, ts[1:]))
     # Decode throughput adds up to the tokens the iterations decoded, second by second.
-    decoded = sum(r.batch_size for r in orch.loop.metrics.history)
+    decoded = sum(r.batch_size for r in orch.iterations())
     assert sum(p["decode_tok_s"] for p in points) == pytest.approx(decoded) and decoded > 0
     assert sum(p["transfer_bytes_s"] for p in points) == pytest.approx(orch.loop.metrics.transfer_bytes)
     tpots = [p for p in points if p["tpot_p50_s"] is not None]
@@ -199,6 +203,42 @@ def test_config_is_effective_and_the_token_redacted(engine):
     assert config["policy"] == "fcfs-offload" and config["max_seq_len"] == 256  # resolved from the manifest
     assert config["admin_token"] == "<redacted>" and "s3cret" not in str(config)
     assert set(config) == set(ServeConfig.__dataclass_fields__)
+
+
+def test_policies_list_the_registry_and_what_this_engine_can_run(engine, demo_engine_dir):
+    orch = Orchestrator(engine, ServeConfig(policy="fcfs-offload"))
+    with TestClient(create_app(orch, token=None)) as client:
+        body = client.get("/api/policies").json()
+    assert body["current"] == "fcfs-offload"
+    assert [p["name"] for p in body["policies"]] == list(REGISTRY)  # the default (aligned) first
+    for p in body["policies"]:
+        assert p["summary"] == REGISTRY[p["name"]].summary
+        assert p["reason"] == unavailable(p["name"], orch.info) and p["available"] is (p["reason"] is None)
+    by_name = {p["name"]: p for p in body["policies"]}
+    # One device with a host pool: everything but disaggregated prefill.
+    assert [n for n, p in by_name.items() if not p["available"]] == ["disagg-fcfs"]
+    assert "has only the decode device" in by_name["disagg-fcfs"]["reason"]
+    # Without a host pool, fcfs-offload cannot run; aligned can, as its fallback fcfs.
+    bare = load_engine(demo_engine_dir, device="cpu", kv_blocks=48, host_kv_blocks=0)
+    try:
+        with TestClient(create_app(Orchestrator(bare, ServeConfig()), token=None)) as client:
+            body = client.get("/api/policies").json()
+    finally:
+        bare.close()
+    by_name = {p["name"]: p for p in body["policies"]}
+    assert body["current"] == "fcfs" and by_name["aligned"]["available"]
+    assert not by_name["fcfs-offload"]["available"] and "needs a host KV pool" in by_name["fcfs-offload"]["reason"]
+
+
+def test_the_admin_reads_only_the_orchestrators_public_api():
+    """DESIGN.md §5: the admin reads one snapshot, never the orchestrator's parts."""
+    admin = Path(__file__).resolve().parents[3] / "serving" / "admin"
+    reached = []
+    for path in sorted(admin.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in ("loop", "engine", "ledger", "lifecycle"):
+                reached.append(f"{path.name}:{node.lineno} .{node.attr}")
+    assert reached == []
 
 
 def test_gpus_answer_without_a_driver(engine):

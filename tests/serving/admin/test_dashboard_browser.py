@@ -1,7 +1,7 @@
 """The live admin page in a real headless Chromium (Debian's `chromium` and `chromium-driver`,
 installed by `make test`): it opens, receives live updates while a load generator runs, draws
-its charts as SVG, and the operator actions work from the page. A screenshot is saved to
-tests/artifacts/dashboard.png."""
+its charts as SVG, lists the registered policies, and the operator actions work from the page.
+A screenshot is saved to tests/artifacts/dashboard.png."""
 from __future__ import annotations
 
 import shutil
@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from engines.loader import load_engine
-from serving.admin import AdminServer
 from orchestrator.config import ServeConfig
 from orchestrator.core import RequestRejected
+from orchestrator.policies import REGISTRY, unavailable
 from orchestrator.service import Orchestrator
+from serving.admin import AdminServer
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -124,8 +125,21 @@ def test_operator_actions_from_the_page(served, browser, wait_for):
     wait_for(lambda: browser.find_element(By.ID, "draining").is_displayed(), what="the draining badge")
     assert click("resume") == "200"
     wait_for(lambda: not orch.draining, what="resumed")
-    # Switch the policy from the page; the header follows the live state.
+    # The policy list is the registry: every policy, the one in force selected, and those this
+    # engine cannot run disabled, with the reason on hover.
     from selenium.webdriver.support.ui import Select
-    Select(browser.find_element(By.ID, "policy-select")).select_by_visible_text("fcfs-offload")
+    wait_for(lambda: browser.find_element(By.ID, "policy-select").get_attribute("data-loaded"), what="the policies")
+    select = Select(browser.find_element(By.ID, "policy-select"))
+    assert [o.text for o in select.options] == list(REGISTRY)
+    assert select.first_selected_option.text == orch.policy.name == "aligned"
+    for option in select.options:
+        reason = unavailable(option.text, orch.info)
+        assert option.is_enabled() is (reason is None), option.text
+        assert option.get_attribute("title") == (reason or REGISTRY[option.text].summary)
+    assert not all(o.is_enabled() for o in select.options)  # one device: no disaggregated prefill
+    assert browser.find_element(By.ID, "policy-summary").text == REGISTRY["aligned"].summary
+    # Switch the policy from the page; the header follows the live state.
+    select.select_by_visible_text("fcfs-offload")
+    assert browser.find_element(By.ID, "policy-summary").text == REGISTRY["fcfs-offload"].summary
     assert click("switch-policy") == "200"
     wait_for(lambda: browser.find_element(By.ID, "policy").text == "fcfs-offload", what="the new policy shown")

@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from engines.loader import load_engine
-from serving.admin import AdminServer
 from orchestrator.config import ServeConfig
 from orchestrator.service import Orchestrator
+from serving.admin import AdminServer
 
 TOKEN = "server-token"
 
@@ -64,10 +64,10 @@ def test_listens_on_a_free_loopback_port_and_serves_the_api(served):
         assert client.get("/static/dashboard.js").status_code == 200
         schema = client.get("/openapi.json").json()
         for path in ("/api/state", "/api/requests", "/api/requests/{request_id}", "/api/timeseries", "/api/gpus",
-                     "/api/config", "/api/events", "/metrics", "/api/drain", "/api/resume",
+                     "/api/config", "/api/policies", "/api/events", "/metrics", "/api/drain", "/api/resume",
                      "/api/requests/{request_id}/cancel", "/api/policy"):
             assert path in schema["paths"], path
-        assert {"State", "Member", "Point", "Gpus", "PolicyChange"} <= set(schema["components"]["schemas"])
+        assert {"State", "Member", "Point", "Gpus", "Policies", "PolicyChange"} <= set(schema["components"]["schemas"])
         deadline = time.monotonic() + 30
         while client.get("/api/state").json()["totals"]["finished"].get("length", 0) < 4:
             assert time.monotonic() < deadline, "the requests did not finish"
