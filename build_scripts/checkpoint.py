@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engines.torch.model_config import ModelConfig
+from engines.torch.models import config_from_hf
 from engines.torch.weights import WeightsError, check_checkpoint
 
 CONFIG_FILE = "config.json"
@@ -92,7 +93,7 @@ def _read_config(model_dir: Path) -> ModelConfig:
     path = model_dir / CONFIG_FILE
     data = _read_json_object(path, required=True)
     try:
-        return ModelConfig.from_hf(data, where=str(path))
+        return config_from_hf(data, where=str(path))
     except (ValueError, TypeError) as e:  # TypeError: a field of the wrong JSON type
         msg = str(e)
         raise BuildError(msg if str(path) in msg else f"{path}: {msg}") from e

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from engines.torch.model_config import ModelConfig, expected_tensor_shapes
+from engines.torch.model_config import ModelConfig
+from engines.torch.models import config_from_hf, expected_tensor_shapes
 
 
 def write_random_checkpoint(model_dir: str | Path, config: dict, seed: int = 0, std: float = 0.2,
@@ -28,7 +29,7 @@ def write_random_checkpoint(model_dir: str | Path, config: dict, seed: int = 0, 
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    cfg = ModelConfig.from_hf(config)
+    cfg = config_from_hf(config)
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     shapes = expected_tensor_shapes(cfg)

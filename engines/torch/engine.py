@@ -18,8 +18,9 @@ from engines.torch.forward_batch import chunk_batch, decode_batch, prefill_batch
 from engines.torch.kv_cache import HostKVPool, PagedKVCache
 from engines.torch.kv_tiers import KVTiers
 from engines.torch.kv_transfer import BlockCopier
-from engines.torch.model import CausalLM
 from engines.torch.model_config import ModelConfig
+from engines.torch.models import architecture, config_from_dir
+from engines.torch.models.layers import CausalLM
 from engines.torch.sampler import make_generator, sample
 from engines.torch.weights import load_weights
 
@@ -107,7 +108,8 @@ def _place_devices(cfg: ModelConfig, weights: dict[str, torch.Tensor], tiers: di
     devices: dict[str, _Device] = {}
     for tier, torch_device in tiers.items():
         if torch_device not in models:  # copied from the loaded set, not read from disk again
-            models[torch_device] = CausalLM.from_weights(cfg, {n: t.to(torch_device) for n, t in weights.items()})
+            models[torch_device] = architecture(cfg.architecture).build(
+                cfg, {n: t.to(torch_device) for n, t in weights.items()})
         cache = PagedKVCache(
             num_layers=cfg.num_layers, num_blocks=kv_blocks, block_size=block_size, num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim, dtype=dtype, device=torch_device, tier=tier,
@@ -153,7 +155,8 @@ class TorchEngine(Engine):
             raise EngineError(f"dtype {dtype!r} is not supported by the torch engine; use one of {list(DTYPES)}")
         if host_kv_blocks < 0:
             raise EngineError(f"host_kv_blocks must be >= 0 (0: no host pool), got {host_kv_blocks}")
-        self.cfg = ModelConfig.from_dir(model_dir, check_architecture=architecture_check)
+        self.cfg = config_from_dir(model_dir, check_architecture=architecture_check)
+        """The model's shape and constants, from config.json."""
         tiers = resolve_tiers(device, helper_devices)
         self.dtype_name = dtype
         self.max_seq_len = max_seq_len or self.cfg.max_position_embeddings
@@ -198,7 +201,7 @@ class TorchEngine(Engine):
         """Open an engine directory built by `make build-engine` (see engines/loader.py).
 
         kv_blocks and host_kv_blocks override the manifest's kv_blocks_device and kv_blocks_host."""
-        cfg = ModelConfig.from_dir(engine_dir)
+        cfg = config_from_dir(engine_dir)
         if cfg.architecture != manifest.architecture:
             raise ManifestError(
                 f"{Path(engine_dir) / 'manifest.json'}: architecture {manifest.architecture!r} disagrees with "

@@ -1,15 +1,15 @@
-"""The decoder's shape, read from a Hugging Face `config.json` (Llama, Mistral, Qwen2).
+"""The decoder's shape, and the part of a Hugging Face `config.json` every architecture reads alike.
 
-Pure Python: importing this module does not import torch, so build scripts can validate a
-checkpoint's tensor names and shapes (`expected_tensor_shapes`) cheaply.
+`ModelConfig` is one plain dataclass for every architecture. The fields only some architectures
+interpret (biases, sliding window) are read by the architecture itself (`engines/torch/models/`),
+which is also where a config.json becomes a ModelConfig: `models.config_from_dir`.
+Pure Python: importing this module does not import torch.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -45,7 +45,7 @@ class RopeScaling:
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """Shape and constants of a Llama-family decoder; build it with `ModelConfig.from_hf`."""
+    """Shape and constants of a Llama-family decoder; read it with `engines.torch.models.config_from_dir`."""
 
     architecture: str
     """HF architecture name, e.g. "LlamaForCausalLM"."""
@@ -68,11 +68,11 @@ class ModelConfig:
     tie_word_embeddings: bool
     """lm_head shares the embedding matrix (no lm_head.weight in the checkpoint)."""
     qkv_bias: bool
-    """q/k/v projections carry a bias (Qwen2 always; Llama when `attention_bias`)."""
+    """q/k/v projections carry a bias (read by the architecture: Qwen2 always; Llama when `attention_bias`)."""
     o_bias: bool
-    """o_proj carries a bias (Llama `attention_bias`; never Qwen2)."""
+    """o_proj carries a bias (read by the architecture: Llama `attention_bias`; never Qwen2)."""
     mlp_bias: bool = False
-    """gate/up/down projections carry a bias (Llama `mlp_bias`)."""
+    """gate/up/down projections carry a bias (read by the architecture: `mlp_bias`)."""
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     """config.json's `eos_token_id`, which may be one id or a list."""
@@ -98,73 +98,53 @@ class ModelConfig:
         """Query heads sharing one KV head."""
         return self.num_heads // self.num_kv_heads
 
-    @classmethod
-    def from_dir(cls, model_dir: str | Path, *, check_architecture: bool = True) -> "ModelConfig":
-        """Read `model_dir/config.json`."""
-        path = Path(model_dir) / "config.json"
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ValueError(f"{path} is missing: {model_dir} is not a Hugging Face checkpoint directory") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from e
-        return cls.from_hf(data, where=str(path), check_architecture=check_architecture)
 
-    @classmethod
-    def from_hf(cls, d: dict, *, where: str = "config.json", check_architecture: bool = True) -> "ModelConfig":
-        """Build from a parsed HF config.json dict (transformers 4.x or 5.x layout).
-
-        check_architecture=False accepts any architecture and treats it as a Llama decoder.
-        """
-        archs = d.get("architectures") or []
-        arch = archs[0] if archs else _ARCH_BY_MODEL_TYPE.get(d.get("model_type", ""), "")
-        if check_architecture and arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"{where}: architecture {arch or '(none given)'!r} is not supported by the torch engine; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-
-        def need(key: str):
-            if d.get(key) is None:
-                raise ValueError(f"{where}: required field {key!r} is missing")
-            return d[key]
-
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{where}: hidden_act {act!r} is not supported; the torch engine implements SwiGLU (silu)")
-        heads = int(need("num_attention_heads"))
-        hidden = int(need("hidden_size"))
-        # HF `is_qwen2` semantics: Qwen2 hard-codes q/k/v bias and no o bias; Llama uses one flag for all four.
-        is_qwen2 = arch == "Qwen2ForCausalLM"
-        attention_bias = bool(d.get("attention_bias", False))
-        theta, scaling = _rope(d, where)
-        eos = d.get("eos_token_id")
-        eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        use_window = d.get("use_sliding_window", True)  # Qwen2 gates sliding_window with this flag
-        return cls(
-            architecture=arch,
-            vocab_size=int(need("vocab_size")),
-            hidden_size=hidden,
-            num_layers=int(need("num_hidden_layers")),
-            num_heads=heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(d.get("head_dim") or hidden // heads),
-            intermediate_size=int(need("intermediate_size")),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=int(need("max_position_embeddings")),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qkv_bias=True if is_qwen2 else attention_bias,
-            o_bias=False if is_qwen2 else attention_bias,
-            mlp_bias=bool(d.get("mlp_bias", False)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            sliding_window=d.get("sliding_window") if use_window else None,
-        )
+def read_config_json(model_dir: str | Path) -> tuple[dict, str]:
+    """`model_dir/config.json` parsed, and its path for error messages."""
+    path = Path(model_dir) / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing: {model_dir} is not a Hugging Face checkpoint directory") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from e
+    return data, str(path)
 
 
-_ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+def common_fields(d: dict, where: str) -> dict:
+    """The ModelConfig fields every architecture reads alike from a parsed config.json
+    (transformers 4.x or 5.x layout), as keyword arguments: all but `architecture`, the biases
+    and `sliding_window`. Raises ValueError naming `where` and the field."""
+
+    def need(key: str):
+        if d.get(key) is None:
+            raise ValueError(f"{where}: required field {key!r} is missing")
+        return d[key]
+
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{where}: hidden_act {act!r} is not supported; the torch engine implements SwiGLU (silu)")
+    heads = int(need("num_attention_heads"))
+    hidden = int(need("hidden_size"))
+    theta, scaling = _rope(d, where)
+    eos = d.get("eos_token_id")
+    eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    return dict(
+        vocab_size=int(need("vocab_size")),
+        hidden_size=hidden,
+        num_layers=int(need("num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=int(d.get("num_key_value_heads") or heads),
+        head_dim=int(d.get("head_dim") or hidden // heads),
+        intermediate_size=int(need("intermediate_size")),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(need("max_position_embeddings")),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+    )
 
 
 def _rope(d: dict, where: str) -> tuple[float, RopeScaling]:
@@ -192,30 +172,3 @@ def _rope(d: dict, where: str) -> tuple[float, RopeScaling]:
     except ValueError as e:
         raise ValueError(str(e).replace("config.json", where, 1)) from None
     return theta, scaling
-
-
-def expected_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a checkpoint of `cfg` must hold, by its Hugging Face name, with its shape."""
-    h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        for name, out_dim, in_dim, bias in (
-            ("self_attn.q_proj", q_out, h, cfg.qkv_bias),
-            ("self_attn.k_proj", kv_out, h, cfg.qkv_bias),
-            ("self_attn.v_proj", kv_out, h, cfg.qkv_bias),
-            ("self_attn.o_proj", h, q_out, cfg.o_bias),
-            ("mlp.gate_proj", inter, h, cfg.mlp_bias),
-            ("mlp.up_proj", inter, h, cfg.mlp_bias),
-            ("mlp.down_proj", h, inter, cfg.mlp_bias),
-        ):
-            shapes[p + name + ".weight"] = (out_dim, in_dim)
-            if bias:
-                shapes[p + name + ".bias"] = (out_dim,)
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-    shapes["model.norm.weight"] = (h,)
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    return shapes

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from engines.torch.model_config import ModelConfig, expected_tensor_shapes
+from engines.torch.model_config import ModelConfig
+from engines.torch.models import expected_tensor_shapes
 from engines.torch.safetensors_io import FLOAT_DTYPES, SafetensorsError, TensorEntry, read_tensor_entries
 
 SINGLE_FILE = "model.safetensors"

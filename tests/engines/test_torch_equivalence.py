@@ -18,7 +18,7 @@ from engines.base import PrefillRequest
 from engines.loader import load_engine
 from engines.manifest import Manifest, WeightFile
 from engines.torch.engine import TorchEngine
-from engines.torch.model_config import ModelConfig, expected_tensor_shapes
+from engines.torch.models import config_from_hf, expected_tensor_shapes
 from engines.torch.weights import WeightsError
 
 PROMPT_LENS = (5, 17, 33, 9)
@@ -186,7 +186,7 @@ def test_truncated_weights_are_explained(tmp_path):
 
 def test_config_reads_transformers_4_layout_and_eos_list():
     # transformers 4.x wrote rope_theta and rope_scaling (with "type") at the top level.
-    cfg = ModelConfig.from_hf({
+    cfg = config_from_hf({
         "architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
         "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 32,
         "rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0}, "eos_token_id": [7, 9],

@@ -1,6 +1,11 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache.
+"""The decoder layers every architecture shares: RMSNorm, grouped-query attention over the paged
+KV cache, the SwiGLU MLP, the pre-norm decoder layer and the causal LM around them.
 
-Module and parameter names follow Hugging Face's, so a checkpoint's tensors load by name.
+They follow transformers' Llama (models/llama/modeling_llama.py); Mistral and Qwen2 use them as
+they are. Module and parameter names are Hugging Face's, so a checkpoint's tensors load by name:
+the parameters of `CausalLM` are the tensors a checkpoint holds (`decoder_tensor_shapes`). An
+architecture that needs other layers subclasses these, names its classes in `attention_class`,
+`mlp_class` and `layer_class`, and lists its tensors in `Architecture.tensor_shapes`.
 """
 from __future__ import annotations
 
@@ -83,10 +88,13 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm attention block then pre-norm MLP block, each with a residual."""
 
+    attention_class: type[Attention] = Attention
+    mlp_class: type[MLP] = MLP
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.self_attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
+        self.self_attn = self.attention_class(cfg, layer)
+        self.mlp = self.mlp_class(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -98,20 +106,22 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     """Embeddings, decoder layers and final norm (HF's `model.` prefix)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_class: type[DecoderLayer]):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(layer_class(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class CausalLM(nn.Module):
     """The whole model; build it with `CausalLM.from_weights`."""
 
+    layer_class: type[DecoderLayer] = DecoderLayer
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.model = Decoder(cfg)
+        self.model = Decoder(cfg, self.layer_class)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope: RotaryEmbedding | None = None
 
@@ -148,3 +158,31 @@ class CausalLM(nn.Module):
             x = x[torch.arange(B, device=x.device), batch.last][:, None]
         logits = self.lm_head(self.model.norm(x)).float()
         return logits if all_logits else logits[:, 0]
+
+
+def decoder_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The parameters of `CausalLM(cfg)`, by Hugging Face name, with their shapes, in declaration
+    order, less lm_head when it is tied to the embeddings: the tensors a checkpoint holds."""
+    h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        for name, out_dim, in_dim, bias in (
+            ("self_attn.q_proj", q_out, h, cfg.qkv_bias),
+            ("self_attn.k_proj", kv_out, h, cfg.qkv_bias),
+            ("self_attn.v_proj", kv_out, h, cfg.qkv_bias),
+            ("self_attn.o_proj", h, q_out, cfg.o_bias),
+            ("mlp.gate_proj", inter, h, cfg.mlp_bias),
+            ("mlp.up_proj", inter, h, cfg.mlp_bias),
+            ("mlp.down_proj", h, inter, cfg.mlp_bias),
+        ):
+            shapes[p + name + ".weight"] = (out_dim, in_dim)
+            if bias:
+                shapes[p + name + ".bias"] = (out_dim,)
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
