@@ -17,7 +17,6 @@ from engines.manifest import Manifest, ManifestError
 from engines.torch.forward_batch import chunk_batch, decode_batch, prefill_batch
 from engines.torch.kv_cache import HostKVPool, PagedKVCache
 from engines.torch.kv_tiers import KVTiers
-from engines.torch.kv_transfer import BlockCopier
 from engines.torch.model_config import ModelConfig
 from engines.torch.models import architecture, config_from_dir
 from engines.torch.models.layers import CausalLM
@@ -229,15 +228,6 @@ class TorchEngine(Engine):
         """The decode device's tier name: "cpu" or "cuda:N"."""
         return self._decode.tier
 
-    def cache_of(self, tier: str) -> PagedKVCache:
-        """The KV cache of one device tier."""
-        return self._devices[tier].cache
-
-    @property
-    def _copier(self) -> BlockCopier:
-        """The copier every move goes through (tests hold or fail its copies)."""
-        return self._tiers.copier
-
     def describe(self) -> EngineInfo:
         model = ModelInfo(
             architecture=self.cfg.architecture, vocab_size=self.cfg.vocab_size, max_seq_len=self.max_seq_len,
@@ -259,13 +249,14 @@ class TorchEngine(Engine):
     # -- prefill ---------------------------------------------------------------------------
 
     def prefill(self, requests: Sequence[PrefillRequest], device: str | None = None) -> StepResult:
-        return self.prefill_with_logits(requests, device)[0]
+        return self._run_prefill(requests, device)[0]
 
     @torch.inference_mode()
-    def prefill_with_logits(self, requests: Sequence[PrefillRequest], device: str | None = None,
-                            all_positions: bool = False) -> tuple[StepResult, torch.Tensor]:
+    def _run_prefill(self, requests: Sequence[PrefillRequest], device: str | None = None,
+                     all_positions: bool = False) -> tuple[StepResult, torch.Tensor]:
         """`prefill`, also returning the float32 logits: [B, vocab] of each prompt's last token,
-        or [B, longest prompt, vocab] of every position (pads hold garbage) when all_positions."""
+        or [B, longest prompt, vocab] of every position (pads hold garbage) when all_positions
+        (the tests compare them with transformers: tests/engines/torch_probe.py)."""
         on = self._decode if device is None else self._devices.get(device)
         if on is None:
             raise EngineError(
@@ -312,10 +303,10 @@ class TorchEngine(Engine):
     # -- decode ----------------------------------------------------------------------------
 
     def decode(self, request_ids: Sequence[str]) -> StepResult:
-        return self.decode_with_logits(request_ids)[0]
+        return self._run_decode(request_ids)[0]
 
     @torch.inference_mode()
-    def decode_with_logits(self, request_ids: Sequence[str]) -> tuple[StepResult, torch.Tensor]:
+    def _run_decode(self, request_ids: Sequence[str]) -> tuple[StepResult, torch.Tensor]:
         """`decode`, also returning the float32 logits [B, vocab] the tokens were sampled from."""
         ids = list(request_ids)
         self._check_decodable(ids, "decode")
@@ -364,11 +355,11 @@ class TorchEngine(Engine):
     # -- mixed steps (chunked prefill) -----------------------------------------------------
 
     def mixed_step(self, request_ids: Sequence[str], chunks: Sequence[PrefillChunk]) -> StepResult:
-        return self.mixed_step_with_logits(request_ids, chunks)[0]
+        return self._run_mixed(request_ids, chunks)[0]
 
     @torch.inference_mode()
-    def mixed_step_with_logits(self, request_ids: Sequence[str],
-                               chunks: Sequence[PrefillChunk]) -> tuple[StepResult, torch.Tensor]:
+    def _run_mixed(self, request_ids: Sequence[str],
+                   chunks: Sequence[PrefillChunk]) -> tuple[StepResult, torch.Tensor]:
         """`mixed_step`, also returning the float32 logits [B, vocab] of each sequence's last
         position: the decoded requests first, then the chunks, in call order.
 
@@ -517,18 +508,6 @@ class TorchEngine(Engine):
             raise EngineError(f"tier_of: unknown request id {request_id!r}")
         return self._tiers.tier_of(request_id)
 
-    def kv_contents(self, request_id: str) -> torch.Tensor:
-        """A CPU copy of the request's KV, [num_layers, 2 (K, V), kv_len, kv_heads, head_dim],
-        read from whichever tier holds it (for tests and debugging)."""
-        tier = self.tier_of(request_id)
-        if tier == IN_FLIGHT:
-            raise EngineError(f"kv_contents: request {request_id!r} is {IN_FLIGHT}; wait on its move first")
-        pool = self._tiers.pools[tier]
-        # Gathered where the pool is, then a blocking .cpu(): no copy still in the air when read.
-        blocks = pool.gather(pool.tables[request_id], pool.device).movedim(0, 2)  # [L, 2, n, block, heads, dim]
-        layers, two, n, block, heads, dim = blocks.shape
-        return blocks.reshape(layers, two, n * block, heads, dim)[:, :, : self._seqs[request_id].kv_len].cpu()
-
     # -- bookkeeping -----------------------------------------------------------------------
 
     def free(self, request_ids: Sequence[str]) -> None:
@@ -539,10 +518,6 @@ class TorchEngine(Engine):
 
     def kv_blocks_used(self, tier: str) -> int:
         return self._tiers.used(tier)
-
-    def kv_len(self, request_id: str) -> int:
-        """Tokens of KV the request holds now."""
-        return self._seqs[request_id].kv_len
 
     def close(self) -> None:
         self._tiers.close()

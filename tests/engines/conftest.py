@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from build_scripts.random_checkpoint import write_random_checkpoint
+from tests.engines import torch_probe
 
 TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128, "hidden_size": 32,
@@ -25,26 +26,10 @@ def _fail_next_copy(engine, disarm: bool = False) -> None:
     """Make the engine's next KV copy fail halfway: once the copy worker reaches it, it fills the
     destination blocks with garbage and reports a failure (so it stays pending while the worker is
     held, and an engine that kept the destination would show the garbage). disarm: undo it."""
-    import torch
-
-    from engines.torch.kv_transfer import PendingCopy
-
-    copier = engine._copier
-    copier.__dict__.pop("start", None)
     if disarm:
-        return
-
-    def failing_start(src, src_blocks, dst, dst_blocks):
-        del copier.start  # one failure only
-
-        def fail():
-            # Finite: freed blocks' tails are read (masked) by later attention, and NaN * 0 is NaN.
-            garbage = torch.full_like(src.gather(src_blocks, dst.device), 123.0)
-            dst.scatter(dst_blocks, garbage)
-            raise RuntimeError("injected copy failure")
-        return PendingCopy(future=copier._worker.submit(fail))
-
-    copier.start = failing_start
+        torch_probe.disarm_copy_failure(engine)
+    else:
+        torch_probe.fail_next_copy(engine, garbage=True)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import transformers
 
 from engines.base import EngineError, OutOfKVBlocks, PrefillChunk, PrefillRequest, SamplingParams
 from engines.torch.engine import TorchEngine
+from tests.engines.torch_probe import decode_with_logits, kv_contents, kv_len, mixed_step_with_logits, prefill_with_logits
 
 ATOL = 1e-5
 """float32: a chunked forward and a whole one differ only in summation order."""
@@ -34,8 +35,8 @@ def prefill_in_chunks(engine: TorchEngine, rid: str, prompt: list[int], ends: li
     and the logits it was sampled from."""
     start = 0
     for end in ends:
-        result, logits = engine.mixed_step_with_logits([], [chunk(rid, prompt, start, end, sampling)])
-        assert engine.kv_len(rid) == end
+        result, logits = mixed_step_with_logits(engine, [], [chunk(rid, prompt, start, end, sampling)])
+        assert kv_len(engine, rid) == end
         if end < len(prompt):
             assert result.tokens == {}, "an unfinished prompt must not return a token"
         start = end
@@ -50,16 +51,16 @@ def prefill_in_chunks(engine: TorchEngine, rid: str, prompt: list[int], ends: li
 def test_chunked_prefill_matches_whole_prefill(model_dir, ends):
     engine = engine_for(model_dir)
     prompt = tokens(1, 23)
-    whole, whole_logits = engine.prefill_with_logits([PrefillRequest("whole", prompt)])
+    whole, whole_logits = prefill_with_logits(engine, [PrefillRequest("whole", prompt)])
     first, last_logits = prefill_in_chunks(engine, "chunked", prompt, ends)
 
     assert first == whole.tokens["whole"]
     torch.testing.assert_close(last_logits, whole_logits[0], rtol=0, atol=ATOL)
-    kv_whole, kv_chunked = engine.kv_contents("whole"), engine.kv_contents("chunked")
+    kv_whole, kv_chunked = kv_contents(engine, "whole"), kv_contents(engine, "chunked")
     assert kv_chunked.shape == kv_whole.shape
     torch.testing.assert_close(kv_chunked, kv_whole, rtol=0, atol=ATOL)
     for step in range(6):
-        result, logits = engine.decode_with_logits(["whole", "chunked"])
+        result, logits = decode_with_logits(engine, ["whole", "chunked"])
         assert result.tokens["chunked"] == result.tokens["whole"], f"decode step {step}"
         torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=ATOL)
 
@@ -77,8 +78,8 @@ def test_mixed_step_decodes_like_decode_and_prefills_like_prefill(model_dir):
     mixed.prefill(running)
     firsts, first_logits = {}, {}
     for step, chunks in enumerate(plan):
-        want, want_logits = ref.decode_with_logits(["a", "b"])
-        got, logits = mixed.mixed_step_with_logits(["a", "b"], chunks)
+        want, want_logits = decode_with_logits(ref, ["a", "b"])
+        got, logits = mixed_step_with_logits(mixed, ["a", "b"], chunks)
         assert {k: got.tokens[k] for k in ("a", "b")} == want.tokens, f"step {step}"
         torch.testing.assert_close(logits[:2], want_logits, rtol=0, atol=ATOL)
         for k, ch in enumerate(chunks):
@@ -87,16 +88,16 @@ def test_mixed_step_decodes_like_decode_and_prefills_like_prefill(model_dir):
             if ch.last:
                 firsts[rid], first_logits[rid] = got.tokens[rid], logits[2 + k]
 
-    whole, whole_logits = ref.prefill_with_logits([PrefillRequest("c", c), PrefillRequest("d", d)])
+    whole, whole_logits = prefill_with_logits(ref, [PrefillRequest("c", c), PrefillRequest("d", d)])
     assert firsts == whole.tokens
     torch.testing.assert_close(first_logits["c"], whole_logits[0], rtol=0, atol=ATOL)
     torch.testing.assert_close(first_logits["d"], whole_logits[1], rtol=0, atol=ATOL)
     for rid in ("c", "d"):
-        torch.testing.assert_close(mixed.kv_contents(rid), ref.kv_contents(rid), rtol=0, atol=ATOL)
+        torch.testing.assert_close(kv_contents(mixed, rid), kv_contents(ref, rid), rtol=0, atol=ATOL)
     everyone = ["a", "b", "c", "d"]
     for step in range(5):
-        want, want_logits = ref.decode_with_logits(everyone)
-        got, logits = mixed.decode_with_logits(everyone)
+        want, want_logits = decode_with_logits(ref, everyone)
+        got, logits = decode_with_logits(mixed, everyone)
         assert got.tokens == want.tokens, f"decode step {step}"
         torch.testing.assert_close(logits, want_logits, rtol=0, atol=ATOL)
 
@@ -149,7 +150,7 @@ def test_chunked_prefill_matches_transformers(model_dir):
     engine = engine_for(model_dir)
     start = 0
     for end in (10, 11, 26, 33):
-        _, logits = engine.mixed_step_with_logits([], [chunk("p", prompt, start, end)])
+        _, logits = mixed_step_with_logits(engine, [], [chunk("p", prompt, start, end)])
         # The last position of each chunk predicts the token after it, as transformers' row end-1 does.
         torch.testing.assert_close(logits[0], ref[end - 1], rtol=0, atol=1e-4)
         start = end
@@ -206,10 +207,10 @@ REFUSED = {
 @pytest.mark.parametrize("case", REFUSED)
 def test_refused_mixed_step_names_the_request_and_changes_nothing(engine, case):
     decode_ids, chunks, message = REFUSED[case]
-    before = (engine.kv_blocks_used("cpu"), engine.kv_len("run"), engine.kv_len("p"))
+    before = (engine.kv_blocks_used("cpu"), kv_len(engine, "run"), kv_len(engine, "p"))
     with pytest.raises(EngineError, match=message):
         engine.mixed_step(decode_ids, chunks())
-    assert (engine.kv_blocks_used("cpu"), engine.kv_len("run"), engine.kv_len("p")) == before
+    assert (engine.kv_blocks_used("cpu"), kv_len(engine, "run"), kv_len(engine, "p")) == before
     for rid in ("ghost", "new", "long", "bad"):
         with pytest.raises(EngineError, match="unknown request id"):
             engine.tier_of(rid)  # not registered
@@ -223,7 +224,7 @@ def test_decode_refuses_a_request_still_prefilling(engine):
     used = engine.kv_blocks_used("cpu")
     with pytest.raises(EngineError, match=r"decode: requests \['p'\] are still prefilling .*'p' has 4 of 10"):
         engine.decode(["run", "p"])
-    assert engine.kv_blocks_used("cpu") == used and engine.kv_len("run") == 6
+    assert engine.kv_blocks_used("cpu") == used and kv_len(engine, "run") == 6
 
 
 # -- failed steps give back their blocks -------------------------------------------------------
@@ -240,7 +241,7 @@ def test_out_of_blocks_in_a_mixed_step_changes_nothing(model_dir):
         engine.mixed_step(["run"], [chunk("p", p, 4, 12), chunk("q", tokens(3, 8), 0, 8)])
     assert engine.kv_blocks_used("cpu") == 3
     assert {r: engine.cache.tables[r] for r in ("run", "p")} == tables
-    assert (engine.kv_len("run"), engine.kv_len("p")) == (8, 4)
+    assert (kv_len(engine, "run"), kv_len(engine, "p")) == (8, 4)
     with pytest.raises(EngineError, match="unknown request id"):
         engine.tier_of("q")
     engine.cache.check_consistency()
@@ -268,13 +269,13 @@ def test_a_failing_forward_gives_back_what_the_step_reserved(model_dir, monkeypa
         engine.mixed_step(*step)
     assert engine.kv_blocks_used("cpu") == used
     assert {r: engine.cache.tables[r] for r in ("run", "p")} == tables
-    assert (engine.kv_len("run"), engine.kv_len("p")) == (8, 5)
+    assert (kv_len(engine, "run"), kv_len(engine, "p")) == (8, 5)
     with pytest.raises(EngineError, match="unknown request id"):
         engine.tier_of("q")
     engine.cache.check_consistency()
 
     monkeypatch.setattr(engine, "model", real_model)
-    got, want = engine.mixed_step_with_logits(*step), ref.mixed_step_with_logits(*step)
+    got, want = mixed_step_with_logits(engine, *step), mixed_step_with_logits(ref, *step)
     assert got[0].tokens == want[0].tokens  # the failed attempt left nothing behind that matters
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=ATOL)
 
@@ -293,7 +294,7 @@ def test_blocks_return_to_zero_after_free_even_mid_prompt(model_dir):
     with pytest.raises(EngineError, match=r"unknown request 'p' must start at 0"):
         engine.mixed_step([], [chunk("p", p, 5, 20)])
     engine.mixed_step([], [chunk("p", p, 0, 20)])  # a freed id starts again from 0
-    assert engine.kv_len("p") == 20
+    assert kv_len(engine, "p") == 20
     engine.free(["whole", "p", "q"])
     assert engine.kv_blocks_used("cpu") == 0
     engine.cache.allocator.check_empty()

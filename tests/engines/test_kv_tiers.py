@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from engines.base import HOST, IN_FLIGHT, CapabilityError, EngineError, OutOfKVBlocks, PrefillRequest, SamplingParams
 from engines.torch.engine import TorchEngine
 from engines.torch.kv_cache import KVAccountingError
+from tests.engines.torch_probe import hold_copies, kv_contents, kv_len
 
 DEVICES = ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])
 
@@ -44,20 +45,20 @@ def test_round_trip_keeps_kv_and_tokens(model_dir, device):
     roam.prefill([PrefillRequest("other", tokens(4, 6))])  # so the KV comes back to other blocks
     roam.prefill(prompts)
     got = [roam.decode(list(sampling)).tokens for _ in range(5)]
-    before = {i: roam.kv_contents(i) for i in sampling}
+    before = {i: kv_contents(roam, i) for i in sampling}
     tables_before = {i: list(roam.cache.tables[i]) for i in sampling}
     roam.wait(roam.move(list(sampling), roam.tier, HOST))
     assert roam.kv_blocks_used(HOST) == 2 * 4 and roam.kv_blocks_used(roam.tier) == 2  # "other" only
     for i in sampling:
         assert roam.tier_of(i) == HOST
-        assert torch.equal(roam.kv_contents(i), before[i])
+        assert torch.equal(kv_contents(roam, i), before[i])
     roam.decode(["other"])  # the device keeps working while they are away
     roam.prefill([PrefillRequest("squatter", tokens(5, 12))])  # takes the blocks they left
     roam.wait(roam.move(list(sampling), HOST, roam.tier))
     assert roam.kv_blocks_used(HOST) == 0
     for i in sampling:
         assert roam.tier_of(i) == roam.tier
-        assert torch.equal(roam.kv_contents(i), before[i])
+        assert torch.equal(kv_contents(roam, i), before[i])
         assert roam.cache.tables[i] != tables_before[i]
     got += [roam.decode(list(sampling)).tokens for _ in range(7)]
     assert got == want
@@ -84,7 +85,7 @@ def test_poll_and_wait(model_dir):
     engine = engine_on(model_dir)
     engine.prefill([PrefillRequest("a", tokens(1, 10))])
     gate = threading.Event()
-    engine._copier._worker.submit(gate.wait)  # hold the copy worker so the move stays in flight
+    hold_copies(engine, gate.wait)  # hold the copy worker so the move stays in flight
     handle = engine.move(["a"], "cpu", HOST)
     assert handle.bytes == 3 * engine.cache.bytes_per_block
     assert (handle.src, handle.dst, handle.request_ids) == ("cpu", HOST, ("a",))
@@ -130,7 +131,7 @@ def test_misplaced_kv_is_refused_with_its_whereabouts(model_dir):
     with pytest.raises(EngineError, match=r"'a' is in 'host'"):
         engine.decode(["a", "b"])
     gate = threading.Event()
-    engine._copier._worker.submit(gate.wait)
+    hold_copies(engine, gate.wait)
     handle = engine.move(["b"], "cpu", HOST)
     with pytest.raises(EngineError, match=r"'b' is in_flight"):
         engine.decode(["b"])
@@ -155,7 +156,7 @@ def test_free_during_flight_leaks_nothing(model_dir):
     engine = engine_on(model_dir)
     engine.prefill([PrefillRequest("a", tokens(1, 10)), PrefillRequest("b", tokens(2, 3))])
     gate = threading.Event()
-    engine._copier._worker.submit(gate.wait)
+    hold_copies(engine, gate.wait)
     handle = engine.move(["a", "b"], "cpu", HOST)
     threading.Timer(0.05, gate.set).start()
     engine.free(["a"])  # waits for the copy, then releases both tiers
@@ -215,7 +216,7 @@ def check_accounting(engine: TorchEngine, names: list[str]) -> None:
         else:
             assert holding == {tier}
         for t in holding:
-            assert len(pools[t].tables[r]) >= engine.cache.blocks_for(engine.kv_len(r))
+            assert len(pools[t].tables[r]) >= engine.cache.blocks_for(kv_len(engine, r))
             expected[t] += len(pools[t].tables[r])
     for t, pool in pools.items():
         assert engine.kv_blocks_used(t) == expected[t], t
@@ -248,11 +249,11 @@ def test_random_operations_keep_block_accounting(shared_engine, fail_next_copy, 
         try:
             if op == "prefill":
                 engine.prefill([PrefillRequest(rid, tokens(who, n))], device=devices[n % len(devices)])
-                kv[rid] = engine.kv_contents(rid)
+                kv[rid] = kv_contents(engine, rid)
             elif op in ("decode", "decode_any"):
                 batch = live if op == "decode_any" else [r for r in live if engine.tier_of(r) == "cpu"]
                 engine.decode(batch[: n % 4 + 1])
-                kv.update({r: engine.kv_contents(r) for r in batch[: n % 4 + 1]})
+                kv.update({r: kv_contents(engine, r) for r in batch[: n % 4 + 1]})
             elif op == "move" and live:  # a live request and some neighbours, to any tier (or its own)
                 first = live[who % len(live)]
                 src = engine.tier_of(first)
@@ -279,7 +280,7 @@ def test_random_operations_keep_block_accounting(shared_engine, fail_next_copy, 
                 kv.pop(rid, None)
             elif op == "stall" and (gate is None or gate.is_set()):
                 gate = threading.Event()
-                engine._copier._worker.submit(gate.wait)
+                hold_copies(engine, gate.wait)
             elif op == "unstall" and gate is not None:
                 gate.set()
             elif op == "fail_copy":
@@ -291,7 +292,7 @@ def test_random_operations_keep_block_accounting(shared_engine, fail_next_copy, 
         check_accounting(engine, names)
         for r in kv:
             if engine.tier_of(r) != IN_FLIGHT:
-                assert torch.equal(engine.kv_contents(r), kv[r]), f"{r} in {engine.tier_of(r)}"
+                assert torch.equal(kv_contents(engine, r), kv[r]), f"{r} in {engine.tier_of(r)}"
     fail_next_copy(engine, disarm=True)
     if gate is not None:
         gate.set()  # a held worker would hang the next example
@@ -301,7 +302,7 @@ def test_random_operations_keep_block_accounting(shared_engine, fail_next_copy, 
         except EngineError:
             pass  # an injected failure: the KV stayed where it was
     for r in kv:
-        assert torch.equal(engine.kv_contents(r), kv[r]), f"{r} in {engine.tier_of(r)}"
+        assert torch.equal(kv_contents(engine, r), kv[r]), f"{r} in {engine.tier_of(r)}"
     engine.free(names)
     assert all(engine.kv_blocks_used(t) == 0 for t in tiers)
     assert not engine._tiers.busy and not engine._tiers._in_flight

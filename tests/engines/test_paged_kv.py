@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from engines.base import EngineError, OutOfKVBlocks, PrefillRequest, SamplingParams
 from engines.torch.engine import TorchEngine
 from engines.torch.kv_cache import BlockAllocator, KVAccountingError, PagedKVCache
+from tests.engines.torch_probe import decode_with_logits, kv_len
 
 
 def tokens(seed: int, n: int) -> list[int]:
@@ -89,7 +90,7 @@ def test_blocks_return_to_zero_after_free(model_dir):
     assert engine.kv_blocks_used("cpu") == 3 + 1
     for _ in range(3):
         engine.decode(["a", "b"])
-    assert engine.kv_len("a") == 13 and engine.kv_blocks_used("cpu") == 4 + 2
+    assert kv_len(engine, "a") == 13 and engine.kv_blocks_used("cpu") == 4 + 2
     engine.free(["a", "nobody", "a"])  # unknown and repeated ids are ignored
     engine.free(["a"])
     assert engine.kv_blocks_used("cpu") == 2
@@ -147,7 +148,7 @@ def test_decode_is_the_same_alone_or_batched(model_dir):
     steps = 20
     alone = TorchEngine(model_dir, device="cpu", block_size=4)
     alone.prefill([PrefillRequest("me", tokens(7, 6))])
-    alone_out = [alone.decode_with_logits(["me"]) for _ in range(steps)]
+    alone_out = [decode_with_logits(alone, ["me"]) for _ in range(steps)]
 
     crowd = TorchEngine(model_dir, device="cpu", block_size=4)
     # Neighbours first, so "me" gets different physical blocks; their KV is longer and shorter.
@@ -156,7 +157,7 @@ def test_decode_is_the_same_alone_or_batched(model_dir):
     crowd.prefill([PrefillRequest("me", tokens(7, 6)), PrefillRequest("mid", tokens(10, 15))])
     for i in range(steps):
         batch = ["long", "me", "short", "mid"] if i % 3 else ["me", "mid"]
-        result, logits = crowd.decode_with_logits(batch)
+        result, logits = decode_with_logits(crowd, batch)
         want_result, want_logits = alone_out[i]
         assert result.tokens["me"] == want_result.tokens["me"], f"step {i}"
         torch.testing.assert_close(logits[batch.index("me")], want_logits[0], rtol=0, atol=1e-5)
@@ -168,4 +169,4 @@ def test_a_freed_id_can_be_prefilled_again(model_dir):
     engine.prefill([PrefillRequest("s", tokens(1, 4), SamplingParams(temperature=1.0, seed=3))])
     engine.free(["s"])
     engine.prefill([PrefillRequest("s", tokens(1, 4), SamplingParams(temperature=1.0, seed=3))])
-    assert engine.kv_len("s") == 4 and engine.kv_blocks_used("cpu") == 1
+    assert kv_len(engine, "s") == 4 and engine.kv_blocks_used("cpu") == 1

@@ -11,6 +11,7 @@ import torch
 
 from engines.base import HOST, IN_FLIGHT, CapabilityError, EngineError, OutOfKVBlocks, PrefillRequest, SamplingParams
 from engines.torch.engine import TorchEngine
+from tests.engines.torch_probe import cache_of, decode_with_logits, hold_copies, kv_contents, kv_len
 
 # As in test_kv_tiers: the CUDA layout is collected only where there is a GPU.
 LAYOUTS = [("cpu", "cpu:1")] + ([("cuda:0", "cpu:1")] if torch.cuda.is_available() else [])
@@ -36,15 +37,15 @@ def test_prefill_on_a_helper_then_decode_gives_the_tokens_of_one_device(model_di
 
     alone = TorchEngine(model_dir, device=decode_on, block_size=4, kv_blocks=32)
     want_first = alone.prefill(prompts).tokens
-    want_kv = {i: alone.kv_contents(i) for i in ids}
-    want = [alone.decode_with_logits(ids) for _ in range(12)]
+    want_kv = {i: kv_contents(alone, i) for i in ids}
+    want = [decode_with_logits(alone, ids) for _ in range(12)]
 
     engine = two_devices(model_dir, decode_on, helper)
     engine.prefill([PrefillRequest("other", tokens(4, 6))])  # so the KV lands in other blocks
     assert engine.prefill(prompts, device=helper).tokens == want_first
     assert {engine.tier_of(i) for i in ids} == {helper}
     assert engine.kv_blocks_used(helper) == 2 * 3 and engine.kv_blocks_used(decode_on) == 2
-    kv = {i: engine.kv_contents(i) for i in ids}
+    kv = {i: kv_contents(engine, i) for i in ids}
     same_kind = torch.device(decode_on).type == "cpu"
     for i in ids:
         if same_kind:  # the same kernels on the same CPU: the same bytes
@@ -59,17 +60,17 @@ def test_prefill_on_a_helper_then_decode_gives_the_tokens_of_one_device(model_di
     assert direct.bytes == 3 * engine.cache.bytes_per_block and direct.seconds > 0
     assert engine.tier_of("greedy") == decode_on and engine.tier_of("seeded") == HOST
     engine.wait(engine.move(["greedy"], decode_on, helper))
-    assert engine.tier_of("greedy") == helper and torch.equal(engine.kv_contents("greedy"), kv["greedy"])
+    assert engine.tier_of("greedy") == helper and torch.equal(kv_contents(engine, "greedy"), kv["greedy"])
     engine.wait(engine.move(["greedy"], helper, decode_on))
-    assert torch.equal(engine.kv_contents("seeded"), kv["seeded"])
+    assert torch.equal(kv_contents(engine, "seeded"), kv["seeded"])
     engine.wait(engine.move(["seeded"], HOST, decode_on))
     assert engine.kv_blocks_used(helper) == engine.kv_blocks_used(HOST) == 0
     assert engine.kv_blocks_used(decode_on) == 2 + 2 * 3
     for i in ids:
         assert engine.tier_of(i) == decode_on
-        assert torch.equal(engine.kv_contents(i), kv[i])
+        assert torch.equal(kv_contents(engine, i), kv[i])
 
-    got = [engine.decode_with_logits(ids) for _ in range(12)]
+    got = [decode_with_logits(engine, ids) for _ in range(12)]
     assert [g.tokens for g, _ in got] == [w.tokens for w, _ in want]
     for (_, got_logits), (_, want_logits) in zip(got, want):
         torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=0 if same_kind else 1e-4)
@@ -87,7 +88,7 @@ def test_describe_lists_every_device_and_peer_copy(model_dir):
     assert info.capabilities.can_peer_copy and info.capabilities.can_offload
     # One set of weights for every CPU tier, but a KV pool each.
     assert engine._devices["cpu:2"].model is engine.model
-    assert engine.cache_of("cpu:1").kv.data_ptr() != engine.cache.kv.data_ptr() != engine.cache_of("cpu:2").kv.data_ptr()
+    assert cache_of(engine, "cpu:1").kv.data_ptr() != engine.cache.kv.data_ptr() != cache_of(engine, "cpu:2").kv.data_ptr()
     with pytest.raises(KeyError, match="unknown KV tier 'cpu:3'"):
         engine.kv_blocks_used("cpu:3")
 
@@ -142,7 +143,7 @@ def test_peer_move_in_flight_free_and_full_destination(model_dir):
     engine = two_devices(model_dir, kv_blocks=8, host_kv_blocks=8)
     engine.prefill([PrefillRequest("a", tokens(1, 10)), PrefillRequest("b", tokens(2, 3))], device="cpu:1")
     gate = threading.Event()
-    engine._copier._worker.submit(gate.wait)  # hold the copy worker so the move stays in flight
+    hold_copies(engine, gate.wait)  # hold the copy worker so the move stays in flight
     handle = engine.move(["a", "b"], "cpu:1", "cpu")
     assert not engine.poll(handle) and engine.tier_of("a") == IN_FLIGHT
     assert engine.kv_blocks_used("cpu:1") == 4 and engine.kv_blocks_used("cpu") == 4  # both ends while in flight
@@ -162,7 +163,7 @@ def test_peer_move_in_flight_free_and_full_destination(model_dir):
     assert engine.tier_of("d") == "cpu:1" and engine.kv_blocks_used("cpu:1") == 2 and engine.kv_blocks_used("cpu") == 8
 
     gate = threading.Event()
-    engine._copier._worker.submit(gate.wait)
+    hold_copies(engine, gate.wait)
     engine.move(["d"], "cpu:1", HOST)
     threading.Timer(0.05, gate.set).start()
     engine.close()  # waits for the move in flight, in every tier
@@ -173,17 +174,17 @@ def test_peer_move_in_flight_free_and_full_destination(model_dir):
 def test_a_failed_peer_copy_leaves_the_kv_in_the_source(model_dir, fail_next_copy):
     engine = two_devices(model_dir)
     engine.prefill([PrefillRequest("a", tokens(1, 7))], device="cpu:1")
-    before = engine.kv_contents("a")
+    before = kv_contents(engine, "a")
     fail_next_copy(engine)
     handle = engine.move(["a"], "cpu:1", "cpu")
     with pytest.raises(EngineError, match="failed; the KV stays in 'cpu:1': injected copy failure"):
         engine.wait(handle)
     assert handle.seconds is None and engine.tier_of("a") == "cpu:1"
     assert engine.kv_blocks_used("cpu") == 0 and engine.kv_blocks_used("cpu:1") == 2
-    assert torch.equal(engine.kv_contents("a"), before)
+    assert torch.equal(kv_contents(engine, "a"), before)
     engine.wait(engine.move(["a"], "cpu:1", "cpu"))  # the next try works
-    assert torch.equal(engine.kv_contents("a"), before)
-    assert engine.kv_len("a") == 7 and engine.decode(["a"]).tokens.keys() == {"a"}
+    assert torch.equal(kv_contents(engine, "a"), before)
+    assert kv_len(engine, "a") == 7 and engine.decode(["a"]).tokens.keys() == {"a"}
 
 
 def test_loader_passes_helper_devices(demo_engine_dir):

@@ -20,6 +20,7 @@ from engines.manifest import Manifest, WeightFile
 from engines.torch.engine import TorchEngine
 from engines.torch.models import config_from_hf, expected_tensor_shapes
 from engines.torch.weights import WeightsError
+from tests.engines.torch_probe import decode_with_logits, prefill_with_logits
 
 PROMPT_LENS = (5, 17, 33, 9)
 # Every numerical check runs on the CPU, and on CUDA where a GPU is present.
@@ -68,14 +69,14 @@ def run_engine(engine: TorchEngine, prompt_ids: list[list[int]], steps: int):
     """Prefill all prompts in one call, then decode them together; return per sequence its
     prefill logits [P, V], its decode-step logits [steps, V] and all its tokens."""
     ids = [f"req{i}" for i in range(len(prompt_ids))]
-    first, logits = engine.prefill_with_logits(
+    first, logits = prefill_with_logits(engine, 
         [PrefillRequest(i, p) for i, p in zip(ids, prompt_ids)], all_positions=True)
     logits = logits.float().cpu()
     prefill_logits = [logits[b, : len(p)] for b, p in enumerate(prompt_ids)]
     tokens = [list(p) + [first.tokens[i]] for i, p in zip(ids, prompt_ids)]
     step_logits: list[list[torch.Tensor]] = [[] for _ in ids]
     for _ in range(steps):
-        result, logits = engine.decode_with_logits(ids)
+        result, logits = decode_with_logits(engine, ids)
         logits = logits.float().cpu()
         for b, i in enumerate(ids):
             step_logits[b].append(logits[b])

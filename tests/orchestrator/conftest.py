@@ -1,12 +1,10 @@
 """The orchestrator tests' fault switch: a real engine whose next call can be made to fail."""
 from __future__ import annotations
 
-from concurrent.futures import Future
-
 import pytest
 
 from engines.base import EngineError
-from engines.torch.kv_transfer import PendingCopy
+from tests.engines.torch_probe import fail_next_copy
 
 
 class FaultSwitch:
@@ -62,16 +60,7 @@ class FaultSwitch:
             # The real engine starts the move, but its copy fails: the engine must give back the
             # destination blocks and keep the KV where it was.
             self.armed = None
-            copier = self._engine._copier
-            real_start = copier.start
-
-            def failing_start(*args, **kwargs):
-                copier.start = real_start
-                failed = Future()
-                failed.set_exception(RuntimeError("injected copy failure"))
-                return PendingCopy(future=failed)
-
-            copier.start = failing_start
+            fail_next_copy(self._engine)
         return self._engine.move(request_ids, src, dst)
 
 
