@@ -1,10 +1,19 @@
 """The built-in torch engine: a Llama-family decoder on paged KV caches (DESIGN.md §4).
 
-model_config (the config.json fields every architecture reads alike; no torch import),
-models/ (the shared decoder layers, one file per architecture, and the registry that reads
-config.json through them), safetensors_io (header reading, and why a file is corrupt), weights
-(the one check of a checkpoint's weights, which make build-engine runs too, and loading), rope,
-kv_cache (block allocator, block tables, the device caches and the host pool), kv_transfer
-(asynchronous block copies between any two pools), kv_tiers (the pools by tier name and the moves
-under way), forward_batch (one forward's inputs), sampler, engine (`TorchEngine`).
+- engine: `TorchEngine`, the contract's calls (prefill, decode, mixed_step, move, free).
+- placement: device names -> KV tiers, and a model replica and KV cache on each.
+- chunked_prefill: a mixed step's chunk checks, sampling state, commit and undo.
+- sequence: `SequenceState`, what the engine remembers about a request between calls.
+- model_config: `ModelConfig` and the config.json fields every architecture reads alike (no torch).
+- models/: the architectures. layers (the shared decoder: RMSNorm, paged attention, SwiGLU MLP,
+  CausalLM), base (`Architecture`), llama, mistral, qwen2, and the registry in its __init__
+  (`config_from_dir`, `expected_tensor_shapes`). A new architecture is one file there.
+- weights: the one check of a checkpoint's weights (which make build-engine runs too), and loading.
+- safetensors_io: header reading, and why a file is corrupt.
+- rope, forward_batch (one forward's inputs), sampler.
+- kv_cache (block allocator, block tables, the device caches and the host pool), kv_transfer
+  (asynchronous block copies between any two pools), kv_tiers (the pools by tier name and the
+  moves under way).
+
+Test-only views (logits, KV contents, copy faults) live in tests/engines/torch_probe.py.
 """

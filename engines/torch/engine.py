@@ -1,9 +1,13 @@
-"""`TorchEngine`: the built-in engine, a Llama-family decoder on paged KV caches on one or more devices."""
+"""`TorchEngine`: the built-in engine, a Llama-family decoder on paged KV caches on one or more devices.
+
+The engine executes the calls of the contract (engines/base.py) and keeps each request's state
+(`SequenceState`); where it computes is `placement`, what the model is `models`, the rules of a
+chunked prefill `chunked_prefill`, and the KV pools and moves between them `KVTiers`.
+"""
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -11,110 +15,23 @@ import torch
 
 from engines.base import (
     HOST, IN_FLIGHT, CallTiming, Capabilities, DeviceInfo, Engine, EngineError, EngineInfo, ModelInfo,
-    OutOfKVBlocks, PrefillChunk, PrefillRequest, SamplingParams, StepResult, TransferHandle, check_new_prompts, check_vocab,
+    OutOfKVBlocks, PrefillChunk, PrefillRequest, StepResult, TransferHandle, check_new_prompts,
 )
 from engines.manifest import Manifest, ManifestError
+from engines.torch.chunked_prefill import chunk_sampling, check_chunks, commit_mixed, undo_reservations
 from engines.torch.forward_batch import chunk_batch, decode_batch, prefill_batch
-from engines.torch.kv_cache import HostKVPool, PagedKVCache
+from engines.torch.kv_cache import HostKVPool
 from engines.torch.kv_tiers import KVTiers
-from engines.torch.model_config import ModelConfig
 from engines.torch.models import architecture, config_from_dir
-from engines.torch.models.layers import CausalLM
+from engines.torch.placement import place_devices, resolve_tiers
 from engines.torch.sampler import make_generator, sample
+from engines.torch.sequence import SequenceState
 from engines.torch.weights import load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 DEFAULT_KV_SEQS = 8
 """Without an explicit kv_blocks, each device's pool holds this many sequences of max_seq_len tokens."""
-
-
-@dataclass(slots=True)
-class _Sequence:
-    """What the engine remembers about one request between calls (where its KV is: `KVTiers`)."""
-
-    kv_len: int
-    """Tokens whose K/V are in the cache."""
-    last_token: int | None
-    """Sampled but not yet fed: the input of the next decode step. None while the prompt is
-    prefilled in chunks and its last chunk has not run: the request cannot decode yet."""
-    sampling: SamplingParams
-    generator: torch.Generator | None
-    """Seeded sampling state, on the decode device; it stays here while the KV moves, so
-    prefilling elsewhere or offloading changes no token."""
-    prompt_len: int
-    """Tokens in the prompt; a chunked prefill is complete when kv_len reaches it."""
-
-
-@dataclass(slots=True)
-class _Device:
-    """One device the engine computes on: its tier name, model replica and KV cache."""
-
-    tier: str
-    device: torch.device
-    model: CausalLM
-    """Shared by every tier on the same torch device (the CPU tiers share one)."""
-    cache: PagedKVCache
-
-
-def resolve_tier(spec: str) -> tuple[str, torch.device]:
-    """A device name -> (tier name, the torch device it computes on).
-
-    "auto": cuda:0 when CUDA is available, else cpu. "cuda" / "cuda:N": that GPU, tier "cuda:N".
-    "cpu": the CPU. "cpu:N" (N > 0): a further tier on the same CPU with a KV pool of its own,
-    so two pools can run on a machine without a GPU; "cpu:0" is "cpu".
-    """
-    if spec == "auto":
-        spec = "cuda:0" if torch.cuda.is_available() else "cpu"
-    try:
-        d = torch.device(spec)
-    except (RuntimeError, TypeError):
-        raise EngineError(f"device {spec!r} is not a device name; use 'auto', 'cpu', 'cpu:N' or 'cuda:N'") from None
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EngineError(f"device {spec!r} requested but CUDA is not available; use device='cpu' or 'auto'")
-        index = d.index or 0
-        if index >= torch.cuda.device_count():
-            raise EngineError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-        return f"cuda:{index}", torch.device("cuda", index)
-    if d.type == "cpu":
-        return ("cpu" if not d.index else f"cpu:{d.index}"), torch.device("cpu")
-    raise EngineError(f"device {spec!r} is not supported; use 'auto', 'cpu', 'cpu:N' or 'cuda:N'")
-
-
-def resolve_tiers(device: str, helper_devices: Sequence[str]) -> dict[str, torch.device]:
-    """Tier name -> torch device of the decode device and then each helper, each named once."""
-    if isinstance(helper_devices, str):
-        raise EngineError(f"helper_devices must be a sequence of device names, e.g. ({helper_devices!r},), "
-                          "not a single string")
-    tiers: dict[str, torch.device] = {}
-    named: dict[str, str] = {}
-    for spec in (device, *helper_devices):
-        tier, torch_device = resolve_tier(spec)
-        if tier in tiers:
-            raise EngineError(
-                f"device {spec!r} is tier {tier!r}, which {named[tier]!r} already names "
-                f"(device={device!r}, helper_devices={tuple(helper_devices)!r}); name each device once"
-            )
-        tiers[tier], named[tier] = torch_device, spec
-    return tiers
-
-
-def _place_devices(cfg: ModelConfig, weights: dict[str, torch.Tensor], tiers: dict[str, torch.device],
-                   dtype: torch.dtype, block_size: int, kv_blocks: int) -> dict[str, _Device]:
-    """A model replica and a KV cache for every tier; tiers on one torch device share a replica."""
-    models: dict[torch.device, CausalLM] = {}
-    devices: dict[str, _Device] = {}
-    for tier, torch_device in tiers.items():
-        if torch_device not in models:  # copied from the loaded set, not read from disk again
-            models[torch_device] = architecture(cfg.architecture).build(
-                cfg, {n: t.to(torch_device) for n, t in weights.items()})
-        cache = PagedKVCache(
-            num_layers=cfg.num_layers, num_blocks=kv_blocks, block_size=block_size, num_kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim, dtype=dtype, device=torch_device, tier=tier,
-        )
-        devices[tier] = _Device(tier, torch_device, models[torch_device], cache)
-    return devices
 
 
 class TorchEngine(Engine):
@@ -178,14 +95,15 @@ class TorchEngine(Engine):
             kv_blocks = -(-DEFAULT_KV_SEQS * self.max_seq_len // block_size)
         weights = load_weights(model_dir, self.cfg, DTYPES[dtype], next(iter(tiers.values())))
         self.num_params = sum(t.numel() for t in weights.values())
-        self._devices = _place_devices(self.cfg, weights, tiers, DTYPES[dtype], block_size, kv_blocks)
+        self._devices = place_devices(architecture(self.cfg.architecture), self.cfg, weights, tiers, DTYPES[dtype],
+                                      block_size, kv_blocks)
         """Decode device first, then the helpers."""
         del weights
         self._decode = next(iter(self._devices.values()))
         self.device, self.model, self.cache = self._decode.device, self._decode.model, self._decode.cache
         self.eos_token_ids = tuple(eos_token_ids) if eos_token_ids else self.cfg.eos_token_ids
         self.bos_token_id = bos_token_id if bos_token_id is not None else self.cfg.bos_token_id
-        self._seqs: dict[str, _Sequence] = {}
+        self._seqs: dict[str, SequenceState] = {}
         self._has_gpu = any(d.device.type == "cuda" for d in self._devices.values())
         self.host_pool: HostKVPool | None = None
         if host_kv_blocks:
@@ -263,7 +181,7 @@ class TorchEngine(Engine):
                 f"prefill on device {device!r}: this engine computes on {list(self._devices)}"
                 + (" (prefill there, then move the KV to the host)" if device == HOST else "")
             )
-        self._check_new(requests)
+        check_new_prompts(requests, self._seqs, self.max_seq_len, self.cfg.vocab_size, "prefill")
         if not requests:
             return self._empty("prefill"), torch.empty(0, self.cfg.vocab_size)
         ids = [r.request_id for r in requests]
@@ -289,16 +207,10 @@ class TorchEngine(Engine):
             raise
         seconds = self._clock(on.device) - start
         for r, tok, g in zip(requests, tokens, generators):
-            self._seqs[r.request_id] = _Sequence(len(r.prompt_ids), tok, r.sampling, g, len(r.prompt_ids))
+            self._seqs[r.request_id] = SequenceState(len(r.prompt_ids), tok, r.sampling, g, len(r.prompt_ids))
         lens = [len(r.prompt_ids) for r in requests]
         timing = CallTiming("prefill", seconds, len(ids), sum(lens), sum(lens), max(lens))
         return StepResult(dict(zip(ids, tokens)), timing), logits
-
-    def _check_new(self, requests: Sequence[PrefillRequest], op: str = "prefill") -> None:
-        check_new_prompts(requests, self._seqs, self.max_seq_len, self.cfg.vocab_size, op)
-
-    def _check_vocab(self, request_id: str, token_ids: Sequence[int], op: str) -> None:
-        check_vocab(request_id, token_ids, self.cfg.vocab_size, op)
 
     # -- decode ----------------------------------------------------------------------------
 
@@ -366,17 +278,17 @@ class TorchEngine(Engine):
         One forward on the decode device: a decoded request is a run of one token at its KV
         length, a chunk a run of prompt tokens at positions [start, end) that attends to the KV
         its earlier chunks left in the cache. Any failure once blocks are reserved gives them back
-        (`_undo_reservations`), so a failed step changes nothing either."""
+        (`undo_reservations`), so a failed step changes nothing either; see chunked_prefill."""
         ids, chunks = list(request_ids), list(chunks)
         self._check_decodable(ids, "mixed_step")
-        self._check_chunks(chunks)
+        check_chunks(chunks, self._seqs, self.tier_of, self.tier, self.max_seq_len, self.cfg.vocab_size)
         if not ids and not chunks:
             return self._empty("mixed"), torch.empty(0, self.cfg.vocab_size)
         decoding = [self._seqs[i] for i in ids]
         chunk_ids = [c.request.request_id for c in chunks]
         new = [c.request.request_id for c in chunks if c.start == 0]
         held = {i: len(self.cache.tables[i]) for i in ids + chunk_ids if i not in new}
-        states = [self._chunk_sampling(c) for c in chunks]
+        states = [chunk_sampling(c, self._seqs, self.device) for c in chunks]
         try:
             for i, s in zip(ids, decoding):
                 self.cache.reserve(i, s.kv_len + 1)
@@ -393,91 +305,14 @@ class TorchEngine(Engine):
             generators = [s.generator for s in decoding] + [g for (_, g), c in zip(states, chunks) if c.last]
             tokens = sample(logits[rows], params, generators)
         except Exception:
-            self._undo_reservations(held, new)
+            undo_reservations(self.cache, held, new)
             raise
         seconds = self._clock(self.device) - start
-        out = self._commit_mixed(ids, decoding, chunks, states, tokens)
+        out = commit_mixed(self._seqs, ids, decoding, chunks, states, tokens)
         kv = [s.kv_len for s in decoding] + [c.end for c in chunks]
         num_tokens = len(ids) + sum(c.end - c.start for c in chunks)
         timing = CallTiming("mixed", seconds, len(ids) + len(chunks), num_tokens, sum(kv), max(kv))
         return StepResult(out, timing), logits
-
-    def _check_chunks(self, chunks: list[PrefillChunk]) -> None:
-        """Refuse, before anything changes, chunks that do not continue their prompts exactly."""
-        ids = [c.request.request_id for c in chunks]
-        repeated = sorted({i for i in ids if ids.count(i) > 1})
-        if repeated:
-            raise EngineError(f"mixed_step: requests {repeated[:5]} have more than one chunk in the call; "
-                              "send one chunk per request per step")
-        self._check_new([c.request for c in chunks if c.start == 0], "mixed_step")
-        for c in chunks:
-            if c.start > 0:
-                self._check_continues(c)
-
-    def _check_continues(self, chunk: PrefillChunk) -> None:
-        """A later chunk must pick up exactly where its request's KV ends, on the decode device."""
-        rid, span = chunk.request.request_id, f"[{chunk.start}, {chunk.end})"
-        seq = self._seqs.get(rid)
-        if seq is None:
-            raise EngineError(f"mixed_step: chunk {span} of unknown request {rid!r} must start at 0: the first "
-                              "chunk registers the request (or it was freed)")
-        if seq.last_token is not None:
-            raise EngineError(f"mixed_step: request {rid!r} has prefilled its whole {seq.prompt_len}-token prompt "
-                              f"already; decode it instead of sending chunk {span}")
-        n = len(chunk.request.prompt_ids)
-        if n != seq.prompt_len:
-            raise EngineError(f"mixed_step: chunk {span} of {rid!r} has a {n}-token prompt, but its first chunk had "
-                              f"{seq.prompt_len} tokens; send the same prompt with every chunk")
-        if chunk.start != seq.kv_len:
-            kind = "a gap" if chunk.start > seq.kv_len else "an overlap"
-            raise EngineError(f"mixed_step: chunk {span} of {rid!r} starts at {chunk.start} but the request holds "
-                              f"{seq.kv_len} tokens of KV ({kind}); its next chunk must start at {seq.kv_len}")
-        tier = self.tier_of(rid)
-        if tier != self.tier:
-            raise EngineError(f"mixed_step: KV must be on {self.tier!r} to prefill chunk {span} of {rid!r}, but it is "
-                              f"{'in ' + repr(tier) if tier != IN_FLIGHT else IN_FLIGHT}; move it back first")
-        self._check_vocab(rid, chunk.request.prompt_ids[chunk.start:chunk.end], "mixed_step")
-
-    def _chunk_sampling(self, chunk: PrefillChunk) -> tuple[SamplingParams, torch.Generator | None]:
-        """The chunk's request's sampling and generator: kept from its first chunk, or new (on the
-        decode device, as `prefill` makes it) for a first chunk."""
-        seq = self._seqs.get(chunk.request.request_id) if chunk.start > 0 else None
-        if seq is not None:
-            return seq.sampling, seq.generator
-        params = chunk.request.sampling
-        return params, None if params.greedy else make_generator(params, self.device)
-
-    def _commit_mixed(self, ids: list[str], decoding: list[_Sequence], chunks: list[PrefillChunk],
-                      states: list[tuple[SamplingParams, torch.Generator | None]], tokens: list[int]) -> dict[str, int]:
-        """Record a finished mixed step: decoded requests grow by one, chunked ones by their chunk
-        (a first chunk registers its request), and finished prompts get their first token."""
-        out = dict(zip(ids, tokens))
-        for s, tok in zip(decoding, tokens):
-            s.kv_len += 1
-            s.last_token = tok
-        first_tokens = iter(tokens[len(ids):])
-        for c, (params, generator) in zip(chunks, states):
-            rid = c.request.request_id
-            if c.start == 0:
-                self._seqs[rid] = _Sequence(0, None, params, generator, len(c.request.prompt_ids))
-            seq = self._seqs[rid]
-            seq.kv_len = c.end
-            if c.last:
-                seq.last_token = out[rid] = next(first_tokens)
-        return out
-
-    def _undo_reservations(self, held: dict[str, int], new: Sequence[str]) -> None:
-        """Give back what a failed step reserved on the decode device: the whole tables of the
-        requests it was registering, and the blocks it added to the others' tables (their KV past
-        the old length was never recorded, so those blocks hold nothing the engine knows of)."""
-        for rid in new:
-            self.cache.release(rid)
-        for rid, n in held.items():
-            table = self.cache.tables[rid]
-            grown = table[n:]
-            if grown:
-                del table[n:]
-                self.cache.allocator.free(grown)
 
     # -- KV tiers --------------------------------------------------------------------------
 

@@ -1,0 +1,29 @@
+"""`SequenceState`: what the torch engine remembers about one request between calls.
+
+Where the request's KV is follows from the KV pools' block tables (`KVTiers`); this holds what
+the request has computed so far and how it samples its next token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engines.base import SamplingParams
+
+
+@dataclass(slots=True)
+class SequenceState:
+    """One request's progress and sampling state (see the module docstring)."""
+
+    kv_len: int
+    """Tokens whose K/V are in the cache."""
+    last_token: int | None
+    """Sampled but not yet fed: the input of the next decode step. None while the prompt is
+    prefilled in chunks and its last chunk has not run: the request cannot decode yet."""
+    sampling: SamplingParams
+    generator: torch.Generator | None
+    """Seeded sampling state, on the decode device; it stays here while the KV moves, so
+    prefilling elsewhere or offloading changes no token."""
+    prompt_len: int
+    """Tokens in the prompt; a chunked prefill is complete when kv_len reaches it."""
