@@ -10,7 +10,9 @@ import transformers
 
 from engines.base import EngineError, OutOfKVBlocks, PrefillChunk, PrefillRequest, SamplingParams
 from engines.torch.engine import TorchEngine
-from tests.engines.torch_probe import decode_with_logits, kv_contents, kv_len, mixed_step_with_logits, prefill_with_logits
+from tests.engines.torch_probe import (
+    decode_with_logits, kv_contents, kv_len, mixed_step_with_logits, prefill_with_logits,
+)
 
 ATOL = 1e-5
 """float32: a chunked forward and a whole one differ only in summation order."""

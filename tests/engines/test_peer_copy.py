@@ -88,7 +88,8 @@ def test_describe_lists_every_device_and_peer_copy(model_dir):
     assert info.capabilities.can_peer_copy and info.capabilities.can_offload
     # One set of weights for every CPU tier, but a KV pool each.
     assert engine._devices["cpu:2"].model is engine.model
-    assert cache_of(engine, "cpu:1").kv.data_ptr() != engine.cache.kv.data_ptr() != cache_of(engine, "cpu:2").kv.data_ptr()
+    pools = [cache_of(engine, "cpu:1").kv, engine.cache.kv, cache_of(engine, "cpu:2").kv]
+    assert pools[0].data_ptr() != pools[1].data_ptr() != pools[2].data_ptr()
     with pytest.raises(KeyError, match="unknown KV tier 'cpu:3'"):
         engine.kv_blocks_used("cpu:3")
 

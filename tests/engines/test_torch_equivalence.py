@@ -69,8 +69,8 @@ def run_engine(engine: TorchEngine, prompt_ids: list[list[int]], steps: int):
     """Prefill all prompts in one call, then decode them together; return per sequence its
     prefill logits [P, V], its decode-step logits [steps, V] and all its tokens."""
     ids = [f"req{i}" for i in range(len(prompt_ids))]
-    first, logits = prefill_with_logits(engine, 
-        [PrefillRequest(i, p) for i, p in zip(ids, prompt_ids)], all_positions=True)
+    first, logits = prefill_with_logits(
+        engine, [PrefillRequest(i, p) for i, p in zip(ids, prompt_ids)], all_positions=True)
     logits = logits.float().cpu()
     prefill_logits = [logits[b, : len(p)] for b, p in enumerate(prompt_ids)]
     tokens = [list(p) + [first.tokens[i]] for i, p in zip(ids, prompt_ids)]
