@@ -121,7 +121,7 @@ class ServeConfig:
     """Address the admin API and dashboard listen on. Loopback by default: the read-only pages
     need no token, so expose them beyond this host only behind your own access control."""
     admin_port: int = 0
-    """Port of the admin API and dashboard (orchestrator/admin); 0: no admin server."""
+    """Port of the admin API and dashboard (serving/admin); 0: no admin server."""
     admin_token: str = ""
     """Bearer token the admin API's operator actions (drain, resume, cancel, policy switch)
     require; set it through ALIGNED_ADMIN_TOKEN rather than a file. Empty: those actions are

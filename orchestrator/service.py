@@ -19,7 +19,7 @@ from orchestrator.kv_ledger import KVLedger
 from orchestrator.metrics import IterationRecord
 from orchestrator.policies import Policy, make_policy
 from orchestrator.run_loop import RunLoop
-from orchestrator.snapshot import Snapshot, TierUsage, view
+from orchestrator.snapshot import RequestView, Snapshot, TierUsage, view
 
 
 class Orchestrator:
@@ -38,6 +38,7 @@ class Orchestrator:
         self.loop = RunLoop(engine, policy, self.ledger, self.config, clock)
         self._ids = itertools.count(1)
         self._switching = threading.Lock()  # one switch at a time: config and policy stay in step
+        self._finished_views: dict[str, RequestView] = {}
 
     @property
     def policy(self) -> Policy:
@@ -131,9 +132,12 @@ class Orchestrator:
         device = self.info.decode_device
         prefill = self.config.prefill_device or device
         views = {part: tuple(view(r, device, prefill) for r in requests) for part, requests in parts.items()}
+        # A finished request never changes again: its view is made once and kept while it is listed.
+        known = self._finished_views
+        finished = tuple(known.get(r.id) or view(r, device, prefill) for r in list(loop.lifecycle.recent_finished))
+        self._finished_views = {v.id: v for v in finished}
         return Snapshot(
-            time=self.clock(), policy=self.policy.name, draining=self.draining, **views,
-            finished=tuple(view(r, device, prefill) for r in list(loop.lifecycle.recent_finished)),
+            time=self.clock(), policy=self.policy.name, draining=self.draining, **views, finished=finished,
             kv=self._tier_usage(), totals=self._totals(), max_seq_len=self.config.max_seq_len)
 
     def history(self, request_id: str) -> tuple[tuple[float, str, str], ...] | None:
