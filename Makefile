@@ -19,7 +19,7 @@ CALIBRATE_ARGS ?=
 TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: browser load venv build-engine verify-engine serve test bench-decode bench-policy calibrate clean bench simulate
+.PHONY: browser load venv build-engine verify-engine serve test check-layers bench-decode bench-policy calibrate clean bench simulate
 
 venv: $(VENV)/.installed
 
@@ -61,6 +61,10 @@ browser:
 test: venv browser
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+# No import cycle, no upward import between the layers (DESIGN.md §2); make test runs it too.
+check-layers: venv
+	$(BIN)/python tests/test_layering.py
 
 bench-decode: venv
 	$(BIN)/python -m bench.decode_throughput $(BENCH_ARGS)
