@@ -243,21 +243,20 @@ class LengthIndex:
         return -(-lengths // self.block_size)
 
     def _prefix(self, exclude: AbstractSet[str] = NONE):
-        """(distinct lengths, requests of each, prefix sums of requests and of blocks); cached
-        until the index changes, computed afresh when some ids are excluded."""
-        leaves = self.counts[0]
-        if exclude:
-            leaves = leaves.copy()
-            for rid in exclude:
-                if rid in self._length:
-                    leaves[self._length[rid] - 1] -= 1
-        elif self._cache is not None:
+        """(distinct lengths, requests of each, prefix sums of requests and of blocks), cached
+        until the index changes; with `exclude`, the cached arrays less those requests."""
+        if self._cache is None:
+            nonempty = np.flatnonzero(self.counts[0])
+            self._cache = self._sums(nonempty + 1, self.counts[0][nonempty])
+        gone = [self._length[rid] for rid in exclude if rid in self._length]
+        if not gone:
             return self._cache
-        nonempty = np.flatnonzero(leaves)
-        lengths = nonempty + 1
-        counts = leaves[nonempty]
+        lengths, counts = self._cache[0], self._cache[1].copy()
+        np.subtract.at(counts, np.searchsorted(lengths, gone), 1)
+        kept = counts > 0
+        return self._sums(lengths[kept], counts[kept])
+
+    def _sums(self, lengths: np.ndarray, counts: np.ndarray):
         cum_n = np.concatenate(([0], np.cumsum(counts)))
         cum_b = np.concatenate(([0], np.cumsum(counts * self._blocks_of(lengths))))
-        if not exclude:
-            self._cache = (lengths, counts, cum_n, cum_b)
         return lengths, counts, cum_n, cum_b
