@@ -12,7 +12,7 @@ finished `StepPlan`; the run loop applies it to the pool and the ledger, then ex
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 from orchestrator.core import Grant, Request, StepPlan
 from orchestrator.length_index import Window
@@ -22,15 +22,38 @@ if TYPE_CHECKING:
     from orchestrator.pool import RequestPool
 
 
+class WaitingQueue:
+    """The pool's waiting queue less the requests this plan has admitted, in arrival order; read
+    in place (the queue may be long: nothing is copied each iteration)."""
+
+    __slots__ = ("_queue", "_admitted")
+
+    def __init__(self, queue: Iterable[Request], admitted: set[Request]):
+        self._queue = queue
+        self._admitted = admitted
+
+    def __iter__(self) -> Iterator[Request]:
+        if not self._admitted:
+            return iter(self._queue)
+        return (r for r in self._queue if r not in self._admitted)
+
+    def __len__(self) -> int:
+        return len(self._queue) - len(self._admitted)
+
+
 class Draft:
     """The pool and the ledger as one iteration's decisions so far would leave them."""
+
+    __slots__ = ("now", "_pool", "_ledger", "_admitted", "waiting", "prefilling", "running", "staged", "candidates",
+                 "_left_host", "_moving", "_booked", "_admit", "_grants", "_promote", "_offload", "_load", "_stage")
 
     def __init__(self, pool: RequestPool, ledger: KVLedger, now: float):
         self.now = now
         """The run loop's clock when planning began (waits and ages are measured against it)."""
         self._pool = pool
         self._ledger = ledger
-        self.waiting: list[Request] = list(pool.waiting)
+        self._admitted: set[Request] = set()  # Request compares by identity (eq=False)
+        self.waiting = WaitingQueue(pool.waiting, self._admitted)
         """Accepted requests without KV, in arrival order, less those admitted by this plan."""
         self.prefilling: tuple[Request, ...] = tuple(pool.prefilling)
         """Requests whose prompts are being prefilled (in chunks, or on another device)."""
@@ -101,11 +124,10 @@ class Draft:
         self._grants.append(Grant(request, tier, blocks))
 
     def admit(self, requests: Sequence[Request]) -> None:
-        """These waiting requests leave the queue to be prefilled (whole or in chunks)."""
-        taken = set(requests)  # Request compares by identity (eq=False)
-        if taken:
-            self.waiting = [r for r in self.waiting if r not in taken]
-            self._admit.extend(requests)
+        """These waiting requests leave the queue to be prefilled (whole or in chunks); call it
+        once the policy is done walking `waiting`."""
+        self._admitted.update(requests)
+        self._admit.extend(requests)
 
     def promote(self, request: Request) -> None:
         """A staged request or a refill candidate joins the running batch."""
@@ -139,7 +161,11 @@ class Draft:
              wait: Sequence[Request] = (), chunks: Sequence[tuple[Request, int, int]] = (),
              prefill_on: str | None = None, switch: bool = False) -> StepPlan:
         """The finished plan: the decisions recorded here, and what the engine is to run."""
-        return StepPlan(admit=tuple(self._admit), grants=tuple(self._grants), promote=tuple(self._promote),
-                        offload=tuple(self._offload), load=tuple(self._load), stage=tuple(self._stage),
-                        prefill=tuple(prefill), park=tuple(park), wait=tuple(wait), decode=tuple(decode),
-                        chunks=tuple(chunks), prefill_on=prefill_on, switch=switch)
+        return StepPlan(admit=_frozen(self._admit), grants=_frozen(self._grants), promote=_frozen(self._promote),
+                        offload=_frozen(self._offload), load=_frozen(self._load), stage=_frozen(self._stage),
+                        prefill=_frozen(prefill), park=_frozen(park), wait=_frozen(wait), decode=tuple(decode),
+                        chunks=_frozen(chunks), prefill_on=prefill_on, switch=switch)
+
+
+def _frozen(items: Sequence) -> tuple:
+    return tuple(items) if items else ()  # most parts of most plans are empty: skip the call

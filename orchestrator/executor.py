@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 from engines.base import (HOST, CallTiming, Engine, EngineError, EngineInfo, PrefillChunk, PrefillHandle,
                           PrefillRequest)
@@ -30,15 +30,15 @@ log = logging.getLogger("alignedserve.executor")
 
 
 @dataclass(frozen=True, slots=True)
-class Token:
-    """A request's next token, and what it means for the request's place in the pool."""
+class FirstToken:
+    """A request's first token, and where the request goes with it."""
 
     request: Request
     token: int
-    step: str = "decode"
-    """"decode"; "prefill" (prefilled on the decode device: it joins the running batch);
-    "remote prefill" (prefilled on another device: its KV moves to the decode device as a
-    candidate); "chunk" (its last prompt chunk ran: it joins the running batch)."""
+    step: str
+    """"prefill" (prefilled on the decode device: it joins the running batch); "remote prefill"
+    (prefilled on another device: its KV moves to the decode device as a candidate); "chunk" (its
+    last prompt chunk ran: it joins the running batch)."""
     park: bool = False
     """Once prefilled, its KV goes to the host pool instead."""
 
@@ -49,12 +49,14 @@ class Outcome:
 
     timing: CallTiming | None = None
     """The engine call's timing, for the metrics."""
-    on_host: list[tuple[Request, float]] = field(default_factory=list)
+    on_host: Sequence[tuple[Request, float]] = ()
     """(request, when) of KV that reached the host pool."""
-    progress: list[tuple[Request, int]] = field(default_factory=list)
+    progress: Sequence[tuple[Request, int]] = ()
     """(request, prompt tokens prefilled so far) after a chunk of its prompt ran."""
-    tokens: list[Token] = field(default_factory=list)
-    failed: list[tuple[Request, str]] = field(default_factory=list)
+    tokens: Sequence[tuple[Request, int]] = ()
+    """(request, token): the next token of each request decoded."""
+    first_tokens: Sequence[FirstToken] = ()
+    failed: Sequence[tuple[Request, str]] = ()
     """(request, message): the request ends with an error."""
 
 
@@ -102,8 +104,10 @@ class PlanExecutor:
     def run(self, plan: StepPlan, report: StepReport) -> Iterator[Outcome]:
         """Carry out `plan`; yields each engine call's outcome, to be applied before resuming."""
         bytes_before = self.transfers.bytes_started
-        yield self._start_moves(plan.offload, self.device, HOST)
-        yield self._start_loads(plan.load)
+        if plan.offload:
+            yield self._start_moves(plan.offload, self.device, HOST)
+        if plan.load:
+            yield self._start_loads(plan.load)
         if plan.prefill:
             park = {r.id for r in plan.park}
             if plan.prefill_on not in (None, self.device):
@@ -125,8 +129,10 @@ class PlanExecutor:
     def collect(self) -> Iterator[Outcome]:
         """What finished since the last look: moves that landed or failed, and prefills done on
         other devices (their KV then starts moving on)."""
-        yield self._settled(self.transfers.poll())
-        yield from self._collect_prefills()
+        if len(self.transfers):
+            yield self._settled(self.transfers.poll())
+        if self._prefills:
+            yield from self._collect_prefills()
 
     def wait_for_anything(self, report: StepReport) -> Iterator[Outcome]:
         """Nothing is runnable until a move lands or a prefill on another device ends: block
@@ -179,8 +185,8 @@ class PlanExecutor:
             yield Outcome(failed=[(r, f"prefill failed: {e}") for r in requests])
             return
         report.prefill = result.timing
-        yield Outcome(timing=result.timing, tokens=[
-            Token(r, result.tokens[r.id], "prefill", park=r.id in park) for r in requests])
+        yield Outcome(timing=result.timing, first_tokens=[
+            FirstToken(r, result.tokens[r.id], "prefill", park=r.id in park) for r in requests])
         parked = [r for r in requests if r.id in park and not r.finished]
         if parked:
             yield self._start_moves(parked, self.device, HOST)
@@ -210,8 +216,9 @@ class PlanExecutor:
             if result is None:
                 continue
             del self._prefills[hid]
-            yield Outcome(timing=result.timing, tokens=[
-                Token(r, result.tokens[r.id], "remote prefill", park=r.id in park) for r in requests if not r.finished])
+            yield Outcome(timing=result.timing, first_tokens=[
+                FirstToken(r, result.tokens[r.id], "remote prefill", park=r.id in park)
+                for r in requests if not r.finished])
             live = [r for r in requests if not r.finished]
             yield self._start_moves([r for r in live if r.id in park], handle.device, HOST)
             yield self._start_moves([r for r in live if r.id not in park], handle.device, self.device)
@@ -224,7 +231,8 @@ class PlanExecutor:
             yield Outcome(failed=[(r, f"decode failed: {e}") for r in requests])
             return
         report.decode = result.timing
-        yield Outcome(timing=result.timing, tokens=[Token(r, result.tokens[r.id]) for r in requests])
+        tokens = result.tokens
+        yield Outcome(timing=result.timing, tokens=[(r, tokens[r.id]) for r in requests])
 
     def _mixed(self, decode: list[Request], chunks: list[tuple[Request, int, int]],
                report: StepReport) -> Iterator[Outcome]:
@@ -249,5 +257,5 @@ class PlanExecutor:
             report.decode = CallTiming("decode", seconds, len(decode), len(decode), sum(kv), max(kv))
         yield Outcome(
             timing=result.timing, progress=[(r, end) for r, _, end in chunks],
-            tokens=[Token(r, result.tokens[r.id]) for r in decode]
-            + [Token(r, result.tokens[r.id], "chunk") for r, _, end in chunks if end == r.prompt_len])
+            tokens=[(r, result.tokens[r.id]) for r in decode],
+            first_tokens=[FirstToken(r, result.tokens[r.id], "chunk") for r, _, end in chunks if end == r.prompt_len])

@@ -65,7 +65,9 @@ class Lifecycle:
                 self.pool.on_host(r, at)
         for r, end in outcome.progress:
             r.prefilled = end
-        for t in outcome.tokens:
+        for r, token in outcome.tokens:
+            self.accept(r, token)
+        for t in outcome.first_tokens:
             r = t.request
             if r.finished:  # cancelled while its prompt was prefilled elsewhere
                 continue

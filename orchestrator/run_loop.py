@@ -256,14 +256,16 @@ def apply_plan(plan: StepPlan, pool: RequestPool, ledger: KVLedger, now: float, 
     promotions and its loads."""
     for grant in plan.grants:
         ledger.reserve(grant.request.id, grant.tier, grant.blocks)
-    pool.take_waiting(list(plan.admit))
-    elsewhere = plan.prefill if plan.prefill_on not in (None, decode_device) else ()
-    for r in [*elsewhere, *(r for r, start, _ in plan.chunks if start == 0)]:
-        pool.begin_prefill(r)
+    if plan.admit:
+        pool.take_waiting(list(plan.admit))
+        elsewhere = plan.prefill if plan.prefill_on not in (None, decode_device) else ()
+        for r in [*elsewhere, *(r for r, start, _ in plan.chunks if start == 0)]:
+            pool.begin_prefill(r)
     for r in plan.offload:
         pool.to_host(r, now)
     for r in plan.promote:
         pool.promote(r)
-    staged = set(plan.stage)  # Request compares by identity (eq=False)
-    for r in plan.load:
-        pool.to_device(r, as_candidate=r not in staged)
+    if plan.load:
+        staged = set(plan.stage)  # Request compares by identity (eq=False)
+        for r in plan.load:
+            pool.to_device(r, as_candidate=r not in staged)
