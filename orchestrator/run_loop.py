@@ -179,7 +179,7 @@ class RunLoop:
     def _take_inbox(self) -> None:
         while self._inbox:
             self.pool.add(self._inbox[0])
-            self._inbox.popleft()  # after: the queue limit never sees it in neither place
+            self._inbox.popleft()  # after the add: the queue limit counts it in one place or the other
         while self._cancels:
             request = self.pool.get(self._cancels.popleft())
             if request is not None and not request.finished:
