@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from build_scripts.checkpoint import CONFIG_FILE, TOKENIZER_FILE, BuildError, Checkpoint, inspect_checkpoint
+from build_scripts.kv_budget import HOST_KV_FACTOR, default_budget, free_gpu_memory
 from build_scripts.staging import check_replaceable, staged_dir
 from engines.manifest import MANIFEST_NAME, Manifest, WeightFile, read_manifest
 
@@ -26,9 +27,6 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 DEFAULT_MAX_SEQ_LEN = 4096
 """Cap on the default max_seq_len, so a 128k-context model does not reserve 128k-token requests."""
 GIB = 2**30
-HOST_KV_FACTOR = 2
-"""Without --host-kv-memory-gb the host pool is this many times the device pool: the pool of
-parked requests has to be large for aligned batches to find candidates (DESIGN.md §1)."""
 _COPY_CHUNK = 8 * 2**20
 
 
@@ -80,7 +78,7 @@ def build_engine(
     dtype: str = "float32",
     max_seq_len: int | None = None,
     block_size: int = 16,
-    kv_memory_gb: float = 1.0,
+    kv_memory_gb: float | None = None,
     host_kv_memory_gb: float | None = None,
     force: bool = False,
     source: str | None = None,
@@ -93,6 +91,9 @@ def build_engine(
     tokenizer_config.json, special_tokens_map.json and chat_template.jinja the checkpoint has,
     and manifest.json (written last).
 
+    kv_memory_gb / host_kv_memory_gb: GiB for the device pool / the host pool; None sizes them to
+    the model and this machine (`build_scripts.kv_budget`; the manifest's extra says how), and a
+    given device pool gets a host pool HOST_KV_FACTOR times its size.
     source: what the manifest records as the origin (default: the absolute model path).
     progress: tqdm bar while copying weights; None shows it only on a terminal.
     """
@@ -117,12 +118,27 @@ def build_engine(
             f"--max-seq-len {max_seq_len} must be in [1, {cfg.max_position_embeddings}] "
             f"(max_position_embeddings in {model_dir / CONFIG_FILE})"
         )
+    per_block = kv_block_bytes(ckpt, dtype, block_size)
+    extra = {}
+    if kv_memory_gb is None:
+        budget = default_budget(per_block // block_size, max_seq_len, ckpt.num_params * DTYPE_BYTES[dtype],
+                                gpu_free=free_gpu_memory())
+        need = -(-max_seq_len // block_size)
+        if budget.device_bytes < need * per_block:
+            raise BuildError(
+                f"the memory for the KV cache on this machine ({budget.reason}: {budget.device_bytes / GIB:.3g} GiB) "
+                f"holds less than one request of --max-seq-len {max_seq_len} tokens ({need * per_block / GIB:.3g} "
+                "GiB); free some memory, lower --max-seq-len, or give --kv-memory-gb")
+        kv_memory_gb = budget.device_bytes / GIB
+        if host_kv_memory_gb is None:
+            host_kv_memory_gb = budget.host_bytes / GIB
+        extra["kv_budget"] = budget.reason
     blocks = kv_blocks(ckpt, dtype, block_size, max_seq_len, kv_memory_gb)
     if host_kv_memory_gb is None:
         host_kv_memory_gb = HOST_KV_FACTOR * kv_memory_gb
     if not (math.isfinite(host_kv_memory_gb) and host_kv_memory_gb >= 0):
         raise BuildError(f"--host-kv-memory-gb must be a number >= 0 (0: no host pool), got {host_kv_memory_gb}")
-    host_blocks = int(host_kv_memory_gb * GIB) // kv_block_bytes(ckpt, dtype, block_size)
+    host_blocks = int(host_kv_memory_gb * GIB) // per_block
 
     with staged_dir(out, force=force) as tmp:
         for name in (CONFIG_FILE, *ckpt.extra_files, *([ckpt.index_file] if ckpt.index_file else [])):
@@ -139,7 +155,7 @@ def build_engine(
             kv_block_size=block_size,
             kv_blocks_device=blocks,
             kv_blocks_host=host_blocks,
-            bytes_per_block=kv_block_bytes(ckpt, dtype, block_size),
+            bytes_per_block=per_block,
             tokenizer=TOKENIZER_FILE,
             weights=weights,
             weights_sha256=weights_digest(weights),
@@ -147,6 +163,7 @@ def build_engine(
             eos_token_ids=ckpt.eos_token_ids,
             bos_token_id=ckpt.bos_token_id,
             source=source if source is not None else str(resolved_model),
+            extra=extra,
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         read_manifest(tmp)  # what every loader does first; a failure here is a bug in this script
