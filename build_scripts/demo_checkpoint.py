@@ -18,6 +18,13 @@ from pathlib import Path
 from build_scripts.random_checkpoint import write_random_checkpoint
 
 BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""ChatML, as SmolLM2 and Qwen write conversations; the byte tokenizer spells its markers in bytes."""
 VOCAB_SIZE = 259
 INIT_STD = 0.02
 """Standard deviation of the normal init, as Hugging Face's `initializer_range` default."""
@@ -129,6 +136,7 @@ def make_demo_checkpoint(
             "add_bos_token": True,
             "add_eos_token": False,
             "bos_token": "<s>",
+            "chat_template": CHAT_TEMPLATE,
             "eos_token": "</s>",
             "pad_token": "<pad>",
             "clean_up_tokenization_spaces": False,
