@@ -1,12 +1,14 @@
-"""`make build-engine`: turn a Hugging Face checkpoint into an engine directory.
+"""`make build-engine`: turn a Hugging Face checkpoint or a GGUF file into an engine directory.
 
-    python -m build_scripts.build_engine [--model HF_DIR] [--out ENGINE_DIR] [--dtype float32|bfloat16]
+    python -m build_scripts.build_engine [--model HF_DIR|FILE.gguf] [--out ENGINE_DIR] [--dtype float32|bfloat16]
         [--max-seq-len N] [--block-size 16] [--kv-memory-gb 1.0] [--host-kv-memory-gb 2x] [--force]
         [--backend torch|trtllm [--max-batch-size 64] [--cache-transceiver NIXL|UCX]]
 
 Without --model it builds the seeded random demo model (`build_scripts.demo_checkpoint`), made
-afresh in a temporary directory each time. On any problem the command prints one line naming the
-file and the problem and exits with status 2, leaving no engine directory behind.
+afresh in a temporary directory each time. A --model ending in .gguf is a llama.cpp file of the
+Llama family, converted by `build_scripts.gguf_checkpoint` and then built like a checkpoint. On
+any problem the command prints one line naming the file and the problem and exits with status 2,
+leaving no engine directory behind.
 
 This module is the command line only. --backend torch (the default) runs
 `build_scripts.torch_build.build_engine`, which says what an engine directory holds and how it is
@@ -23,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from build_scripts.checkpoint import BuildError
+from build_scripts.gguf_checkpoint import build_gguf_engine
 from build_scripts.staging import check_replaceable
 from build_scripts.torch_build import DEFAULT_MAX_SEQ_LEN, DTYPE_BYTES, HOST_KV_FACTOR, build_engine
 from build_scripts.trtllm_build import DEFAULT_MAX_BATCH_SIZE, build_trtllm_engine
@@ -33,11 +36,13 @@ BUILD_BACKENDS = ("torch", "trtllm")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m build_scripts.build_engine",
-        description="Check a Hugging Face checkpoint and write an engine directory with manifest.json.",
+        description="Check a Hugging Face checkpoint (or a GGUF file) and write an engine directory with "
+                    "manifest.json.",
     )
-    p.add_argument("--model", help="Hugging Face checkpoint directory; omit it to build the demo model")
+    p.add_argument("--model", help="Hugging Face checkpoint directory, or a llama.cpp .gguf file (Llama family); "
+                                   "omit it to build the demo model")
     p.add_argument("--out", help="engine directory to write (default: engines_built/<model dir name>, "
-                                 "or engines_built/demo)")
+                                 "engines_built/<gguf file name without .gguf>, or engines_built/demo)")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float32",
                    help="compute dtype the engine runs in (default float32; use bfloat16 on GPUs)")
     p.add_argument("--max-seq-len", type=int,
@@ -73,7 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     if a.backend != "trtllm" and (a.max_batch_size is not None or a.cache_transceiver):
         parser.error("--max-batch-size and --cache-transceiver only apply to --backend trtllm")
     size, seed = a.demo_size or "demo", a.seed if a.seed is not None else 0
-    default_name = Path(a.model).resolve().name if a.model else ("demo" if size == "demo" else f"demo-{size}")
+    gguf = bool(a.model) and a.model.lower().endswith(".gguf")
+    if a.model:
+        default_name = Path(a.model).resolve().stem if gguf else Path(a.model).resolve().name
+    else:
+        default_name = "demo" if size == "demo" else f"demo-{size}"
     out = Path(a.out or Path("engines_built") / default_name)
     options = dict(dtype=a.dtype, max_seq_len=a.max_seq_len, block_size=a.block_size,
                    kv_memory_gb=a.kv_memory_gb, host_kv_memory_gb=a.host_kv_memory_gb, force=a.force)
@@ -82,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
         slots = a.max_batch_size if a.max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
         build = functools.partial(build_trtllm_engine, max_batch_size=slots, cache_transceiver=a.cache_transceiver)
     try:
-        if a.model:
+        if gguf:
+            manifest = build_gguf_engine(a.model, out, build=build, **options)
+        elif a.model:
             manifest = build(a.model, out, **options)
         else:
             check_replaceable(out, a.force)  # before spending time on the demo weights
