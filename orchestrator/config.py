@@ -126,6 +126,15 @@ class ServeConfig:
     """Bearer token the admin API's operator actions (drain, resume, cancel, policy switch)
     require; set it through ALIGNED_ADMIN_TOKEN rather than a file. Empty: those actions are
     refused (403) and the read-only endpoints still work."""
+    openai_host: str = "127.0.0.1"
+    """Address the OpenAI-compatible API (serving/openai_api) listens on. Loopback by default:
+    it asks for no API key, so expose it beyond this host only behind your own access control."""
+    openai_port: int = 0
+    """Port of the OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions),
+    served from the same orchestrator as Triton; 0: no OpenAI API. `make serve` sets 8080."""
+    openai_model_name: str = ""
+    """The model name the OpenAI API serves (and clients send as "model"); empty: the engine
+    directory's name."""
 
     def __post_init__(self) -> None:
         if self.policy not in REGISTRY:
@@ -153,6 +162,8 @@ class ServeConfig:
             raise ConfigError(f"idle_wait_s: must be > 0, got {self.idle_wait_s}")
         if not 0 <= self.admin_port <= 65535:
             raise ConfigError(f"admin_port: must be in [0, 65535] (0 = no admin server), got {self.admin_port}")
+        if not 0 <= self.openai_port <= 65535:
+            raise ConfigError(f"openai_port: must be in [0, 65535] (0 = no OpenAI API), got {self.openai_port}")
 
     def replace(self, **changes: Any) -> "ServeConfig":
         return dataclasses.replace(self, **changes)
