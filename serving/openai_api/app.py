@@ -45,7 +45,7 @@ def create_app(orch: Orchestrator, tokenizer: Tokenizer, model_name: str,
     """The app serving `orch` as `model_name`. chat_template None: chat requests are refused
     (400) with `no_template_reason`; completions work."""
     cfg = orch.config
-    limits = protocol.Limits(cfg.max_tokens_limit, cfg.max_seq_len, cfg.default_max_tokens)
+    limits = protocol.Limits(cfg.max_tokens_limit, cfg.max_seq_len)
     max_body = 64 * 1024 + BODY_BYTES_PER_CHAR * limits.max_prompt_chars
     created = int(time.time())
     app = FastAPI(title="AlignedServe OpenAI-compatible API", version="1",

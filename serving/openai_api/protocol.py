@@ -73,7 +73,6 @@ class Limits:
     max_tokens: int
     """Largest max_tokens (the orchestrator's max_tokens_limit)."""
     max_seq_len: int
-    default_max_tokens: int
 
     @property
     def max_prompt_chars(self) -> int:
@@ -88,7 +87,8 @@ class Generation:
     """"chat" or "completion"."""
     model: str
     sampling: SamplingParams
-    max_tokens: int
+    max_tokens: int | None
+    """None: the server's default_max_tokens, within what the prompt leaves of max_seq_len."""
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
@@ -127,9 +127,7 @@ def parse(body: object, kind: str, model: str, limits: Limits) -> Generation:
     if kind == "chat" and body.get("max_completion_tokens") is not None:
         param = "max_completion_tokens"
     max_tokens = body.get(param)
-    if max_tokens is None:
-        max_tokens = limits.default_max_tokens
-    else:
+    if max_tokens is not None:
         max_tokens = _int(max_tokens, param)
         if not 1 <= max_tokens <= limits.max_tokens:
             raise ApiError(400, f"{param}: {max_tokens} is outside [1, {limits.max_tokens}]", param)

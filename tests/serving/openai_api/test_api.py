@@ -116,6 +116,11 @@ def test_max_completion_tokens_wins_over_max_tokens(http):
     assert whole["usage"]["completion_tokens"] == 3 and whole["choices"][0]["finish_reason"] == "length"
 
 
+def test_without_max_tokens_the_answer_fits_what_the_prompt_leaves(http):
+    whole = post(http, "/completions", prompt="x" * 240, temperature=0)  # 241 of 256 tokens
+    assert whole["usage"]["prompt_tokens"] == 241 and 0 < whole["usage"]["completion_tokens"] <= 15
+
+
 def test_seeded_sampling_is_reproducible(http):
     def sample(seed):
         return post(http, "/completions", prompt="Once upon a time", max_tokens=16, temperature=1.0, top_p=0.95,

@@ -7,7 +7,7 @@ import pytest
 from serving.openai_api.errors import ApiError
 from serving.openai_api.protocol import Limits, parse
 
-LIMITS = Limits(max_tokens=256, max_seq_len=256, default_max_tokens=64)
+LIMITS = Limits(max_tokens=256, max_seq_len=256)
 
 
 def chat(**body):
@@ -21,7 +21,7 @@ def completion(**body):
 def test_defaults_are_openais_sampling_and_the_servers_max_tokens():
     g = chat()
     assert g.sampling.temperature == 1.0 and g.sampling.top_p == 1.0 and g.sampling.seed is None
-    assert g.max_tokens == 64 and g.stop == () and not g.stream and not g.include_usage
+    assert g.max_tokens is None and g.stop == () and not g.stream and not g.include_usage
     assert g.messages == ({"role": "user", "content": "Hi"},)
 
 
