@@ -26,6 +26,8 @@ class GenerateParams:
     sampling: SamplingParams
     end_id: int | None
     stop_words: tuple[str, ...]
+    """Matched on the generated text (serving/stop_strings.py), not on token ids: a word that
+    tokenizes differently after other text still stops the output."""
 
 
 def _scalar(inputs: Mapping[str, np.ndarray], name: str):

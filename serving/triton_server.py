@@ -7,6 +7,10 @@ Python that will run model.py. On GPU hosts the NGC Triton image serves `model_r
 way with its own binary (`--tritonserver PATH`).
 
     python -m serving.triton_server --engine-dir engines_built/demo --http-port 8000
+
+The OpenAI-compatible API (--openai-port, default 8080) and the admin dashboard (--admin-port,
+default 8010) run inside the model's process, on the same orchestrator; the launcher passes
+their settings as ALIGNED_* variables and says ready once every port answers.
 """
 from __future__ import annotations
 
@@ -203,6 +207,33 @@ def admin_line(host: str, port: int) -> str:
     return f"  admin dashboard: http://{host}:{port}/   (JSON API /docs, Prometheus /metrics; admin token {token})"
 
 
+def openai_lines(host: str, port: int, model: str) -> str:
+    """What `make serve` says about the OpenAI-compatible API."""
+    if not port:
+        return "  OpenAI API: off (--openai-port 0)"
+    base = f"http://{host}:{port}/v1"
+    body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}'
+    return (f"  OpenAI API: {base}   (model \"{model}\"; no API key: clients may send any)\n"
+            f"  try:  curl {base}/chat/completions -H 'Content-Type: application/json' -d '{body}'")
+
+
+def wait_for_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Until GET `url` answers 200; TimeoutError after `timeout` s, RuntimeError if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"tritonserver exited with code {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+        time.sleep(0.2)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Serve model_repo/ with a real tritonserver.")
     p.add_argument("--engine-dir", default=os.environ.get("ALIGNED_ENGINE_DIR", "engines_built/demo"))
@@ -213,31 +244,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tritonserver", type=Path, default=None, help="use this binary instead of nvidia-pytriton's")
     p.add_argument("--admin-port", type=int, default=int(os.environ.get("ALIGNED_ADMIN_PORT", 8010)),
                    help="admin dashboard and API port (default 8010; 0 turns it off)")
+    p.add_argument("--openai-port", type=int, default=int(os.environ.get("ALIGNED_OPENAI_PORT", 8080)),
+                   help="OpenAI-compatible API port (default 8080, or $ALIGNED_OPENAI_PORT; 0 turns it off)")
+    p.add_argument("--served-model-name", default=os.environ.get("ALIGNED_OPENAI_MODEL_NAME", ""),
+                   help="the model name OpenAI clients send (default: the engine directory's name)")
     a = p.parse_args(argv)
     engine_dir = Path(a.engine_dir)
     if not (engine_dir / "manifest.json").is_file():
         print(f"error: {engine_dir} is not an engine directory (no manifest.json); "
               "run `make build-engine` first", file=sys.stderr)
         return 2
-    admin_env = {"ALIGNED_ADMIN_PORT": str(a.admin_port), "ALIGNED_ADMIN_HOST": a.host}
+    served_env = {"ALIGNED_ADMIN_PORT": str(a.admin_port), "ALIGNED_ADMIN_HOST": a.host,
+                  "ALIGNED_OPENAI_PORT": str(a.openai_port), "ALIGNED_OPENAI_HOST": a.host,
+                  "ALIGNED_OPENAI_MODEL_NAME": a.served_model_name}
+    model_name = a.served_model_name or engine_dir.resolve().name
     missing = backend_missing(engine_dir)
     if missing:
         print(f"error: {missing}", file=sys.stderr)
         return 2
     server = TritonServer(engine_dir, a.http_port, a.grpc_port or a.http_port + 1,
                           a.metrics_port or a.http_port + 2, host=a.host, tritonserver=a.tritonserver,
-                          env=admin_env)
+                          env=served_env)
     print(f"starting tritonserver for {engine_dir} ...", flush=True)
     try:
         server.start(timeout=300)
+        if a.openai_port:  # started by the model's initialize; say ready only once it answers
+            wait_for_http(f"http://{a.host}:{a.openai_port}/v1/models", 60, server.proc)
     except (RuntimeError, TimeoutError, TritonNotFound) as e:
         print(f"error: {e}", file=sys.stderr)
+        server.stop()
         return 1
     url = server.http_url
     print(f"""
 AlignedServe is ready (model "{MODEL_NAME}", engine {engine_dir}).
   HTTP  {url}   gRPC {server.host}:{server.grpc_port}   metrics http://{server.host}:{server.metrics_port}/metrics
   try:  curl -N -X POST {url}/v2/models/{MODEL_NAME}/generate_stream -d '{{"text_input": "Hello", "max_tokens": 16, "stream": true}}'
+{openai_lines(a.host, a.openai_port, model_name)}
 {admin_line(a.host, a.admin_port)}
 Ctrl-C stops the server.""", flush=True)
     stopping = []

@@ -1,6 +1,7 @@
 """`make serve`'s entry point as a user runs it: a subprocess that builds nothing (the engine is
-given), prints the endpoints when ready, answers a streaming request, and on Ctrl-C (SIGINT)
-stops the server and every model stub."""
+given), prints the endpoints when ready, answers a streaming request on Triton's HTTP endpoint
+and a streaming chat completion on the OpenAI port (one orchestrator behind both), and on Ctrl-C
+(SIGINT) stops the server and every model stub."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import openai
 import pytest
 import requests
 
@@ -38,12 +40,12 @@ def descendants(pid: int) -> list[int]:
 
 
 def test_serve_prints_endpoints_streams_and_stops_on_ctrl_c(demo_engine_dir, tmp_path):
-    port = free_port(4)
-    admin = port + 3  # the fourth of the free run: HTTP, gRPC, metrics, admin
+    port = free_port(5)
+    admin, oai = port + 3, port + 4  # the free run: HTTP, gRPC, metrics, admin, OpenAI
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "serving.triton_server", "--engine-dir", str(demo_engine_dir),
-                             "--http-port", str(port), "--admin-port", str(admin)], cwd=REPO_ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                             "--http-port", str(port), "--admin-port", str(admin), "--openai-port", str(oai)],
+                            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while "is ready" not in (tmp_path / "serve.log").read_text():
@@ -57,6 +59,16 @@ def test_serve_prints_endpoints_streams_and_stops_on_ctrl_c(demo_engine_dir, tmp
                           json={"text_input": "Hello", "max_tokens": 5, "stream": True, "end_id": 0}, timeout=30)
         events = [json.loads(l[6:]) for l in r.text.splitlines() if l.startswith("data: ")]
         assert len(events) == 5 and events[-1]["finish_reason"] == "length"
+        # The OpenAI API answers on its port, from the same orchestrator, as the banner says.
+        base = f"http://127.0.0.1:{oai}/v1"
+        assert f"OpenAI API: {base}" in banner and f"curl {base}/chat/completions" in banner
+        client = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=60)
+        chunks = list(client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, stream=True,
+            stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens == 6 and chunks[-2].choices[0].finish_reason == "length"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        client.close()
         # The admin dashboard runs in the model's process, on its own port, with live state
         # while the load generator sends traffic.
         assert f"admin dashboard: http://127.0.0.1:{admin}/" in banner
@@ -67,7 +79,8 @@ def test_serve_prints_endpoints_streams_and_stops_on_ctrl_c(demo_engine_dir, tmp
         assert load.returncode == 0 and "completed 12, failed 0" in load.stdout, load.stdout + load.stderr
         state = requests.get(f"http://127.0.0.1:{admin}/api/state", timeout=10).json()
         assert state["policy"] == "aligned" and state["totals"]["tokens"] >= 5 + 12
-        assert len(requests.get(f"http://127.0.0.1:{admin}/api/requests", timeout=10).json()["requests"]) >= 13
+        assert len(requests.get(f"http://127.0.0.1:{admin}/api/requests", timeout=10).json()["requests"]) >= 14
+        assert requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10).status_code == 200
         server_pids = descendants(proc.pid)
         assert len(server_pids) >= 2  # tritonserver and the model's stub
     finally:

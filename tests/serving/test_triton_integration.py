@@ -225,6 +225,27 @@ def test_stop_words_end_the_output_where_they_occur(server):
     assert reason == "stop" and got == ids[:first + 1] and text.endswith(stop)
 
 
+def test_a_stop_word_of_several_tokens_is_matched_on_the_streamed_text(server):
+    # Three printable ASCII bytes in a row of the greedy output: three tokens of the byte tokenizer.
+    prompt = "Sampling"
+    full, ids, _, _ = generate(server, prompt, 40, stream=False)
+    k = next((i for i in range(1, len(ids) - 2) if all(33 <= t <= 126 for t in ids[i:i + 3])), None)
+    if k is None:
+        pytest.fail(f"no run of three printable ASCII tokens in {ids}")
+    stop = bytes(ids[k:k + 3]).decode()
+    end = full.index(stop) + 3
+    s = GrpcStream(server)
+    try:
+        data = np.array([[b"never", stop.encode()]], dtype=object)
+        s.client.async_stream_infer(MODEL_NAME, _inputs(prompt, 40, stream=True) + [_bytes_input("stop_words", data)])
+        text, got, reason, n = s.collect()
+    finally:
+        s.close()
+    # The stop word stays in the text (TensorRT-LLM's format); one response per token up to it.
+    assert reason == "stop" and text == full[:end] and text.endswith(stop)
+    assert got == ids[:len(got)] and n == len(got) < 40
+
+
 def test_seeded_sampling_is_reproducible(server):
     def sample(seed):
         return generate(server, "Sampling", 16, stream=True, temperature=(1.0, np.float32),

@@ -3,6 +3,9 @@
 `execute()` never blocks: it checks and tokenizes each request, hands it to the orchestrator and
 returns. Tokens come back on the orchestrator's run-loop thread, which only queues them; one
 sender thread turns them into streamed responses and watches for client cancellation.
+
+The same orchestrator serves the admin dashboard (`admin_port`) and the OpenAI-compatible API
+(`openai_port`), each on its own thread and port in this process: one model, one queue.
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ from engines.loader import load_engine  # noqa: E402
 from orchestrator.config import ServeConfig  # noqa: E402
 from orchestrator.core import RequestRejected, TokenEvent  # noqa: E402
 from orchestrator.service import Orchestrator  # noqa: E402
-from serving.detokenizer import IncrementalDetokenizer  # noqa: E402
 from serving.request_parsing import parse_request  # noqa: E402
+from serving.stop_strings import TextOutput  # noqa: E402
 from serving.tokenizer import load_tokenizer  # noqa: E402
 
 log = logging.getLogger("alignedserve.triton")
@@ -47,7 +50,7 @@ class _Stream:
     """One client request being answered."""
 
     sender: object
-    detok: IncrementalDetokenizer
+    output: TextOutput
     stream: bool
     request_id: str = ""
     ids: list[int] = field(default_factory=list)
@@ -77,6 +80,13 @@ class TritonPythonModel:
                                      token=config.admin_token or None)
             self.admin.start()
             log.info("aligned_llm admin dashboard on %s", self.admin.url)
+        self.openai = None
+        if config.openai_port:  # the OpenAI-compatible API: same orchestrator, its own port and thread
+            from serving.openai_api import OpenAIServer
+            self.openai = OpenAIServer(self.orchestrator, self.tokenizer, engine_dir, host=config.openai_host,
+                                       port=config.openai_port, model_name=config.openai_model_name or None)
+            self.openai.start()
+            log.info("aligned_llm OpenAI API on %s (model %r)", self.openai.base_url, self.openai.model_name)
         self.max_tokens_limit = self.orchestrator.config.max_tokens_limit
         self._outbox: queue.Queue = queue.Queue()
         self._live: set[_Stream] = set()  # requests to watch for client cancellation
@@ -109,11 +119,12 @@ class TritonPythonModel:
                 inputs[name] = tensor.as_numpy()
         params = parse_request(inputs, self.max_tokens_limit)
         prompt_ids = self.tokenizer.encode(params.text).ids
-        stop_sequences = [self.tokenizer.encode(w, add_special_tokens=False).ids for w in params.stop_words]
-        ctx = _Stream(sender, IncrementalDetokenizer(self.tokenizer), params.stream)
+        # Stop words are matched on the text (serving/stop_strings.py), kept in it as TensorRT-LLM does.
+        output = TextOutput(self.tokenizer, params.stop_words, keep_stop=True, cancel=self.orchestrator.cancel)
+        ctx = _Stream(sender, output, params.stream)
         with self._live_lock:
             req = self.orchestrator.submit(
-                prompt_ids, params.max_tokens, params.sampling, params.end_id, stop_sequences,
+                prompt_ids, params.max_tokens, params.sampling, params.end_id,
                 on_event=lambda event, ctx=ctx: self._outbox.put((ctx, event)))
             ctx.request_id = req.id
             self._live.add(ctx)
@@ -151,9 +162,11 @@ class TritonPythonModel:
         if event.final:
             with self._live_lock:
                 self._live.discard(ctx)
-            if event.finish_reason.value in ("cancelled", "error"):
-                _log_info(f"request {ctx.request_id} {event.finish_reason.value}"
-                          + (f": {event.error}" if event.error else ""))
+        if ctx.output.finished:  # a stop word ended it; these are the tokens before the cancel landed
+            return
+        if event.final and event.finish_reason.value in ("cancelled", "error"):
+            _log_info(f"request {ctx.request_id} {event.finish_reason.value}"
+                      + (f": {event.error}" if event.error else ""))
         if ctx.cancelled:
             if event.final:
                 ctx.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
@@ -162,21 +175,23 @@ class TritonPythonModel:
         if event.error is not None:
             ctx.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(event.error)), flags=FINAL)
             return
-        new_text = ctx.detok.push(event.token_ids)
-        if event.final:
-            new_text += ctx.detok.flush()
+        piece = ctx.output.feed(event)
+        done = piece.finish_reason is not None
+        if done and not event.final:  # a stop word: the request is being cancelled; no more polling
+            with self._live_lock:
+                self._live.discard(ctx)
         if ctx.stream:
-            ctx.sender.send(self._response(new_text, list(event.token_ids), event),
-                            flags=FINAL if event.final else 0)
+            ctx.sender.send(self._response(piece.text, list(piece.token_ids), piece.finish_reason),
+                            flags=FINAL if done else 0)
             return
-        ctx.ids.extend(event.token_ids)
-        ctx.text.append(new_text)
-        if event.final:
-            ctx.sender.send(self._response("".join(ctx.text), ctx.ids, event), flags=FINAL)
+        ctx.ids.extend(piece.token_ids)
+        ctx.text.append(piece.text)
+        if done:
+            ctx.sender.send(self._response("".join(ctx.text), ctx.ids, piece.finish_reason), flags=FINAL)
 
     @staticmethod
-    def _response(text: str, ids: list[int], event: TokenEvent):
-        reason = event.finish_reason.value if event.finish_reason is not None else ""
+    def _response(text: str, ids: list[int], finish_reason: str | None):
+        reason = finish_reason or ""
         return pb_utils.InferenceResponse(output_tensors=[
             # Leading 1: the batch dimension of max_batch_size > 0, as the ensemble's outputs.
             pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
@@ -191,5 +206,7 @@ class TritonPythonModel:
         if getattr(self, "admin", None) is not None:
             self.admin.stop()
         orchestrator.stop()  # in-flight requests end as cancelled; their finals are queued
+        if getattr(self, "openai", None) is not None:
+            self.openai.stop()  # after the orchestrator: its open streams have their finals by now
         self._stopping.set()
         self._sender.join(timeout=10)
