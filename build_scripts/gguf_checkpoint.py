@@ -36,7 +36,7 @@ import numpy as np
 from build_scripts.checkpoint import BuildError
 from build_scripts.gguf_tokenizer import write_tokenizer
 from build_scripts.staging import check_replaceable
-from build_scripts.torch_build import build_engine
+from build_scripts.torch_build import DTYPE_BYTES, build_engine
 from engines.manifest import Manifest
 
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -92,6 +92,8 @@ def build_gguf_engine(
     progress: tqdm bar while dequantizing (and copying); None shows it only on a terminal.
     """
     path, out = Path(gguf_path), Path(out)
+    if dtype not in DTYPE_BYTES:
+        raise BuildError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPE_BYTES)}")
     resolved = path.resolve()
     if out.resolve() == resolved or out.resolve() in resolved.parents:
         raise BuildError(f"--out {out} would replace the GGUF file {path}; choose another --out")
@@ -236,8 +238,7 @@ def _llama3_rope_scaling(divisors: np.ndarray, config: dict, where: str) -> dict
     head_dim, theta = config["head_dim"], config["rope_theta"]
     plain = inverse_frequencies(head_dim, theta, RopeScaling())
     scaled = inverse_frequencies(head_dim, theta, RopeScaling(**guess))
-    if divisors.shape != (head_dim // 2,) or not torch.allclose(plain / scaled, torch.from_numpy(divisors),
-                                                                rtol=1e-4):
+    if divisors.shape != (head_dim // 2,) or not torch.allclose(plain / scaled, torch.tensor(divisors), rtol=1e-4):
         raise BuildError(f"{where}: rope_freqs.weight is not Llama 3's rope scaling with factor {guess['factor']:g} "
                          "(low 1, high 4, original context 8192); this rope scaling is not supported")
     return guess
@@ -316,7 +317,8 @@ def _write_weights(plan: list[_Tensor], ckpt: Path, dtype: str, where: str, prog
     names = (["model.safetensors"] if len(shards) == 1
              else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
-    with tqdm(total=len(plan), unit="tensor", desc="dequantizing", disable=None if progress is None else not progress) as bar:
+    disable = None if progress is None else not progress
+    with tqdm(total=len(plan), unit="tensor", desc="dequantizing", disable=disable) as bar:
         for name, shard in zip(names, shards):
             tensors = {}
             for p in shard:
