@@ -16,7 +16,8 @@ TEMPLATES = {
     "llama-like": (
         "{{ bos_token }}{% for message in messages %}"
         "{% if message['role'] == 'system' %}<<SYS>>\n{{ message['content'] | trim }}\n<</SYS>>\n\n"
-        "{% else %}[{{ message['role'] | upper }}] {{ message['content'] }}{{ eos_token if message['role'] == 'assistant' }}\n"
+        "{% else %}[{{ message['role'] | upper }}] {{ message['content'] }}"
+        "{{ eos_token if message['role'] == 'assistant' }}\n"
         "{% endif %}{% endfor %}{% if add_generation_prompt %}[ASSISTANT]{% endif %}"),
     "tojson and loop controls": (
         "{% for m in messages %}{% if loop.index0 == 1 %}{% continue %}{% endif %}"
@@ -58,7 +59,8 @@ def test_chat_template_jinja_wins_over_tokenizer_config(demo_engine_dir, tmp_pat
 def test_named_templates_and_added_token_dicts_in_tokenizer_config(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": {"__type": "AddedToken", "content": "<|begin|>"},
-        "chat_template": [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "{{ bos_token }}"}],
+        "chat_template": [{"name": "tool_use", "template": "tools"},
+                          {"name": "default", "template": "{{ bos_token }}"}],
     }))
     assert ChatTemplate.from_engine_dir(tmp_path).render([]) == "<|begin|>"
 
