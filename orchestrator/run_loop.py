@@ -53,7 +53,7 @@ class RunLoop:
         self._has_host = info.capabilities.can_offload
         self._lock = threading.Lock()
         self._inbox: deque[Request] = deque()
-        self._cancels: deque[str] = deque()
+        self._cancels: deque[tuple[str, FinishReason]] = deque()
         self._switches: deque[tuple[Policy, Future]] = deque()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -82,8 +82,8 @@ class RunLoop:
             self.metrics.submitted += 1
         self._wake.set()
 
-    def cancel(self, request_id: str) -> None:
-        self._cancels.append(request_id)
+    def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> None:
+        self._cancels.append((request_id, reason))
         self._wake.set()
 
     def drain(self) -> None:
@@ -181,9 +181,10 @@ class RunLoop:
             self.pool.add(self._inbox[0])
             self._inbox.popleft()  # after the add: the queue limit counts it in one place or the other
         while self._cancels:
-            request = self.pool.get(self._cancels.popleft())
+            request_id, reason = self._cancels.popleft()
+            request = self.pool.get(request_id)
             if request is not None and not request.finished:
-                self.lifecycle.finish(request, FinishReason.CANCELLED)
+                self.lifecycle.finish(request, reason)
         while self._switches:
             policy, done = self._switches.popleft()
             if not done.set_running_or_notify_cancel():

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Sequence
 
 from engines.base import HOST, Engine, SamplingParams
 from orchestrator.config import ServeConfig
-from orchestrator.core import PolicySwitchRefused, Request, RequestRejected, RequestState, TokenEvent
+from orchestrator.core import FinishReason, PolicySwitchRefused, Request, RequestRejected, RequestState, TokenEvent
 from orchestrator.kv_ledger import KVLedger
 from orchestrator.metrics import IterationRecord
 from orchestrator.policies import Policy, make_policy
@@ -77,9 +77,10 @@ class Orchestrator:
         self.loop.submit(request)
         return request
 
-    def cancel(self, request_id: str) -> None:
-        """Cancel a request wherever it is; it ends with finish reason "cancelled"."""
-        self.loop.cancel(request_id)
+    def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> None:
+        """End a request wherever it is, with finish reason "cancelled"; or "stop" when the caller
+        ends it on purpose because the output is complete (a stop string matched on the text)."""
+        self.loop.cancel(request_id, reason)
 
     def drain(self) -> None:
         """Stop admitting: submit raises RequestRejected("server", "draining ...") until

@@ -6,7 +6,7 @@ tokens. So the match is made on the detokenized text, never on token ids. Text t
 the start of a stop string is held back until the next tokens say whether it is; a client never
 receives text it would have to take back.
 
-    output = TextOutput(tokenizer, stop=("\\n\\n",), cancel=orchestrator.cancel)
+    output = TextOutput(tokenizer, stop=("\\n\\n",), on_stop=stop_request)
     for event in events:                   # the orchestrator's TokenEvents of one request
         piece = output.feed(event)
         if piece is None:                  # ended by a stop string; the rest is dropped
@@ -15,18 +15,21 @@ receives text it would have to take back.
 
 On a match the text is cut (`keep_stop`: after the stop string, as TensorRT-LLM's Triton models
 answer; otherwise before it, as OpenAI and vLLM do), the output finishes with reason "stop", and
-the request is cancelled in the orchestrator, which frees its KV (its own books then say
-"cancelled"). Tokens the engine made before the cancel landed are dropped.
+`on_stop(request_id)` ends the request in the orchestrator (`stop_request` below: with reason
+"stop"), which frees its KV. Tokens the engine made before that landed are dropped.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from tokenizers import Tokenizer
 
-from orchestrator.core import TokenEvent
+from orchestrator.core import FinishReason, TokenEvent
 from serving.detokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from orchestrator.service import Orchestrator
 
 
 class StopMatcher:
@@ -95,11 +98,12 @@ class TextOutput:
     applied (see the module docstring). Used by one thread at a time."""
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), keep_stop: bool = False,
-                 cancel: Callable[[str], None] | None = None):
-        """cancel(request_id): called once when a stop string ends the output early."""
+                 on_stop: Callable[[str], None] | None = None):
+        """on_stop(request_id): called once when a stop string ends the output early; it ends the
+        request in the orchestrator (`stop_request`)."""
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stops = StopMatcher(stop, keep_stop)
-        self._cancel = cancel
+        self._on_stop = on_stop
         self.finished = False
         self.token_count = 0
         """Tokens of the output so far (the ones after a stop string's not counted)."""
@@ -129,6 +133,12 @@ class TextOutput:
     def _stopped(self, text: str, ids: list[int], event: TokenEvent) -> Piece:
         self.finished = True
         self.token_count += len(ids)
-        if not event.final and self._cancel is not None:
-            self._cancel(event.request_id)
+        if not event.final and self._on_stop is not None:
+            self._on_stop(event.request_id)
         return Piece(text, tuple(ids), "stop")
+
+
+def stop_request(orchestrator: Orchestrator) -> Callable[[str], None]:
+    """The `on_stop` for requests of `orchestrator`: the request ends with reason "stop" (its
+    output is complete), not "cancelled", in the orchestrator's books and the dashboard."""
+    return lambda request_id: orchestrator.cancel(request_id, FinishReason.STOP)

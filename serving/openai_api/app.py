@@ -30,7 +30,7 @@ from orchestrator.core import RequestRejected, TokenEvent
 from orchestrator.service import Orchestrator
 from serving.openai_api.chat_template import ChatTemplate, TemplateError
 from serving.openai_api.errors import ApiError, error_body, rejected
-from serving.stop_strings import Piece, TextOutput
+from serving.stop_strings import Piece, TextOutput, stop_request
 
 log = logging.getLogger("alignedserve.openai")
 DISCONNECT_POLL_S = 0.25
@@ -115,7 +115,7 @@ def create_app(orch: Orchestrator, tokenizer: Tokenizer, model_name: str,
             req = orch.submit(prompt_ids, gen.max_tokens, gen.sampling, None, (), on_event)
         except RequestRejected as e:
             raise rejected(e, gen.prompt_param, gen.max_tokens_param) from None
-        answer = _Answer(gen, req.id, len(prompt_ids), TextOutput(tokenizer, gen.stop, cancel=orch.cancel),
+        answer = _Answer(gen, req.id, len(prompt_ids), TextOutput(tokenizer, gen.stop, on_stop=stop_request(orch)),
                          events, orch)
         headers = {"x-request-id": req.id}
         if gen.stream:

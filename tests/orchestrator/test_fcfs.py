@@ -117,6 +117,19 @@ def test_cancel_waiting_and_running(engine):
     assert orch.snapshot().totals["finished"] == {"cancelled": 2}
 
 
+def test_a_request_ended_because_its_output_is_complete_counts_as_stopped(engine):
+    """The serving layer ends a request whose text matched a stop string: reason stop, KV freed."""
+    orch = make(engine)
+    s = TokenStream()
+    r = orch.submit(PROMPTS[0], max_tokens=50, end_id=0, on_event=s)
+    orch.loop.step()
+    orch.cancel(r.id, FinishReason.STOP)
+    run_until_idle(orch)
+    s.result(1)
+    assert s.finish_reason is FinishReason.STOP and s.error is None and len(s.token_ids) == 1
+    assert orch.snapshot().totals["finished"] == {"stop": 1} and engine.kv_blocks_used("cpu") == 0
+
+
 def test_seeded_sampling_is_reproducible_through_the_orchestrator(engine):
     orch = make(engine)
     sp = SamplingParams(temperature=1.0, top_p=0.9, seed=1234)

@@ -64,18 +64,18 @@ def test_text_output_stops_across_token_boundaries_and_cancels_once():
     tok = byte_tokenizer()  # one token per byte: every multi-character stop string spans tokens
     ids = list("Hello world. Bye".encode())
     cancelled = []
-    out = TextOutput(tok, ["world"], cancel=cancelled.append)
+    out = TextOutput(tok, ["world"], on_stop=cancelled.append)
     text, got, reason, _ = run(out, events("req-1", ids))
     assert (text, reason, cancelled) == ("Hello ", "stop", ["req-1"])
     assert got == ids[:11] and out.token_count == 11  # up to the token that completed "world"
-    out = TextOutput(tok, ["world"], keep_stop=True, cancel=cancelled.append)
+    out = TextOutput(tok, ["world"], keep_stop=True, on_stop=cancelled.append)
     assert run(out, events("req-2", ids))[0] == "Hello world"
 
 
 def test_text_output_without_a_match_passes_everything_and_the_finish_reason():
     tok = byte_tokenizer()
     ids = list("naïve café".encode())  # multi-byte characters are released whole
-    out = TextOutput(tok, ["xyz"], cancel=pytest.fail)
+    out = TextOutput(tok, ["xyz"], on_stop=pytest.fail)
     text, got, reason, pieces = run(out, events("req-1", ids))
     assert (text, got, reason, pieces) == ("naïve café", ids, "length", len(ids))
     assert out.finished and out.feed(TokenEvent("req-1", (1,))) is None
@@ -84,7 +84,7 @@ def test_text_output_without_a_match_passes_everything_and_the_finish_reason():
 def test_a_stop_string_in_the_last_token_finishes_with_stop_and_cancels_nothing():
     tok = byte_tokenizer()
     cancelled = []
-    out = TextOutput(tok, ["END"], cancel=cancelled.append)
+    out = TextOutput(tok, ["END"], on_stop=cancelled.append)
     assert run(out, events("r", list(b"the END")))[::2] == ("the ", "stop") and cancelled == []
 
 
@@ -108,6 +108,6 @@ def test_a_stop_string_that_tokenizes_differently_in_context_is_still_found():
     tok = merging_tokenizer()
     assert tok.encode("bc").ids == [4] and tok.encode("abc").ids == [3, 2]
     cancelled = []
-    out = TextOutput(tok, ["bc"], cancel=cancelled.append)
+    out = TextOutput(tok, ["bc"], on_stop=cancelled.append)
     text, ids, reason, _ = run(out, events("r", [3, 2, 0, 0]))
     assert (text, ids, reason, cancelled) == ("a", [3, 2], "stop", ["r"])

@@ -30,7 +30,7 @@ from orchestrator.config import ServeConfig  # noqa: E402
 from orchestrator.core import RequestRejected, TokenEvent  # noqa: E402
 from orchestrator.service import Orchestrator  # noqa: E402
 from serving.request_parsing import parse_request  # noqa: E402
-from serving.stop_strings import TextOutput  # noqa: E402
+from serving.stop_strings import TextOutput, stop_request  # noqa: E402
 from serving.tokenizer import load_tokenizer  # noqa: E402
 
 log = logging.getLogger("alignedserve.triton")
@@ -120,7 +120,8 @@ class TritonPythonModel:
         params = parse_request(inputs, self.max_tokens_limit)
         prompt_ids = self.tokenizer.encode(params.text).ids
         # Stop words are matched on the text (serving/stop_strings.py), kept in it as TensorRT-LLM does.
-        output = TextOutput(self.tokenizer, params.stop_words, keep_stop=True, cancel=self.orchestrator.cancel)
+        output = TextOutput(self.tokenizer, params.stop_words, keep_stop=True,
+                            on_stop=stop_request(self.orchestrator))
         ctx = _Stream(sender, output, params.stream)
         with self._live_lock:
             req = self.orchestrator.submit(
@@ -162,7 +163,7 @@ class TritonPythonModel:
         if event.final:
             with self._live_lock:
                 self._live.discard(ctx)
-        if ctx.output.finished:  # a stop word ended it; these are the tokens before the cancel landed
+        if ctx.output.finished:  # a stop word ended it; these are the tokens before its end landed
             return
         if event.final and event.finish_reason.value in ("cancelled", "error"):
             _log_info(f"request {ctx.request_id} {event.finish_reason.value}"
@@ -177,7 +178,7 @@ class TritonPythonModel:
             return
         piece = ctx.output.feed(event)
         done = piece.finish_reason is not None
-        if done and not event.final:  # a stop word: the request is being cancelled; no more polling
+        if done and not event.final:  # a stop word: the request is being ended (reason stop); no more polling
             with self._live_lock:
                 self._live.discard(ctx)
         if ctx.stream:
