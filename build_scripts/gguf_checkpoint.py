@@ -42,7 +42,7 @@ from engines.manifest import Manifest
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 """GGML tensor types dequantized here (with `gguf.quants.dequantize`): the plain floats, the
 legacy 32-value blocks and the k-quants, i.e. what llama.cpp's F16, Q8_0, Q4_0..Q5_1 and
-Q2_K..Q6_K (_S/_M/_L) files hold. The IQ and ternary types are refused."""
+Q2_K..Q6_K (_S/_M/_L) files hold. Any other type (IQ*, TQ*, MXFP4, integer tensors) is refused."""
 SHARD_BYTES = 2 * 2**30
 """Weights go into safetensors shards of about this size, so at most one shard is in memory."""
 
@@ -98,9 +98,8 @@ def build_gguf_engine(
     if out.resolve() == resolved or out.resolve() in resolved.parents:
         raise BuildError(f"--out {out} would replace the GGUF file {path}; choose another --out")
     check_replaceable(out, force)  # before the slow part: fail fast
-    reader = _open(path)
+    reader, meta = read_gguf(path)
     where = str(path)
-    meta = _metadata(reader, where)
     config = hf_config(meta, reader, where)
     tensors = _plan(reader, config, where)
     max_seq_len = options.get("max_seq_len")
@@ -123,7 +122,9 @@ def build_gguf_engine(
             raise BuildError(str(e).replace(str(ckpt), f"{path} (converted)")) from e
 
 
-def _open(path: Path):
+def read_gguf(path: Path) -> tuple[object, dict]:
+    """The file's gguf.GGUFReader (tensors memory-mapped, not read) and its metadata as plain
+    Python values; BuildError if it is missing, not a GGUF file, or cut short."""
     import gguf
 
     if not path.is_file():
@@ -132,19 +133,16 @@ def _open(path: Path):
         if f.read(4) != b"GGUF":
             raise BuildError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF')")
     try:
-        return gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError) as e:  # what the reader raises on short or bad data
         raise BuildError(f"{path} is truncated or corrupt: the GGUF reader failed ({e}); download it again") from e
-
-
-def _metadata(reader, where: str) -> dict:
     meta = {}
     for key, field in reader.fields.items():
         try:
             meta[key] = field.contents()
         except (ValueError, IndexError, UnicodeDecodeError) as e:
-            raise BuildError(f"{where}: metadata key {key} cannot be read ({e}); the file is corrupt") from e
-    return meta
+            raise BuildError(f"{path}: metadata key {key} cannot be read ({e}); the file is corrupt") from e
+    return reader, meta
 
 
 def hf_config(meta: dict, reader, where: str) -> dict:
@@ -169,7 +167,7 @@ def hf_config(meta: dict, reader, where: str) -> dict:
         raise BuildError(f"{where}: llama.expert_count is {meta['llama.expert_count']}: mixture-of-experts "
                          "models are not supported by the torch engine")
     heads, hidden = need("attention.head_count"), need("embedding_length")
-    head_dim = need("attention.key_length", hidden // heads)
+    head_dim = need("attention.key_length", hidden // max(heads, 1))  # heads 0: refused below
     if need("rope.dimension_count", head_dim) != head_dim:
         raise BuildError(f"{where}: llama.rope.dimension_count {meta['llama.rope.dimension_count']} is not the "
                          f"head size {head_dim}; partial rotary embeddings are not supported")

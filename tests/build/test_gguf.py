@@ -158,12 +158,12 @@ def test_chat_template_and_special_tokens_land_in_the_engine_directory(tmp_path,
 def test_tokenizer_encodes_like_transformers(pre, tmp_path):
     from tokenizers import Tokenizer
 
-    from build_scripts.gguf_checkpoint import _metadata, _open
+    from build_scripts.gguf_checkpoint import read_gguf
     from build_scripts.gguf_tokenizer import write_tokenizer
 
     gguf_path = tmp_path / "tiny.gguf"
     write_tiny_llama(gguf_path, pre=pre)
-    write_tokenizer(_metadata(_open(gguf_path), "tiny"), tmp_path, "tiny", context_length=512)
+    write_tokenizer(read_gguf(gguf_path)[1], tmp_path, "tiny", context_length=512)
     ours, theirs = Tokenizer.from_file(str(tmp_path / "tokenizer.json")), hf_tokenizer(gguf_path)
     for text in TEXTS + CORPUS[:5]:
         ids = ours.encode(text).ids
