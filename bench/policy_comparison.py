@@ -119,7 +119,7 @@ def engine_dir(model: str, max_seq_len: int) -> Path:
     are nominal: `open_engine` sizes both pools when it loads the engine."""
     out = CACHE / f"engine-{model}-{max_seq_len}"
     if not (out / "manifest.json").is_file():
-        build_engine(["--out", str(out), "--demo-size", model, "--max-seq-len", str(max_seq_len),
+        build_engine(["--model", "demo", "--out", str(out), "--demo-size", model, "--max-seq-len", str(max_seq_len),
                       "--kv-memory-gb", "1", "--host-kv-memory-gb", "1"])
     return out
 

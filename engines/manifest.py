@@ -58,6 +58,16 @@ class Manifest:
     """Where the checkpoint came from (path, or "demo")."""
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
+
+    def kv_summary(self) -> str:
+        """What the engine's KV pools hold (it allocates them when it loads), and, when the build
+        sized them by default, why: for `make build-engine` and `make serve` to say."""
+        gib = 2**30
+        device = self.kv_blocks_device * self.bytes_per_block / gib
+        host = self.kv_blocks_host * self.bytes_per_block / gib
+        why = self.extra.get("kv_budget")
+        return (f"KV cache: {device:.2f} GiB per device ({self.kv_blocks_device * self.kv_block_size} tokens), "
+                f"{host:.2f} GiB host pool" + (f" ({why})" if why else ""))
     """Backend-specific settings."""
 
     def to_json(self) -> str:

@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 class ServeConfig:
     """Settings of one serving process (engine runtime + orchestrator policy + request limits)."""
 
-    engine_dir: str = "engines_built/demo"
+    engine_dir: str = "engines_built/smollm2"
     """Engine directory made by `make build-engine` (holds manifest.json)."""
     device: str = "auto"
     """Decode device: "auto" (first CUDA GPU, else CPU), "cpu" or "cuda:N"."""

