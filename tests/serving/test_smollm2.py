@@ -80,3 +80,35 @@ def test_the_openai_api_gives_transformers_greedy_text(server, reference):
         streamed = "".join(c.choices[0].text for c in stream if c.choices)
         assert streamed == want, question
     assert "Paris" in tokenizer.decode(expected[0][1])
+
+
+def test_make_chat_streams_answers_and_keeps_the_conversation(server, monkeypatch):
+    """`make chat` (serving/chat.py) against the server: two turns typed in, each answer streamed,
+    the second request carrying the first exchange."""
+    import io
+
+    import serving.chat as chat
+
+    sent, real = [], chat.stream_answer
+
+    def spy(base_url, model, messages, options):
+        sent.append([dict(m) for m in messages])
+        yield from real(base_url, model, messages, options)
+
+    monkeypatch.setattr(chat, "stream_answer", spy)
+    out = io.StringIO()
+    code = chat.chat(server.openai_url, {"temperature": 0, "max_tokens": 24},
+                     stdin=io.StringIO("What is the capital of France?\nAnd what language do they speak there?\n/exit\n"),
+                     stdout=out)
+    assert code == 0
+    first_answer = sent[1][1]["content"]
+    assert "Paris" in first_answer and first_answer in out.getvalue()
+    assert [m["role"] for m in sent[1]] == ["user", "assistant", "user"]  # the conversation so far, sent whole
+    assert sent[1][0]["content"] == "What is the capital of France?"
+
+
+def test_make_chat_says_how_to_start_a_server_when_none_answers(capsys):
+    import serving.chat as chat
+
+    assert chat.main(["--url", f"http://127.0.0.1:{free_port()}/v1"]) == 1
+    assert "start one with `make serve`" in capsys.readouterr().err
