@@ -10,16 +10,16 @@ SMOLLM2_F32 = 2 * 30 * 3 * 64 * 4  # bytes of KV per token: K and V, 30 layers, 
 
 def test_a_cpu_gets_a_few_longest_requests_when_memory_allows():
     b = default_budget(SMOLLM2_F32, 4096, 540_000_000, ram=20 * GIB)
-    assert b.device_bytes == CPU_SEQUENCES * 4096 * SMOLLM2_F32  # 0.70 GiB, not gigabytes
+    assert b.device_bytes == CPU_SEQUENCES * 4096 * SMOLLM2_F32  # 0.35 GiB, not gigabytes
     assert b.host_bytes == HOST_KV_FACTOR * b.device_bytes
     assert b.reason == f"device pool: {CPU_SEQUENCES} requests of 4096 tokens on a CPU; host pool: 2x the device pool"
 
 
 def test_a_small_machine_bounds_both_pools_by_its_available_ram():
-    b = default_budget(SMOLLM2_F32, 4096, 540_000_000, ram=4 * GIB)
-    assert b.device_bytes == int(CPU_MEMORY_FRACTION * 4 * GIB)
-    assert b.host_bytes == min(HOST_KV_FACTOR * b.device_bytes, int(HOST_MEMORY_FRACTION * 4 * GIB))
-    assert "10% of the 4.0 GiB of RAM available" in b.reason
+    b = default_budget(SMOLLM2_F32, 4096, 540_000_000, ram=2 * GIB)
+    assert b.device_bytes == int(CPU_MEMORY_FRACTION * 2 * GIB) < CPU_SEQUENCES * 4096 * SMOLLM2_F32
+    assert b.host_bytes == min(HOST_KV_FACTOR * b.device_bytes, int(HOST_MEMORY_FRACTION * 2 * GIB))
+    assert "10% of the 2.0 GiB of RAM available" in b.reason
 
 
 def test_a_gpu_takes_its_free_memory_less_the_weights_up_to_two_full_batches():
