@@ -4,6 +4,8 @@ and through both OpenAI endpoints, its greedy answers to five chat prompts are t
 on the same weights (the engine directory's float32 safetensors), token for token."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import requests
 import torch
@@ -44,12 +46,13 @@ def reference(smollm2_engine_dir):
 
 @pytest.fixture(scope="module")
 def server(smollm2_engine_dir, tmp_path_factory):
-    port, openai_port = free_port(3), free_port()
+    port, openai_port, admin_port = free_port(3), free_port(), free_port()
     srv = TritonServer(smollm2_engine_dir, port, port + 1, port + 2,
                        log_path=tmp_path_factory.mktemp("triton") / "server.log",
-                       env={"ALIGNED_OPENAI_PORT": str(openai_port), "ALIGNED_ADMIN_PORT": "0"})
+                       env={"ALIGNED_OPENAI_PORT": str(openai_port), "ALIGNED_ADMIN_PORT": str(admin_port)})
     srv.start(timeout=300)
     srv.openai_url = f"http://127.0.0.1:{openai_port}/v1"
+    srv.admin_url = f"http://127.0.0.1:{admin_port}"
     yield srv
     srv.stop()
     assert srv.proc.poll() is not None
@@ -73,6 +76,11 @@ def test_the_openai_api_gives_transformers_greedy_text(server, reference):
         chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
                                               max_tokens=NEW_TOKENS, temperature=0)
         assert chat.choices[0].message.content == want, question
+        chunks = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                                max_tokens=NEW_TOKENS, temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want, question
+        whole = client.completions.create(model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0)
+        assert whole.choices[0].text == want, question
         assert chat.usage.completion_tokens == len(ids)
         assert chat.usage.prompt_tokens == len(tokenizer.encode(prompt).ids)
         stream = client.completions.create(model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0,
@@ -112,3 +120,22 @@ def test_make_chat_says_how_to_start_a_server_when_none_answers(capsys):
 
     assert chat.main(["--url", f"http://127.0.0.1:{free_port()}/v1"]) == 1
     assert "start one with `make serve`" in capsys.readouterr().err
+
+
+def test_a_stream_the_client_closes_is_cancelled_and_frees_its_kv(server):
+    client = OpenAI(base_url=server.openai_url, api_key="none")
+    model = client.models.list().data[0].id
+    stream = client.completions.create(model=model, prompt="Once upon a time", max_tokens=400, stream=True)
+    chunks = iter(stream)
+    pieces = [next(chunks).choices[0].text for _ in range(3)]
+    stream.close()
+    assert len(pieces) == 3
+    deadline = time.monotonic() + 30
+    while True:
+        newest = requests.get(f"{server.admin_url}/api/requests?limit=1", timeout=10).json()["requests"][0]
+        if newest["finish_reason"] is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert newest["finish_reason"] == "cancelled" and newest["tokens"] < 400
+    kv = requests.get(f"{server.admin_url}/api/state", timeout=10).json()["kv_blocks"]
+    assert all(tier["used"] == 0 and tier["reserved"] == 0 for tier in kv.values())
