@@ -66,14 +66,19 @@ class Orchestrator:
         end_id: int | None = None,
         stop_sequences: Iterable[Sequence[int]] = (),
         on_event: Callable[[TokenEvent], None] | None = None,
+        *,
+        ignore_eos: bool = False,
     ) -> Request:
         """Validate and queue a request; raises RequestRejected naming the field and the limit.
 
         end_id: token that ends generation; None uses the model's EOS tokens.
         stop_sequences: token sequences that end generation once generated (kept in the output).
         on_event: called from the run loop thread with each TokenEvent; must not block.
+        ignore_eos: the model's EOS tokens do not end generation (they are generated as any
+            token), so it runs to max_tokens: a benchmark's fixed output length. An end_id or a
+            stop sequence still ends it.
         """
-        request = self._build(prompt_ids, max_tokens, sampling, end_id, stop_sequences, on_event)
+        request = self._build(prompt_ids, max_tokens, sampling, end_id, stop_sequences, on_event, ignore_eos)
         self.loop.submit(request)
         return request
 
@@ -187,7 +192,8 @@ class Orchestrator:
                 continue
         return self.loop.metrics.summary()
 
-    def _build(self, prompt_ids, max_tokens, sampling, end_id, stop_sequences, on_event) -> Request:
+    def _build(self, prompt_ids, max_tokens, sampling, end_id, stop_sequences, on_event,
+               ignore_eos: bool = False) -> Request:
         cfg, model = self.config, self.info.model
         prompt = tuple(int(t) for t in prompt_ids)
         if not prompt:
@@ -218,8 +224,10 @@ class Orchestrator:
             raise RequestRejected(
                 "max_tokens", f"prompt + max_tokens need {blocks} KV blocks but the host pool holds "
                 f"{host}; lower max_tokens or build the engine with more host KV memory")
+        if not isinstance(ignore_eos, bool):
+            raise RequestRejected("ignore_eos", f"expected True or False, got {ignore_eos!r}")
         if end_id is None:
-            stop_ids = frozenset(model.eos_token_ids)
+            stop_ids = frozenset() if ignore_eos else frozenset(model.eos_token_ids)
         elif not 0 <= end_id < model.vocab_size:
             raise RequestRejected("end_id", f"{end_id} is outside the vocabulary [0, {model.vocab_size})")
         else:

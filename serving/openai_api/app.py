@@ -112,7 +112,8 @@ def create_app(orch: Orchestrator, tokenizer: Tokenizer, model_name: str,
                 pass
 
         try:
-            req = orch.submit(prompt_ids, gen.max_tokens, gen.sampling, None, (), on_event)
+            req = orch.submit(prompt_ids, gen.max_tokens, gen.sampling, None, (), on_event,
+                              ignore_eos=gen.ignore_eos)
         except RequestRejected as e:
             raise rejected(e, gen.prompt_param, gen.max_tokens_param) from None
         answer = _Answer(gen, req.id, len(prompt_ids), TextOutput(tokenizer, gen.stop, on_stop=stop_request(orch)),

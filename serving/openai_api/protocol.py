@@ -23,12 +23,13 @@ tokenizer (real ones average about 4 characters a token), so it is refused befor
 DEFAULT_TEMPERATURE = 1.0
 """OpenAI's default: a request without `temperature` samples."""
 
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop", "seed"}
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop", "seed",
+           "ignore_eos"}
 FIELDS = {
     "chat": _COMMON | {"messages", "max_completion_tokens"},
     "completion": _COMMON | {"prompt"},
 }
-"""What each endpoint implements (top_k as vLLM has it; OpenAI has none)."""
+"""What each endpoint implements (top_k and ignore_eos as vLLM has them; OpenAI has neither)."""
 HARMLESS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
             "prompt_cache_key"}
 """OpenAI fields accepted and ignored: they do not change the generated answer."""
@@ -61,6 +62,7 @@ for _kind in UNSUPPORTED:  # penalties and biases: both endpoints
     UNSUPPORTED[_kind].update({
         "frequency_penalty": ((None, 0), "penalties are not implemented"),
         "presence_penalty": ((None, 0), "penalties are not implemented"),
+        "repetition_penalty": ((None, 1), "penalties are not implemented"),  # vLLM's; its bench client sends 1.0
         "logit_bias": ((None, {}), "logit_bias is not implemented"),
     })
 CHAT_ROLES = ("system", "developer", "user", "assistant")
@@ -99,6 +101,9 @@ class Generation:
     """chat: the messages as the template sees them ({"role", "content"[, "name"]})."""
     max_tokens_param: str = "max_tokens"
     """Which field set max_tokens: errors about it name that one."""
+    ignore_eos: bool = False
+    """Generate on past the model's EOS tokens, to max_tokens or a stop string (vLLM's extension;
+    benchmark clients send it for a fixed output length)."""
 
     @property
     def prompt_param(self) -> str:
@@ -136,9 +141,12 @@ def parse(body: object, kind: str, model: str, limits: Limits) -> Generation:
     if stream is not None and not isinstance(stream, bool):
         raise ApiError(400, f"stream: expected true or false, got {_json_type(stream)}", "stream")
     include_usage = _stream_options(body.get("stream_options"), bool(stream))
+    ignore_eos = body.get("ignore_eos")
+    if ignore_eos is not None and not isinstance(ignore_eos, bool):
+        raise ApiError(400, f"ignore_eos: expected true or false, got {_json_type(ignore_eos)}", "ignore_eos")
     common = dict(kind=kind, model=model, sampling=_sampling(body), max_tokens=max_tokens,
                   stop=_stop(body.get("stop")), stream=bool(stream), include_usage=include_usage,
-                  max_tokens_param=param)
+                  max_tokens_param=param, ignore_eos=bool(ignore_eos))
     if kind == "chat":
         return Generation(messages=_messages(body.get("messages"), limits), **common)
     prompt, prompt_ids = _prompt(body.get("prompt"), limits)
