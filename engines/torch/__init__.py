@@ -10,7 +10,8 @@
   (`config_from_dir`, `expected_tensor_shapes`). A new architecture is one file there.
 - weights: the one check of a checkpoint's weights (which make build-engine runs too), and loading.
 - safetensors_io: header reading, and why a file is corrupt.
-- rope, forward_batch (one forward's inputs), sampler.
+- forward_batch (one forward's tokens laid out as rows) and attention (the attention paths:
+  varlen, whose cost follows the real tokens, and padded, the fallback); rope, sampler.
 - kv_cache (block allocator, block tables, the device caches and the host pool), kv_transfer
   (asynchronous block copies between any two pools), kv_tiers (the pools by tier name and the
   moves under way).

@@ -19,7 +19,8 @@ from engines.base import (
 )
 from engines.manifest import Manifest, ManifestError
 from engines.torch.chunked_prefill import chunk_sampling, check_chunks, commit_mixed, undo_reservations
-from engines.torch.forward_batch import chunk_batch, decode_batch, prefill_batch
+from engines.torch.attention import ATTENTION_PATHS
+from engines.torch.forward_batch import ForwardBatch, build_batch
 from engines.torch.kv_cache import HostKVPool
 from engines.torch.kv_tiers import KVTiers
 from engines.torch.models import architecture, config_from_dir
@@ -50,6 +51,11 @@ class TorchEngine(Engine):
         is a GPU); 0 means no host pool and can_offload=False.
     max_seq_len: longest KV (prompt + generated) per request; None -> max_position_embeddings.
     architecture_check: False accepts an unlisted architecture and runs it as a Llama decoder.
+    attention: how a forward lays out its tokens and reads the KV cache (engines/torch/attention.py):
+        "varlen" (real tokens only; attention cost follows each sequence's KV length), "padded"
+        (every run padded to the longest, attention over the longest KV: the layout before issue 15,
+        kept as a fallback and benchmark baseline), or "auto": varlen on a CPU, padded on a GPU
+        (varlen is not yet measured on a GPU).
     """
 
     def __init__(
@@ -66,11 +72,15 @@ class TorchEngine(Engine):
         architecture_check: bool = True,
         eos_token_ids: Sequence[int] | None = None,
         bos_token_id: int | None = None,
+        attention: str = "auto",
     ):
         if dtype not in DTYPES:
             raise EngineError(f"dtype {dtype!r} is not supported by the torch engine; use one of {list(DTYPES)}")
         if host_kv_blocks < 0:
             raise EngineError(f"host_kv_blocks must be >= 0 (0: no host pool), got {host_kv_blocks}")
+        if attention not in ("auto", *ATTENTION_PATHS):
+            raise EngineError(f"attention {attention!r} is not a path of the torch engine; use 'auto' or one of "
+                              f"{list(ATTENTION_PATHS)}")
         self.cfg = config_from_dir(model_dir, check_architecture=architecture_check)
         """The model's shape and constants, from config.json."""
         tiers = resolve_tiers(device, helper_devices)
@@ -101,6 +111,8 @@ class TorchEngine(Engine):
         del weights
         self._decode = next(iter(self._devices.values()))
         self.device, self.model, self.cache = self._decode.device, self._decode.model, self._decode.cache
+        self.attention = attention if attention != "auto" else ("varlen" if self.device.type == "cpu" else "padded")
+        """The attention path every forward takes ("varlen" or "padded")."""
         self.eos_token_ids = tuple(eos_token_ids) if eos_token_ids else self.cfg.eos_token_ids
         self.bos_token_id = bos_token_id if bos_token_id is not None else self.cfg.bos_token_id
         self._seqs: dict[str, SequenceState] = {}
@@ -114,10 +126,12 @@ class TorchEngine(Engine):
     @classmethod
     def from_engine_dir(cls, engine_dir: str | Path, manifest: Manifest, device: str = "auto",
                         dtype: str | None = None, kv_blocks: int | None = None,
-                        host_kv_blocks: int | None = None, helper_devices: Sequence[str] = ()) -> "TorchEngine":
+                        host_kv_blocks: int | None = None, helper_devices: Sequence[str] = (),
+                        attention: str | None = None) -> "TorchEngine":
         """Open an engine directory built by `make build-engine` (see engines/loader.py).
 
-        kv_blocks and host_kv_blocks override the manifest's kv_blocks_device and kv_blocks_host."""
+        kv_blocks and host_kv_blocks override the manifest's kv_blocks_device and kv_blocks_host;
+        attention overrides the manifest's extra "attention" (default "auto")."""
         cfg = config_from_dir(engine_dir)
         if cfg.architecture != manifest.architecture:
             raise ManifestError(
@@ -130,6 +144,7 @@ class TorchEngine(Engine):
             host_kv_blocks=manifest.kv_blocks_host if host_kv_blocks is None else host_kv_blocks,
             max_seq_len=manifest.max_seq_len,
             eos_token_ids=manifest.eos_token_ids, bos_token_id=manifest.bos_token_id,
+            attention=attention or manifest.extra.get("attention", "auto"),
         )
         # The build sized the pool from bytes_per_block; a different figure here means the
         # builder and the engine disagree on the KV geometry, so the memory budget is wrong.
@@ -173,7 +188,7 @@ class TorchEngine(Engine):
     def _run_prefill(self, requests: Sequence[PrefillRequest], device: str | None = None,
                      all_positions: bool = False) -> tuple[StepResult, torch.Tensor]:
         """`prefill`, also returning the float32 logits: [B, vocab] of each prompt's last token,
-        or [B, longest prompt, vocab] of every position (pads hold garbage) when all_positions
+        or [B, longest prompt, vocab] of every position (pads hold zeros or garbage) when all_positions
         (the tests compare them with transformers: tests/engines/torch_probe.py)."""
         on = self._decode if device is None else self._devices.get(device)
         if on is None:
@@ -194,9 +209,12 @@ class TorchEngine(Engine):
             raise
         start = self._clock(on.device)
         try:
-            batch = prefill_batch(on.cache, ids, [r.prompt_ids for r in requests], on.device)
+            batch = self._batch(on.cache, ids, [r.prompt_ids for r in requests], [0] * len(ids), on.device)
             logits = on.model(batch, on.cache, all_logits=all_positions)
-            last = logits[torch.arange(len(ids), device=logits.device), batch.last] if all_positions else logits
+            if all_positions:
+                last, logits = logits[batch.last], batch.per_run(logits)
+            else:
+                last = logits
             # Generators live on the decode device, which draws every later token: a seeded
             # request then gets the same tokens wherever it was prefilled.
             generators = [None if r.sampling.greedy else make_generator(r.sampling, self.device) for r in requests]
@@ -228,7 +246,7 @@ class TorchEngine(Engine):
         for i, s in zip(ids, seqs):
             self.cache.reserve(i, s.kv_len + 1)
         start = self._clock(self.device)
-        batch = decode_batch(self.cache, ids, [s.last_token for s in seqs], [s.kv_len for s in seqs], self.device)
+        batch = self._batch(self.cache, ids, [[s.last_token] for s in seqs], [s.kv_len for s in seqs], self.device)
         logits = self.model(batch, self.cache)
         tokens = sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
         seconds = self._clock(self.device) - start
@@ -297,7 +315,7 @@ class TorchEngine(Engine):
             start = self._clock(self.device)
             runs = [[s.last_token] for s in decoding] + [c.request.prompt_ids[c.start:c.end] for c in chunks]
             starts = [s.kv_len for s in decoding] + [c.start for c in chunks]
-            logits = self.model(chunk_batch(self.cache, ids + chunk_ids, runs, starts, self.device), self.cache)
+            logits = self.model(self._batch(self.cache, ids + chunk_ids, runs, starts, self.device), self.cache)
             # Unfinished chunks sample nothing: drawing from their generators now would shift
             # every later token of a seeded request away from what a whole prefill gives it.
             rows = list(range(len(ids))) + [len(ids) + k for k, c in enumerate(chunks) if c.last]
@@ -366,6 +384,9 @@ class TorchEngine(Engine):
     def _capabilities(self) -> Capabilities:
         return Capabilities(can_offload=self.host_pool is not None, can_peer_copy=len(self._devices) >= 2,
                             can_form_batches=True, can_chunk_prefill=True)
+
+    def _batch(self, cache, ids: list[str], runs: list, starts: list[int], device: torch.device) -> ForwardBatch:
+        return build_batch(cache, ids, runs, starts, device, self.attention, self.cfg.q_per_kv)
 
     def _clock(self, device: torch.device) -> float:
         # CUDA kernels run asynchronously: synchronise so the time covers the work, not the launch.

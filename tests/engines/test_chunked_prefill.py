@@ -1,7 +1,8 @@
 """Chunked prefill in the torch engine (`mixed_step`): a prompt prefilled in pieces, alone or
 beside decoding requests, ends with the same KV, first token and later tokens as one whole
 `prefill`; a call that does not continue a prompt exactly is refused and changes nothing; a
-failed step gives back every block it reserved."""
+failed step gives back every block it reserved. The numerical checks run on every attention
+path (`PATHS`)."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import transformers
 
 from engines.base import EngineError, OutOfKVBlocks, PrefillChunk, PrefillRequest, SamplingParams
+from engines.torch import attention as attention_module
 from engines.torch.engine import TorchEngine
 from tests.engines.torch_probe import (
     decode_with_logits, kv_contents, kv_len, mixed_step_with_logits, prefill_with_logits,
@@ -16,6 +18,7 @@ from tests.engines.torch_probe import (
 
 ATOL = 1e-5
 """float32: a chunked forward and a whole one differ only in summation order."""
+PATHS = ("varlen", "padded")
 
 
 def tokens(seed: int, n: int) -> list[int]:
@@ -48,10 +51,11 @@ def prefill_in_chunks(engine: TorchEngine, rid: str, prompt: list[int], ends: li
 # -- chunked equals whole ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("ends", [[23], [12, 23], [8, 16, 23], [1, 8, 9, 22, 23]],
                          ids=["one", "two", "three", "uneven"])
-def test_chunked_prefill_matches_whole_prefill(model_dir, ends):
-    engine = engine_for(model_dir)
+def test_chunked_prefill_matches_whole_prefill(model_dir, ends, path):
+    engine = engine_for(model_dir, attention=path)
     prompt = tokens(1, 23)
     whole, whole_logits = prefill_with_logits(engine, [PrefillRequest("whole", prompt)])
     first, last_logits = prefill_in_chunks(engine, "chunked", prompt, ends)
@@ -67,7 +71,8 @@ def test_chunked_prefill_matches_whole_prefill(model_dir, ends):
         torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=ATOL)
 
 
-def test_mixed_step_decodes_like_decode_and_prefills_like_prefill(model_dir):
+@pytest.mark.parametrize("path", PATHS)
+def test_mixed_step_decodes_like_decode_and_prefills_like_prefill(model_dir, path):
     running = [PrefillRequest("a", tokens(1, 13)), PrefillRequest("b", tokens(2, 5))]
     c, d = tokens(3, 10), tokens(4, 17)
     plan = [  # each step decodes a and b, and carries these chunks
@@ -75,7 +80,7 @@ def test_mixed_step_decodes_like_decode_and_prefills_like_prefill(model_dir):
         [chunk("c", c, 6, 10), chunk("d", d, 3, 11)],
         [chunk("d", d, 11, 17)],
     ]
-    ref, mixed = engine_for(model_dir), engine_for(model_dir)
+    ref, mixed = engine_for(model_dir, attention=path), engine_for(model_dir, attention=path)
     ref.prefill(running)
     mixed.prefill(running)
     firsts, first_logits = {}, {}
@@ -144,18 +149,48 @@ def test_seeded_sampling_is_the_same_chunked_or_whole(model_dir):
     assert got[1:] != greedy_out, "temperature 1 should not follow the argmax: sampling is not exercised"
 
 
-def test_chunked_prefill_matches_transformers(model_dir):
+@pytest.mark.parametrize("path", PATHS)
+def test_chunked_prefill_matches_transformers(model_dir, path):
     hf_model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompt = tokens(7, 33)
     with torch.no_grad():
         ref = hf_model(torch.tensor([prompt])).logits[0].float()
-    engine = engine_for(model_dir)
+    engine = engine_for(model_dir, attention=path)
     start = 0
     for end in (10, 11, 26, 33):
         _, logits = mixed_step_with_logits(engine, [], [chunk("p", prompt, start, end)])
         # The last position of each chunk predicts the token after it, as transformers' row end-1 does.
         torch.testing.assert_close(logits[0], ref[end - 1], rtol=0, atol=1e-4)
         start = end
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["varlen", "varlen-split"])
+def test_mixed_steps_are_the_same_on_every_path(model_dir, split, monkeypatch):
+    # Decodes of very different KV lengths (with split, varlen gives each length its own decode
+    # group), first chunks of one token and of several, a one-token later chunk and a last chunk.
+    long, short, c, d = tokens(1, 150), tokens(2, 3), tokens(3, 20), tokens(4, 9)
+    steps = [
+        (["long", "short"], [chunk("c", c, 0, 1), chunk("d", d, 0, 4)]),
+        (["long", "short"], [chunk("c", c, 1, 2), chunk("d", d, 4, 9)]),
+        (["long", "short", "d"], [chunk("c", c, 2, 20)]),
+        (["long", "short", "c", "d"], []),
+    ]
+    if split:
+        monkeypatch.setattr(attention_module, "GROUP_OVERHEAD_TOKENS", 0)
+    results = {}
+    for path in PATHS:
+        engine = engine_for(model_dir, attention=path)
+        first, prefill_logits = prefill_with_logits(engine, [PrefillRequest("long", long),
+                                                             PrefillRequest("short", short)], all_positions=True)
+        # Every prompt position; the padded layout leaves garbage past a prompt's end.
+        got = [(first.tokens, torch.cat([prefill_logits[0], prefill_logits[1, :3]]))]
+        for ids, chunks in steps:
+            result, logits = mixed_step_with_logits(engine, ids, chunks)
+            got.append((result.tokens, logits))
+        results[path] = got
+    for step, ((want, want_logits), (got_tokens, logits)) in enumerate(zip(results["padded"], results["varlen"])):
+        assert got_tokens == want, f"step {step}"
+        torch.testing.assert_close(logits, want_logits, rtol=0, atol=ATOL)
 
 
 # -- refused calls change nothing ----------------------------------------------------------------

@@ -3,7 +3,8 @@
 Each case builds a tiny transformers model with seeded random weights, saves it as a real
 safetensors checkpoint, and loads it with TorchEngine. A ragged batch of prompts is prefilled
 in one call and decoded greedily in one call per step; every logit is compared with a plain
-transformers forward over the same tokens, one sequence at a time.
+transformers forward over the same tokens, one sequence at a time. Every attention path runs
+the same checks (`PATHS`).
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ import transformers
 from engines.base import PrefillRequest
 from engines.loader import load_engine
 from engines.manifest import Manifest, WeightFile
+from engines.torch import attention as attention_module
 from engines.torch.engine import TorchEngine
 from engines.torch.models import config_from_hf, expected_tensor_shapes
 from engines.torch.weights import WeightsError
 from tests.engines.torch_probe import decode_with_logits, prefill_with_logits
 
-PROMPT_LENS = (5, 17, 33, 9)
+PROMPT_LENS = (5, 17, 33, 9, 17)  # two of one length: a decode group needs no mask for them
 # Every numerical check runs on the CPU, and on CUDA where a GPU is present.
 DEVICES = ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])
 DECODE_STEPS = 32
@@ -44,6 +46,21 @@ CASES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
 }
+
+
+PATHS = ("varlen", "varlen-split", "padded")
+"""Attention paths under test: varlen with its default decode groups (here all sequences in one
+group, masked to each one's length), varlen with one group per KV length (no group overhead),
+and padded."""
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch) -> str:
+    """The attention path to pass as TorchEngine(attention=...)."""
+    if request.param == "varlen-split":
+        monkeypatch.setattr(attention_module, "GROUP_OVERHEAD_TOKENS", 0)
+        return "varlen"
+    return request.param
 
 
 def make_checkpoint(path, case: str, seed: int = 0, **save_kwargs):
@@ -112,12 +129,12 @@ def compare(hf_model, engine: TorchEngine, prompt_ids):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_float32_matches_transformers(case, device, tmp_path):
+def test_float32_matches_transformers(case, device, path, tmp_path):
     if device.startswith("cuda"):
         # TF32 matmuls would round to 10 mantissa bits; the reference is true float32.
         torch.backends.cuda.matmul.allow_tf32 = False
     hf_model = make_checkpoint(tmp_path, case)
-    engine = TorchEngine(tmp_path, device=device, dtype="float32")
+    engine = TorchEngine(tmp_path, device=device, dtype="float32", attention=path)
     worst_prefill, worst_decode, agreement, _ = compare(hf_model, engine, prompts(hf_model.config.vocab_size))
     assert worst_prefill <= 1e-4, f"{case}: prefill logits differ by {worst_prefill}"
     assert worst_decode <= 1e-4, f"{case}: decode logits differ by {worst_decode}"
@@ -136,10 +153,10 @@ def test_sharded_checkpoint_loads_the_same_model(tmp_path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bfloat16_matches_transformers_bfloat16(device, tmp_path):
+def test_bfloat16_matches_transformers_bfloat16(device, path, tmp_path):
     make_checkpoint(tmp_path, "llama")
     hf_bf16 = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
-    engine = TorchEngine(tmp_path, device=device, dtype="bfloat16")
+    engine = TorchEngine(tmp_path, device=device, dtype="bfloat16", attention=path)
     worst_prefill, worst_decode, agreement, scale = compare(hf_bf16, engine, prompts(256))
     # Both sides round every op to bf16 (8 significant bits) but may order sums differently, so
     # they may disagree by a few units in the last place (ulp) of the largest logits. Allow 4

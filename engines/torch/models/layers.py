@@ -47,29 +47,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_out, h, bias=cfg.o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: PagedKVCache,
-                batch: ForwardBatch, mask: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        kvh, hd, G = self.num_kv_heads, self.head_dim, self.num_heads // self.num_kv_heads
-        q = apply_rotary(self.q_proj(x).view(B, T, self.num_heads, hd), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(B, T, kvh, hd), cos, sin)
-        v = self.v_proj(x).view(B, T, kvh, hd)
+                batch: ForwardBatch) -> torch.Tensor:
+        R = x.shape[0]
+        kvh, hd = self.num_kv_heads, self.head_dim
+        q = apply_rotary(self.q_proj(x).view(R, self.num_heads, hd), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(R, kvh, hd), cos, sin)
+        v = self.v_proj(x).view(R, kvh, hd)
 
-        # Write this step's K/V into the sequences' slots, then read each sequence's whole KV
-        # back through its block table; prefill and decode take the same path.
+        # Write this step's K/V into the sequences' slots first: the attention plan reads a
+        # sequence's cached KV back through its block table (attention.py).
         k_blocks, v_blocks = cache.layer(self.layer)
-        k_new, v_new = k.reshape(B * T, kvh, hd), v.reshape(B * T, kvh, hd)
-        if batch.real is not None:
-            k_new, v_new = k_new[batch.real], v_new[batch.real]
+        k_new, v_new = (k, v) if batch.real is None else (k[batch.real], v[batch.real])
         k_blocks.view(-1, kvh, hd).index_copy_(0, batch.slots, k_new)
         v_blocks.view(-1, kvh, hd).index_copy_(0, batch.slots, v_new)
-        keys = k_blocks[batch.block_tables].flatten(1, 2).transpose(1, 2)  # [B, kvh, L, hd]
-        values = v_blocks[batch.block_tables].flatten(1, 2).transpose(1, 2)
-
-        # GQA without repeating K/V: the G query heads sharing a KV head become G*T query rows.
-        q = q.view(B, T, kvh, G, hd).permute(0, 2, 3, 1, 4).reshape(B, kvh, G * T, hd)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        out = out.view(B, kvh, G, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, self.num_heads * hd)
-        return self.o_proj(out)
+        return self.o_proj(batch.attention.attend(q, k, v, k_blocks, v_blocks))
 
 
 class MLP(nn.Module):
@@ -98,8 +89,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, batch, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, batch, mask)
+    def forward(self, x, cos, sin, cache, batch):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -143,21 +134,15 @@ class CausalLM(nn.Module):
         return self.lm_head.weight.dtype
 
     def forward(self, batch: ForwardBatch, cache: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
-        """Run the batch, writing its K/V into `cache`; float32 logits of each sequence's last
-        real token [B, vocab], or of every position [B, T, vocab] when `all_logits`."""
+        """Run the batch, writing its K/V into `cache`; float32 logits of each run's last token
+        [B, vocab], or of every row [rows, vocab] when `all_logits` (`batch.per_run` regroups them)."""
         x = self.model.embed_tokens(batch.tokens)
         cos, sin = self.rope.cos_sin(batch.positions, x.dtype)
-        # [B, T, L] -> [B, 1, G*T, L]: one row per (query head in group, token), as Attention lays q out.
-        G = self.cfg.q_per_kv
-        mask = batch.key_mask
-        B, T, L = mask.shape
-        mask = mask[:, None, None].expand(B, 1, G, T, L).reshape(B, 1, G * T, L)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, batch, mask)
+            x = layer(x, cos, sin, cache, batch)
         if not all_logits:
-            x = x[torch.arange(B, device=x.device), batch.last][:, None]
-        logits = self.lm_head(self.model.norm(x)).float()
-        return logits if all_logits else logits[:, 0]
+            x = x[batch.last]
+        return self.lm_head(self.model.norm(x)).float()
 
 
 def decoder_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

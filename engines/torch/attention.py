@@ -1,0 +1,169 @@
+"""How one forward's attention reads the paged KV cache: the torch engine's attention paths.
+
+A forward computes runs of new tokens, one run per sequence: a prompt (from position 0), a chunk
+of a prompt that continues cached KV, or one decode token. Each token attends to every earlier
+token of its own sequence. A path is a plan, built once per forward from the runs' lengths and
+block tables (`forward_batch.build_batch`), that every layer then runs on its own q, k, v and
+KV blocks (`attend`):
+
+- `VarlenPlan` ("varlen"): the work follows the real tokens. The rows are the runs concatenated
+  (no pad rows, so no weight matmul computes a pad). A prompt attends causally to its own fresh
+  keys, without reading the cache back; a chunk reads its sequence's cached KV up to its end.
+  Decode tokens are batched by KV length (`decode_groups`): one SDPA call per group of similar
+  lengths, each over its own longest KV, so a step costs about the sum of the KV lengths plus a
+  small overhead per group, not batch x longest.
+- `PaddedPlan` ("padded"): B x T rows, each run right-padded to the longest, and every
+  sequence's KV gathered and padded to the longest KV of the batch: cost B x longest in the
+  matmuls and in attention. The engine's layout before issue 15: kept as a selectable fallback
+  and as the baseline of the benchmarks (bench/attention_paths.py).
+
+Both read a sequence's KV by gathering its blocks (a paged cache has no contiguous view of it);
+they write this step's K/V into the cache before any layer reads it back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_PATHS = ("varlen", "padded")
+"""The attention paths `TorchEngine(attention=...)` accepts (besides "auto")."""
+
+GROUP_OVERHEAD_TOKENS = 256
+"""What one more SDPA call costs, in KV tokens of attention work: the decode grouping adds a group
+only where it saves more padding than this. Measured on the 2-core CPU of issue 15 with SmolLM2
+shapes (bench/attention_paths.py): ~30 us per call against ~0.1 us per KV token and layer."""
+GROUP_MAX_TOKENS = 16384
+"""Largest padded KV (members x longest KV) of one decode group: a larger batch is split, because
+past this the gathered K/V of one call no longer stays in the CPU's caches and the SDPA call gets
+slower per token than two halves (measured: bench/attention_paths.py)."""
+
+
+class AttentionPlan(Protocol):
+    """One forward's attention, built once and run by every layer."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_blocks: torch.Tensor,
+               v_blocks: torch.Tensor) -> torch.Tensor:
+        """Attention output [rows, heads * head_dim] of q [rows, heads, head_dim], given this
+        step's keys and values k, v [rows, kv_heads, head_dim] (already written into the cache)
+        and one layer's KV blocks [num_blocks, block_size, kv_heads, head_dim]."""
+
+
+@dataclass(slots=True)
+class DecodeGroup:
+    """One-token runs in rows [start, end) attending together, each to its own KV."""
+
+    start: int
+    end: int
+    block_tables: torch.Tensor
+    """[members, blocks of the longest KV]."""
+    kv_len: int
+    """Longest KV length among the members."""
+    mask: torch.Tensor | None
+    """[members, 1, 1, kv_len] True for a member's real keys; None when every member has kv_len."""
+
+
+@dataclass(slots=True)
+class RunAttention:
+    """A run of several tokens in rows [start, end): a prompt, or a chunk continuing cached KV."""
+
+    start: int
+    end: int
+    block_table: torch.Tensor | None
+    """The sequence's blocks up to the run's end; None for a whole prompt, which attends to its
+    own fresh keys only."""
+    mask: torch.Tensor | None
+    """[1, 1, T, kv_len] causal mask of a chunk (token t sees keys up to its position)."""
+
+
+@dataclass(slots=True)
+class VarlenPlan:
+    """The "varlen" path (module docstring): rows are real tokens only, decode rows first."""
+
+    groups: list[DecodeGroup]
+    runs: list[RunAttention]
+
+    def attend(self, q, k, v, k_blocks, v_blocks):
+        rows, heads, hd = q.shape
+        kvh = k.shape[1]
+        out = torch.empty_like(q)
+        for g in self.groups:
+            n = g.end - g.start
+            keys = k_blocks[g.block_tables].flatten(1, 2)[:, :g.kv_len].transpose(1, 2)  # [n, kvh, L, hd]
+            values = v_blocks[g.block_tables].flatten(1, 2)[:, :g.kv_len].transpose(1, 2)
+            # The heads sharing a KV head are that head's query rows: no K/V repeat, no GQA flag.
+            qg = q[g.start:g.end].view(n, kvh, heads // kvh, hd)
+            out[g.start:g.end] = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask).view(n, heads, hd)
+        for r in self.runs:
+            qr = q[r.start:r.end].transpose(0, 1)[None]  # [1, heads, T, hd]: SDPA's fused kernels need 4-D
+            if r.block_table is None:
+                keys, values = k[r.start:r.end], v[r.start:r.end]
+            else:
+                L = r.mask.shape[-1]
+                keys = k_blocks[r.block_table].flatten(0, 1)[:L]
+                values = v_blocks[r.block_table].flatten(0, 1)[:L]
+            o = F.scaled_dot_product_attention(qr, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+                                               attn_mask=r.mask, is_causal=r.block_table is None, enable_gqa=True)
+            out[r.start:r.end] = o[0].transpose(0, 1)
+        return out.view(rows, heads * hd)
+
+
+@dataclass(slots=True)
+class PaddedPlan:
+    """The "padded" path (module docstring): rows are B x T, runs right-padded."""
+
+    batch: int
+    width: int
+    """T: the longest run."""
+    block_tables: torch.Tensor
+    """[B, blocks of the longest KV], right-padded with block 0 (masked out)."""
+    mask: torch.Tensor
+    """[B, 1, G * T, L] True where query row (head in group, token) may see key l."""
+
+    def attend(self, q, k, v, k_blocks, v_blocks):
+        B, T = self.batch, self.width
+        _, heads, hd = q.shape
+        kvh = k.shape[1]
+        G = heads // kvh
+        keys = k_blocks[self.block_tables].flatten(1, 2).transpose(1, 2)  # [B, kvh, L, hd]
+        values = v_blocks[self.block_tables].flatten(1, 2).transpose(1, 2)
+        # GQA without repeating K/V: the G query heads sharing a KV head become G*T query rows.
+        q = q.view(B, T, kvh, G, hd).permute(0, 2, 3, 1, 4).reshape(B, kvh, G * T, hd)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask)
+        return out.view(B, kvh, G, T, hd).permute(0, 3, 1, 2, 4).reshape(B * T, heads * hd)
+
+
+def decode_groups(kv_lens: Sequence[int], overhead: int | None = None,
+                  max_tokens: int | None = None) -> list[list[int]]:
+    """Split one-token runs into groups that attend together: indices into kv_lens, each group
+    of similar lengths, in ascending length order.
+
+    A group costs `overhead` plus members x its longest KV (the padding inside it included); the
+    split minimises the sum (dynamic programming over the lengths sorted), with no group above
+    `max_tokens` unless one sequence alone is longer. Both default to the module's constants
+    (GROUP_OVERHEAD_TOKENS, GROUP_MAX_TOKENS), read at each call."""
+    overhead = GROUP_OVERHEAD_TOKENS if overhead is None else overhead
+    max_tokens = GROUP_MAX_TOKENS if max_tokens is None else max_tokens
+    order = sorted(range(len(kv_lens)), key=kv_lens.__getitem__)
+    lens = [kv_lens[i] for i in order]
+    n = len(lens)
+    best = [0] * (n + 1)  # best[j]: cost of grouping the j shortest
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = lens[j - 1]
+        best[j], cut[j] = best[j - 1] + overhead + longest, j - 1  # alone
+        for i in range(j - 2, -1, -1):  # members i..j-1
+            size = (j - i) * longest
+            if size > max_tokens:
+                break
+            cost = best[i] + overhead + size
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
