@@ -110,6 +110,44 @@ class ModelInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class StepCost:
+    """A fitted cost model of one decode step on one attention path of an engine:
+
+        seconds ~ fixed + per_seq * B + padded_kv * B * max_kv + kv * sum_kv
+
+    for B sequences whose longest KV is max_kv and whose KV lengths sum to sum_kv. Where
+    padded_kv dominates, a step costs batch x longest and requests of one length belong together;
+    where kv dominates, a step costs its real KV bytes and every free place is worth filling
+    (DESIGN.md §7). Fitted by least squares on timed steps (bench/step_cost_profile.py), so a
+    coefficient may come out slightly negative where its term explains nothing."""
+
+    attention: str
+    """The attention path it was fitted on, e.g. "varlen" or "padded" (torch engine)."""
+    fixed: float
+    """Seconds per step whatever its size (one pass over the weights, per-step overhead)."""
+    per_seq: float
+    """Seconds per sequence in the step (the weight matmuls grow with B)."""
+    padded_kv: float
+    """Seconds per token of B x max_kv: attention over KV padded to the longest."""
+    kv: float
+    """Seconds per token of sum_kv: attention over the real KV."""
+    order_matters: bool = False
+    """Whether the order of a batch's sequences changes the step's time (a GPU kernel that starts
+    per-sequence work in launch order ends sooner with the longest first). False on a CPU path:
+    its step runs every sequence's work to the end in any order."""
+    r2: float | None = None
+    """The fit's coefficient of determination on its own points."""
+    points: int = 0
+    """Timed steps the fit rests on."""
+    fitted_on: str = ""
+    """Where and when: machine, device, dtype, threads, date."""
+
+    def seconds(self, batch: int, max_kv: int, sum_kv: int) -> float:
+        """The predicted time of a step of `batch` sequences."""
+        return self.fixed + self.per_seq * batch + self.padded_kv * batch * max_kv + self.kv * sum_kv
+
+
+@dataclass(frozen=True, slots=True)
 class EngineInfo:
     """`Engine.describe()`: devices, KV geometry per tier, capabilities, model."""
 
@@ -123,6 +161,9 @@ class EngineInfo:
     host_blocks: int
     """Blocks in the host pool (0 when the engine cannot offload)."""
     capabilities: Capabilities = field(default_factory=Capabilities)
+    step_costs: tuple[StepCost, ...] = ()
+    """Fitted decode-step cost models, one per attention path the engine can run on its decode
+    device and dtype; the first is the path it runs. Empty when none has been fitted."""
 
     @property
     def decode_device(self) -> str:

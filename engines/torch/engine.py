@@ -27,6 +27,7 @@ from engines.torch.models import architecture, config_from_dir
 from engines.torch.placement import place_devices, resolve_tiers
 from engines.torch.sampler import make_generator, sample
 from engines.torch.sequence import SequenceState
+from engines.torch.step_cost import read_step_costs
 from engines.torch.weights import load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -113,6 +114,8 @@ class TorchEngine(Engine):
         self.device, self.model, self.cache = self._decode.device, self._decode.model, self._decode.cache
         self.attention = attention if attention != "auto" else ("varlen" if self.device.type == "cpu" else "padded")
         """The attention path every forward takes ("varlen" or "padded")."""
+        self._step_costs = read_step_costs(model_dir, self.device.type, dtype, self.attention)
+        """Fitted step costs of this device and dtype, from the directory's step_cost.json (step_cost.py)."""
         self.eos_token_ids = tuple(eos_token_ids) if eos_token_ids else self.cfg.eos_token_ids
         self.bos_token_id = bos_token_id if bos_token_id is not None else self.cfg.bos_token_id
         self._seqs: dict[str, SequenceState] = {}
@@ -177,6 +180,7 @@ class TorchEngine(Engine):
             bytes_per_block=self.cache.bytes_per_block,
             host_blocks=self.host_pool.allocator.num_blocks if self.host_pool else 0,
             capabilities=self._capabilities(),
+            step_costs=self._step_costs,
         )
 
     # -- prefill ---------------------------------------------------------------------------
