@@ -76,12 +76,16 @@ def place_devices(architecture: Architecture, cfg: ModelConfig, weights: dict[st
                   tiers: dict[str, torch.device], dtype: torch.dtype, block_size: int,
                   kv_blocks: int) -> dict[str, ComputeDevice]:
     """A model replica and a KV cache for every tier, in `tiers` order; tiers on one torch device
-    share a replica."""
+    share a replica. Takes `weights` over: the replica on their own device is built from them in
+    place (CausalLM.from_weights), after the other devices' replicas have copied them."""
+    home = next(iter(weights.values())).device
     models: dict[torch.device, CausalLM] = {}
+    for torch_device in dict.fromkeys(tiers.values()):
+        if torch_device != home:  # copied from the loaded set, not read from disk again
+            models[torch_device] = architecture.build(cfg, {n: t.to(torch_device) for n, t in weights.items()})
+    models[home] = architecture.build(cfg, weights)
     devices: dict[str, ComputeDevice] = {}
     for tier, torch_device in tiers.items():
-        if torch_device not in models:  # copied from the loaded set, not read from disk again
-            models[torch_device] = architecture.build(cfg, {n: t.to(torch_device) for n, t in weights.items()})
         cache = PagedKVCache(
             num_layers=cfg.num_layers, num_blocks=kv_blocks, block_size=block_size, num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim, dtype=dtype, device=torch_device, tier=tier,

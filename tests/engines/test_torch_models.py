@@ -52,3 +52,26 @@ def test_an_unlisted_architecture_runs_as_llama_only_when_the_check_is_off():
                          check_architecture=False)
     assert cfg.architecture == "GPT2LMHeadModel" and (cfg.qkv_bias, cfg.o_bias) == (True, True)
     assert architecture(cfg.architecture) is BY_NAME["LlamaForCausalLM"]
+
+
+@pytest.mark.parametrize("name, extra", [("LlamaForCausalLM", {}), ("Qwen2ForCausalLM", {"attention_bias": True}),
+                                         ("LlamaForCausalLM", {"mlp_bias": True})])
+def test_fused_projections_hold_the_checkpoint_tensors_without_a_copy(name, extra):
+    cfg = config(name, **extra)
+    weights = {n: torch.randn(shape) for n, shape in expected_tensor_shapes(cfg).items()}
+    originals = dict(weights)
+    model = architecture(name).build(cfg, weights)
+    for i, layer in enumerate(model.model.layers):
+        for module, group, parts in ((layer.self_attn, "qkv", ("q_proj", "k_proj", "v_proj")),
+                                     (layer.mlp, "gate_up", ("gate_proj", "up_proj"))):
+            prefix = f"model.layers.{i}.{'self_attn' if group == 'qkv' else 'mlp'}."
+            for kind in ("weight", "bias"):
+                fused = getattr(module, f"{group}_{kind}")
+                tensors = [getattr(getattr(module, p), kind) for p in parts]
+                if tensors[0] is None:
+                    assert fused is None
+                    continue
+                # Same values as the checkpoint's tensors, and the named parameters share its memory.
+                assert torch.equal(fused, torch.cat([originals[prefix + p + "." + kind] for p in parts]))
+                assert all(t.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr() for t in tensors)
+    assert list(model.state_dict()) == list(expected_tensor_shapes(cfg)) + (["lm_head.weight"] if cfg.tie_word_embeddings else [])

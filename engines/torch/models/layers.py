@@ -6,6 +6,10 @@ they are. Module and parameter names are Hugging Face's, so a checkpoint's tenso
 the parameters of `CausalLM` are the tensors a checkpoint holds (`decoder_tensor_shapes`). An
 architecture that needs other layers subclasses these, names its classes in `attention_class`,
 `mlp_class` and `layer_class`, and lists its tensors in `Architecture.tensor_shapes`.
+
+Projections that read the same input run as one matmul (q/k/v, gate/up: `fused_projections`):
+at load their weights are concatenated once, and the checkpoint-named parameters become views
+of the concatenation, so the names and the memory stay those of the checkpoint.
 """
 from __future__ import annotations
 
@@ -28,13 +32,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # F.rms_norm is x * rsqrt(mean(x^2) + eps) in one kernel; the weight multiplies after the
+        # cast back, in x's dtype, as in transformers.
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
     """Grouped-query attention whose keys and values live in the paged cache."""
+
+    fused_projections = {"qkv": ("q_proj", "k_proj", "v_proj")}
+    """One matmul for q, k and v: `qkv_weight` (and `qkv_bias`), set by `CausalLM.from_weights`."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -49,10 +56,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: PagedKVCache,
                 batch: ForwardBatch) -> torch.Tensor:
         R = x.shape[0]
-        kvh, hd = self.num_kv_heads, self.head_dim
-        q = apply_rotary(self.q_proj(x).view(R, self.num_heads, hd), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(R, kvh, hd), cos, sin)
-        v = self.v_proj(x).view(R, kvh, hd)
+        heads, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(R, heads + 2 * kvh, hd)
+        qk = apply_rotary(qkv[:, :heads + kvh], cos, sin)  # q and k heads rotated in one pass
+        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kvh:]
 
         # Write this step's K/V into the sequences' slots first: the attention plan reads a
         # sequence's cached KV back through its block table (attention.py).
@@ -66,14 +73,19 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
+    fused_projections = {"gate_up": ("gate_proj", "up_proj")}
+    """One matmul for gate and up: `gate_up_weight` (and `gate_up_bias`), set by `CausalLM.from_weights`."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.intermediate_size = cfg.intermediate_size
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -118,12 +130,24 @@ class CausalLM(nn.Module):
 
     @classmethod
     def from_weights(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> "CausalLM":
-        """Wrap already-loaded tensors (see `weights.load_weights`) without copying them."""
+        """Wrap already-loaded tensors (see `weights.load_weights`), copying only what is fused.
+
+        Takes `weights` over: the tensors of fused projections are replaced in it by views of
+        their concatenation (module docstring), each original released as soon as it is copied,
+        so loading needs no second copy of the model."""
         with torch.device("meta"):  # no throwaway random init of a model-sized set of tensors
             model = cls(cfg)
+        fused = {}
+        for name, module in model.named_modules():
+            for group, parts in getattr(module, "fused_projections", {}).items():
+                for kind in ("weight", "bias"):
+                    keys = [f"{name}.{part}.{kind}" for part in parts]
+                    fused[name, f"{group}_{kind}"] = _concatenate(weights, keys) if keys[0] in weights else None
         if cfg.tie_word_embeddings:
-            weights = {**weights, "lm_head.weight": weights["model.embed_tokens.weight"]}
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
         model.load_state_dict(weights, strict=True, assign=True)
+        for (name, attr), tensor in fused.items():
+            setattr(model.get_submodule(name), attr, tensor)
         model.requires_grad_(False).eval()
         device = weights["model.embed_tokens.weight"].device
         model.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device)
@@ -143,6 +167,16 @@ class CausalLM(nn.Module):
         if not all_logits:
             x = x[batch.last]
         return self.lm_head(self.model.norm(x)).float()
+
+
+def _concatenate(weights: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
+    """One tensor of these, concatenated along the output dimension; each entry of `weights` is
+    replaced by its view of it."""
+    sizes = [weights[k].shape[0] for k in keys]
+    whole = torch.cat([weights.pop(k) for k in keys])
+    for k, part in zip(keys, whole.split(sizes)):
+        weights[k] = part
+    return whole
 
 
 def decoder_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
