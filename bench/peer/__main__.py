@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench.peer import machine
 from bench.peer.prompts import make_prompts, write_jsonl
-from bench.peer.results import Load, Row, figures, markdown
+from bench.peer.results import Load, Row, figures, markdown, ttft_by_prompt_len
 from bench.peer.servers import GIB, Server, aligned_server, free_port, vllm_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -171,6 +171,7 @@ def run_client(a: argparse.Namespace, server: Server, load: Load, dataset: Path,
     raw = json.loads(path.read_text())
     run["figures"] = figures(raw, a.requests)
     run["per_request"] = {k: raw.get(k) for k in ("input_lens", "output_lens", "ttfts", "latencies")}
+    run["ttft_p50_ms_by_prompt_len"] = ttft_by_prompt_len(raw)
     committed = a.out / "raw" / f"{name}.json"
     committed.parent.mkdir(parents=True, exist_ok=True)
     committed.write_text(json.dumps({k: v for k, v in raw.items() if k not in RAW_DROP}, indent=1) + "\n")
@@ -239,6 +240,18 @@ def measure(a: argparse.Namespace, name: str, load: Load, manifest: dict, datase
         server.stop()
 
 
+def _ttft_table(runs: list[dict], lengths: list[int]) -> str:
+    names = {"vllm": "vLLM", "aligned": "AlignedServe"}
+    lines = ["| load | server | " + " | ".join(f"{n} tokens" for n in sorted(lengths)) + " |",
+             "|---|---|" + "---:|" * len(lengths)]
+    for r in runs:
+        by = r.get("ttft_p50_ms_by_prompt_len")
+        if by:
+            cells = " | ".join(f"{by[n]:,.0f}" if n in by else "–" for n in sorted(lengths))
+            lines.append(f"| {r['load']} | {names[r['server']]} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     from tokenizers import Tokenizer
@@ -297,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": [r.to_json() for r in rows],
     }
     (a.out / "peer.json").write_text(json.dumps(report, indent=1) + "\n")
-    table = markdown(rows)
+    table = markdown(rows) + "\nMedian TTFT (ms) by prompt length:\n\n" + _ttft_table(runs, a.prompt_lengths)
     (a.out / "report.md").write_text(
         f"# vLLM (CPU) vs AlignedServe, {started:%Y-%m-%d}\n\n`{report['command']}` on "
         f"{report['machine']['cpus']} CPUs ({report['machine']['cpu_model']}); AlignedServe policy "

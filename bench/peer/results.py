@@ -7,6 +7,7 @@ pairs the runs of the two servers at the same load, and `markdown()` writes the 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass
 
 FIGURES = {
@@ -74,6 +75,16 @@ def figures(result: dict, requests: int | None = None) -> dict:
     if requests is not None and out["completed"] != requests:
         out["incomplete"] = f"{out['completed']} of {requests} requests completed, {out['failed']} failed"
     return out
+
+
+def ttft_by_prompt_len(result: dict) -> dict[int, float]:
+    """Median TTFT in ms of each prompt length, from a detailed result (--save-detailed): at
+    concurrency 1 it is the prefill time of that length (plus one decode step and the HTTP)."""
+    by: dict[int, list[float]] = {}
+    for n, ttft in zip(result.get("input_lens") or [], result.get("ttfts") or []):
+        if ttft:
+            by.setdefault(int(n), []).append(ttft * 1000)
+    return {n: round(statistics.median(v), 1) for n, v in sorted(by.items())}
 
 
 def ratios(aligned: dict, vllm: dict) -> dict:

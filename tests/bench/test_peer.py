@@ -151,3 +151,11 @@ def test_cpu_watch_splits_the_machines_cpu():
     assert set(cpu) == {"wall_s", "busy_cores", "server_cores", "client_cores", "foreign_cores", "steal_cores"}
     assert all(v >= 0 for v in cpu.values()) and cpu["client_cores"] > 0
     assert len(machine.loadavg()) == 3 and machine.describe()["cpus"] >= 1
+
+
+def test_ttft_by_prompt_length_from_a_detailed_result():
+    from bench.peer.results import ttft_by_prompt_len
+
+    detailed = {"input_lens": [64, 512, 64, 512, 64], "ttfts": [0.1, 0.5, 0.3, 0.7, 0.2]}
+    assert ttft_by_prompt_len(detailed) == {64: 200.0, 512: 600.0}
+    assert ttft_by_prompt_len(json.loads(RECORDED.read_text())) == {}  # not a detailed result
