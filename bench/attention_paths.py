@@ -75,7 +75,12 @@ class Setup:
         self.tables = [self.cache.tables[i] for i in self.ids]
 
     def layers(self):
+        """Each layer's K and V blocks."""
         return [self.cache.layer(i) for i in range(LAYERS)]
+
+    def kv_layers(self):
+        """Each layer's [2, blocks, block_size, kv_heads, head_dim], as the engine's plans read it."""
+        return [self.cache.kv[i] for i in range(LAYERS)]
 
 
 def engine_plan(path: str):
@@ -84,11 +89,11 @@ def engine_plan(path: str):
                             path, GROUP)
         q = s.q.index_select(0, torch.argsort(batch.last))  # rows in the plan's order
         k = torch.zeros(len(s.lens), KV_HEADS, HEAD_DIM, dtype=s.q.dtype)  # unread by decode plans
-        layers = s.layers()
+        layers = s.kv_layers()
 
         def step():
-            for kb, vb in layers:
-                out = batch.attention.attend(q, k, k, kb, vb)
+            for kv in layers:
+                out = batch.attention.attend(q, k, k, kv)
             return out.view(len(s.lens), -1, HEAD_DIM)[batch.last]
         return step
     return make

@@ -1,8 +1,10 @@
 """Decode tokens/s of the torch engine beside `transformers` generate, same weights, same run.
 
-    python -m bench.decode_throughput --models demo 100m --batch 1 8 32 --prompt-len 64 --new-tokens 32
+    python -m bench.decode_throughput --models smollm2 demo 100m --batch 1 8 32 --prompt-len 64 --new-tokens 32
 
-For each model and batch size, B prompts of `prompt-len` tokens are prefilled and then decoded
+Models: smollm2 is the real default model (SmolLM2-135M-Instruct, the engine directory
+`make build-engine` writes, built into .cache/bench/ on first use); demo and 100m are random-weight
+Llamas of 0.8M and 97M parameters. For each model and batch size, B prompts of `prompt-len` tokens are prefilled and then decoded
 greedily for `new-tokens` tokens. Decode time excludes prefill for both sides: for the engine,
 the decode calls are timed directly; for transformers, generate(new_tokens) minus
 generate(1 token) (its prefill plus first token). Decode tokens/s = B * (new_tokens - 1) / time.
@@ -33,6 +35,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def checkpoint(size: str) -> Path:
+    """A checkpoint directory that both the engine and transformers open."""
+    if size == "smollm2":  # the engine directory holds config.json and the safetensors
+        out = CACHE / "engine-smollm2"
+        if not (out / "manifest.json").is_file():
+            from build_scripts.build_engine import main as build_engine
+
+            build_engine(["--out", str(out), "--kv-memory-gb", "0.1", "--host-kv-memory-gb", "0"])
+        return out
     out = CACHE / f"checkpoint-{size}"
     if not (out / "config.json").is_file():
         make_demo_checkpoint(out, seed=0, size=size)
@@ -93,13 +103,15 @@ def paired_runs(engine_fn, hf_fn, repeats: int):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["demo", "100m"], choices=["demo", "100m"])
+    p.add_argument("--models", nargs="+", default=["smollm2", "demo", "100m"], choices=["smollm2", "demo", "100m"])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", help="cpu or cuda:N (absolute rates are only meaningful on a GPU)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--attention", default="auto", choices=["auto", "varlen", "padded"],
+                   help="the engine's attention path (engines/torch/attention.py)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON output (default bench/results/decode_throughput[-DEVICE].json)")
     a = p.parse_args(argv)
@@ -110,12 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     rows = []
+    engine_attention = None
     work = [(m, b) for m in a.models for b in a.batch]
     bar = tqdm(work, desc="decode benchmark", unit="case")
     for model_name in a.models:
         ckpt = checkpoint(model_name)
         engine = TorchEngine(ckpt, device=a.device, dtype=a.dtype, max_seq_len=a.prompt_len + a.new_tokens,
-                             kv_blocks=max(a.batch) * -(-(a.prompt_len + a.new_tokens) // 16))
+                             kv_blocks=max(a.batch) * -(-(a.prompt_len + a.new_tokens) // 16), attention=a.attention)
+        engine_attention = engine.attention
         hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).eval().to(engine.device)
         for b in a.batch:
             bar.set_postfix(model=model_name, batch=b)
@@ -140,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"
         + (f", {torch.cuda.get_device_name(a.device)}" if a.device.startswith("cuda") else ""),
         "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "dtype": a.dtype, "device": a.device,
+        "attention": engine_attention,
         "rows": rows,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)

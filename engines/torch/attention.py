@@ -44,11 +44,11 @@ slower per token than two halves (measured: bench/attention_paths.py)."""
 class AttentionPlan(Protocol):
     """One forward's attention, built once and run by every layer."""
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_blocks: torch.Tensor,
-               v_blocks: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_blocks: torch.Tensor) -> torch.Tensor:
         """Attention output [rows, heads * head_dim] of q [rows, heads, head_dim], given this
         step's keys and values k, v [rows, kv_heads, head_dim] (already written into the cache)
-        and one layer's KV blocks [num_blocks, block_size, kv_heads, head_dim]."""
+        and one layer's K and V blocks [2, num_blocks, block_size, kv_heads, head_dim] (both are
+        gathered by one index op)."""
 
 
 @dataclass(slots=True)
@@ -85,25 +85,22 @@ class VarlenPlan:
     groups: list[DecodeGroup]
     runs: list[RunAttention]
 
-    def attend(self, q, k, v, k_blocks, v_blocks):
+    def attend(self, q, k, v, kv_blocks):
         rows, heads, hd = q.shape
         kvh = k.shape[1]
         out = torch.empty_like(q)
         for g in self.groups:
             n = g.end - g.start
-            keys = k_blocks[g.block_tables].flatten(1, 2)[:, :g.kv_len].transpose(1, 2)  # [n, kvh, L, hd]
-            values = v_blocks[g.block_tables].flatten(1, 2)[:, :g.kv_len].transpose(1, 2)
+            kv = kv_blocks[:, g.block_tables].flatten(2, 3)[:, :, :g.kv_len].transpose(2, 3)  # [2, n, kvh, L, hd]
             # The heads sharing a KV head are that head's query rows: no K/V repeat, no GQA flag.
             qg = q[g.start:g.end].view(n, kvh, heads // kvh, hd)
-            out[g.start:g.end] = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask).view(n, heads, hd)
+            out[g.start:g.end] = F.scaled_dot_product_attention(qg, kv[0], kv[1], attn_mask=g.mask).view(n, heads, hd)
         for r in self.runs:
             qr = q[r.start:r.end].transpose(0, 1)[None]  # [1, heads, T, hd]: SDPA's fused kernels need 4-D
             if r.block_table is None:
                 keys, values = k[r.start:r.end], v[r.start:r.end]
             else:
-                L = r.mask.shape[-1]
-                keys = k_blocks[r.block_table].flatten(0, 1)[:L]
-                values = v_blocks[r.block_table].flatten(0, 1)[:L]
+                keys, values = kv_blocks[:, r.block_table].flatten(1, 2)[:, :r.mask.shape[-1]]
             o = F.scaled_dot_product_attention(qr, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
                                                attn_mask=r.mask, is_causal=r.block_table is None, enable_gqa=True)
             out[r.start:r.end] = o[0].transpose(0, 1)
@@ -122,16 +119,15 @@ class PaddedPlan:
     mask: torch.Tensor
     """[B, 1, G * T, L] True where query row (head in group, token) may see key l."""
 
-    def attend(self, q, k, v, k_blocks, v_blocks):
+    def attend(self, q, k, v, kv_blocks):
         B, T = self.batch, self.width
         _, heads, hd = q.shape
         kvh = k.shape[1]
         G = heads // kvh
-        keys = k_blocks[self.block_tables].flatten(1, 2).transpose(1, 2)  # [B, kvh, L, hd]
-        values = v_blocks[self.block_tables].flatten(1, 2).transpose(1, 2)
+        kv = kv_blocks[:, self.block_tables].flatten(2, 3).transpose(2, 3)  # [2, B, kvh, L, hd]
         # GQA without repeating K/V: the G query heads sharing a KV head become G*T query rows.
         q = q.view(B, T, kvh, G, hd).permute(0, 2, 3, 1, 4).reshape(B, kvh, G * T, hd)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=self.mask)
         return out.view(B, kvh, G, T, hd).permute(0, 3, 1, 2, 4).reshape(B * T, heads * hd)
 
 

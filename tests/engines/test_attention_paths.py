@@ -101,7 +101,7 @@ def test_varlen_attention_equals_padded_attention_on_random_kv(monkeypatch):
     monkeypatch.setattr(attention_module, "GROUP_OVERHEAD_TOKENS", 4)
     torch.manual_seed(0)
     kvh, G, hd, bs = 2, 3, 8, 4
-    k_blocks, v_blocks = torch.randn(2, 32, bs, kvh, hd).unbind(0)
+    kv_blocks = torch.randn(2, 32, bs, kvh, hd)
     cache = PagedKVCache(num_layers=1, num_blocks=32, block_size=bs, num_kv_heads=kvh, head_dim=hd,
                          dtype=torch.float32, device=torch.device("cpu"), tier="cpu")
     runs, starts = [[1], [1], [1], [1], [1] * 6, [1] * 3], [3, 3, 17, 20, 0, 9]
@@ -121,10 +121,10 @@ def test_varlen_attention_equals_padded_attention_on_random_kv(monkeypatch):
         q_real = torch.randn(len(real), kvh * G, hd, generator=torch.Generator().manual_seed(4))[order.argsort()]
         kv_real = torch.randn(2, len(real), kvh, hd, generator=torch.Generator().manual_seed(5))[:, order.argsort()]
         q[real], k[real], v[real] = q_real, kv_real[0], kv_real[1]
-        kb, vb = k_blocks.clone(), v_blocks.clone()
-        kb.view(-1, kvh, hd).index_copy_(0, batch.slots, k[real])
-        vb.view(-1, kvh, hd).index_copy_(0, batch.slots, v[real])
-        out = batch.attention.attend(q, k, v, kb, vb)
+        kv = kv_blocks.clone()
+        kv[0].view(-1, kvh, hd).index_copy_(0, batch.slots, k[real])
+        kv[1].view(-1, kvh, hd).index_copy_(0, batch.slots, v[real])
+        out = batch.attention.attend(q, k, v, kv)
         if path == "varlen":
             assert [(g.end - g.start, g.mask is None) for g in batch.attention.groups] == [(2, True), (2, False)]
         outs[path] = batch.per_run(out)

@@ -63,11 +63,11 @@ class Attention(nn.Module):
 
         # Write this step's K/V into the sequences' slots first: the attention plan reads a
         # sequence's cached KV back through its block table (attention.py).
-        k_blocks, v_blocks = cache.layer(self.layer)
+        kv_blocks = cache.kv[self.layer]  # [2 (K, V), blocks, block_size, kv_heads, head_dim]
         k_new, v_new = (k, v) if batch.real is None else (k[batch.real], v[batch.real])
-        k_blocks.view(-1, kvh, hd).index_copy_(0, batch.slots, k_new)
-        v_blocks.view(-1, kvh, hd).index_copy_(0, batch.slots, v_new)
-        return self.o_proj(batch.attention.attend(q, k, v, k_blocks, v_blocks))
+        kv_blocks[0].view(-1, kvh, hd).index_copy_(0, batch.slots, k_new)
+        kv_blocks[1].view(-1, kvh, hd).index_copy_(0, batch.slots, v_new)
+        return self.o_proj(batch.attention.attend(q, k, v, kv_blocks))
 
 
 class MLP(nn.Module):
