@@ -41,7 +41,7 @@ def checkpoint(size: str) -> Path:
         if not (out / "manifest.json").is_file():
             from build_scripts.build_engine import main as build_engine
 
-            build_engine(["--out", str(out), "--kv-memory-gb", "0.1", "--host-kv-memory-gb", "0"])
+            build_engine(["--out", str(out), "--kv-memory-gb", "0.2", "--host-kv-memory-gb", "0"])
         return out
     out = CACHE / f"checkpoint-{size}"
     if not (out / "config.json").is_file():

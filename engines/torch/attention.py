@@ -41,6 +41,16 @@ past this the gathered K/V of one call no longer stays in the CPU's caches and t
 slower per token than two halves (measured: bench/attention_paths.py)."""
 
 
+def gather_blocks(kv_blocks: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [n, blocks * block_size, kv_heads, head_dim] of n block tables [n, blocks]: one
+    index_select along the first dimension each (a row copy per block; advanced indexing or a
+    select along the second dimension took up to 3x longer on CPU: bench/attention_paths.py)."""
+    n, nb = block_tables.shape
+    _, _, bs, kvh, hd = kv_blocks.shape
+    flat = block_tables.reshape(-1)
+    return tuple(kv_blocks[i].index_select(0, flat).view(n, nb * bs, kvh, hd) for i in (0, 1))
+
+
 class AttentionPlan(Protocol):
     """One forward's attention, built once and run by every layer."""
 
@@ -91,16 +101,16 @@ class VarlenPlan:
         out = torch.empty_like(q)
         for g in self.groups:
             n = g.end - g.start
-            kv = kv_blocks[:, g.block_tables].flatten(2, 3)[:, :, :g.kv_len].transpose(2, 3)  # [2, n, kvh, L, hd]
+            keys, values = (x[:, :g.kv_len].transpose(1, 2) for x in gather_blocks(kv_blocks, g.block_tables))
             # The heads sharing a KV head are that head's query rows: no K/V repeat, no GQA flag.
             qg = q[g.start:g.end].view(n, kvh, heads // kvh, hd)
-            out[g.start:g.end] = F.scaled_dot_product_attention(qg, kv[0], kv[1], attn_mask=g.mask).view(n, heads, hd)
+            out[g.start:g.end] = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask).view(n, heads, hd)
         for r in self.runs:
             qr = q[r.start:r.end].transpose(0, 1)[None]  # [1, heads, T, hd]: SDPA's fused kernels need 4-D
             if r.block_table is None:
                 keys, values = k[r.start:r.end], v[r.start:r.end]
             else:
-                keys, values = kv_blocks[:, r.block_table].flatten(1, 2)[:, :r.mask.shape[-1]]
+                keys, values = (x[0, :r.mask.shape[-1]] for x in gather_blocks(kv_blocks, r.block_table[None]))
             o = F.scaled_dot_product_attention(qr, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
                                                attn_mask=r.mask, is_causal=r.block_table is None, enable_gqa=True)
             out[r.start:r.end] = o[0].transpose(0, 1)
@@ -124,10 +134,10 @@ class PaddedPlan:
         _, heads, hd = q.shape
         kvh = k.shape[1]
         G = heads // kvh
-        kv = kv_blocks[:, self.block_tables].flatten(2, 3).transpose(2, 3)  # [2, B, kvh, L, hd]
+        keys, values = (x.transpose(1, 2) for x in gather_blocks(kv_blocks, self.block_tables))  # [B, kvh, L, hd]
         # GQA without repeating K/V: the G query heads sharing a KV head become G*T query rows.
         q = q.view(B, T, kvh, G, hd).permute(0, 2, 3, 1, 4).reshape(B, kvh, G * T, hd)
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=self.mask)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask)
         return out.view(B, kvh, G, T, hd).permute(0, 3, 1, 2, 4).reshape(B * T, heads * hd)
 
 
