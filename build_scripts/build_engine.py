@@ -1,7 +1,7 @@
 """`make build-engine`: turn a Hugging Face checkpoint or a GGUF file into an engine directory.
 
     python -m build_scripts.build_engine [--model HF_DIR|FILE.gguf|demo] [--out ENGINE_DIR]
-        [--dtype float32|bfloat16] [--max-seq-len N] [--block-size 16] [--kv-memory-gb G]
+        [--dtype auto|float32|bfloat16] [--max-seq-len N] [--block-size 16] [--kv-memory-gb G]
         [--host-kv-memory-gb G] [--force] [--backend torch|trtllm [--max-batch-size 64] [--cache-transceiver NIXL|UCX]]
 
 Without --model it builds the default model, SmolLM2-135M-Instruct (Apache-2.0), from the GGUF
@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from build_scripts.checkpoint import BuildError
+from build_scripts.dtype_choice import default_dtype
 from build_scripts.gguf_checkpoint import build_gguf_engine
 from build_scripts.staging import check_replaceable
 from build_scripts.torch_build import DEFAULT_MAX_SEQ_LEN, DTYPE_BYTES, HOST_KV_FACTOR, build_engine
@@ -63,8 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="engine directory to write (default: engines_built/<model dir name>, "
                                  "engines_built/<gguf file name without .gguf>, engines_built/smollm2 or "
                                  "engines_built/demo)")
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float32",
-                   help="compute dtype the engine runs in (default float32; use bfloat16 on GPUs)")
+    p.add_argument("--dtype", choices=["auto", *sorted(DTYPE_BYTES)], default="auto",
+                   help="compute dtype the engine runs in (default auto: bfloat16 on a GPU or CPU that computes "
+                        "in it natively, float32 elsewhere; build_scripts/dtype_choice.py)")
     p.add_argument("--max-seq-len", type=int,
                    help=f"longest prompt + output of one request (default: min(max_position_embeddings, "
                         f"{DEFAULT_MAX_SEQ_LEN}))")
@@ -108,7 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         default_name = Path(a.model).resolve().stem if gguf else Path(a.model).resolve().name
     out = Path(a.out or Path("engines_built") / default_name)
-    options = dict(dtype=a.dtype, max_seq_len=a.max_seq_len, block_size=a.block_size,
+    dtype = a.dtype
+    if dtype == "auto":
+        dtype, why = default_dtype()
+        print(f"dtype: {dtype} ({why}; --dtype float32 or bfloat16 to choose)")
+    options = dict(dtype=dtype, max_seq_len=a.max_seq_len, block_size=a.block_size,
                    kv_memory_gb=a.kv_memory_gb, host_kv_memory_gb=a.host_kv_memory_gb, force=a.force)
     build = build_engine
     if a.backend == "trtllm":

@@ -19,7 +19,8 @@ def demo_engine_dir(tmp_path_factory) -> Path:
     """A demo engine built by the same code path as `make build-engine` (max_seq_len 256 and a
     50 MiB KV budget keep the tests quick and small)."""
     out = tmp_path_factory.mktemp("engines") / "demo"
-    rc = build_engine(["--model", "demo", "--out", str(out), "--max-seq-len", "256", "--kv-memory-gb", "0.05"])
+    rc = build_engine(["--model", "demo", "--out", str(out), "--max-seq-len", "256", "--kv-memory-gb", "0.05",
+                       "--dtype", "float32"])
     assert rc in (0, None), f"demo engine build failed with exit code {rc}"
     assert (out / "manifest.json").is_file()
     return out
@@ -48,7 +49,7 @@ def smollm2_engine_dir(smollm2_gguf) -> Path:
     out = cache / f"smollm2-{h.hexdigest()[:12]}"
     if not (out / "manifest.json").is_file():
         rc = build_engine(["--out", str(out), "--max-seq-len", "2048",  # no --model: the default model
-                           "--kv-memory-gb", "0.1", "--host-kv-memory-gb", "0"])
+                           "--kv-memory-gb", "0.1", "--host-kv-memory-gb", "0", "--dtype", "float32"])
         assert rc in (0, None), f"SmolLM2 engine build failed with exit code {rc}"
         for old in cache.glob("smollm2-*"):
             if old != out:

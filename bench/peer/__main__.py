@@ -211,7 +211,7 @@ def make_server(a: argparse.Namespace, name: str, load: Load, manifest: dict) ->
     log = WORK / "logs" / f"server-{load.slug}-{name}.log"
     if name == "vllm":
         return vllm_server(a.vllm_venv.resolve(), a.engine_dir.resolve(), "smollm2", port, a.kv_gib,
-                           a.vllm_threads_bind, manifest["max_seq_len"], log)
+                           a.vllm_threads_bind, manifest["max_seq_len"], manifest["dtype"], log)
     blocks = a.kv_gib * GIB // manifest["bytes_per_block"]
     return aligned_server(a.engine_dir.resolve(), "smollm2", port, blocks, a.aligned_policy, log)
 
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             quiet = _wait_until_quiet(a, [], f"floor, batches of {c}")
             before = machine.loadavg()
             watch = machine.CpuWatch([]).start()
-            f = floor_tok_s(a.engine_dir, [p.text for p in prompts], c, a.output_len)
+            f = floor_tok_s(a.engine_dir, [p.text for p in prompts], c, a.output_len, manifest["dtype"])
             floors[c] = {**f, "loadavg_before": before, "loadavg_after": machine.loadavg(), "cpu": watch.stop([]),
                          "quiet_before": quiet}
             print(f"[peer] floor, batches of {c}: {f['output_tok_s']:.1f} output tok/s", flush=True)

@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 
-def floor_tok_s(engine_dir: Path, prompts: list[str], batch_size: int, output_len: int) -> dict:
-    """Time `generate` over `prompts` in static batches of `batch_size`; the figures as a dict."""
+def floor_tok_s(engine_dir: Path, prompts: list[str], batch_size: int, output_len: int,
+                dtype: str = "float32") -> dict:
+    """Time `generate` over `prompts` in static batches of `batch_size`, in `dtype` (the engine's);
+    the figures as a dict."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -21,7 +23,7 @@ def floor_tok_s(engine_dir: Path, prompts: list[str], batch_size: int, output_le
         raise ValueError(f"batch_size: {batch_size}; must be >= 1")
     tokenizer = AutoTokenizer.from_pretrained(engine_dir)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(engine_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(engine_dir, dtype=getattr(torch, dtype)).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generated, batches = 0, []
     with torch.inference_mode():  # warm-up: the first call pays for one-time setup

@@ -153,9 +153,10 @@ def _descendants(pid: int) -> list[int]:
 
 
 def vllm_server(venv: Path, engine_dir: Path, model_name: str, port: int, kv_gib: int, threads_bind: str,
-                max_seq_len: int, log_path: Path) -> Server:
+                max_seq_len: int, dtype: str, log_path: Path) -> Server:
     """`vllm serve` on the engine directory's weights, at vLLM's documented CPU settings: both
-    cores for its OpenMP threads (VLLM_CPU_OMP_THREADS_BIND), its KV cache size
+    cores for its OpenMP threads (VLLM_CPU_OMP_THREADS_BIND), the engine's compute dtype `dtype`
+    (vLLM's CPU guide recommends bfloat16 where the CPU has it), its KV cache size
     (VLLM_CPU_KVCACHE_SPACE, whole GiB), tcmalloc and Intel's OpenMP preloaded. Prefix caching is
     off: the benchmark sends the same prompts to every run, which a prefix cache would answer
     from memory, and AlignedServe has none."""
@@ -164,7 +165,7 @@ def vllm_server(venv: Path, engine_dir: Path, model_name: str, port: int, kv_gib
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": threads_bind, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
            "LD_PRELOAD": ":".join(preload), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    command = [str(venv / "bin" / "vllm"), "serve", str(engine_dir), "--dtype", "float32",
+    command = [str(venv / "bin" / "vllm"), "serve", str(engine_dir), "--dtype", dtype,
                "--served-model-name", model_name, "--host", "127.0.0.1", "--port", str(port),
                "--max-model-len", str(max_seq_len), "--no-enable-prefix-caching"]
     settings = {"VLLM_CPU_OMP_THREADS_BIND": threads_bind, "VLLM_CPU_KVCACHE_SPACE": kv_gib,

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from build_scripts.build_engine import main
+from build_scripts.dtype_choice import default_dtype
 from build_scripts.kv_budget import CPU_SEQUENCES
+from build_scripts.torch_build import DTYPE_BYTES
 from build_scripts.demo_checkpoint import BOS_ID, EOS_ID, make_demo_checkpoint
 from engines.manifest import read_manifest
 
@@ -99,13 +101,14 @@ def test_demo_build_is_byte_identical_and_readable(tmp_path, capsys):
         "tokenizer.json", "tokenizer_config.json",
     }
     m = read_manifest(a)
-    assert (m.backend, m.architecture, m.dtype, m.source) == ("torch", "LlamaForCausalLM", "float32", "demo")
+    dtype = default_dtype()[0]  # no --dtype: this machine's choice (tests/build/test_dtype_choice.py)
+    assert (m.backend, m.architecture, m.dtype, m.source) == ("torch", "LlamaForCausalLM", dtype, "demo")
     assert m.max_seq_len == 2048 and m.kv_block_size == 16
-    # 2 (K,V) * 4 layers * 2 kv heads * 32 head_dim * 16 tokens * 4 bytes; without --kv-memory-gb
+    # 2 (K,V) * 4 layers * 2 kv heads * 32 head_dim * 16 tokens * 4 or 2 bytes; without --kv-memory-gb
     # the pool holds CPU_SEQUENCES requests of max_seq_len on a CPU (build_scripts/kv_budget.py:
     # the machine's memory bound does not bite for this model, so rebuilds stay byte-identical),
     # and the host pool twice that (HOST_KV_FACTOR).
-    assert m.bytes_per_block == 32768 and m.kv_blocks_device == CPU_SEQUENCES * 2048 // 16
+    assert m.bytes_per_block == 8192 * DTYPE_BYTES[dtype] and m.kv_blocks_device == CPU_SEQUENCES * 2048 // 16
     assert m.kv_blocks_host == 2 * m.kv_blocks_device
     assert m.extra["kv_budget"].startswith(f"device pool: {CPU_SEQUENCES} requests of 2048 tokens on a CPU")
     assert m.eos_token_ids == (EOS_ID,) and m.bos_token_id == BOS_ID
@@ -125,7 +128,8 @@ def test_build_options_shape_the_kv_pool(ckpt, tmp_path, capsys):
 
 def test_host_kv_pool_option(ckpt, tmp_path, capsys):
     out = tmp_path / "engine"
-    assert build(["--model", str(ckpt), "--out", str(out), "--host-kv-memory-gb", "0.25"], capsys)[0] == 0
+    assert build(["--model", str(ckpt), "--out", str(out), "--host-kv-memory-gb", "0.25", "--dtype", "float32"],
+                 capsys)[0] == 0
     m = read_manifest(out)
     assert m.kv_blocks_host == 2**28 // 32768 and m.kv_blocks_device == CPU_SEQUENCES * m.max_seq_len // 16
     from engines.loader import load_engine

@@ -23,7 +23,8 @@ from tests.build.test_build_engine import assert_nothing_written, build
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-SMALL = ["--max-seq-len", "256", "--kv-memory-gb", "0.01", "--host-kv-memory-gb", "0"]
+SMALL = ["--max-seq-len", "256", "--kv-memory-gb", "0.01", "--host-kv-memory-gb", "0", "--dtype", "float32"]
+"""Small pools; float32, the dtype the comparisons with transformers run in (not this machine's default)."""
 TEXTS = [
     "Hello world", "What is the capital of France?", "x 12345 y, 3.14 and 1,000,000", "  leading spaces",
     "tabs\tand\nnew lines\n\n", "Héllo wörld 日本語 🤖", "<|im_start|>user\nhi<|im_end|>\n", "I'm sure they'd know",
@@ -100,7 +101,7 @@ def test_engine_directory_records_the_gguf(tmp_path, capsys, monkeypatch):
     gguf_path.parent.mkdir()
     write_tiny_llama(gguf_path)
     monkeypatch.chdir(tmp_path)
-    assert build(["--model", str(gguf_path), "--dtype", "bfloat16", *SMALL], capsys)[0] == 0
+    assert build(["--model", str(gguf_path), *SMALL, "--dtype", "bfloat16"], capsys)[0] == 0
     out = tmp_path / "engines_built" / "Tiny-Llama.Q4_K_M"  # the default --out: the name without .gguf
     m = read_manifest(out)
     assert m.source == str(gguf_path.resolve()) and m.dtype == "bfloat16"
