@@ -18,8 +18,9 @@ from engines.base import (
     OutOfKVBlocks, PrefillChunk, PrefillRequest, StepResult, TransferHandle, check_new_prompts,
 )
 from engines.manifest import Manifest, ManifestError
-from engines.torch.chunked_prefill import chunk_sampling, check_chunks, commit_mixed, undo_reservations
 from engines.torch.attention import ATTENTION_PATHS
+from engines.torch.chunked_prefill import chunk_sampling, check_chunks, commit_mixed, undo_reservations
+from engines.torch.cpu_threads import release_thread_pool
 from engines.torch.forward_batch import ForwardBatch, build_batch
 from engines.torch.kv_cache import HostKVPool
 from engines.torch.kv_tiers import KVTiers
@@ -125,6 +126,8 @@ class TorchEngine(Engine):
             self.host_pool = HostKVPool(num_blocks=host_kv_blocks, like=self.cache, pin_memory=self._has_gpu)
         pools = [d.cache for d in self._devices.values()] + ([self.host_pool] if self.host_pool else [])
         self._tiers = KVTiers(pools)
+        # The server runs the steps on another thread than this one (cpu_threads.py).
+        release_thread_pool()
 
     @classmethod
     def from_engine_dir(cls, engine_dir: str | Path, manifest: Manifest, device: str = "auto",
