@@ -23,12 +23,12 @@ they write this step's K/V into the cache before any layer reads it back.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
-ATTENTION_PATHS = ("varlen", "padded")
+ATTENTION_PATHS = ("paged", "varlen", "padded")
 """The attention paths `TorchEngine(attention=...)` accepts (besides "auto")."""
 
 GROUP_OVERHEAD_TOKENS = 256
@@ -73,6 +73,8 @@ class DecodeGroup:
     """Longest KV length among the members."""
     mask: torch.Tensor | None
     """[members, 1, 1, kv_len] True for a member's real keys; None when every member has kv_len."""
+    kv_lens: torch.Tensor
+    """[members] int64: each member's KV length (what the paged kernel reads)."""
 
 
 @dataclass(slots=True)
@@ -94,12 +96,18 @@ class VarlenPlan:
 
     groups: list[DecodeGroup]
     runs: list[RunAttention]
+    kernel: Callable | None = None
+    """The "paged" path: decode groups attend through this kernel (paged_kernel.py) straight from
+    the cache blocks; None: gather the blocks, then SDPA."""
 
     def attend(self, q, k, v, kv_blocks):
         rows, heads, hd = q.shape
         kvh = k.shape[1]
         out = torch.empty_like(q)
         for g in self.groups:
+            if self.kernel is not None:
+                out[g.start:g.end] = self.kernel(q[g.start:g.end], kv_blocks, g.block_tables, g.kv_lens, hd ** -0.5)
+                continue
             n = g.end - g.start
             keys, values = (x[:, :g.kv_len].transpose(1, 2) for x in gather_blocks(kv_blocks, g.block_tables))
             # The heads sharing a KV head are that head's query rows: no K/V repeat, no GQA flag.

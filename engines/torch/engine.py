@@ -25,6 +25,8 @@ from engines.torch.forward_batch import ForwardBatch, build_batch
 from engines.torch.kv_cache import HostKVPool
 from engines.torch.kv_tiers import KVTiers
 from engines.torch.models import architecture, config_from_dir
+from engines.torch.packed_linear import pack_model, packing_available
+from engines.torch.paged_kernel import unavailable as paged_kernel_unavailable
 from engines.torch.placement import place_devices, resolve_tiers
 from engines.torch.sampler import make_generator, sample
 from engines.torch.sequence import SequenceState
@@ -35,6 +37,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 DEFAULT_KV_SEQS = 8
 """Without an explicit kv_blocks, each device's pool holds this many sequences of max_seq_len tokens."""
+
+
+def resolve_attention(attention: str, device: torch.device) -> str:
+    """The path "auto" means on this device; EngineError for "paged" where it cannot run."""
+    cpu = device.type == "cpu"
+    if attention == "auto":
+        return ("paged" if paged_kernel_unavailable() is None else "varlen") if cpu else "padded"
+    if attention == "paged" and not cpu:
+        raise EngineError(f"attention 'paged' runs on a CPU only, not on {device}; use 'varlen' or 'padded'")
+    if attention == "paged" and (why := paged_kernel_unavailable()) is not None:
+        raise EngineError(f"attention 'paged': the CPU kernel could not be built ({why}); use 'varlen'")
+    return attention
 
 
 class TorchEngine(Engine):
@@ -54,10 +68,14 @@ class TorchEngine(Engine):
     max_seq_len: longest KV (prompt + generated) per request; None -> max_position_embeddings.
     architecture_check: False accepts an unlisted architecture and runs it as a Llama decoder.
     attention: how a forward lays out its tokens and reads the KV cache (engines/torch/attention.py):
-        "varlen" (real tokens only; attention cost follows each sequence's KV length), "padded"
+        "paged" (as varlen, with decode attention read straight from the cache blocks by a compiled
+        CPU kernel, engines/torch/paged_kernel.py; CPU only), "varlen" (real tokens only;
+        attention cost follows each sequence's KV length), "padded"
         (every run padded to the longest, attention over the longest KV: the layout before issue 15,
-        kept as a fallback and benchmark baseline), or "auto": varlen on a CPU, padded on a GPU
-        (varlen is not yet measured on a GPU).
+        kept as a fallback and benchmark baseline), or "auto": paged on a CPU (varlen where the
+        kernel cannot be built), padded on a GPU (the others are not yet measured on a GPU).
+    prepack: on a CPU in bfloat16 with native bfloat16, multiply by weights prepacked for oneDNN
+        (engines/torch/packed_linear.py); False keeps plain F.linear (the benchmark baseline).
     """
 
     def __init__(
@@ -75,6 +93,7 @@ class TorchEngine(Engine):
         eos_token_ids: Sequence[int] | None = None,
         bos_token_id: int | None = None,
         attention: str = "auto",
+        prepack: bool = True,
     ):
         if dtype not in DTYPES:
             raise EngineError(f"dtype {dtype!r} is not supported by the torch engine; use one of {list(DTYPES)}")
@@ -111,10 +130,13 @@ class TorchEngine(Engine):
                                       block_size, kv_blocks)
         """Decode device first, then the helpers."""
         del weights
+        for d in self._devices.values():
+            if prepack and packing_available(d.device, DTYPES[dtype]):
+                pack_model(d.model)
         self._decode = next(iter(self._devices.values()))
         self.device, self.model, self.cache = self._decode.device, self._decode.model, self._decode.cache
-        self.attention = attention if attention != "auto" else ("varlen" if self.device.type == "cpu" else "padded")
-        """The attention path every forward takes ("varlen" or "padded")."""
+        self.attention = resolve_attention(attention, self.device)
+        """The attention path every forward takes ("paged", "varlen" or "padded")."""
         self._step_costs = read_step_costs(model_dir, self.device.type, dtype, self.attention)
         """Fitted step costs of this device and dtype, from the directory's step_cost.json (step_cost.py)."""
         self.eos_token_ids = tuple(eos_token_ids) if eos_token_ids else self.cfg.eos_token_ids

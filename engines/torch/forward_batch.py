@@ -5,8 +5,8 @@ A forward computes one run of new tokens per sequence, run i at positions starts
 starts[i] + len - 1: a whole prompt (start 0), a prompt chunk that continues the KV already cached
 for its request, or one decode token at the KV length. Every layer sees the runs as rows of one
 2-D tensor [rows, hidden]; how the runs become rows, and how attention reads the cache, is the
-attention path (attention.py): "varlen" packs the real tokens only, "padded" right-pads every run
-to the longest.
+attention path (attention.py): "varlen" packs the real tokens only, "paged" too with decode
+attention through the CPU kernel (paged_kernel.py), "padded" right-pads every run to the longest.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from engines.torch.attention import (
     ATTENTION_PATHS, AttentionPlan, DecodeGroup, PaddedPlan, RunAttention, VarlenPlan, decode_groups,
 )
 from engines.torch.kv_cache import PagedKVCache
+from engines.torch.paged_kernel import kernel as paged_kernel
 
 
 @dataclass(slots=True)
@@ -60,18 +61,24 @@ def build_batch(cache: PagedKVCache, request_ids: Sequence[str], runs: Sequence[
         raise ValueError(f"attention path {path!r}: use one of {ATTENTION_PATHS}")
     lengths = [len(r) for r in runs]
     tables = cache.block_tables(list(request_ids), torch.device("cpu"))
-    build = _varlen if path == "varlen" else _padded
-    batch = build(tables, runs, list(starts), lengths, cache.block_size, q_per_kv)
+    if path == "padded":
+        batch = _padded(tables, runs, list(starts), lengths, cache.block_size, q_per_kv)
+    else:
+        batch = _varlen(tables, runs, list(starts), lengths, cache.block_size, paged=path == "paged")
     return _to(batch, device) if device.type != "cpu" else batch
 
 
 def _varlen(tables: torch.Tensor, runs, starts: list[int], lengths: list[int], block_size: int,
-            q_per_kv: int) -> ForwardBatch:
-    """Real tokens only: the one-token runs first, in decode groups of similar KV length, then
-    the longer runs in call order (module docstring of attention.py)."""
+            paged: bool = False) -> ForwardBatch:
+    """Real tokens only: the one-token runs first, in decode groups of similar KV length (paged:
+    one group, longest first, for the kernel), then the longer runs in call order (module
+    docstring of attention.py)."""
     ends = [s + n for s, n in zip(starts, lengths)]
     singles = [i for i, n in enumerate(lengths) if n == 1]
-    groups = [[singles[m] for m in g] for g in decode_groups([ends[i] for i in singles])]
+    if paged:  # the kernel reads each row's own length: no grouping; longest first balances its tasks
+        groups = [sorted(singles, key=lambda i: -ends[i])] if singles else []
+    else:
+        groups = [[singles[m] for m in g] for g in decode_groups([ends[i] for i in singles])]
     order = [i for g in groups for i in g] + [i for i, n in enumerate(lengths) if n > 1]
     first = [0] * len(runs)
     row = 0
@@ -86,7 +93,7 @@ def _varlen(tables: torch.Tensor, runs, starts: list[int], lengths: list[int], b
         if min(kv) != longest:
             mask = (torch.arange(longest) < torch.tensor(kv)[:, None])[:, None, None, :]
         plan_groups.append(DecodeGroup(first[g[0]], first[g[0]] + len(g), tables[g, :-(-longest // block_size)],
-                                       longest, mask))
+                                       longest, mask, torch.tensor(kv, dtype=torch.long)))
     for i in order[len(singles):]:
         if starts[i] == 0:  # a whole prompt: causal over its own fresh keys
             plan_runs.append(RunAttention(first[i], first[i] + lengths[i], None, None))
@@ -103,7 +110,7 @@ def _varlen(tables: torch.Tensor, runs, starts: list[int], lengths: list[int], b
     tokens = torch.tensor(list(chain.from_iterable(runs[i] for i in order)), dtype=torch.long)
     last = torch.tensor([f + n - 1 for f, n in zip(first, lengths)])
     return ForwardBatch(tokens, positions, None, _slots(tables, seq, positions, block_size), last, first,
-                        lengths, VarlenPlan(plan_groups, plan_runs))
+                        lengths, VarlenPlan(plan_groups, plan_runs, paged_kernel() if paged else None))
 
 
 def _padded(tables: torch.Tensor, runs, starts: list[int], lengths: list[int], block_size: int,
@@ -143,8 +150,9 @@ def _to(batch: ForwardBatch, device: torch.device) -> ForwardBatch:
 
     plan = batch.attention
     if isinstance(plan, VarlenPlan):
-        plan = VarlenPlan([DecodeGroup(g.start, g.end, move(g.block_tables), g.kv_len, move(g.mask)) for g in plan.groups],
-                          [RunAttention(r.start, r.end, move(r.block_table), move(r.mask)) for r in plan.runs])
+        plan = VarlenPlan([DecodeGroup(g.start, g.end, move(g.block_tables), g.kv_len, move(g.mask), move(g.kv_lens))
+                           for g in plan.groups],
+                          [RunAttention(r.start, r.end, move(r.block_table), move(r.mask)) for r in plan.runs], plan.kernel)
     else:
         plan = PaddedPlan(plan.batch, plan.width, move(plan.block_tables), move(plan.mask))
     return ForwardBatch(move(batch.tokens), move(batch.positions), move(batch.real), move(batch.slots),

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engines.torch import attention as attention_module
+from engines.torch import paged_kernel
 from engines.torch.attention import PaddedPlan, VarlenPlan, decode_groups
 from engines.torch.forward_batch import build_batch
 from engines.torch.kv_cache import PagedKVCache
@@ -91,13 +92,14 @@ def test_padded_rows_are_batch_times_longest(cache):
 
 def test_an_unknown_path_is_refused(cache):
     cache.reserve("a", 1)
-    with pytest.raises(ValueError, match=r"attention path 'flash': use one of \('varlen', 'padded'\)"):
+    with pytest.raises(ValueError, match=r"attention path 'flash': use one of \('paged', 'varlen', 'padded'\)"):
         build_batch(cache, ["a"], [[1]], [0], torch.device("cpu"), "flash", q_per_kv=1)
 
 
-def test_varlen_attention_equals_padded_attention_on_random_kv(monkeypatch):
-    # The two plans over the same blocks and queries: one-token runs of four KV lengths in two
-    # groups (KV 4 and 4 unmasked, 18 and 21 masked), a prompt and a chunk.
+def test_varlen_and_paged_attention_equal_padded_attention_on_random_kv(monkeypatch):
+    # The three plans over the same blocks and queries: one-token runs of four KV lengths (varlen:
+    # two groups, KV 4 and 4 unmasked, 18 and 21 masked; paged: one group for the compiled
+    # kernel, longest first), a prompt and a chunk.
     monkeypatch.setattr(attention_module, "GROUP_OVERHEAD_TOKENS", 4)
     torch.manual_seed(0)
     kvh, G, hd, bs = 2, 3, 8, 4
@@ -109,7 +111,7 @@ def test_varlen_attention_equals_padded_attention_on_random_kv(monkeypatch):
     for rid, s, r in zip(ids, starts, runs):
         cache.reserve(rid, s + len(r))
     outs = {}
-    for path in ("varlen", "padded"):
+    for path in ("paged", "varlen", "padded"):
         batch = build_batch(cache, ids, runs, starts, torch.device("cpu"), path, q_per_kv=G)
         rows = batch.tokens.shape[0]
         q = torch.randn(rows, kvh * G, hd, generator=torch.Generator().manual_seed(1))
@@ -127,6 +129,12 @@ def test_varlen_attention_equals_padded_attention_on_random_kv(monkeypatch):
         out = batch.attention.attend(q, k, v, kv)
         if path == "varlen":
             assert [(g.end - g.start, g.mask is None) for g in batch.attention.groups] == [(2, True), (2, False)]
+            assert batch.attention.kernel is None
+        if path == "paged":
+            assert batch.attention.kernel is not None, paged_kernel.unavailable()
+            (group,) = batch.attention.groups
+            assert group.kv_lens.tolist() == [21, 18, 4, 4]
         outs[path] = batch.per_run(out)
     for i, r in enumerate(runs):  # the padded path's pad rows hold garbage
-        torch.testing.assert_close(outs["varlen"][i, :len(r)], outs["padded"][i, :len(r)], rtol=0, atol=1e-5)
+        for path in ("varlen", "paged"):
+            torch.testing.assert_close(outs[path][i, :len(r)], outs["padded"][i, :len(r)], rtol=0, atol=1e-5)

@@ -64,13 +64,14 @@ def greedy(e: TorchEngine, prompts: list[list[int]]) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("path", ["varlen", "padded"])
+@pytest.mark.parametrize("path", ["paged", "varlen", "padded"])
 def test_float32_greedy_tokens_equal_transformers(smollm2_engine_dir, prompts, reference, path):
     assert greedy(engine(smollm2_engine_dir, path), prompts) == reference
 
 
-def test_chunked_prefill_beside_decodes_gives_the_same_tokens(smollm2_engine_dir, prompts, reference):
-    e = engine(smollm2_engine_dir, "varlen")  # the padded path's mixed steps: test_chunked_prefill.py
+@pytest.mark.parametrize("path", ["paged", "varlen"])
+def test_chunked_prefill_beside_decodes_gives_the_same_tokens(smollm2_engine_dir, prompts, reference, path):
+    e = engine(smollm2_engine_dir, path)  # the padded path's mixed steps: test_chunked_prefill.py
     short, long = [f"r{i}" for i in range(3)], prompts[3]
     first = e.prefill([PrefillRequest(i, p) for i, p in zip(short, prompts[:3])]).tokens
     out = {i: [first[i]] for i in short}
@@ -93,7 +94,7 @@ def test_bfloat16_differs_from_transformers_only_at_near_ties(smollm2_engine_dir
     # engine's own sequence; wherever its argmax is not the engine's token, the engine's token must
     # be within 4 bf16 ulps (at the largest logit) of transformers' best.
     model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_engine_dir, dtype=torch.bfloat16).eval()
-    for path in ("varlen", "padded"):
+    for path in ("paged", "varlen", "padded"):
         ours = greedy(engine(smollm2_engine_dir, path, "bfloat16"), prompts)
         flips = 0
         for p, toks in zip(prompts, ours):

@@ -20,6 +20,7 @@ from torch import nn
 from engines.torch.forward_batch import ForwardBatch
 from engines.torch.kv_cache import PagedKVCache
 from engines.torch.model_config import ModelConfig
+from engines.torch.packed_linear import Linear, project
 from engines.torch.rope import RotaryEmbedding, apply_rotary
 
 
@@ -42,22 +43,24 @@ class Attention(nn.Module):
 
     fused_projections = {"qkv": ("q_proj", "k_proj", "v_proj")}
     """One matmul for q, k and v: `qkv_weight` (and `qkv_bias`), set by `CausalLM.from_weights`."""
+    qkv_packed: torch.Tensor | None = None
+    """`qkv_weight` prepacked for oneDNN, where `packed_linear.pack_model` packs."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         h, q_out, kv_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(h, q_out, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(h, kv_out, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(h, kv_out, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_out, h, bias=cfg.o_bias)
+        self.q_proj = Linear(h, q_out, bias=cfg.qkv_bias)
+        self.k_proj = Linear(h, kv_out, bias=cfg.qkv_bias)
+        self.v_proj = Linear(h, kv_out, bias=cfg.qkv_bias)
+        self.o_proj = Linear(q_out, h, bias=cfg.o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: PagedKVCache,
                 batch: ForwardBatch) -> torch.Tensor:
         R = x.shape[0]
         heads, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(R, heads + 2 * kvh, hd)
+        qkv = project(x, self.qkv_weight, self.qkv_bias, self.qkv_packed).view(R, heads + 2 * kvh, hd)
         qk = apply_rotary(qkv[:, :heads + kvh], cos, sin)  # q and k heads rotated in one pass
         q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kvh:]
 
@@ -75,16 +78,18 @@ class MLP(nn.Module):
 
     fused_projections = {"gate_up": ("gate_proj", "up_proj")}
     """One matmul for gate and up: `gate_up_weight` (and `gate_up_bias`), set by `CausalLM.from_weights`."""
+    gate_up_packed: torch.Tensor | None = None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).split(self.intermediate_size, dim=-1)
+        gate, up = project(x, self.gate_up_weight, self.gate_up_bias, self.gate_up_packed).split(
+            self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -125,7 +130,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Decoder(cfg, self.layer_class)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope: RotaryEmbedding | None = None
 
     @classmethod
