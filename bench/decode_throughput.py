@@ -3,8 +3,8 @@
     python -m bench.decode_throughput --models smollm2 demo 100m --batch 1 8 32 --prompt-len 64 --new-tokens 32
 
 Models: smollm2 is the real default model (SmolLM2-135M-Instruct, the engine directory
-`make build-engine` writes, built into .cache/bench/ on first use); demo and 100m are random-weight
-Llamas of 0.8M and 97M parameters. For each model and batch size, B prompts of `prompt-len` tokens are prefilled and then decoded
+`make build-engine` writes, built into .cache/bench/ on first use); demo, 100m and 1b are
+random-weight Llamas of 0.8M, 97M and 1.0B parameters (1b: for a GPU's timings). For each model and batch size, B prompts of `prompt-len` tokens are prefilled and then decoded
 greedily for `new-tokens` tokens. Decode time excludes prefill for both sides: for the engine,
 the decode calls are timed directly; for transformers, generate(new_tokens) minus
 generate(1 token) (its prefill plus first token). Decode tokens/s = B * (new_tokens - 1) / time.
@@ -103,7 +103,7 @@ def paired_runs(engine_fn, hf_fn, repeats: int):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["smollm2", "demo", "100m"], choices=["smollm2", "demo", "100m"])
+    p.add_argument("--models", nargs="+", default=["smollm2", "demo", "100m"], choices=["smollm2", "demo", "100m", "1b"])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)

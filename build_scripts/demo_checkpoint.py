@@ -5,8 +5,9 @@ tokenizer.json and tokenizer_config.json. The tokenizer is byte-level: ids 0..25
 of the UTF-8 text, 256 = <s>, 257 = </s>, 258 = <pad>, so any text round-trips and token counts
 are byte counts. Weights are seeded: the same seed writes byte-identical files.
 
-Sizes: "demo" (~0.8M parameters, for tests and the default engine) and "100m" (~97M, for
-benchmarks). `python -m build_scripts.demo_checkpoint --out DIR [--size 100m] [--seed 0]`.
+Sizes: "demo" (~0.8M parameters, for tests and the default engine), "100m" (~97M, for
+benchmarks) and "1b" (~1.0B, Llama-3.2-1B's layer shapes, stored in bfloat16: GPU timings, which
+need no trained weights). `python -m build_scripts.demo_checkpoint --out DIR [--size 100m] [--seed 0]`.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class DemoSize:
 SIZES = {
     "demo": DemoSize(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=352),
     "100m": DemoSize(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2816),
+    "1b": DemoSize(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, dtype="bfloat16"),
 }
 
 

@@ -97,7 +97,7 @@ class VarlenPlan:
     groups: list[DecodeGroup]
     runs: list[RunAttention]
     kernel: Callable | None = None
-    """The "paged" path: decode groups attend through this kernel (paged_kernel.py) straight from
+    """The "paged" path: decode groups attend through this kernel (cpu_kernels.py) straight from
     the cache blocks; None: gather the blocks, then SDPA."""
 
     def attend(self, q, k, v, kv_blocks):

@@ -20,13 +20,13 @@ from engines.base import (
 from engines.manifest import Manifest, ManifestError
 from engines.torch.attention import ATTENTION_PATHS
 from engines.torch.chunked_prefill import chunk_sampling, check_chunks, commit_mixed, undo_reservations
+from engines.torch.cpu_kernels import unavailable as cpu_kernels_unavailable
 from engines.torch.cpu_threads import release_thread_pool
 from engines.torch.forward_batch import ForwardBatch, build_batch
 from engines.torch.kv_cache import HostKVPool
 from engines.torch.kv_tiers import KVTiers
 from engines.torch.models import architecture, config_from_dir
 from engines.torch.packed_linear import pack_model, packing_available
-from engines.torch.paged_kernel import unavailable as paged_kernel_unavailable
 from engines.torch.placement import place_devices, resolve_tiers
 from engines.torch.sampler import make_generator, sample
 from engines.torch.sequence import SequenceState
@@ -43,11 +43,11 @@ def resolve_attention(attention: str, device: torch.device) -> str:
     """The path "auto" means on this device; EngineError for "paged" where it cannot run."""
     cpu = device.type == "cpu"
     if attention == "auto":
-        return ("paged" if paged_kernel_unavailable() is None else "varlen") if cpu else "padded"
+        return ("paged" if cpu_kernels_unavailable() is None else "varlen") if cpu else "padded"
     if attention == "paged" and not cpu:
         raise EngineError(f"attention 'paged' runs on a CPU only, not on {device}; use 'varlen' or 'padded'")
-    if attention == "paged" and (why := paged_kernel_unavailable()) is not None:
-        raise EngineError(f"attention 'paged': the CPU kernel could not be built ({why}); use 'varlen'")
+    if attention == "paged" and (why := cpu_kernels_unavailable()) is not None:
+        raise EngineError(f"attention 'paged': the CPU kernels could not be built ({why}); use 'varlen'")
     return attention
 
 
@@ -69,11 +69,11 @@ class TorchEngine(Engine):
     architecture_check: False accepts an unlisted architecture and runs it as a Llama decoder.
     attention: how a forward lays out its tokens and reads the KV cache (engines/torch/attention.py):
         "paged" (as varlen, with decode attention read straight from the cache blocks by a compiled
-        CPU kernel, engines/torch/paged_kernel.py; CPU only), "varlen" (real tokens only;
+        CPU kernel, engines/torch/cpu_kernels.py; CPU only), "varlen" (real tokens only;
         attention cost follows each sequence's KV length), "padded"
         (every run padded to the longest, attention over the longest KV: the layout before issue 15,
         kept as a fallback and benchmark baseline), or "auto": paged on a CPU (varlen where the
-        kernel cannot be built), padded on a GPU (the others are not yet measured on a GPU).
+        kernels cannot be built), padded on a GPU (the others are not yet measured on a GPU).
     prepack: on a CPU in bfloat16 with native bfloat16, multiply by weights prepacked for oneDNN
         (engines/torch/packed_linear.py); False keeps plain F.linear (the benchmark baseline).
     """

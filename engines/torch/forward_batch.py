@@ -6,7 +6,7 @@ starts[i] + len - 1: a whole prompt (start 0), a prompt chunk that continues the
 for its request, or one decode token at the KV length. Every layer sees the runs as rows of one
 2-D tensor [rows, hidden]; how the runs become rows, and how attention reads the cache, is the
 attention path (attention.py): "varlen" packs the real tokens only, "paged" too with decode
-attention through the CPU kernel (paged_kernel.py), "padded" right-pads every run to the longest.
+attention through the CPU kernel (cpu_kernels.py), "padded" right-pads every run to the longest.
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ import torch
 from engines.torch.attention import (
     ATTENTION_PATHS, AttentionPlan, DecodeGroup, PaddedPlan, RunAttention, VarlenPlan, decode_groups,
 )
+from engines.torch.cpu_kernels import kernels as cpu_kernels
+from engines.torch.cpu_kernels import unavailable as cpu_kernels_unavailable
 from engines.torch.kv_cache import PagedKVCache
-from engines.torch.paged_kernel import kernel as paged_kernel
 
 
 @dataclass(slots=True)
@@ -110,7 +111,14 @@ def _varlen(tables: torch.Tensor, runs, starts: list[int], lengths: list[int], b
     tokens = torch.tensor(list(chain.from_iterable(runs[i] for i in order)), dtype=torch.long)
     last = torch.tensor([f + n - 1 for f, n in zip(first, lengths)])
     return ForwardBatch(tokens, positions, None, _slots(tables, seq, positions, block_size), last, first,
-                        lengths, VarlenPlan(plan_groups, plan_runs, paged_kernel() if paged else None))
+                        lengths, VarlenPlan(plan_groups, plan_runs, _paged_decode() if paged else None))
+
+
+def _paged_decode():
+    module = cpu_kernels()
+    if module is None:
+        raise ValueError(f"attention path 'paged': the CPU kernels could not be built ({cpu_kernels_unavailable()})")
+    return module.paged_decode
 
 
 def _padded(tables: torch.Tensor, runs, starts: list[int], lengths: list[int], block_size: int,

@@ -1,8 +1,8 @@
 // Decode attention straight from the paged KV cache, on CPU: each query row (one decode token)
 // attends to the first kv_lens[row] tokens of its sequence, read block by block through its
-// block table, without gathering them into a padded tensor first. One task per (row, KV head):
-// the q_per_kv query heads sharing a KV head read each key and value once; scores and sums in
-// float32; tasks scheduled dynamically (rows differ in length). Built by paged_kernel.py.
+// block table, without gathering them into a padded tensor first. One task per row (rows differ
+// in length: handed out from a counter), each token's K and V rows read once for every head;
+// scores and sums in float32. Built by cpu_kernels.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -95,8 +95,4 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_blocks, torch::Tens
         out.data_ptr<scalar_t>(), rows, heads, kvh, hd, bs, max_blocks, static_cast<float>(scale));
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "decode attention over the paged KV cache (CPU)");
 }

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engines.torch.cpu_kernels import fused_ops
 from engines.torch.forward_batch import ForwardBatch
 from engines.torch.kv_cache import PagedKVCache
 from engines.torch.model_config import ModelConfig
@@ -33,9 +34,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (ops := fused_ops(x)) is not None:  # the same rounding in one pass (kernels/fused_norm.cpp)
+            return ops.rms_norm(x, self.weight, self.eps)
         # F.rms_norm is x * rsqrt(mean(x^2) + eps) in one kernel; the weight multiplies after the
         # cast back, in x's dtype, as in transformers.
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + h, self(x + h)): a residual add and this norm, in one pass on CPU (x is updated
+        in place there: the caller's x is a fresh activation)."""
+        if (ops := fused_ops(x)) is not None and x.is_contiguous():
+            return x, ops.add_rms_norm_(x, h, self.weight, self.eps)
+        x = x + h
+        return x, self(x)
 
 
 class Attention(nn.Module):
@@ -88,8 +99,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, self.gate_up_weight, self.gate_up_bias, self.gate_up_packed).split(
-            self.intermediate_size, dim=-1)
+        gate_up = project(x, self.gate_up_weight, self.gate_up_bias, self.gate_up_packed)
+        if (ops := fused_ops(gate_up)) is not None:
+            return self.down_proj(ops.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -107,8 +120,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, cache, batch):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(self.input_layernorm(x), cos, sin, cache, batch))
+        return x + self.mlp(h)
 
 
 class Decoder(nn.Module):
