@@ -9,6 +9,8 @@ not included: they are the same for every candidate. Candidates:
 
 - padded: the engine's "padded" plan (every sequence gathered and padded to the longest KV);
 - varlen: the engine's "varlen" plan (decode groups of similar KV length, attention.py);
+- paged: the engine's "paged" plan (the compiled kernel reads each row's KV from its blocks,
+  engines/torch/kernels/paged_decode.cpp; built on first use, not timed);
 - per-seq: one SDPA call per sequence over its own gathered blocks;
 - bucket-1.5: fixed buckets (a new bucket when a length passes 1.5x the bucket's shortest);
 - segment: one flat gather of every real key, scores and a segment softmax by scatter ops;
@@ -191,7 +193,8 @@ def flex(s: Setup):
     return step
 
 
-CANDIDATES = {"padded": engine_plan("padded"), "varlen": engine_plan("varlen"), "per-seq": per_seq,
+CANDIDATES = {"padded": engine_plan("padded"), "varlen": engine_plan("varlen"), "paged": engine_plan("paged"),
+              "per-seq": per_seq,
               "bucket-1.5": buckets(1.5), "segment": segment}
 
 

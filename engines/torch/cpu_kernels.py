@@ -3,9 +3,9 @@
 - `paged_decode`: each decode row attends to its sequence's KV straight from the cache blocks,
   one task per row over torch's thread pool, instead of gathering the blocks into a padded
   tensor and running SDPA over it (the "varlen" path). Measured on this project's 2-core Xeon,
-  SmolLM2 shapes, 32 rows of 64-1,500 KV tokens (docs/benchmarks.md, issue 15): 1.1 ms a layer
-  in bfloat16 against 1.7 ms for gather + SDPA, 1.2 ms against 10 ms in float32; a whole
-  decode step 83 ms against 97 ms in bfloat16.
+  SmolLM2 shapes, 32 rows of 64-1,500 KV tokens (`bench/attention_paths.py`, docs/benchmarks.md):
+  a step's attention (30 layers) 43 ms in bfloat16 against 54 ms for gather + SDPA, 58 ms
+  against 91 ms in float32.
 - `rms_norm`, `add_rms_norm_`, `silu_mul`: a decoder layer's elementwise work in one pass each,
   rounding as the unfused torch ops do (kernels/fused_norm.cpp); `models/layers.py` uses them for
   CPU tensors (`fused_ops`).
