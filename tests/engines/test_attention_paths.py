@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engines.torch import attention as attention_module
-from engines.torch import paged_kernel
+from engines.torch import cpu_kernels
 from engines.torch.attention import PaddedPlan, VarlenPlan, decode_groups
 from engines.torch.forward_batch import build_batch
 from engines.torch.kv_cache import PagedKVCache
@@ -131,7 +131,7 @@ def test_varlen_and_paged_attention_equal_padded_attention_on_random_kv(monkeypa
             assert [(g.end - g.start, g.mask is None) for g in batch.attention.groups] == [(2, True), (2, False)]
             assert batch.attention.kernel is None
         if path == "paged":
-            assert batch.attention.kernel is not None, paged_kernel.unavailable()
+            assert batch.attention.kernel is not None, cpu_kernels.unavailable()
             (group,) = batch.attention.groups
             assert group.kv_lens.tolist() == [21, 18, 4, 4]
         outs[path] = batch.per_run(out)
