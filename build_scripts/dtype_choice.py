@@ -14,19 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engines.cpu_info import cpu_flags
+
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 """/proc/cpuinfo flags under which a CPU runs bfloat16 matmuls natively."""
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The first processor's flags (empty where the file does not exist: not Linux)."""
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def default_dtype(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, str]:

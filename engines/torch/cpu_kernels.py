@@ -20,18 +20,27 @@ torch's ops.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from pathlib import Path
 
 import torch
+
+from engines.cpu_info import cpu_flags
 
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).resolve().parent / "kernels" / name
            for name in ("bindings.cpp", "paged_decode.cpp", "fused_norm.cpp")]
 NAME = "alignedserve_cpu_kernels"
+"""The extension's name, suffixed with a hash of this CPU's flags (`_name`): a build for one CPU
+(-march=native) is never loaded on another that shares the cache directory."""
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 """-fopenmp: ATen's parallel_for is inline OpenMP (torch's libgomp, already loaded, is the one used)."""
+
+
+def _name() -> str:
+    return f"{NAME}_{hashlib.sha256(' '.join(sorted(cpu_flags())).encode()).hexdigest()[:10]}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,7 +48,7 @@ def _build():
     try:
         from torch.utils.cpp_extension import load
 
-        module = load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
+        module = load(name=_name(), sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
         return module, None
     except Exception as e:  # a compiler error, no compiler, no ninja: the engine falls back
         text = str(e).strip()
