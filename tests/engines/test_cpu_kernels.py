@@ -73,3 +73,35 @@ def test_refusals_name_the_shapes(ops):
 def test_gpu_tensors_take_torchs_ops():
     assert cpu_kernels.fused_ops(torch.zeros(2, 3, device="meta")) is None
     assert cpu_kernels.fused_ops(torch.zeros(2, 3, 4)) is None  # 2-D rows only
+
+
+def test_without_the_kernels_the_engine_runs_torchs_ops(demo_engine_dir, monkeypatch):
+    # What a machine without a C++ compiler gets: "auto" takes varlen, "paged" is refused naming
+    # why, the layers use torch's ops, and the tokens are the kernels' (float32).
+    from engines.base import PrefillRequest
+    from engines.base import EngineError
+    from engines.torch.engine import TorchEngine
+
+    prompts = [[1, 5, 9, 200, 33] * k for k in (1, 3, 7)]
+
+    def greedy(engine):
+        ids = [f"r{i}" for i in range(len(prompts))]
+        out = engine.prefill([PrefillRequest(i, p) for i, p in zip(ids, prompts)]).tokens
+        seqs = {i: [out[i]] for i in ids}
+        for _ in range(6):
+            step = engine.decode(ids).tokens
+            for i in ids:
+                seqs[i].append(step[i])
+        return seqs
+
+    with_kernels = TorchEngine(demo_engine_dir, device="cpu", kv_blocks=64)
+    assert with_kernels.attention == "paged"
+    expected = greedy(with_kernels)
+    monkeypatch.setattr(cpu_kernels, "_build", lambda: (None, "RuntimeError: no C++ compiler"))
+    assert cpu_kernels.fused_ops(torch.zeros(2, 3)) is None
+    engine = TorchEngine(demo_engine_dir, device="cpu", kv_blocks=64)
+    assert engine.attention == "varlen"
+    assert greedy(engine) == expected
+    with pytest.raises(EngineError, match="attention 'paged': the CPU kernels could not be built "
+                                          r"\(RuntimeError: no C\+\+ compiler\); use 'varlen'"):
+        TorchEngine(demo_engine_dir, device="cpu", kv_blocks=64, attention="paged")
