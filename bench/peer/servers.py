@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,31 +17,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serving.triton_server import free_port
+
 GIB = 1 << 30
 TCMALLOC = "/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 """Debian's libtcmalloc-minimal4, preloaded as vLLM's CPU docs ask."""
-
-
-def free_port(span: int = 1) -> int:
-    """A loopback port such that `span` consecutive ports from it are free now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + span > 65535:
-            continue
-        if all(_bindable(base + i) for i in range(1, span)):
-            return base
-    raise RuntimeError(f"no {span} consecutive free loopback ports found")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 @dataclass
@@ -178,7 +157,7 @@ def aligned_server(engine_dir: Path, model_name: str, port: int, kv_blocks: int,
     """AlignedServe through `make serve`'s launcher (tritonserver + the OpenAI API), the admin
     dashboard off, with `kv_blocks` device KV blocks (the same bytes as vLLM's KV cache) and
     scheduling policy `policy`; everything else is the launcher's default."""
-    http = free_port(span=3)  # Triton's HTTP, gRPC (+1) and metrics (+2)
+    http = free_port(3)  # Triton's HTTP, gRPC (+1) and metrics (+2)
     env = {**os.environ, "ALIGNED_POLICY": policy, "ALIGNED_KV_BLOCKS": str(kv_blocks)}
     command = [sys.executable, "-m", "serving.triton_server", "--engine-dir", str(engine_dir),
                "--http-port", str(http), "--openai-port", str(port), "--admin-port", "0",

@@ -6,19 +6,22 @@ token of its own sequence. A path is a plan, built once per forward from the run
 block tables (`forward_batch.build_batch`), that every layer then runs on its own q, k, v and
 KV blocks (`attend`):
 
-- `VarlenPlan` ("varlen"): the work follows the real tokens. The rows are the runs concatenated
+- `VarlenPlan` ("varlen", and "paged"): the work follows the real tokens. The rows are the runs concatenated
   (no pad rows, so no weight matmul computes a pad). A prompt attends causally to its own fresh
   keys, without reading the cache back; a chunk reads its sequence's cached KV up to its end.
   Decode tokens are batched by KV length (`decode_groups`): one SDPA call per group of similar
   lengths, each over its own longest KV, so a step costs about the sum of the KV lengths plus a
-  small overhead per group, not batch x longest.
+  small overhead per group, not batch x longest. On the "paged" path (CPU) all decode rows are
+  one group, longest first, attended by a compiled kernel (`cpu_kernels.py`) that reads each
+  row's KV straight from its blocks: no gather, no padding.
 - `PaddedPlan` ("padded"): B x T rows, each run right-padded to the longest, and every
   sequence's KV gathered and padded to the longest KV of the batch: cost B x longest in the
   matmuls and in attention. The engine's layout before issue 15: kept as a selectable fallback
   and as the baseline of the benchmarks (bench/attention_paths.py).
 
-Both read a sequence's KV by gathering its blocks (a paged cache has no contiguous view of it);
-they write this step's K/V into the cache before any layer reads it back.
+Apart from the paged kernel, a sequence's KV is read by gathering its blocks (a paged cache has
+no contiguous view of it); every path writes this step's K/V into the cache before any layer
+reads it back.
 """
 from __future__ import annotations
 
@@ -43,8 +46,8 @@ slower per token than two halves (measured: bench/attention_paths.py)."""
 
 def gather_blocks(kv_blocks: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V [n, blocks * block_size, kv_heads, head_dim] of n block tables [n, blocks]: one
-    index_select along the first dimension each (a row copy per block; advanced indexing or a
-    select along the second dimension took up to 3x longer on CPU: bench/attention_paths.py)."""
+    index_select along the first dimension each (a row copy per block; with advanced indexing a
+    decode step of 32 mixed sequences took 170 ms against ~110 in bfloat16: docs/benchmarks.md)."""
     n, nb = block_tables.shape
     _, _, bs, kvh, hd = kv_blocks.shape
     flat = block_tables.reshape(-1)
@@ -57,8 +60,7 @@ class AttentionPlan(Protocol):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_blocks: torch.Tensor) -> torch.Tensor:
         """Attention output [rows, heads * head_dim] of q [rows, heads, head_dim], given this
         step's keys and values k, v [rows, kv_heads, head_dim] (already written into the cache)
-        and one layer's K and V blocks [2, num_blocks, block_size, kv_heads, head_dim] (both are
-        gathered by one index op)."""
+        and one layer's K and V blocks [2, num_blocks, block_size, kv_heads, head_dim]."""
 
 
 @dataclass(slots=True)
@@ -72,7 +74,8 @@ class DecodeGroup:
     kv_len: int
     """Longest KV length among the members."""
     mask: torch.Tensor | None
-    """[members, 1, 1, kv_len] True for a member's real keys; None when every member has kv_len."""
+    """[members, 1, 1, kv_len] True for a member's real keys; None when every member has kv_len
+    (and on the paged path, whose kernel reads `kv_lens`)."""
     kv_lens: torch.Tensor
     """[members] int64: each member's KV length (what the paged kernel reads)."""
 

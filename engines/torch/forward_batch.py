@@ -91,7 +91,7 @@ def _varlen(tables: torch.Tensor, runs, starts: list[int], lengths: list[int], b
         kv = [ends[i] for i in g]
         longest = max(kv)
         mask = None
-        if min(kv) != longest:
+        if not paged and min(kv) != longest:
             mask = (torch.arange(longest) < torch.tensor(kv)[:, None])[:, None, None, :]
         plan_groups.append(DecodeGroup(first[g[0]], first[g[0]] + len(g), tables[g, :-(-longest // block_size)],
                                        longest, mask, torch.tensor(kv, dtype=torch.long)))
