@@ -105,3 +105,85 @@ def test_without_the_kernels_the_engine_runs_torchs_ops(demo_engine_dir, monkeyp
     with pytest.raises(EngineError, match="attention 'paged': the CPU kernels could not be built "
                                           r"\(RuntimeError: no C\+\+ compiler\); use 'varlen'"):
         TorchEngine(demo_engine_dir, device="cpu", kv_blocks=64, attention="paged")
+
+
+def reference_decode(q, kv_blocks, tables, lens):
+    """Each row's attention over its first lens[r] cached tokens, in float64 by torch's ops."""
+    rows, heads, hd = q.shape
+    kvh = kv_blocks.shape[3]
+    out = torch.empty(rows, heads, hd, dtype=torch.float64)
+    for r in range(rows):
+        L = int(lens[r])
+        k, v = (kv_blocks[i][tables[r]].reshape(-1, kvh, hd)[:L].double() for i in (0, 1))
+        k, v = (x.repeat_interleave(heads // kvh, dim=1).transpose(0, 1) for x in (k, v))  # [heads, L, hd]
+        w = torch.softmax(q[r].double()[:, None, :] @ k.transpose(1, 2) * hd ** -0.5, dim=-1)
+        out[r] = (w @ v)[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hd,heads,kvh", [(64, 9, 3), (128, 8, 2), (64, 4, 4), (32, 4, 2)])
+def test_paged_decode_both_implementations_against_float64(ops, dtype, hd, heads, kvh):
+    # (64, 9, 3) is SmolLM2's layout, (128, 8, 2) a Llama's; (32, ...) has no vectorized kernel.
+    # Lengths cross the 16-token blocks and the vectorized kernel's 256-token chunks.
+    g = torch.Generator().manual_seed(hd + heads)
+    lens = torch.tensor([1, 15, 16, 17, 255, 256, 257, 600, 3])
+    bs, width = 16, (600 + 15) // 16
+    kv = torch.randn(2, len(lens) * width + 3, bs, kvh, hd, generator=g).to(dtype)
+    tables = torch.randperm(len(lens) * width + 3, generator=g)[:len(lens) * width].view(len(lens), width)
+    q = (torch.randn(len(lens), heads, hd, generator=g) * 2).to(dtype)
+    want = reference_decode(q, kv, tables, lens)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
+    for portable in (True, False):
+        got = ops.paged_decode(q, kv, tables, lens, hd ** -0.5, portable)
+        assert got.dtype == dtype and got.shape == q.shape
+        err = (got.double() - want).abs().max().item()
+        assert err < tol, f"portable={portable}: {err:.2e} off float64"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_cache_is_apply_rotary_and_index_copy_bit_for_bit(ops, dtype):
+    from engines.torch.rope import apply_rotary
+
+    g = torch.Generator().manual_seed(2)
+    rows, heads, kvh, hd = 37, 9, 3, 64
+    qkv = (torch.randn(rows, heads + 2 * kvh, hd, generator=g) * 3).to(dtype)
+    angles = torch.randint(0, 30_000, (rows, 1), generator=g).float() * torch.rand(hd // 2, generator=g)
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    slots = torch.randperm(20 * 16, generator=g)[:rows]
+    cache = torch.zeros(2, 20, 16, kvh, hd, dtype=dtype)
+    rotated = apply_rotary(qkv[:, :heads + kvh], cos, sin)
+    got = qkv.clone()
+    ops.rope_cache_(got, cos, sin, heads, cache, slots)
+    assert torch.equal(got[:, :heads + kvh], rotated)  # q and k rotated in place, same rounding
+    assert torch.equal(got[:, heads + kvh:], qkv[:, heads + kvh:])  # v untouched
+    assert torch.equal(cache[0].view(-1, kvh, hd)[slots], rotated[:, heads:])
+    assert torch.equal(cache[1].view(-1, kvh, hd)[slots], qkv[:, heads + kvh:])
+    untouched = torch.ones(20 * 16, dtype=torch.bool)
+    untouched[slots] = False
+    assert not cache[:, :, :].view(2, -1, kvh, hd)[:, untouched].any()  # no other slot written
+
+
+def test_rope_cache_refuses_what_it_would_write_wrong(ops):
+    qkv, cs = torch.zeros(2, 5, 8), torch.zeros(2, 8)
+    cache = torch.zeros(2, 4, 4, 1, 8)
+    with pytest.raises(RuntimeError, match="kv_layer .* contiguous"):
+        ops.rope_cache_(qkv, cs, cs, 3, torch.zeros(2, 4, 4, 2, 8)[:, :, :, :1], torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="slot 16 outside the cache's 16"):
+        ops.rope_cache_(qkv, cs, cs, 3, cache, torch.tensor([0, 16]))
+    with pytest.raises(RuntimeError, match="head layout mismatch"):
+        ops.rope_cache_(qkv, cs, cs, 2, cache, torch.tensor([0, 1]))
+
+
+def test_argmax_rows_is_torch_argmax(ops):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(9, 49152, generator=g)
+    logits[1, 17] = logits[1, 40000] = 99.0  # a tie: the first one
+    logits[2] = float("-inf")  # nothing above -inf: index 0
+    logits[3, 5] = float("nan")  # a NaN counts as the maximum
+    logits[3, 7] = float("nan")
+    logits[4, -1] = 1e9  # the last index
+    logits[5] = torch.round(logits[5])  # many ties at the top value
+    assert torch.equal(ops.argmax_rows(logits), logits.argmax(dim=-1))
+    assert ops.argmax_rows(logits)[[1, 3, 4]].tolist() == [17, 5, 49151]

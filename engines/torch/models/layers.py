@@ -72,15 +72,18 @@ class Attention(nn.Module):
         R = x.shape[0]
         heads, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = project(x, self.qkv_weight, self.qkv_bias, self.qkv_packed).view(R, heads + 2 * kvh, hd)
-        qk = apply_rotary(qkv[:, :heads + kvh], cos, sin)  # q and k heads rotated in one pass
-        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kvh:]
-
         # Write this step's K/V into the sequences' slots first: the attention plan reads a
         # sequence's cached KV back through its block table (attention.py).
         kv_blocks = cache.kv[self.layer]  # [2 (K, V), blocks, block_size, kv_heads, head_dim]
-        k_new, v_new = (k, v) if batch.real is None else (k[batch.real], v[batch.real])
-        kv_blocks[0].view(-1, kvh, hd).index_copy_(0, batch.slots, k_new)
-        kv_blocks[1].view(-1, kvh, hd).index_copy_(0, batch.slots, v_new)
+        if (ops := fused_ops(x)) is not None and batch.real is None:
+            ops.rope_cache_(qkv, cos, sin, heads, kv_blocks, batch.slots)  # both in one pass, in place
+            q, k, v = qkv[:, :heads], qkv[:, heads:heads + kvh], qkv[:, heads + kvh:]
+        else:
+            qk = apply_rotary(qkv[:, :heads + kvh], cos, sin)  # q and k heads rotated in one pass
+            q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kvh:]
+            k_new, v_new = (k, v) if batch.real is None else (k[batch.real], v[batch.real])
+            kv_blocks[0].view(-1, kvh, hd).index_copy_(0, batch.slots, k_new)
+            kv_blocks[1].view(-1, kvh, hd).index_copy_(0, batch.slots, v_new)
         return self.o_proj(batch.attention.attend(q, k, v, kv_blocks))
 
 
@@ -122,6 +125,13 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, cache, batch):
         x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(self.input_layernorm(x), cos, sin, cache, batch))
         return x + self.mlp(h)
+
+    def forward_normed(self, x, h, cos, sin, cache, batch, next_norm: RMSNorm):
+        """`forward` for x whose input norm h is already taken; returns (x out, next_norm(x out)):
+        the residual add that ends this layer and the norm that starts the next in one pass
+        (`RMSNorm.add_forward`), where `forward` and the next layer take two."""
+        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos, sin, cache, batch))
+        return next_norm.add_forward(x, self.mlp(h))
 
 
 class Decoder(nn.Module):
@@ -180,11 +190,14 @@ class CausalLM(nn.Module):
         [B, vocab], or of every row [rows, vocab] when `all_logits` (`batch.per_run` regroups them)."""
         x = self.model.embed_tokens(batch.tokens)
         cos, sin = self.rope.cos_sin(batch.positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, batch)
+        layers = self.model.layers
+        h = layers[0].input_layernorm(x)
+        for i, layer in enumerate(layers):
+            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            x, h = layer.forward_normed(x, h, cos, sin, cache, batch, next_norm)
         if not all_logits:
-            x = x[batch.last]
-        return self.lm_head(self.model.norm(x)).float()
+            h = h[batch.last]  # the final norm is per row: taken over every row, kept for the last
+        return self.lm_head(h).float()
 
 
 def _concatenate(weights: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
