@@ -51,3 +51,29 @@ def test_engine_leaves_no_pool_on_the_loading_thread(demo_engine_dir):
     """)
     before, after = out.split()
     assert int(after) == int(before), out  # the loading thread's worker is gone
+
+
+def test_cpu_block_copies_leave_no_pool_on_the_copy_thread():
+    # The copy worker runs torch ops on its own thread (engines/torch/kv_transfer.py); its pool,
+    # left idle, slowed the aligned policy's decode steps by ~30% (docs/benchmarks.md).
+    out = run("""
+        import os, torch
+        torch.set_num_threads(2)
+        from engines.torch.kv_cache import HostKVPool, PagedKVCache
+        from engines.torch.kv_transfer import BlockCopier
+        tasks = lambda: len(os.listdir("/proc/self/task"))
+        device = PagedKVCache(num_layers=4, num_blocks=256, block_size=16, num_kv_heads=4, head_dim=64,
+                              dtype=torch.float32, device=torch.device("cpu"), tier="cpu")
+        device.kv.normal_()
+        host = HostKVPool(num_blocks=256, like=device, pin_memory=False)
+        copier = BlockCopier()
+        copier.start(device, [0], host, [0]).wait()  # the worker thread exists from here on
+        before = tasks()
+        blocks = list(range(200))
+        copier.start(device, blocks, host, blocks).wait()  # large enough for parallel regions
+        after = tasks()
+        assert torch.equal(host.kv[:200].movedim(0, 2), device.kv[:, :, :200])
+        print(before, after)
+    """)
+    before, after = out.split()
+    assert int(after) == int(before), out  # no OpenMP worker left behind by the copy
