@@ -121,6 +121,26 @@ def test_engine_without_host_pool_runs_aligned_as_fcfs(demo_engine_dir, caplog):
         eng.close()
 
 
+@pytest.fixture
+def copies_in_step(monkeypatch):
+    """Host-pool copies done within the iteration that starts them: these tests count waits in
+    iterations, and a copy running on the copy thread beside the step finishes after a number of
+    iterations that depends on how the two threads share the cores (18 in one CI run, for a bound
+    of 16), not on the policy under test."""
+    from concurrent.futures import Future
+
+    from engines.torch.kv_transfer import BlockCopier, PendingCopy
+
+    def start(self, src, src_blocks, dst, dst_blocks):
+        assert src.device.type == "cpu" and dst.device.type == "cpu"
+        done: Future = Future()
+        BlockCopier._copy_on_cpu(src, src_blocks, dst, dst_blocks)
+        done.set_result(None)
+        return PendingCopy(future=done)
+
+    monkeypatch.setattr(BlockCopier, "start", start)
+
+
 def starvation_run(engine, max_wait: float, steps: int = 240):
     """An adversarial stream: a backlog of short requests, then one more each iteration (what
     the batch of 4 finishes per iteration), so the host pool always holds short requests nearer
@@ -150,7 +170,7 @@ def longest_gap(r) -> float:
     return max((b - a for a, b in zip(r.token_times, r.token_times[1:])), default=0.0)
 
 
-def test_without_the_guard_density_first_starves_the_outlier(engine):
+def test_without_the_guard_density_first_starves_the_outlier(engine, copies_in_step):
     outlier, _, orch, clock = starvation_run(engine, max_wait=1e9)
     run(orch, clock)  # drain, so the module's engine is clean for the next test
     # Parked after its prefill, it waits for most of the stream: the search and the refills
@@ -159,7 +179,7 @@ def test_without_the_guard_density_first_starves_the_outlier(engine):
     assert engine.kv_blocks_used("cpu") == 0 and engine.kv_blocks_used(HOST) == 0
 
 
-def test_starvation_guard_bounds_every_wait(engine):
+def test_starvation_guard_bounds_every_wait(engine, copies_in_step):
     outlier, reqs, orch, clock = starvation_run(engine, max_wait=MAX_WAIT)
     run(orch, clock)
     assert outlier.finish_reason is FinishReason.LENGTH and len(outlier.output_ids) == 12
