@@ -123,6 +123,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, cache, batch):
+        """The layer alone, x in and x out. `CausalLM.forward` chains `forward_normed` instead."""
         x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(self.input_layernorm(x), cos, sin, cache, batch))
         return x + self.mlp(h)
 
