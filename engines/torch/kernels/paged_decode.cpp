@@ -113,9 +113,9 @@ static inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-#ifndef CHUNK_TOKENS
-#define CHUNK_TOKENS 256
-#endif
+// Tokens per chunk of the online softmax: 9 heads' scores of 256 tokens are 9 KB, well inside L1;
+// 64-512 measured within noise of each other on this project's Xeon.
+constexpr int64_t CHUNK_TOKENS = 256;
 
 // Asks for the cache lines of one token's K (or V) row ahead of its use.
 template <typename T>
