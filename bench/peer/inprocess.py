@@ -8,7 +8,8 @@ tokens, EOS ignored, greedy), all submitted at once to an `Orchestrator` on the 
 from this thread until every request finishes: no Triton, no HTTP, no client. Prints, per policy,
 the output tok/s, the seconds spent in the engine's prefill and decode calls, and the median
 decode step of the full batch with its KV tokens. Beside the served figures of `bench.peer` (same
-commit, same machine) the difference is what serving costs: tokenizing, streaming, HTTP.
+commit, same machine) the difference is what serving and the benchmark client cost on the same
+cores: tokenizing, streaming, HTTP, the client's own work (which vLLM's figure carries too).
 """
 from __future__ import annotations
 
