@@ -24,13 +24,13 @@ import torch
 from tokenizers import Tokenizer
 
 from bench.peer.prompts import make_prompts
+from engines.base import Engine
 from engines.loader import load_engine
-from engines.torch.engine import TorchEngine
 from orchestrator.config import ServeConfig
 from orchestrator.service import Orchestrator
 
 
-def run(engine: TorchEngine, prompts: list[list[int]], policy: str, output_len: int) -> dict:
+def run(engine: Engine, prompts: list[list[int]], policy: str, output_len: int) -> dict:
     orch = Orchestrator(engine, ServeConfig(policy=policy, max_queue=max(1024, len(prompts))))
     metrics = orch.loop.metrics
     metrics.history, metrics.timings = collections.deque(), collections.deque()  # keep every record
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads((a.engine_dir / "manifest.json").read_text())
     # As bench.peer's server loads it: the manifest's dtype and host pool, kv_gib of device blocks.
     engine = load_engine(a.engine_dir, device="cpu", kv_blocks=a.kv_gib * 2**30 // manifest["bytes_per_block"])
-    print(f"{len(prompts)} prompts, {sum(map(len, prompts)):,} tokens; {engine.dtype_name}, attention "
-          f"{engine.attention}, {torch.get_num_threads()} threads")
+    print(f"{len(prompts)} prompts, {sum(map(len, prompts)):,} tokens; {engine.describe().model.dtype}, "
+          f"{torch.get_num_threads()} threads")
     print("| policy | output tok/s | wall s | prefill calls s | decode calls s | full-batch decode step ms (KV tokens) |")
     print("|---|---:|---:|---:|---:|---:|")
     for policy in a.policy:

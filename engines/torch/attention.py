@@ -106,13 +106,13 @@ class VarlenPlan:
     def attend(self, q, k, v, kv_blocks):
         rows, heads, hd = q.shape
         kvh = k.shape[1]
-        if self.kernel is not None and not self.runs and len(self.groups) == 1 and self.groups[0].end == rows:
-            g = self.groups[0]  # a decode step: every row in one kernel call, its output as it is
-            return self.kernel(q, kv_blocks, g.block_tables, g.kv_lens, hd ** -0.5).view(rows, heads * hd)
         out = torch.empty_like(q)
         for g in self.groups:
             if self.kernel is not None:
-                out[g.start:g.end] = self.kernel(q[g.start:g.end], kv_blocks, g.block_tables, g.kv_lens, hd ** -0.5)
+                o = self.kernel(q[g.start:g.end], kv_blocks, g.block_tables, g.kv_lens, hd ** -0.5)
+                if g.end - g.start == rows:  # a decode step: the kernel's output is the whole output
+                    return o.view(rows, heads * hd)
+                out[g.start:g.end] = o
                 continue
             n = g.end - g.start
             keys, values = (x[:, :g.kv_len].transpose(1, 2) for x in gather_blocks(kv_blocks, g.block_tables))

@@ -12,8 +12,8 @@
   CPU tensors (`fused_ops`).
 - `rope_cache_`: the rotary embedding of q and k and the store of k and v in the cache, in one
   pass, bit for bit what apply_rotary and index_copy_ give (kernels/rope_cache.cpp).
-- `argmax_rows`: the greedy pick, torch.argmax's result at a quarter of its time on [32, 49152]
-  float32 logits (0.29 against 1.22 ms).
+- `argmax_rows`: the greedy pick, torch.argmax's result; aten::argmax was 6% of a profiled 32-row
+  decode step of SmolLM2 (`bench/profile_step.py`, docs/benchmarks.md) and is gone from it.
 
 `torch.utils.cpp_extension.load` builds them with the machine's C++ compiler and ninja into
 torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions): ~30 s the
