@@ -102,6 +102,9 @@ class VarlenPlan:
     kernel: Callable | None = None
     """The "paged" path: decode groups attend through this kernel (cpu_kernels.py) straight from
     the cache blocks; None: gather the blocks, then SDPA."""
+    prefill: Callable | None = None
+    """The "paged" path on a CPU with AMX-BF16: prompts and chunks of bfloat16 models with head size
+    64 or 128 attend through this kernel (cpu_kernels.py, `prefill_attention`) instead of SDPA."""
 
     def attend(self, q, k, v, kv_blocks):
         rows, heads, hd = q.shape
@@ -119,12 +122,16 @@ class VarlenPlan:
             # The heads sharing a KV head are that head's query rows: no K/V repeat, no GQA flag.
             qg = q[g.start:g.end].view(n, kvh, heads // kvh, hd)
             out[g.start:g.end] = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask).view(n, heads, hd)
+        prefill = self.prefill if q.dtype == torch.bfloat16 and hd in (64, 128) else None
         for r in self.runs:
-            qr = q[r.start:r.end].transpose(0, 1)[None]  # [1, heads, T, hd]: SDPA's fused kernels need 4-D
             if r.block_table is None:
                 keys, values = k[r.start:r.end], v[r.start:r.end]
             else:
                 keys, values = (x[0, :r.mask.shape[-1]] for x in gather_blocks(kv_blocks, r.block_table[None]))
+            if prefill is not None:  # causal: the run's last row sees every key (keys end at the run's end)
+                prefill(q[r.start:r.end], keys, values, out[r.start:r.end], hd ** -0.5)
+                continue
+            qr = q[r.start:r.end].transpose(0, 1)[None]  # [1, heads, T, hd]: SDPA's fused kernels need 4-D
             o = F.scaled_dot_product_attention(qr, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
                                                attn_mask=r.mask, is_causal=r.block_table is None, enable_gqa=True)
             out[r.start:r.end] = o[0].transpose(0, 1)

@@ -111,14 +111,16 @@ def _varlen(tables: torch.Tensor, runs, starts: list[int], lengths: list[int], b
     tokens = torch.tensor(list(chain.from_iterable(runs[i] for i in order)), dtype=torch.long)
     last = torch.tensor([f + n - 1 for f, n in zip(first, lengths)])
     return ForwardBatch(tokens, positions, None, _slots(tables, seq, positions, block_size), last, first,
-                        lengths, VarlenPlan(plan_groups, plan_runs, _paged_decode() if paged else None))
+                        lengths, VarlenPlan(plan_groups, plan_runs, *(_paged_kernels() if paged else (None, None))))
 
 
-def _paged_decode():
+def _paged_kernels():
+    """The "paged" path's kernels: decode attention, and prefill attention where the CPU has AMX-BF16
+    (else None: prompts take SDPA)."""
     module = cpu_kernels()
     if module is None:
         raise ValueError(f"attention path 'paged': the CPU kernels could not be built ({cpu_kernels_unavailable()})")
-    return module.paged_decode
+    return module.paged_decode, module.prefill_attention if module.prefill_attention_available() else None
 
 
 def _padded(tables: torch.Tensor, runs, starts: list[int], lengths: list[int], block_size: int,
@@ -160,7 +162,7 @@ def _to(batch: ForwardBatch, device: torch.device) -> ForwardBatch:
     if isinstance(plan, VarlenPlan):
         plan = VarlenPlan([DecodeGroup(g.start, g.end, move(g.block_tables), g.kv_len, move(g.mask), move(g.kv_lens))
                            for g in plan.groups],
-                          [RunAttention(r.start, r.end, move(r.block_table), move(r.mask)) for r in plan.runs], plan.kernel)
+                          [RunAttention(r.start, r.end, move(r.block_table), move(r.mask)) for r in plan.runs], plan.kernel, plan.prefill)
     else:
         plan = PaddedPlan(plan.batch, plan.width, move(plan.block_tables), move(plan.mask))
     return ForwardBatch(move(batch.tokens), move(batch.positions), move(batch.real), move(batch.slots),

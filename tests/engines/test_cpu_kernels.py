@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engines.cpu_info import cpu_flags
 from engines.torch import cpu_kernels
 
 MANTISSA = {torch.float32: 23, torch.bfloat16: 7}
@@ -187,3 +188,74 @@ def test_argmax_rows_is_torch_argmax(ops):
     logits[5] = torch.round(logits[5])  # many ties at the top value
     assert torch.equal(ops.argmax_rows(logits), logits.argmax(dim=-1))
     assert ops.argmax_rows(logits)[[1, 3, 4]].tolist() == [17, 5, 49151]
+
+
+AMX_FLAGS = {"amx_tile", "amx_bf16", "avx512_bf16"}
+needs_amx = pytest.mark.skipif(not AMX_FLAGS <= cpu_flags(), reason="prefill_attention needs a CPU with AMX-BF16")
+
+
+def test_prefill_attention_is_there_exactly_where_the_cpu_has_amx(ops):
+    assert ops.prefill_attention_available() == (AMX_FLAGS <= cpu_flags())
+
+
+def reference_prefill(q, k, v):
+    """Causal attention in float64: row i (position keys - rows + i) sees keys up to its position."""
+    rows, heads, hd = q.shape
+    keys, kvh = k.shape[:2]
+    kk, vv = (x.double().repeat_interleave(heads // kvh, dim=1).transpose(0, 1) for x in (k, v))
+    s = q.double().transpose(0, 1) @ kk.transpose(1, 2) * hd ** -0.5  # [heads, rows, keys]
+    seen = torch.arange(keys)[None, :] <= torch.arange(keys - rows, keys)[:, None]
+    return (torch.softmax(s.masked_fill(~seen, float("-inf")), dim=-1) @ vv).transpose(0, 1)
+
+
+@needs_amx
+@pytest.mark.parametrize("hd,heads,kvh", [(64, 9, 3), (128, 8, 2), (64, 4, 4)])
+@pytest.mark.parametrize("rows,keys", [(1, 1), (15, 15), (16, 16), (17, 17), (64, 64), (65, 65), (333, 333),
+                                       (5, 300), (100, 137), (1, 70)])
+def test_prefill_attention_against_float64_and_sdpa(ops, hd, heads, kvh, rows, keys):
+    # (64, 9, 3) is SmolLM2's layout, (128, 8, 2) a Llama's; the lengths cross the kernel's tiles (16
+    # and 32 keys) and chunks (64); rows < keys is a chunk continuing cached KV.
+    g = torch.Generator().manual_seed(rows * 1000 + keys + hd)
+    q = (torch.randn(rows, heads, hd, generator=g) * 2).to(torch.bfloat16)
+    k, v = (torch.randn(keys, kvh, hd, generator=g).to(torch.bfloat16) for _ in range(2))
+    want = reference_prefill(q, k, v)
+    out = torch.full_like(q, float("nan"))
+    ops.prefill_attention(q, k, v, out, hd ** -0.5)
+    seen = torch.arange(keys)[None, :] <= torch.arange(keys - rows, keys)[:, None]
+    sdpa = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                          attn_mask=seen, enable_gqa=True)[0].transpose(0, 1)
+    err, sdpa_err = (out.double() - want).abs(), (sdpa.double() - want).abs()
+    # As close as torch's SDPA in bfloat16 on average (both round the softmax weights to bfloat16
+    # before multiplying V, and the output), and every value within two output roundings plus 4e-3.
+    assert err.mean() <= 1.2 * sdpa_err.mean(), f"mean error {err.mean():.2e} against SDPA's {sdpa_err.mean():.2e}"
+    bound = want.abs() * 2.0 ** -7 + 4e-3
+    assert (err <= bound).all(), f"{(err / bound).max().item():.2f}x the bound off float64"
+
+
+@needs_amx
+def test_prefill_attention_rescales_as_the_maximum_grows_and_writes_into_views(ops):
+    # Scores that grow along the sequence move every row's running maximum chunk after chunk (the
+    # kernel's rescaling), with a spread of thousands (no overflow); out is a slice of a larger tensor.
+    g = torch.Generator().manual_seed(7)
+    keys, heads, kvh, hd = 700, 6, 2, 64
+    q = torch.ones(keys, heads, hd).to(torch.bfloat16)
+    k = (torch.linspace(0, 40, keys)[:, None, None] * torch.ones(keys, kvh, hd)
+         + torch.randn(keys, kvh, hd, generator=g)).to(torch.bfloat16)
+    v = torch.randn(keys, kvh, hd, generator=g).to(torch.bfloat16)
+    big = torch.zeros(keys + 10, heads, hd, dtype=torch.bfloat16)
+    ops.prefill_attention(q, k, v, big[5:keys + 5], hd ** -0.5)
+    got = big[5:keys + 5].double()
+    assert torch.isfinite(got).all() and (big[:5] == 0).all() and (big[keys + 5:] == 0).all()
+    assert (got - reference_prefill(q, k, v)).abs().max().item() < 2e-2
+
+
+@needs_amx
+def test_prefill_attention_refuses_what_it_cannot_do(ops):
+    q = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bfloat16 only"):
+        ops.prefill_attention(q.float(), q.float(), q.float(), q.float(), 0.1)
+    with pytest.raises(RuntimeError, match="head size 64 or 128"):
+        q32 = torch.zeros(4, 2, 32, dtype=torch.bfloat16)
+        ops.prefill_attention(q32, q32, q32, q32.clone(), 0.1)
+    with pytest.raises(RuntimeError, match="head layout mismatch"):  # fewer keys than rows
+        ops.prefill_attention(q, q[:2], q[:2], q.clone(), 0.1)

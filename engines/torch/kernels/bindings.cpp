@@ -9,6 +9,8 @@ torch::Tensor silu_mul(torch::Tensor gate_up);
 void rope_cache_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads, torch::Tensor kv_layer,
                  torch::Tensor slots);
 torch::Tensor argmax_rows(torch::Tensor logits);
+bool prefill_attention_available();
+void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over the paged KV cache", py::arg("q"), py::arg("kv_blocks"),
@@ -17,5 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, "x += h in place; returns weight * RMSNorm(x)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of [rows, 2 * intermediate]");
   m.def("rope_cache_", &rope_cache_, "rotate q and k of qkv in place; write k and v to the rows' cache slots");
+  m.def("prefill_attention_available", &prefill_attention_available, "whether prefill_attention runs here (AMX-BF16)");
+  m.def("prefill_attention", &prefill_attention, "causal attention of a prompt or chunk into out (AMX, bfloat16)");
   m.def("argmax_rows", &argmax_rows, "the first maximal index of each row of float32 logits");
 }
