@@ -36,7 +36,7 @@ from engines.cpu_info import cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).resolve().parent / "kernels" / name
-           for name in ("bindings.cpp", "paged_decode.cpp", "fused_norm.cpp", "rope_cache.cpp", "prefill_attention.cpp")]
+           for name in ("bindings.cpp", "paged_decode.cpp", "fused_norm.cpp", "rope_cache.cpp", "prefill_attention.cpp", "paged_decode_amx.cpp")]
 NAME = "alignedserve_cpu_kernels"
 """The extension's name, suffixed with a hash of this CPU's flags (`_name`): a build for one CPU
 (-march=native) is never loaded on another that shares the cache directory."""
@@ -67,7 +67,7 @@ def kernels():
     argmax_rows), or None where it cannot be built.
 
     paged_decode(q [rows, heads, hd], kv_blocks [2, blocks, block_size, kv_heads, hd],
-    block_tables [rows, max_blocks] int64, kv_lens [rows] int64, scale, force_portable=False)
+    block_tables [rows, max_blocks] int64, kv_lens [rows] int64, scale, impl="auto")
     -> [rows, heads, hd]."""
     return _build()[0]
 

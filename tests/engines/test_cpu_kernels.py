@@ -14,6 +14,8 @@ from engines.cpu_info import cpu_flags
 from engines.torch import cpu_kernels
 
 MANTISSA = {torch.float32: 23, torch.bfloat16: 7}
+AMX_FLAGS = {"amx_tile", "amx_bf16", "avx512_bf16"}
+"""What the AMX kernels (prefill_attention, paged_decode's "amx") need of the CPU."""
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +137,20 @@ def test_paged_decode_both_implementations_against_float64(ops, dtype, hd, heads
     q = (torch.randn(len(lens), heads, hd, generator=g) * 2).to(dtype)
     want = reference_decode(q, kv, tables, lens)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
-    for portable in (True, False):
-        got = ops.paged_decode(q, kv, tables, lens, hd ** -0.5, portable)
+    impls = ["portable"]
+    if "avx512f" in cpu_flags() and hd in (64, 128):
+        impls.append("avx512")
+    if AMX_FLAGS <= cpu_flags() and dtype == torch.bfloat16 and hd in (64, 128):
+        impls.append("amx")
+    for impl in impls:
+        got = ops.paged_decode(q, kv, tables, lens, hd ** -0.5, impl)
         assert got.dtype == dtype and got.shape == q.shape
         err = (got.double() - want).abs().max().item()
-        assert err < tol, f"portable={portable}: {err:.2e} off float64"
+        assert err < tol, f"{impl}: {err:.2e} off float64"
+    assert torch.equal(ops.paged_decode(q, kv, tables, lens, hd ** -0.5), got)  # "auto" is the last, the fastest
+    for impl in {"avx512", "amx"} - set(impls):
+        with pytest.raises(RuntimeError, match=f"the {impl} kernel does not apply"):
+            ops.paged_decode(q, kv, tables, lens, hd ** -0.5, impl)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -190,7 +201,6 @@ def test_argmax_rows_is_torch_argmax(ops):
     assert ops.argmax_rows(logits)[[1, 3, 4]].tolist() == [17, 5, 49151]
 
 
-AMX_FLAGS = {"amx_tile", "amx_bf16", "avx512_bf16"}
 needs_amx = pytest.mark.skipif(not AMX_FLAGS <= cpu_flags(), reason="prefill_attention needs a CPU with AMX-BF16")
 
 

@@ -2,7 +2,7 @@
 #include <torch/extension.h>
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_blocks, torch::Tensor block_tables,
-                           torch::Tensor kv_lens, double scale, bool force_portable);
+                           torch::Tensor kv_lens, double scale, const std::string& impl);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor h, torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor gate_up);
@@ -14,7 +14,7 @@ void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over the paged KV cache", py::arg("q"), py::arg("kv_blocks"),
-        py::arg("block_tables"), py::arg("kv_lens"), py::arg("scale"), py::arg("force_portable") = false);
+        py::arg("block_tables"), py::arg("kv_lens"), py::arg("scale"), py::arg("impl") = "auto");
   m.def("rms_norm", &rms_norm, "weight * RMSNorm(x) over the last dimension");
   m.def("add_rms_norm_", &add_rms_norm_, "x += h in place; returns weight * RMSNorm(x)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of [rows, 2 * intermediate]");

@@ -23,6 +23,11 @@
 #include <vector>
 #include "simd.h"
 
+bool decode_amx_applies(int64_t heads, int64_t kvh, int64_t hd, int64_t bs);
+void decode_amx(const at::BFloat16* q, const at::BFloat16* k_cache, const at::BFloat16* v_cache, const int64_t* tables,
+                const int64_t* lens, at::BFloat16* out, int64_t rows, int64_t heads, int64_t kvh, int64_t hd, int64_t bs,
+                int64_t max_blocks, float scale);
+
 template <typename T, int64_t HD>
 static void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
                         const int64_t* lens, T* out, int64_t rows, int64_t heads, int64_t kvh,
@@ -222,9 +227,10 @@ static DecodeFn<T> pick_avx512(int64_t hd, int64_t G) {
 
 // q [rows, heads, hd]; kv_blocks [2, num_blocks, block_size, kv_heads, hd] (K then V);
 // block_tables [rows, max_blocks] int64; kv_lens [rows] int64 (each >= 1). Returns [rows, heads, hd].
-// force_portable: decode_impl even where decode_avx512 applies (the tests compare the two).
+// impl: "auto" (the fastest that applies: decode_amx, decode_avx512, decode_impl), or one of
+// "amx", "avx512", "portable" (an error where it does not apply; the tests compare them).
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_blocks, torch::Tensor block_tables,
-                           torch::Tensor kv_lens, double scale, bool force_portable) {
+                           torch::Tensor kv_lens, double scale, const std::string& impl) {
   TORCH_CHECK(q.dim() == 3 && kv_blocks.dim() == 5 && kv_blocks.size(0) == 2, "paged_decode: bad shapes");
   TORCH_CHECK(q.scalar_type() == kv_blocks.scalar_type(), "paged_decode: q and kv_blocks differ in dtype");
   TORCH_CHECK(block_tables.scalar_type() == torch::kLong && kv_lens.scalar_type() == torch::kLong,
@@ -240,10 +246,20 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_blocks, torch::Tens
   auto out = torch::empty_like(q);
   const int64_t max_blocks = block_tables.size(1);
   const int64_t half = num_blocks * bs * kvh * hd;
+  TORCH_CHECK(impl == "auto" || impl == "amx" || impl == "avx512" || impl == "portable",
+              "paged_decode: impl is auto, amx, avx512 or portable, not ", impl);
+  const bool amx = q.scalar_type() == at::kBFloat16 && decode_amx_applies(heads, kvh, hd, bs);
+  TORCH_CHECK(impl != "amx" || amx, "paged_decode: the amx kernel does not apply to this case");
+  if (amx && (impl == "auto" || impl == "amx")) {
+    const auto* kv = kv_blocks.data_ptr<at::BFloat16>();
+    decode_amx(q.data_ptr<at::BFloat16>(), kv, kv + half, block_tables.data_ptr<int64_t>(), kv_lens.data_ptr<int64_t>(),
+               out.data_ptr<at::BFloat16>(), rows, heads, kvh, hd, bs, max_blocks, static_cast<float>(scale));
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
     const scalar_t* kv = kv_blocks.data_ptr<scalar_t>();
 #if defined(__AVX512F__)
-    if (!force_portable) {
+    if (impl != "portable") {
       if (auto fast = heads <= 64 ? pick_avx512<scalar_t>(hd, heads / kvh) : nullptr) {
         fast(q.data_ptr<scalar_t>(), kv, kv + half, block_tables.data_ptr<int64_t>(), kv_lens.data_ptr<int64_t>(),
              out.data_ptr<scalar_t>(), rows, kvh, bs, max_blocks, static_cast<float>(scale));
@@ -251,6 +267,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_blocks, torch::Tens
       }
     }
 #endif
+    TORCH_CHECK(impl != "avx512", "paged_decode: the avx512 kernel does not apply to this case");
     auto run = hd == 64 ? decode_impl<scalar_t, 64> : hd == 128 ? decode_impl<scalar_t, 128>
                                                                  : decode_impl<scalar_t, 0>;
     run(q.data_ptr<scalar_t>(), kv, kv + half, block_tables.data_ptr<int64_t>(), kv_lens.data_ptr<int64_t>(),

@@ -24,45 +24,16 @@
 #include <vector>
 #include "simd.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define ALIGNEDSERVE_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx.h"
 
+#ifdef ALIGNEDSERVE_AMX
 namespace {
+using namespace amx;
 
 constexpr int64_t KB = 16;     // keys per K tile
 constexpr int64_t VB = 32;     // keys per V^T tile
 constexpr int64_t CHUNK = 64;  // keys per softmax chunk: 4 score tiles
 constexpr int64_t QB = 16;     // query rows per task: one A tile
-constexpr float RESCALE = 8.f;  // how far (base 2) a row's maximum may outgrow the reference before a rescale
-
-// 2^x of 16 floats, x = n + f, |f| <= 1/2: 2^f by its Taylor polynomial of degree 4 (relative
-// error <= 4e-5, a hundredth of bfloat16's rounding, which the weights take next), times 2^n.
-inline __m512 exp2_16(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(9.6181291e-3f), f, _mm512_set1_ps(5.5504109e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-struct TileConfig {  // the LDTILECFG memory layout, palette 1
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Linux hands out the AMX tile state only to a process that asked for it (oneDNN asks too).
-bool amx_permitted() {
-  static const bool ok = [] {
-    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-  }();
-  return ok;
-}
 
 // K of one KV head, contiguous rows of D, keys padded with zeros to whole tiles of 16: the A
 // operand of S^T = K Q^T, read straight as tiles.
@@ -93,9 +64,7 @@ void attend_amx(const uint16_t* q, int64_t q_row, const uint16_t* kp, const uint
   const int64_t q_blocks = (rows + QB - 1) / QB, tasks = q_blocks * heads;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    TileConfig cfg;
-    for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-    _tile_loadconfig(&cfg);
+    configure();
     alignas(64) uint32_t qt[HALVES][16 * 16];  // Q^T in pairs of dimensions: the B operand of S^T
     alignas(64) float sbuf[2][CHUNK * QB];     // two chunks' S^T: one vector of 16 query rows per key
     alignas(64) uint16_t pt[CHUNK * QB];       // its weights P^T in pairs of keys (two B tiles)
@@ -159,15 +128,10 @@ void attend_amx(const uint16_t* q, int64_t q_row, const uint16_t* kp, const uint
           cm[j % 4] = _mm512_mask_max_ps(cm[j % 4], valid[j], cm[j % 4], _mm512_load_ps(s + j * 16));
         }
         const __m512 cmax = _mm512_max_ps(_mm512_max_ps(cm[0], cm[1]), _mm512_max_ps(cm[2], cm[3]));
-        // The reference maximum moves only when some row's maximum grows by more than RESCALE (or
-        // on the first chunk): between moves the weights are 2^(s - m) <= 2^RESCALE, no overflow
-        // in float32, and the output is not rescaled (FlashAttention-4's conditional rescaling).
-        const __m512 cmax_s = _mm512_mul_ps(cmax, scale_v);
-        const bool rescale = _mm512_cmplt_ps_mask(_mm512_add_ps(m, _mm512_set1_ps(RESCALE)), cmax_s) != 0;
-        const __m512 mnew = rescale ? _mm512_max_ps(m, cmax_s) : m;  // finite: key 0 is in chunk 0
-        const __m512 alpha = rescale ? exp2_16(_mm512_max_ps(_mm512_sub_ps(m, mnew), _mm512_set1_ps(-126.f)))
-                                     : _mm512_set1_ps(1.f);
-        m = mnew;
+        // Weights are 2^(s - m) <= 2^RESCALE for the reference m (amx::advance): no overflow in float32.
+        __m512 alpha = _mm512_set1_ps(1.f);
+        const bool rescale = advance(m, _mm512_mul_ps(cmax, scale_v), alpha);
+        const __m512 mnew = m;
         __m512 sums[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int64_t j = 0; j < CHUNK; j += 2) {
           __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
@@ -228,7 +192,7 @@ void attend_amx(const uint16_t* q, int64_t q_row, const uint16_t* kp, const uint
 // Whether prefill_attention runs here: built with AMX-BF16 and the kernel granted its tiles.
 bool prefill_attention_available() {
 #ifdef ALIGNEDSERVE_AMX
-  return amx_permitted();
+  return amx::permitted();
 #else
   return false;
 #endif
