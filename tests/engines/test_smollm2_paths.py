@@ -107,3 +107,26 @@ def test_bfloat16_differs_from_transformers_only_at_near_ties(smollm2_engine_dir
                     flips += 1
                     assert best - row[t].item() <= 4 * ulp, f"{path}: token {t} is {best - row[t].item()} below the best"
         assert flips <= len(prompts) * STEPS // 10, f"{path}: {flips} steps off transformers' argmax"
+
+
+def test_native_decode_steps_are_the_python_layers_bit_for_bit(smollm2_engine_dir, prompts, monkeypatch):
+    # bfloat16 on the paged path with prepacked weights: a pure decode step's layers run in C++
+    # (kernels/decode_layers.cpp) where the kernels build; they must make exactly the Python layers'
+    # calls: the same logits bit for bit, and the same KV written.
+    from engines.torch.models.layers import CausalLM
+    from tests.engines.torch_probe import decode_with_logits, kv_contents
+
+    runs = {}
+    for native in (True, False):
+        monkeypatch.setattr(CausalLM, "native_decode", native)
+        e = engine(smollm2_engine_dir, "paged", "bfloat16")
+        ids = [f"r{i}" for i in range(len(prompts))]
+        e.prefill([PrefillRequest(i, p) for i, p in zip(ids, prompts)])
+        steps = [decode_with_logits(e, ids)[1] for _ in range(3)]
+        if native:
+            assert e.model._native_weights, "the native path did not apply to SmolLM2 in bfloat16"
+        runs[native] = steps, [kv_contents(e, i) for i in ids]
+    for a, b in zip(runs[True][0], runs[False][0]):
+        assert torch.equal(a, b)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        assert torch.equal(a, b)

@@ -9,6 +9,9 @@ torch::Tensor silu_mul(torch::Tensor gate_up);
 void rope_cache_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads, torch::Tensor kv_layer,
                  torch::Tensor slots);
 torch::Tensor argmax_rows(torch::Tensor logits);
+torch::Tensor decode_layers(torch::Tensor x, torch::Tensor h, const std::vector<torch::Tensor>& weights,
+                            torch::Tensor cos, torch::Tensor sin, torch::Tensor kv, torch::Tensor slots,
+                            torch::Tensor block_tables, torch::Tensor kv_lens, int64_t heads, double eps);
 bool prefill_attention_available();
 void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, double scale);
 
@@ -21,5 +24,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_cache_", &rope_cache_, "rotate q and k of qkv in place; write k and v to the rows' cache slots");
   m.def("prefill_attention_available", &prefill_attention_available, "whether prefill_attention runs here (AMX-BF16)");
   m.def("prefill_attention", &prefill_attention, "causal attention of a prompt or chunk into out (AMX, bfloat16)");
+  m.def("decode_layers", &decode_layers, "every decoder layer of a pure decode step (packed bfloat16 weights, paged path)");
   m.def("argmax_rows", &argmax_rows, "the first maximal index of each row of float32 logits");
 }

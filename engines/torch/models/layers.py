@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engines.torch.cpu_kernels import fused_ops
+from engines.torch.attention import VarlenPlan
 from engines.torch.forward_batch import ForwardBatch
 from engines.torch.kv_cache import PagedKVCache
 from engines.torch.model_config import ModelConfig
@@ -193,12 +194,60 @@ class CausalLM(nn.Module):
         cos, sin = self.rope.cos_sin(batch.positions, x.dtype)
         layers = self.model.layers
         h = layers[0].input_layernorm(x)
-        for i, layer in enumerate(layers):
-            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            x, h = layer.forward_normed(x, h, cos, sin, cache, batch, next_norm)
+        if (native := self._native_decode(batch, x)) is not None:  # the same calls, in C++
+            ops, weights, group = native
+            h = ops.decode_layers(x, h, weights, cos, sin, cache.kv, batch.slots, group.block_tables, group.kv_lens,
+                                  self.cfg.num_heads, self.cfg.rms_norm_eps)
+        else:
+            for i, layer in enumerate(layers):
+                next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+                x, h = layer.forward_normed(x, h, cos, sin, cache, batch, next_norm)
         if not all_logits:
             h = h[batch.last]  # the final norm is per row: taken over every row, kept for the last
         return self.lm_head(h).float()
+
+
+    native_decode = True
+    """Run a pure decode step's layers through the CPU kernels' `decode_layers` where it applies
+    (`_native_decode`); the tests turn it off to compare the two."""
+    _native_weights: list[torch.Tensor] | None = None
+
+    def _native_decode(self, batch: ForwardBatch, x: torch.Tensor):
+        """(kernels, per-layer tensors, decode group) when this forward is a pure decode step on the
+        "paged" path of a model whose layers are exactly this module's with prepacked weights:
+        `decode_layers` (kernels/decode_layers.cpp) then makes the calls `forward_normed` would.
+        Else None."""
+        plan = batch.attention
+        if (not self.native_decode or batch.real is not None or (ops := fused_ops(x)) is None
+                or not isinstance(plan, VarlenPlan) or plan.kernel is None or plan.runs or len(plan.groups) != 1
+                or plan.groups[0].end - plan.groups[0].start != x.shape[0]):
+            return None
+        if self._native_weights is None:
+            self._native_weights = self._collect_native_weights()
+        return (ops, self._native_weights, plan.groups[0]) if self._native_weights else None
+
+    def _collect_native_weights(self) -> list[torch.Tensor]:
+        """`decode_layers`' tensors, 10 per layer; [] when a layer is not exactly DecoderLayer,
+        Attention, MLP and RMSNorm or a weight is not prepacked."""
+        empty = torch.empty(0)
+        layers = self.model.layers
+        out = []
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            if (type(layer) is not DecoderLayer or type(attn) is not Attention or type(mlp) is not MLP
+                    or any(type(n) is not RMSNorm for n in (layer.input_layernorm, layer.post_attention_layernorm, nxt))
+                    or attn.qkv_packed is None or attn.o_proj.packed is None or mlp.gate_up_packed is None
+                    or mlp.down_proj.packed is None):
+                return []
+            out += [attn.qkv_packed, _or(attn.qkv_bias, empty), attn.o_proj.packed, _or(attn.o_proj.bias, empty),
+                    layer.post_attention_layernorm.weight, mlp.gate_up_packed, _or(mlp.gate_up_bias, empty),
+                    mlp.down_proj.packed, _or(mlp.down_proj.bias, empty), nxt.weight]
+        return out
+
+
+def _or(t: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
+    return default if t is None else t
 
 
 def _concatenate(weights: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
