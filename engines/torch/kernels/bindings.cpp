@@ -24,6 +24,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_cache_", &rope_cache_, "rotate q and k of qkv in place; write k and v to the rows' cache slots");
   m.def("prefill_attention_available", &prefill_attention_available, "whether prefill_attention runs here (AMX-BF16)");
   m.def("prefill_attention", &prefill_attention, "causal attention of a prompt or chunk into out (AMX, bfloat16)");
-  m.def("decode_layers", &decode_layers, "every decoder layer of a pure decode step (packed bfloat16 weights, paged path)");
+  m.def("decode_layers", &decode_layers, "every decoder layer of a pure decode step (packed bfloat16 weights, paged path)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("argmax_rows", &argmax_rows, "the first maximal index of each row of float32 logits");
 }
