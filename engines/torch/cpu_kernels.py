@@ -36,7 +36,7 @@ from engines.cpu_info import cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).resolve().parent / "kernels" / name
-           for name in ("bindings.cpp", "paged_decode.cpp", "fused_norm.cpp", "rope_cache.cpp", "prefill_attention.cpp", "paged_decode_amx.cpp", "decode_layers.cpp")]
+           for name in ("bindings.cpp", "paged_decode.cpp", "fused_norm.cpp", "rope_cache.cpp", "prefill_attention.cpp", "paged_decode_amx.cpp", "decode_layers.cpp", "small_gemm.cpp")]
 NAME = "alignedserve_cpu_kernels"
 """The extension's name, suffixed with a hash of this CPU's flags (`_name`): a build for one CPU
 (-march=native) is never loaded on another that shares the cache directory."""

@@ -1,15 +1,24 @@
-"""Weights prepacked for oneDNN's bfloat16 matmul, on a CPU that has it.
+"""Weights prepacked for the few rows of a decode step, on a CPU with bfloat16 matmuls.
 
 `F.linear` in bfloat16 on CPU hands oneDNN a plain weight, which it reorders into its blocked
 layout on every call. A decode step multiplies a few rows by every weight of the model, so that
 reorder costs about as much as the matmul: measured on this project's Xeon (AMX), a [1, 576] x
 [576, 3072] matmul took 311 us plain and 172 us with the weight packed once, 2.4 ms and 1.3 ms
-for SmolLM2's [576, 49152] head; at 32 rows 1.5x faster. For thousands of rows (a prefill) the
-plain call was as fast or faster (8.1 ms against 9.9 ms at 4,280 rows), so rows above
-`PACK_MAX_ROWS` keep it. The packed copy sits beside the checkpoint's weight (which the fused
-projections, the tied embeddings and the tests read): ~2x the memory of the matmul weights, only
-where packing is on (bfloat16 on a CPU with native bfloat16). Outputs are the same matmul in
-bfloat16; the blocked order of accumulation may round the last bit differently.
+for SmolLM2's [576, 49152] head; at 32 rows 1.5x faster. Two packings, chosen at `pack`:
+
+- On a CPU with AMX-BF16 (and the CPU kernels built): the kernels' own tile order (`amx_pack`,
+  kernels/small_gemm.cpp), multiplied by `amx_linear` for up to `AMX_MAX_ROWS` rows. SmolLM2's
+  layer weights interleaved as a decode step reads them (qkv, o, gate_up, down, 30 layers):
+  12.2 ms at 32 rows against 16.5 ms for oneDNN's packed matmul, 9.2 against 13.4 ms at one row
+  (docs/benchmarks.md). Above 64 rows oneDNN was faster, so more rows take plain F.linear.
+- Else oneDNN's layout (`_reorder_linear_weight`), used up to `PACK_MAX_ROWS` rows: for
+  thousands of rows (a prefill) the plain call was as fast or faster (8.1 ms against 9.9 ms at
+  4,280 rows).
+
+The packed copy sits beside the checkpoint's weight (which the fused projections, the tied
+embeddings and the tests read): ~2x the memory of the matmul weights, only where packing is on
+(bfloat16 on a CPU with native bfloat16). Outputs are the same matmul in bfloat16; the blocked
+order of accumulation may round the last bit differently.
 """
 from __future__ import annotations
 
@@ -17,8 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engines.torch.cpu_kernels import kernels as cpu_kernels
+
 PACK_MAX_ROWS = 256
-"""Rows up to which a packed weight is used (decode steps, small chunks); plain F.linear above."""
+"""Rows up to which a oneDNN-packed weight is used (decode steps, small chunks); plain F.linear above."""
+AMX_MAX_ROWS = 64
+"""Rows up to which an AMX-packed weight is used; plain F.linear above."""
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -29,17 +42,37 @@ def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
             and mkldnn._is_mkldnn_bf16_supported())
 
 
+def _amx():
+    """The CPU kernels where they run AMX matmuls here, else None."""
+    module = cpu_kernels()
+    return module if module is not None and module.amx_gemm_available() else None
+
+
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """weight [out, in] in oneDNN's layout for few rows (the layout serves any row count)."""
+    """weight [out, in] packed for few rows: AMX tile order (4-D) where the CPU and the shape
+    allow it, else oneDNN's layout (2-D)."""
+    out, inp = weight.shape
+    if (amx := _amx()) is not None and out % 16 == 0 and inp % 32 == 0:
+        return amx.amx_pack(weight)
     return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+
+
+def max_rows(packed: torch.Tensor) -> int:
+    """Rows up to which `project` multiplies through this packed weight."""
+    return AMX_MAX_ROWS if packed.dim() == 4 else PACK_MAX_ROWS
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             packed: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias over the last dimension, through `packed` when given and x has few rows."""
-    if packed is not None and x.shape[0] <= PACK_MAX_ROWS:
+    if packed is not None and x.shape[0] <= max_rows(packed):
+        if packed.dim() == 4:
+            return cpu_kernels().amx_linear(x, packed, _NO_BIAS if bias is None else bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+_NO_BIAS = torch.empty(0)
 
 
 class Linear(nn.Linear):

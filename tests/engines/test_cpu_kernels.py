@@ -269,3 +269,34 @@ def test_prefill_attention_refuses_what_it_cannot_do(ops):
         ops.prefill_attention(q32, q32, q32, q32.clone(), 0.1)
     with pytest.raises(RuntimeError, match="head layout mismatch"):  # fewer keys than rows
         ops.prefill_attention(q, q[:2], q[:2], q.clone(), 0.1)
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 15, 32, 64, 65, 130])
+@pytest.mark.parametrize("out_dim,in_dim,bias", [(960, 576, False), (576, 1536, True), (16, 32, True)])
+def test_amx_linear_against_float64(ops, rows, out_dim, in_dim, bias):
+    # SmolLM2's qkv and down projections and the smallest shape; 65 and 130 rows take more than
+    # one pass over the weight (64 rows a pass), 15 a partial tile.
+    assert ops.amx_gemm_available() == (AMX_FLAGS <= cpu_flags())
+    g = torch.Generator().manual_seed(rows + out_dim)
+    w = torch.randn(out_dim, in_dim, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, in_dim, generator=g).to(torch.bfloat16)
+    b = torch.randn(out_dim, generator=g).to(torch.bfloat16) if bias else torch.empty(0)
+    got = ops.amx_linear(x, ops.amx_pack(w), b)
+    want = x.double() @ w.double().T + (b.double() if bias else 0)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out_dim)
+    # float32 sums of bfloat16 products, rounded once to bfloat16: half an ulp plus the sums' error.
+    within = (got.double() - want).abs() <= want.abs() * 2.0 ** -8 + 1e-3 * in_dim ** 0.5
+    assert within.all(), f"{(~within).sum().item()} values off float64"
+    torch.testing.assert_close(got, F.linear(x, w, b if bias else None), rtol=2 ** -7, atol=1e-2)
+
+
+@needs_amx
+def test_amx_pack_and_linear_refuse_what_they_cannot_do(ops):
+    with pytest.raises(RuntimeError, match="multiple of 16 and K of 32, got 20 x 64"):
+        ops.amx_pack(torch.zeros(20, 64, dtype=torch.bfloat16))
+    packed = ops.amx_pack(torch.zeros(32, 64, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="x has 32 inputs, the weight 64"):
+        ops.amx_linear(torch.zeros(2, 32, dtype=torch.bfloat16), packed, torch.empty(0))
+    with pytest.raises(RuntimeError, match="bias of 32"):
+        ops.amx_linear(torch.zeros(2, 64, dtype=torch.bfloat16), packed, torch.zeros(5, dtype=torch.bfloat16))

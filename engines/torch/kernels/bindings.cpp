@@ -9,6 +9,9 @@ torch::Tensor silu_mul(torch::Tensor gate_up);
 void rope_cache_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads, torch::Tensor kv_layer,
                  torch::Tensor slots);
 torch::Tensor argmax_rows(torch::Tensor logits);
+bool amx_gemm_available();
+torch::Tensor amx_pack(torch::Tensor w);
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bias);
 torch::Tensor decode_layers(torch::Tensor x, torch::Tensor h, const std::vector<torch::Tensor>& weights,
                             torch::Tensor cos, torch::Tensor sin, torch::Tensor kv, torch::Tensor slots,
                             torch::Tensor block_tables, torch::Tensor kv_lens, int64_t heads, double eps);
@@ -26,5 +29,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention", &prefill_attention, "causal attention of a prompt or chunk into out (AMX, bfloat16)");
   m.def("decode_layers", &decode_layers, "every decoder layer of a pure decode step (packed bfloat16 weights, paged path)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("amx_gemm_available", &amx_gemm_available, "whether amx_linear runs here (AMX-BF16)");
+  m.def("amx_pack", &amx_pack, "a bfloat16 weight [N, K] in amx_linear's tile order");
+  m.def("amx_linear", &amx_linear, "x @ W^T + bias with W from amx_pack (few rows: decode steps)");
   m.def("argmax_rows", &argmax_rows, "the first maximal index of each row of float32 logits");
 }

@@ -16,12 +16,14 @@ void rope_cache_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_
                  torch::Tensor slots);
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_blocks, torch::Tensor block_tables,
                            torch::Tensor kv_lens, double scale, const std::string& impl);
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bias);
 
 namespace {
 
-// x @ W^T + b through oneDNN with W prepacked (packed_linear.py's `project` for few rows); b may
-// be an empty tensor (no bias).
+// x @ W^T + b with W prepacked, as packed_linear.py's `project` does for few rows: 4-D, packed for
+// amx_linear (kernels/small_gemm.cpp), else for oneDNN. b may be an empty tensor (no bias).
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& bias) {
+  if (packed.dim() == 4) return amx_linear(x, packed, bias);
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   torch::jit::Stack stack{x, packed, bias.defined() && bias.numel() ? c10::IValue(bias) : c10::IValue(), c10::IValue(std::string("none")),
                           c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue(std::string(""))};

@@ -22,7 +22,7 @@ from engines.torch.attention import VarlenPlan
 from engines.torch.forward_batch import ForwardBatch
 from engines.torch.kv_cache import PagedKVCache
 from engines.torch.model_config import ModelConfig
-from engines.torch.packed_linear import Linear, project
+from engines.torch.packed_linear import Linear, max_rows, project
 from engines.torch.rope import RotaryEmbedding, apply_rotary
 
 
@@ -224,7 +224,10 @@ class CausalLM(nn.Module):
             return None
         if self._native_weights is None:
             self._native_weights = self._collect_native_weights()
-        return (ops, self._native_weights, plan.groups[0]) if self._native_weights else None
+        weights = self._native_weights
+        if not weights or x.shape[0] > max_rows(weights[0]):  # more rows: the plain weights (`project`)
+            return None
+        return ops, weights, plan.groups[0]
 
     def _collect_native_weights(self) -> list[torch.Tensor]:
         """`decode_layers`' tensors, 10 per layer; [] when a layer is not exactly DecoderLayer,
