@@ -10,7 +10,9 @@ not included: they are the same for every candidate. Candidates:
 - padded: the engine's "padded" plan (every sequence gathered and padded to the longest KV);
 - varlen: the engine's "varlen" plan (decode groups of similar KV length, attention.py);
 - paged: the engine's "paged" plan (the compiled kernel reads each row's KV from its blocks,
-  engines/torch/kernels/paged_decode.cpp; built on first use, not timed);
+  engines/torch/kernels/paged_decode.cpp; built on first use, not timed): in bfloat16 on a CPU
+  with AMX-BF16 the scores on AMX tiles (paged_decode_amx.cpp), else the AVX-512 loops;
+- paged-avx512: the same plan with the kernel's AVX-512 loops forced (the AMX kernel's baseline);
 - per-seq: one SDPA call per sequence over its own gathered blocks;
 - bucket-1.5: fixed buckets (a new bucket when a length passes 1.5x the bucket's shortest);
 - segment: one flat gather of every real key, scores and a segment softmax by scatter ops;
@@ -27,6 +29,7 @@ bench/results/attention_paths.json, markdown on stdout.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -85,10 +88,13 @@ class Setup:
         return [self.cache.kv[i] for i in range(LAYERS)]
 
 
-def engine_plan(path: str):
+def engine_plan(path: str, impl: str | None = None):
+    """The engine's plan of `path`; impl: the paged decode kernel's implementation, forced."""
     def make(s: Setup):
         batch = build_batch(s.cache, s.ids, [[0]] * len(s.lens), [n - 1 for n in s.lens], torch.device("cpu"),
                             path, GROUP)
+        if impl is not None:
+            batch.attention.kernel = functools.partial(batch.attention.kernel, impl=impl)
         q = s.q.index_select(0, torch.argsort(batch.last))  # rows in the plan's order
         k = torch.zeros(len(s.lens), KV_HEADS, HEAD_DIM, dtype=s.q.dtype)  # unread by decode plans
         layers = s.kv_layers()
@@ -194,7 +200,7 @@ def flex(s: Setup):
 
 
 CANDIDATES = {"padded": engine_plan("padded"), "varlen": engine_plan("varlen"), "paged": engine_plan("paged"),
-              "per-seq": per_seq,
+              "paged-avx512": engine_plan("paged", "avx512"), "per-seq": per_seq,
               "bucket-1.5": buckets(1.5), "segment": segment}
 
 

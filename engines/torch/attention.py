@@ -13,7 +13,8 @@ KV blocks (`attend`):
   lengths, each over its own longest KV, so a step costs about the sum of the KV lengths plus a
   small overhead per group, not batch x longest. On the "paged" path (CPU) all decode rows are
   one group, longest first, attended by a compiled kernel (`cpu_kernels.py`) that reads each
-  row's KV straight from its blocks: no gather, no padding.
+  row's KV straight from its blocks: no gather, no padding; and on a CPU with AMX-BF16 the
+  prompts and chunks of a bfloat16 model attend through the AMX prefill kernel, not SDPA.
 - `PaddedPlan` ("padded"): B x T rows, each run right-padded to the longest, and every
   sequence's KV gathered and padded to the longest KV of the batch: cost B x longest in the
   matmuls and in attention. The engine's layout before issue 15: kept as a selectable fallback

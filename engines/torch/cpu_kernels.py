@@ -2,11 +2,19 @@
 
 - `paged_decode`: each decode row attends to its sequence's KV straight from the cache blocks,
   one task per row over torch's thread pool, instead of gathering the blocks into a padded
-  tensor and running SDPA over it (the "varlen" path); vectorized with AVX-512 where the CPU has
-  it (kernels/paged_decode.cpp says how). Measured on this project's 2-core Xeon, SmolLM2 shapes,
-  32 rows of 64-1,500 KV tokens (`bench/attention_paths.py`, docs/benchmarks.md): a step's
-  attention (30 layers) 30 ms in bfloat16 against 58 ms for gather + SDPA, 48 ms against 93 ms
-  in float32.
+  tensor and running SDPA over it (the "varlen" path). Three implementations of the same
+  contract, the fastest that applies taken by default (`impl`): in bfloat16 on a CPU with
+  AMX-BF16 the scores on AMX tiles (kernels/paged_decode_amx.cpp), else AVX-512 loops, else
+  portable loops (kernels/paged_decode.cpp says how). Measured on this project's 2-core Xeon,
+  SmolLM2 shapes, 32 rows of 64-1,500 KV tokens (`bench/attention_paths.py`, docs/benchmarks.md).
+- `prefill_attention`: causal attention of a prompt or chunk on AMX tiles, bfloat16
+  (kernels/prefill_attention.cpp), in place of torch's CPU flash attention on the "paged" path
+  (`bench/prefill_attention.py`).
+- `amx_pack`, `amx_linear`: a decode step's weight matmuls on AMX tiles, the weights packed in
+  the tiles' reading order (kernels/small_gemm.cpp; packed_linear.py uses them,
+  `bench/decode_matmuls.py`).
+- `decode_layers`: every decoder layer of a pure decode step in C++, the same calls as
+  models/layers.py (kernels/decode_layers.cpp).
 - `rms_norm`, `add_rms_norm_`, `silu_mul`: a decoder layer's elementwise work in one pass each,
   rounding as the unfused torch ops do (kernels/fused_norm.cpp); `models/layers.py` uses them for
   CPU tensors (`fused_ops`).
@@ -15,6 +23,8 @@
 - `argmax_rows`: the greedy pick, torch.argmax's result; aten::argmax was 6% of a profiled 32-row
   decode step of SmolLM2 (`bench/profile_step.py`, docs/benchmarks.md) and is gone from it.
 
+The AMX kernels exist where the building CPU has AMX-BF16 (`prefill_attention_available`,
+`amx_gemm_available`); elsewhere the engine takes the AVX-512 or portable loops and oneDNN.
 `torch.utils.cpp_extension.load` builds them with the machine's C++ compiler and ninja into
 torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions): ~30 s the
 first time on this machine, a check of the cached build after that. Built for the building CPU
@@ -63,8 +73,7 @@ def _build():
 
 
 def kernels():
-    """The compiled module (paged_decode, rms_norm, add_rms_norm_, silu_mul, rope_cache_,
-    argmax_rows), or None where it cannot be built.
+    """The compiled module (the functions of the module docstring), or None where it cannot be built.
 
     paged_decode(q [rows, heads, hd], kv_blocks [2, blocks, block_size, kv_heads, hd],
     block_tables [rows, max_blocks] int64, kv_lens [rows] int64, scale, impl="auto")

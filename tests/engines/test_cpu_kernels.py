@@ -1,9 +1,10 @@
-"""The CPU kernels (engines/torch/cpu_kernels.py) against the torch ops they replace.
+"""The CPU kernels (engines/torch/cpu_kernels.py) against the torch ops they replace and float64.
 
-The attention kernel is checked in test_attention_paths.py and, through the "paged" path,
-against transformers in test_smollm2_paths.py; here the fused elementwise ops: the same values
-as transformers' formulas (normalise in float32, cast, multiply by the weight in the dtype; silu
-rounded before the product), within a rounding step or two of the dtype."""
+The fused elementwise ops: the same values as transformers' formulas (normalise in float32,
+cast, multiply by the weight in the dtype; silu rounded before the product), within a rounding
+step or two of the dtype. The attention kernels (paged decode, each implementation; prefill on
+AMX) and the AMX matmul: within bfloat16's rounding of float64, as close as torch's own bfloat16
+ops. Through the engine they are checked against transformers in test_smollm2_paths.py."""
 from __future__ import annotations
 
 import pytest

@@ -2,7 +2,7 @@
 // torch ops it replaces (transformers' Llama): RMSNorm normalises in float32, casts to the
 // model's dtype, then multiplies by the weight in that dtype; SwiGLU's silu is rounded to the
 // dtype before the product. One row per task on torch's pool. Built by cpu_kernels.py.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <cmath>
 
@@ -17,17 +17,17 @@ static void norm_row(const T* x, const T* w, T* out, int64_t H, float eps) {
   for (int64_t d = 0; d < H; ++d) out[d] = static_cast<T>(f(w[d]) * f(static_cast<T>(f(x[d]) * r)));
 }
 
-static void check_rows(const torch::Tensor& x, const torch::Tensor& w, const char* op) {
+static void check_rows(const at::Tensor& x, const at::Tensor& w, const char* op) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && x.size(1) == w.size(0), op, ": x [rows, hidden], weight [hidden]");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), op, ": x and weight differ in dtype");
 }
 
 // weight * RMSNorm(x) over the last dimension of x [rows, hidden].
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
   check_rows(x, weight, "rms_norm");
   x = x.contiguous();
   weight = weight.contiguous();
-  auto out = torch::empty_like(x);
+  auto out = at::empty_like(x);
   const int64_t rows = x.size(0), H = x.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -42,13 +42,13 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 
 // x + h (rounded to the dtype, in place in x) and weight * RMSNorm(x + h): the residual add that
 // ends one block and the norm that starts the next, in one pass. Returns the norm.
-torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor h, torch::Tensor weight, double eps) {
+at::Tensor add_rms_norm_(at::Tensor x, at::Tensor h, at::Tensor weight, double eps) {
   check_rows(x, weight, "add_rms_norm_");
   TORCH_CHECK(x.is_contiguous() && h.sizes() == x.sizes() && h.scalar_type() == x.scalar_type(),
               "add_rms_norm_: x contiguous, h of x's shape and dtype");
   h = h.contiguous();
   weight = weight.contiguous();
-  auto out = torch::empty_like(x);
+  auto out = at::empty_like(x);
   const int64_t rows = x.size(0), H = x.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm_", [&] {
     scalar_t* xp = x.data_ptr<scalar_t>();
@@ -68,11 +68,11 @@ torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor h, torch::Tensor weig
 }
 
 // silu(gate) * up of gate_up [rows, 2 * inter] (gate first): [rows, inter].
-torch::Tensor silu_mul(torch::Tensor gate_up) {
+at::Tensor silu_mul(at::Tensor gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "silu_mul: gate_up [rows, 2 * intermediate]");
   gate_up = gate_up.contiguous();
   const int64_t rows = gate_up.size(0), I = gate_up.size(1) / 2;
-  auto out = torch::empty({rows, I}, gate_up.options());
+  auto out = at::empty({rows, I}, gate_up.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_mul", [&] {
     const scalar_t* gp = gate_up.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();

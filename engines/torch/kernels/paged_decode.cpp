@@ -13,7 +13,7 @@
 // read the KV at 10-16 GB/s of the ~25 GB/s two cores stream, the rest is the scores' compute
 // (about 10 ms of a 32-row step with every block in cache) not overlapping the loads.
 // Built by cpu_kernels.py.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <atomic>
@@ -229,11 +229,11 @@ static DecodeFn<T> pick_avx512(int64_t hd, int64_t G) {
 // block_tables [rows, max_blocks] int64; kv_lens [rows] int64 (each >= 1). Returns [rows, heads, hd].
 // impl: "auto" (the fastest that applies: decode_amx, decode_avx512, decode_impl), or one of
 // "amx", "avx512", "portable" (an error where it does not apply; the tests compare them).
-torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_blocks, torch::Tensor block_tables,
-                           torch::Tensor kv_lens, double scale, const std::string& impl) {
+at::Tensor paged_decode(at::Tensor q, at::Tensor kv_blocks, at::Tensor block_tables,
+                           at::Tensor kv_lens, double scale, const std::string& impl) {
   TORCH_CHECK(q.dim() == 3 && kv_blocks.dim() == 5 && kv_blocks.size(0) == 2, "paged_decode: bad shapes");
   TORCH_CHECK(q.scalar_type() == kv_blocks.scalar_type(), "paged_decode: q and kv_blocks differ in dtype");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kLong && kv_lens.scalar_type() == torch::kLong,
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && kv_lens.scalar_type() == at::kLong,
               "paged_decode: block_tables and kv_lens must be int64");
   q = q.contiguous();
   kv_blocks = kv_blocks.contiguous();
@@ -243,7 +243,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_blocks, torch::Tens
   const int64_t num_blocks = kv_blocks.size(1), bs = kv_blocks.size(2), kvh = kv_blocks.size(3);
   TORCH_CHECK(kv_blocks.size(4) == hd && heads % kvh == 0, "paged_decode: head layout mismatch");
   TORCH_CHECK(block_tables.size(0) == rows && kv_lens.size(0) == rows, "paged_decode: one table and length per row");
-  auto out = torch::empty_like(q);
+  auto out = at::empty_like(q);
   const int64_t max_blocks = block_tables.size(1);
   const int64_t half = num_blocks * bs * kvh * hd;
   TORCH_CHECK(impl == "auto" || impl == "amx" || impl == "avx512" || impl == "portable",

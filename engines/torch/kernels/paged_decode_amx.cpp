@@ -11,7 +11,7 @@
 //   per token for every head, maxima and sums without horizontal reductions.
 // - The weighted sum of V stays in AVX-512 float32 (V rows as the cache holds them).
 // Measured (bench/attention_paths.py, docs/benchmarks.md). Built by cpu_kernels.py.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <atomic>

@@ -14,7 +14,7 @@
 // Measured (bench/prefill_attention.py, docs/benchmarks.md): one 1,500-token prompt of SmolLM2
 // (9 query heads, 3 KV heads, head size 64) over 30 layers against torch's CPU flash attention.
 // Built by cpu_kernels.py; `prefill_attention_available()` says whether this build has it.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <atomic>
@@ -200,7 +200,7 @@ bool prefill_attention_available() {
 
 // q [rows, heads, D], k and v [keys, kv_heads, D] (keys >= rows; the last dimension contiguous),
 // bfloat16, D 64 or 128; writes the attention into out [rows, heads, D] (a view is fine).
-void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, double scale) {
+void prefill_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out, double scale) {
   TORCH_CHECK(prefill_attention_available(), "prefill_attention: this build or CPU has no AMX-BF16");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && out.sizes() == q.sizes(), "prefill_attention: bad shapes");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
@@ -215,7 +215,7 @@ void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch:
 #ifdef ALIGNEDSERVE_AMX
   const int64_t padded = (keys + CHUNK - 1) / CHUNK * CHUNK;  // whole chunks: every tile load in bounds
   std::vector<uint16_t> kp(kvh * padded * D), vt(kvh * padded * D);
-  auto as16 = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
+  auto as16 = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
   at::parallel_for(0, 2 * kvh, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t h = i / 2;

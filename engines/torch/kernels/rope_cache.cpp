@@ -4,7 +4,7 @@
 // index_copy_ calls of models/layers.py, with their rounding: transformers computes
 // (x * cos) + (rotate_half(x) * sin) in x's dtype, each product rounded to it before the sum.
 // And the greedy pick of the sampler: the first maximal logit of each row. Built by cpu_kernels.py.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstdint>
@@ -32,8 +32,8 @@ static void rotate(T* x, const T* c, const T* s, int64_t hd, float* prod) {
 // kv_layer [2, blocks, block_size, kv_heads, hd] (contiguous: K then V); slots [rows] int64, the
 // cache slot (block * block_size + offset) of each row. Rotates q and k in place and writes k
 // and v to the rows' slots.
-void rope_cache_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads, torch::Tensor kv_layer,
-                 torch::Tensor slots) {
+void rope_cache_(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t heads, at::Tensor kv_layer,
+                 at::Tensor slots) {
   TORCH_CHECK(qkv.dim() == 3 && qkv.is_contiguous(), "rope_cache_: qkv [rows, heads + 2 * kv_heads, hd], contiguous");
   TORCH_CHECK(kv_layer.dim() == 5 && kv_layer.size(0) == 2 && kv_layer.is_contiguous(),
               "rope_cache_: kv_layer [2, blocks, block_size, kv_heads, hd], contiguous (it is written in place)");
@@ -43,7 +43,7 @@ void rope_cache_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_
               "rope_cache_: cos and sin [rows, hd]");
   TORCH_CHECK(cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type() &&
               kv_layer.scalar_type() == qkv.scalar_type(), "rope_cache_: qkv, cos, sin and kv_layer differ in dtype");
-  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.dim() == 1 && slots.size(0) == rows,
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) == rows,
               "rope_cache_: slots [rows] int64");
   cos = cos.contiguous();
   sin = sin.contiguous();
@@ -73,12 +73,12 @@ void rope_cache_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_
 // The index of each row's first maximum of logits [rows, vocab] float32, as torch.argmax (a NaN
 // counts as the maximum; its first one is taken). The NaN test reads the bits: -ffast-math lets
 // the compiler assume a float comparison never sees one.
-torch::Tensor argmax_rows(torch::Tensor logits) {
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat, "argmax_rows: logits [rows, vocab] float32");
+at::Tensor argmax_rows(at::Tensor logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "argmax_rows: logits [rows, vocab] float32");
   logits = logits.contiguous();
   const int64_t rows = logits.size(0), V = logits.size(1);
   TORCH_CHECK(V > 0, "argmax_rows: an empty vocabulary");
-  auto out = torch::empty({rows}, torch::kLong);
+  auto out = at::empty({rows}, at::kLong);
   const float* lp = logits.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, rows, 4, [&](int64_t b, int64_t e) {

@@ -1,7 +1,8 @@
 // AVX-512 helpers shared by the CPU kernels: float32 loads of 16 elements of any kernel dtype,
 // and a vectorized exp.
 #pragma once
-#include <torch/extension.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 

@@ -4,13 +4,13 @@
 // A decode step multiplies 1-64 rows by every weight of the model, so it is bound by how fast the
 // weights stream from DRAM. oneDNN's prepacked matmul (packed_linear.py) read SmolLM2's layer
 // weights at ~12 GB/s with 32 rows on this project's 2-core Xeon, where a plain sum streams
-// ~25 GB/s (docs/benchmarks.md). Here the weight is packed once (amx_pack) into 1 KB B tiles in
+// ~25 GB/s (bench/decode_matmuls.py, docs/benchmarks.md). Here the weight is packed once (amx_pack) into 1 KB B tiles in
 // the exact order they are consumed: each thread streams a contiguous range of it, ahead of which
 // it prefetches, while the tiles' arithmetic (16 x 16 x 32 per instruction) stays far below the
 // memory time.
 // Layout of the packed weight [N/16, K/32, 16, 32]: for 16 outputs and 32 inputs, a B tile of 16
 // rows (pairs of inputs) x 16 outputs x 2. Built by cpu_kernels.py.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstring>
@@ -69,12 +69,12 @@ bool amx_gemm_available() {
 }
 
 // w [N, K] bfloat16, N a multiple of 16 and K of 32 -> the packed weight (header comment).
-torch::Tensor amx_pack(torch::Tensor w) {
+at::Tensor amx_pack(at::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16, "amx_pack: w [N, K] bfloat16");
   const int64_t N = w.size(0), K = w.size(1);
   TORCH_CHECK(N % 16 == 0 && K % 32 == 0, "amx_pack: N must be a multiple of 16 and K of 32, got ", N, " x ", K);
   w = w.contiguous();
-  auto packed = torch::empty({N / 16, K / 32, 16, 32}, w.options());
+  auto packed = at::empty({N / 16, K / 32, 16, 32}, w.options());
   const auto* src = reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>());  // pairs of inputs
   auto* dst = reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>());
   at::parallel_for(0, N / 16, 1, [&](int64_t lo, int64_t hi) {
@@ -88,17 +88,17 @@ torch::Tensor amx_pack(torch::Tensor w) {
 }
 
 // x [M, K] bfloat16 (rows contiguous), packed from amx_pack, bias [N] or an empty tensor -> [M, N].
-torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bias) {
+at::Tensor amx_linear(at::Tensor x, at::Tensor packed, at::Tensor bias) {
   TORCH_CHECK(amx_gemm_available(), "amx_linear: this build or CPU has no AMX-BF16");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
               packed.scalar_type() == at::kBFloat16, "amx_linear: x [M, K] and a packed weight, bfloat16");
   const int64_t M = x.size(0), K = packed.size(1) * 32, N = packed.size(0) * 16;
   TORCH_CHECK(x.size(1) == K, "amx_linear: x has ", x.size(1), " inputs, the weight ", K);
   TORCH_CHECK(!bias.defined() || bias.numel() == 0 || bias.numel() == N, "amx_linear: bias of ", N);
-  auto out = torch::empty({M, N}, x.options());
+  auto out = at::empty({M, N}, x.options());
 #ifdef ALIGNEDSERVE_AMX
   x = x.contiguous();
-  torch::Tensor bias_f = bias.defined() && bias.numel() ? bias.to(torch::kFloat).contiguous() : torch::Tensor();
+  at::Tensor bias_f = bias.defined() && bias.numel() ? bias.to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   // x in blocks of 64 rows, zero-padded to whole tiles of 16 (tile loads read 16 rows).
   thread_local std::vector<uint16_t> xbuf;  // the calling thread's; the workers read it through xp

@@ -1,0 +1,102 @@
+"""Prefill attention on the CPU: the AMX kernel against torch's CPU flash attention (SDPA).
+
+    python -m bench.prefill_attention [--lengths 64 512 1500] [--repeats 7] [--out bench/results/prefill_attention.json]
+
+One prompt's causal attention over its own keys, on SmolLM2-135M's shapes (9 query heads, 3 KV
+heads, head size 64), bfloat16, 30 layers (each layer its own q, k, v), as the engine's "paged"
+path calls each candidate (attention.py, `VarlenPlan.attend`):
+
+- sdpa: `F.scaled_dot_product_attention(..., is_causal=True, enable_gqa=True)` on [1, heads, T,
+  64] views of the rows (the engine's call without the kernel);
+- sdpa-contiguous: the same with q, k, v made contiguous first (not timed);
+- amx: `prefill_attention` (engines/torch/kernels/prefill_attention.cpp) writing into the rows.
+
+The candidates alternate within each repeat; the table gives the median milliseconds for 30
+layers, the ratio to sdpa, and each one's largest difference from float64. Needs a CPU with
+AMX-BF16 (exits 2 otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.cpu_record import write_record
+from engines.torch.cpu_kernels import kernels
+
+LAYERS, HEADS, KV_HEADS, HEAD_DIM = 30, 9, 3, 64
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def reference(q, k, v):
+    """float64 causal attention of one prompt, [T, heads, hd]."""
+    kk, vv = (x.double().repeat_interleave(HEADS // KV_HEADS, dim=1).transpose(0, 1) for x in (k, v))
+    s = q.double().transpose(0, 1) @ kk.transpose(1, 2) * HEAD_DIM ** -0.5
+    T = q.shape[0]
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    return (torch.softmax(s, dim=-1) @ vv).transpose(0, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[64, 512, 1500])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out", type=Path, default=RESULTS / "prefill_attention.json")
+    a = p.parse_args(argv)
+    ops = kernels()
+    if ops is None or not ops.prefill_attention_available():
+        print("prefill_attention needs the CPU kernels built on a CPU with AMX-BF16", file=sys.stderr)
+        return 2
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    load_before = os.getloadavg()[0]
+    with torch.inference_mode():
+        for T in a.lengths:
+            layers = [tuple(torch.randn(T, h, HEAD_DIM, generator=g).to(torch.bfloat16) for h in (HEADS, KV_HEADS, KV_HEADS))
+                      for _ in range(LAYERS)]
+            out = torch.empty(T, HEADS, HEAD_DIM, dtype=torch.bfloat16)
+
+            def sdpa(q, k, v):
+                return F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                                      v.transpose(0, 1)[None], is_causal=True,
+                                                      enable_gqa=True)[0].transpose(0, 1)
+
+            def sdpa_contiguous(q, k, v):
+                q, k, v = (x.transpose(0, 1).contiguous()[None] for x in (q, k, v))
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+
+            def amx(q, k, v):
+                ops.prefill_attention(q, k, v, out, HEAD_DIM ** -0.5)
+                return out
+
+            candidates = {"sdpa": sdpa, "sdpa-contiguous": sdpa_contiguous, "amx": amx}
+            want = reference(*layers[0])
+            err = {n: (f(*layers[0]).double() - want).abs().max().item() for n, f in candidates.items()}
+            times = {n: [] for n in candidates}
+            for _ in range(a.repeats):
+                for n, f in candidates.items():
+                    t0 = time.perf_counter()
+                    for q, k, v in layers:
+                        f(q, k, v)
+                    times[n].append(time.perf_counter() - t0)
+            ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
+            rows.append({"prompt_tokens": T, "ms": ms, "max_err_vs_float64": err})
+            print(f"T={T}: " + ", ".join(f"{n} {v:.1f} ms" for n, v in ms.items()), file=sys.stderr, flush=True)
+    print("| prompt tokens | sdpa ms | sdpa-contiguous ms | amx ms | sdpa / amx | max error vs float64 (sdpa, amx) |")
+    print("|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        m, e = r["ms"], r["max_err_vs_float64"]
+        print(f"| {r['prompt_tokens']} | {m['sdpa']:.1f} | {m['sdpa-contiguous']:.1f} | {m['amx']:.1f} | "
+              f"{m['sdpa'] / m['amx']:.2f}x | {e['sdpa']:.1e}, {e['amx']:.1e} |")
+    write_record(a.out, "bench.prefill_attention", argv, load_before, rows=rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
