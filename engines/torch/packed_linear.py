@@ -10,7 +10,8 @@ for SmolLM2's [576, 49152] head; at 32 rows 1.5x faster. Two packings, chosen at
   kernels/small_gemm.cpp), multiplied by `amx_linear` for up to `AMX_MAX_ROWS` rows. SmolLM2's
   layer weights interleaved as a decode step reads them (qkv, o, gate_up, down, 30 layers):
   12.2 ms at 32 rows against 16.5 ms for oneDNN's packed matmul, 9.2 against 13.4 ms at one row
-  (`bench/decode_matmuls.py`, docs/benchmarks.md). Above 64 rows oneDNN was faster, so more rows take plain F.linear.
+  (`bench/decode_matmuls.py`, docs/benchmarks.md). Above 64 rows oneDNN was faster, so more
+  rows take plain F.linear.
 - Else oneDNN's layout (`_reorder_linear_weight`), used up to `PACK_MAX_ROWS` rows: for
   thousands of rows (a prefill) the plain call was as fast or faster (8.1 ms against 9.9 ms at
   4,280 rows).

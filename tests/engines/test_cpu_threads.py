@@ -19,7 +19,7 @@ def run(code: str) -> str:
 
 def test_release_frees_the_calling_threads_workers():
     out = run("""
-        import os, torch
+        import os, time, torch
         from engines.torch.cpu_threads import release_thread_pool
         tasks = lambda: len(os.listdir("/proc/self/task"))
         torch.set_num_threads(2)
@@ -27,6 +27,9 @@ def test_release_frees_the_calling_threads_workers():
         torch.randn(512, 512) @ torch.randn(512, 512)   # a parallel region: the pool's worker starts
         with_pool = tasks()
         released = release_thread_pool()
+        deadline = time.monotonic() + 10  # the worker exits on its own schedule (a loaded CPU: later)
+        while tasks() != before and time.monotonic() < deadline:
+            time.sleep(0.01)
         print(before, with_pool, tasks(), released)
         torch.randn(512, 512) @ torch.randn(512, 512)   # the next region makes a new pool
         print(tasks())
@@ -41,12 +44,15 @@ def test_release_frees_the_calling_threads_workers():
 
 def test_engine_leaves_no_pool_on_the_loading_thread(demo_engine_dir):
     out = run(f"""
-        import os, threading, torch
+        import os, threading, time, torch
         torch.set_num_threads(2)
         from engines.torch.engine import TorchEngine
         tasks = lambda: len(os.listdir("/proc/self/task"))
         before = tasks()
         engine = TorchEngine({str(demo_engine_dir)!r}, device="cpu", kv_blocks=64)
+        deadline = time.monotonic() + 10  # a released worker exits on its own schedule
+        while tasks() != before and time.monotonic() < deadline:
+            time.sleep(0.01)
         print(before, tasks())
     """)
     before, after = out.split()
@@ -57,7 +63,7 @@ def test_cpu_block_copies_leave_no_pool_on_the_copy_thread():
     # The copy worker runs torch ops on its own thread (engines/torch/kv_transfer.py); its pool,
     # left idle, slowed the aligned policy's decode steps by ~30% (docs/benchmarks.md).
     out = run("""
-        import os, torch
+        import os, time, torch
         torch.set_num_threads(2)
         from engines.torch.kv_cache import HostKVPool, PagedKVCache
         from engines.torch.kv_transfer import BlockCopier
@@ -71,6 +77,9 @@ def test_cpu_block_copies_leave_no_pool_on_the_copy_thread():
         before = tasks()
         blocks = list(range(200))
         copier.start(device, blocks, host, blocks).wait()  # large enough for parallel regions
+        deadline = time.monotonic() + 10  # a released worker exits on its own schedule
+        while tasks() != before and time.monotonic() < deadline:
+            time.sleep(0.01)
         after = tasks()
         assert torch.equal(host.kv[:200].movedim(0, 2), device.kv[:, :, :200])
         print(before, after)

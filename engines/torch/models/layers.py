@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.torch.cpu_kernels import fused_ops
 from engines.torch.attention import VarlenPlan
+from engines.torch.cpu_kernels import fused_ops
 from engines.torch.forward_batch import ForwardBatch
 from engines.torch.kv_cache import PagedKVCache
 from engines.torch.model_config import ModelConfig
-from engines.torch.packed_linear import Linear, max_rows, project
+from engines.torch.packed_linear import PACK_MAX_ROWS, Linear, max_rows, project
 from engines.torch.rope import RotaryEmbedding, apply_rotary
 
 
@@ -206,11 +206,12 @@ class CausalLM(nn.Module):
             h = h[batch.last]  # the final norm is per row: taken over every row, kept for the last
         return self.lm_head(h).float()
 
-
     native_decode = True
     """Run a pure decode step's layers through the CPU kernels' `decode_layers` where it applies
     (`_native_decode`); the tests turn it off to compare the two."""
     _native_weights: list[torch.Tensor] | None = None
+    _native_rows = 0
+    """The most rows every prepacked weight takes (`packed_linear.max_rows`)."""
 
     def _native_decode(self, batch: ForwardBatch, x: torch.Tensor):
         """(kernels, per-layer tensors, decode group) when this forward is a pure decode step on the
@@ -223,30 +224,31 @@ class CausalLM(nn.Module):
                 or plan.groups[0].end - plan.groups[0].start != x.shape[0]):
             return None
         if self._native_weights is None:
-            self._native_weights = self._collect_native_weights()
-        weights = self._native_weights
-        if not weights or x.shape[0] > max_rows(weights[0]):  # more rows: the plain weights (`project`)
+            self._native_weights, self._native_rows = self._collect_native_weights()
+        if not self._native_weights or x.shape[0] > self._native_rows:  # more rows: plain weights (`project`)
             return None
-        return ops, weights, plan.groups[0]
+        return ops, self._native_weights, plan.groups[0]
 
-    def _collect_native_weights(self) -> list[torch.Tensor]:
-        """`decode_layers`' tensors, 10 per layer; [] when a layer is not exactly DecoderLayer,
-        Attention, MLP and RMSNorm or a weight is not prepacked."""
+    def _collect_native_weights(self) -> tuple[list[torch.Tensor], int]:
+        """`decode_layers`' tensors, 10 per layer, and the most rows all its packed weights take;
+        ([], 0) when a layer is not exactly DecoderLayer, Attention, MLP and RMSNorm or a weight
+        is not prepacked."""
         empty = torch.empty(0)
         layers = self.model.layers
-        out = []
+        out, rows = [], PACK_MAX_ROWS
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            packed = (attn.qkv_packed, attn.o_proj.packed, mlp.gate_up_packed, mlp.down_proj.packed)
             if (type(layer) is not DecoderLayer or type(attn) is not Attention or type(mlp) is not MLP
                     or any(type(n) is not RMSNorm for n in (layer.input_layernorm, layer.post_attention_layernorm, nxt))
-                    or attn.qkv_packed is None or attn.o_proj.packed is None or mlp.gate_up_packed is None
-                    or mlp.down_proj.packed is None):
-                return []
+                    or any(p is None for p in packed)):
+                return [], 0
+            rows = min([rows, *(max_rows(p) for p in packed)])
             out += [attn.qkv_packed, _or(attn.qkv_bias, empty), attn.o_proj.packed, _or(attn.o_proj.bias, empty),
                     layer.post_attention_layernorm.weight, mlp.gate_up_packed, _or(mlp.gate_up_bias, empty),
                     mlp.down_proj.packed, _or(mlp.down_proj.bias, empty), nxt.weight]
-        return out
+        return out, rows
 
 
 def _or(t: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
