@@ -2,7 +2,9 @@
 // attends to the first kv_lens[row] tokens of its sequence, read block by block through its
 // block table, without gathering them into a padded tensor first. Scores and sums in float32.
 // One task per row, longest rows first, handed out from a counter on torch's pool; each token's
-// K and V rows read once for every head. Two implementations of the same arithmetic:
+// K and V rows read once for every head. Two implementations of the same arithmetic here, and a
+// third, with the scores on AMX tiles, in paged_decode_amx.cpp (bfloat16 on a CPU with AMX-BF16:
+// what `impl="auto"` takes first where it applies):
 // - decode_avx512 (a CPU with AVX-512; float32, bfloat16 or float16; head size 64 or 128; up to
 //   8 query heads per KV head): 16-wide float32 FMAs, a vectorized exp (exp16), and the softmax
 //   taken online over chunks of CHUNK_TOKENS tokens (FlashDecoding's rescaling), so a chunk's

@@ -3,16 +3,20 @@
 // matrix products run on AMX tiles, the softmax in AVX-512, taken online over chunks of 64 keys
 // (FlashAttention's rescaling), so no row's scores are ever held whole.
 //
-// - K and V of each KV head are first packed into the tiles' layouts (K transposed in pairs of
-//   head dimensions, V in pairs of keys: the "VNNI" layout tdpbf16ps reads), once per call and
-//   shared by the query heads of the group (GQA without repeating K/V).
-// - A task is 16 query rows of one head (one A tile); tasks are handed out from a counter, the
-//   costliest (latest rows: most keys) first, over torch's pool.
-// - Per chunk: S (16 x 64) = 4 tiles of q.k; the softmax in float32 rescales the running output;
-//   the weights, rounded to bfloat16 (as torch's CPU flash attention does for bfloat16 inputs),
-//   times V accumulate into the output held in tiles' memory.
-// Measured (bench/prefill_attention.py, docs/benchmarks.md): one 1,500-token prompt of SmolLM2
-// (9 query heads, 3 KV heads, head size 64) over 30 layers against torch's CPU flash attention.
+// - Everything is transposed (keys x query rows), so that the softmax runs across 16 query rows
+//   per vector: running maxima and sums are vectors, no horizontal reductions. S^T = K Q^T with
+//   K's rows read straight as A tiles and Q^T (pairs of head dimensions) as the B tile; O^T =
+//   V^T P^T with V^T as A tiles and the weights P^T interleaved in pairs of keys as the B tile.
+// - K and V^T of each KV head are packed once per call (zero-padded to whole chunks) and shared
+//   by the query heads of the group (GQA without repeating K/V).
+// - A task is 16 query rows of one head; tasks are handed out from a counter, the costliest
+//   (latest rows: most keys) first, over torch's pool.
+// - The next chunk's scores are issued to the tiles before this chunk's softmax, so the two
+//   overlap; the output is rescaled only when a row's maximum outgrows the reference by more than
+//   2^8 (amx::advance). The weights are rounded to bfloat16 before multiplying V, as torch's CPU
+//   flash attention does for bfloat16 inputs.
+// Measured (bench/prefill_attention.py, docs/benchmarks.md): ~2x torch's CPU flash attention on
+// SmolLM2's 512- and 1,500-token prompts (9 query heads, 3 KV heads, head size 64, 30 layers).
 // Built by cpu_kernels.py; `prefill_attention_available()` says whether this build has it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,8 +26,6 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#include "simd.h"
-
 #include "amx.h"
 
 #ifdef ALIGNEDSERVE_AMX
