@@ -73,6 +73,18 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return F.linear(x, weight, bias)
 
 
+def project_float(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  packed: torch.Tensor | None) -> torch.Tensor:
+    """`project` in float32 (logits): through an AMX-packed weight the float32 sums come out
+    unrounded, where every other path rounds them to the weight's dtype first. Rounding logits to
+    bfloat16 (steps of 0.125 at 16-32) ties tokens that float32 tells apart: SmolLM2's first
+    answer token to "What is the capital of France?" ("The", 0.1 above "L" in float32) tied
+    with "L" after the AMX prefill attention's bfloat16 rounding and lost the tie."""
+    if packed is not None and packed.dim() == 4 and x.shape[0] <= AMX_MAX_ROWS:
+        return cpu_kernels().amx_linear(x, packed, _NO_BIAS if bias is None else bias, float_out=True)
+    return project(x, weight, bias, packed).float()
+
+
 _NO_BIAS = torch.empty(0)
 
 

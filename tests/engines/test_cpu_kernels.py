@@ -290,6 +290,10 @@ def test_amx_linear_against_float64(ops, rows, out_dim, in_dim, bias):
     within = (got.double() - want).abs() <= want.abs() * 2.0 ** -8 + 1e-3 * in_dim ** 0.5
     assert within.all(), f"{(~within).sum().item()} values off float64"
     torch.testing.assert_close(got, F.linear(x, w, b if bias else None), rtol=2 ** -7, atol=1e-2)
+    # float_out: the same float32 sums before rounding (logits), so within float32's error of float64.
+    sums = ops.amx_linear(x, ops.amx_pack(w), b, float_out=True)
+    assert sums.dtype == torch.float32 and torch.equal(sums.to(torch.bfloat16), got)
+    assert ((sums.double() - want).abs() <= want.abs() * 1e-5 + 1e-4).all()
 
 
 @needs_amx

@@ -11,7 +11,7 @@ void rope_cache_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_
 torch::Tensor argmax_rows(torch::Tensor logits);
 bool amx_gemm_available();
 torch::Tensor amx_pack(torch::Tensor w);
-torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bias);
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bias, bool float_out);
 torch::Tensor decode_layers(torch::Tensor x, torch::Tensor h, const std::vector<torch::Tensor>& weights,
                             torch::Tensor cos, torch::Tensor sin, torch::Tensor kv, torch::Tensor slots,
                             torch::Tensor block_tables, torch::Tensor kv_lens, int64_t heads, double eps);
@@ -31,6 +31,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("amx_gemm_available", &amx_gemm_available, "whether amx_linear runs here (AMX-BF16)");
   m.def("amx_pack", &amx_pack, "a bfloat16 weight [N, K] in amx_linear's tile order");
-  m.def("amx_linear", &amx_linear, "x @ W^T + bias with W from amx_pack (few rows: decode steps)");
+  m.def("amx_linear", &amx_linear, "x @ W^T + bias with W from amx_pack (few rows: decode steps)", py::arg("x"),
+        py::arg("packed"), py::arg("bias"), py::arg("float_out") = false);
   m.def("argmax_rows", &argmax_rows, "the first maximal index of each row of float32 logits");
 }

@@ -17,14 +17,14 @@ void rope_cache_(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t heads, 
                  at::Tensor slots);
 at::Tensor paged_decode(at::Tensor q, at::Tensor kv_blocks, at::Tensor block_tables,
                            at::Tensor kv_lens, double scale, const std::string& impl);
-at::Tensor amx_linear(at::Tensor x, at::Tensor packed, at::Tensor bias);
+at::Tensor amx_linear(at::Tensor x, at::Tensor packed, at::Tensor bias, bool float_out);
 
 namespace {
 
 // x @ W^T + b with W prepacked, as packed_linear.py's `project` does for few rows: 4-D, packed for
 // amx_linear (kernels/small_gemm.cpp), else for oneDNN. b may be an empty tensor (no bias).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias) {
-  if (packed.dim() == 4) return amx_linear(x, packed, bias);
+  if (packed.dim() == 4) return amx_linear(x, packed, bias, false);
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   torch::jit::Stack stack{x, packed, bias.defined() && bias.numel() ? c10::IValue(bias) : c10::IValue(), c10::IValue(std::string("none")),
                           c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue(std::string(""))};

@@ -26,7 +26,7 @@ constexpr int64_t AHEAD = 8192;  // bytes of the weight stream prefetched ahead 
 
 template <int MT>  // C tiles (16 rows each) in use: 1-4
 void gemm_pass(const uint16_t* xb, int64_t K, const uint16_t* w, int64_t n_lo, int64_t n_hi, float* cbuf,
-               const float* bias, uint16_t* out, int64_t o_row, int64_t rows) {
+               const float* bias, uint16_t* out, float* out_f, int64_t o_row, int64_t rows) {
   const int64_t kb_count = K / 32;
   for (int64_t nb = n_lo; nb < n_hi; ++nb) {
     const uint16_t* wb = w + nb * kb_count * 512;
@@ -50,9 +50,11 @@ void gemm_pass(const uint16_t* xb, int64_t K, const uint16_t* w, int64_t n_lo, i
     if (MT > 2) _tile_stored(2, cbuf + 512, 64);
     if (MT > 3) _tile_stored(3, cbuf + 768, 64);
     const __m512 b = bias ? _mm512_loadu_ps(bias + nb * 16) : _mm512_setzero_ps();
-    for (int64_t r = 0; r < rows; ++r)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * o_row + nb * 16),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(cbuf + r * 16), b)));
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 y = _mm512_add_ps(_mm512_load_ps(cbuf + r * 16), b);
+      if (out_f) _mm512_storeu_ps(out_f + r * o_row + nb * 16, y);  // float32 out: the sums unrounded
+      else _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * o_row + nb * 16), (__m256i)_mm512_cvtneps_pbh(y));
+    }
   }
 }
 
@@ -87,15 +89,16 @@ at::Tensor amx_pack(at::Tensor w) {
   return packed;
 }
 
-// x [M, K] bfloat16 (rows contiguous), packed from amx_pack, bias [N] or an empty tensor -> [M, N].
-at::Tensor amx_linear(at::Tensor x, at::Tensor packed, at::Tensor bias) {
+// x [M, K] bfloat16 (rows contiguous), packed from amx_pack, bias [N] or an empty tensor -> [M, N],
+// bfloat16, or float32 with float_out (the float32 sums not rounded to bfloat16: logits).
+at::Tensor amx_linear(at::Tensor x, at::Tensor packed, at::Tensor bias, bool float_out) {
   TORCH_CHECK(amx_gemm_available(), "amx_linear: this build or CPU has no AMX-BF16");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
               packed.scalar_type() == at::kBFloat16, "amx_linear: x [M, K] and a packed weight, bfloat16");
   const int64_t M = x.size(0), K = packed.size(1) * 32, N = packed.size(0) * 16;
   TORCH_CHECK(x.size(1) == K, "amx_linear: x has ", x.size(1), " inputs, the weight ", K);
   TORCH_CHECK(!bias.defined() || bias.numel() == 0 || bias.numel() == N, "amx_linear: bias of ", N);
-  auto out = at::empty({M, N}, x.options());
+  auto out = at::empty({M, N}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
 #ifdef ALIGNEDSERVE_AMX
   x = x.contiguous();
   at::Tensor bias_f = bias.defined() && bias.numel() ? bias.to(at::kFloat).contiguous() : at::Tensor();
@@ -105,7 +108,8 @@ at::Tensor amx_linear(at::Tensor x, at::Tensor packed, at::Tensor bias) {
   if (static_cast<int64_t>(xbuf.size()) < ROWS * K) xbuf.resize(ROWS * K);
   uint16_t* xp = xbuf.data();
   const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  auto* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  auto* o = float_out ? nullptr : reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  float* of = float_out ? out.data_ptr<float>() : nullptr;
   const auto* w = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
     const int64_t rows = std::min(ROWS, M - m0), tiles = (rows + 15) / 16;
@@ -115,7 +119,7 @@ at::Tensor amx_linear(at::Tensor x, at::Tensor packed, at::Tensor bias) {
       configure();
       alignas(64) float cbuf[ROWS * 16];
       auto pass = tiles == 1 ? gemm_pass<1> : tiles == 2 ? gemm_pass<2> : tiles == 3 ? gemm_pass<3> : gemm_pass<4>;
-      pass(xp, K, w, lo, hi, cbuf, bp, o + m0 * N, N, rows);
+      pass(xp, K, w, lo, hi, cbuf, bp, o ? o + m0 * N : nullptr, of ? of + m0 * N : nullptr, N, rows);
       _tile_release();
     });
   }

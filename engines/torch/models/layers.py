@@ -22,7 +22,7 @@ from engines.torch.cpu_kernels import fused_ops
 from engines.torch.forward_batch import ForwardBatch
 from engines.torch.kv_cache import PagedKVCache
 from engines.torch.model_config import ModelConfig
-from engines.torch.packed_linear import PACK_MAX_ROWS, Linear, max_rows, project
+from engines.torch.packed_linear import PACK_MAX_ROWS, Linear, max_rows, project, project_float
 from engines.torch.rope import RotaryEmbedding, apply_rotary
 
 
@@ -204,7 +204,7 @@ class CausalLM(nn.Module):
                 x, h = layer.forward_normed(x, h, cos, sin, cache, batch, next_norm)
         if not all_logits:
             h = h[batch.last]  # the final norm is per row: taken over every row, kept for the last
-        return self.lm_head(h).float()
+        return project_float(h, self.lm_head.weight, self.lm_head.bias, self.lm_head.packed)
 
     native_decode = True
     """Run a pure decode step's layers through the CPU kernels' `decode_layers` where it applies
