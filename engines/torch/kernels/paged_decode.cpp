@@ -94,12 +94,6 @@ static void decode_impl(const T* q, const T* k_cache, const T* v_cache, const in
 // 64-512 measured within noise of each other on this project's Xeon.
 constexpr int64_t CHUNK_TOKENS = 256;
 
-// Asks for the cache lines of one token's K (or V) row ahead of its use.
-template <typename T>
-static inline void prefetch_row(const T* p, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
-}
-
 template <typename T, int HD, int G>
 static void decode_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
                           const int64_t* lens, T* out, int64_t rows, int64_t kvh, int64_t bs,

@@ -10,6 +10,8 @@
 // - The online softmax runs down the tokens with the 16 heads in the lanes of one vector: one exp
 //   per token for every head, maxima and sums without horizontal reductions.
 // - The weighted sum of V stays in AVX-512 float32 (V rows as the cache holds them).
+// - K and V rows are prefetched into L2, not L1: L1 prefetches of whole chunks stalled on the
+//   fill buffers (perf put 58% of the samples on prefetcht0).
 // Measured (bench/attention_paths.py, docs/benchmarks.md). Built by cpu_kernels.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,11 +29,6 @@ using namespace amx;
 
 constexpr int64_t TOKENS = 16;  // tokens per score tile
 constexpr int64_t CHUNK = 256;  // tokens per chunk of the online softmax: 16 KB of scores
-
-template <typename T>
-inline void prefetch_row(const T* p, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T1);
-}
 
 template <int HD, int G>
 void decode(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const int64_t* tables,
@@ -68,12 +65,13 @@ void decode(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
         }
       std::fill(acc.begin(), acc.end(), 0.f);
       __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
-      for (int64_t t = 0; t < std::min(L, CHUNK); ++t) prefetch_row(row_of(table, k_cache, t), token_stride * 2);
+      for (int64_t t = 0; t < std::min(L, CHUNK); ++t)
+        prefetch_row<_MM_HINT_T1>(row_of(table, k_cache, t), token_stride * 2);
       for (int64_t c0 = 0; c0 < L; c0 += CHUNK) {
         const int64_t n = std::min(CHUNK, L - c0);
         for (int64_t i = 0; i * TOKENS < n; ++i) {  // 16 tokens of one block (bs is a multiple of 16)
           const uint16_t* krows = row_of(table, k_cache, c0 + i * TOKENS);
-          prefetch_row(row_of(table, v_cache, c0 + i * TOKENS), TOKENS * token_stride * 2);  // this chunk's V
+          prefetch_row<_MM_HINT_T1>(row_of(table, v_cache, c0 + i * TOKENS), TOKENS * token_stride * 2);  // this chunk's V
           _tile_zero(0);
           for (int64_t h = 0; h < kvh; ++h)
             for (int hf = 0; hf < HALVES; ++hf) {
@@ -105,7 +103,7 @@ void decode(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
         }
         l = _mm512_add_ps(l, _mm512_add_ps(sums[0], sums[1]));
         for (int64_t t = c0 + CHUNK; t < std::min(L, c0 + 2 * CHUNK); ++t)  // the next chunk's K
-          prefetch_row(row_of(table, k_cache, t), token_stride * 2);
+          prefetch_row<_MM_HINT_T1>(row_of(table, k_cache, t), token_stride * 2);
         // Weighted sum of the chunk's V, each V row read once for its G heads.
         for (int64_t h = 0; h < kvh; ++h) {
           __m512 ac[G][V];

@@ -133,13 +133,12 @@ void attend_amx(const uint16_t* q, int64_t q_row, const uint16_t* kp, const uint
         // Weights are 2^(s - m) <= 2^RESCALE for the reference m (amx::advance): no overflow in float32.
         __m512 alpha = _mm512_set1_ps(1.f);
         const bool rescale = advance(m, _mm512_mul_ps(cmax, scale_v), alpha);
-        const __m512 mnew = m;
         __m512 sums[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int64_t j = 0; j < CHUNK; j += 2) {
           __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
           if (j < nk) {
-            p0 = _mm512_maskz_mov_ps(valid[j], exp2_16(_mm512_fmsub_ps(_mm512_load_ps(s + j * 16), scale_v, mnew)));
-            p1 = _mm512_maskz_mov_ps(valid[j + 1], exp2_16(_mm512_fmsub_ps(_mm512_load_ps(s + (j + 1) * 16), scale_v, mnew)));
+            p0 = _mm512_maskz_mov_ps(valid[j], exp2_16(_mm512_fmsub_ps(_mm512_load_ps(s + j * 16), scale_v, m)));
+            p1 = _mm512_maskz_mov_ps(valid[j + 1], exp2_16(_mm512_fmsub_ps(_mm512_load_ps(s + (j + 1) * 16), scale_v, m)));
             sums[0] = _mm512_add_ps(sums[0], p0);
             sums[1] = _mm512_add_ps(sums[1], p1);
           }

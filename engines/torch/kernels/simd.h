@@ -33,4 +33,10 @@ static inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(p, n);
 }
+// Asks for the cache lines of one token's K (or V) row ahead of its use (HINT: _MM_HINT_T0 into
+// L1, _MM_HINT_T1 into L2).
+template <int HINT = _MM_HINT_T0, typename T>
+static inline void prefetch_row(const T* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, static_cast<_mm_hint>(HINT));
+}
 #endif
