@@ -122,7 +122,7 @@ class VarlenPlan:
             keys, values = (x[:, :g.kv_len].transpose(1, 2) for x in gather_blocks(kv_blocks, g.block_tables))
             # The heads sharing a KV head are that head's query rows: no K/V repeat, no GQA flag.
             qg = q[g.start:g.end].view(n, kvh, heads // kvh, hd)
-            out[g.start:g.end] = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask).view(n, heads, hd)
+            out[g.start:g.end] = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask).reshape(n, heads, hd)
         prefill = self.prefill if q.dtype == torch.bfloat16 and hd in (64, 128) else None
         for r in self.runs:
             if r.block_table is None:
