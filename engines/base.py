@@ -146,6 +146,12 @@ class StepCost:
         """The predicted time of a step of `batch` sequences."""
         return self.fixed + self.per_seq * batch + self.padded_kv * batch * max_kv + self.kv * sum_kv
 
+    def step_seconds(self, kv_lens: Sequence[int]) -> float:
+        """The predicted time of a decode step over sequences of these KV lengths, in this order
+        (0 for none). A policy calls this one: a cost model that sees the whole batch (the sim
+        engine's, `engines/sim/step_cost.py`) answers the same question with the same name."""
+        return self.seconds(len(kv_lens), max(kv_lens), sum(kv_lens)) if kv_lens else 0.0
+
 
 @dataclass(frozen=True, slots=True)
 class EngineInfo:

@@ -158,6 +158,21 @@ class Grant:
 
 
 @dataclass(frozen=True, slots=True)
+class Decision:
+    """Why a policy planned its last iteration as it did, for the dashboard and the metrics."""
+
+    kind: str
+    """One word: "filled" (every place the batch has was filled in arrival order), "grouped"
+    (requests were held back or chosen so the batch's KV lengths stay close), "switched" (the
+    staged batch replaced the running one), "preempted" (a running request gave up its place),
+    "waiting" (nothing could start: memory or the batch is full), "idle"."""
+    reason: str
+    """One sentence with the figures behind it."""
+    predicted_s: float | None = None
+    """The decode step's predicted seconds (the engine's step cost), None without a cost model."""
+
+
+@dataclass(frozen=True, slots=True)
 class StepPlan:
     """One iteration as a policy decided it.
 

@@ -12,7 +12,7 @@ import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from orchestrator.core import StepPlan
+from orchestrator.core import Decision, StepPlan
 from orchestrator.draft import Draft
 
 if TYPE_CHECKING:
@@ -57,6 +57,9 @@ class Policy(abc.ABC):
         self.info = info
         self.config = config
         self.device = info.decode_device
+        self.decision: Decision | None = None
+        """Why the last plan is what it is (`Decision`); a policy that explains itself sets it in
+        `schedule`, the run loop records it beside the step's measured time."""
 
     @abc.abstractmethod
     def schedule(self, draft: Draft) -> StepPlan:
