@@ -3,6 +3,7 @@
     python -m bench.simulate [--matrix quick|paper|scale] [--out bench/results/sim-<matrix>]
         [--jobs N] [--requests N] [--gpus 8] [--hardware H100-SXM] [--models OPT-13B ...]
         [--workloads azure-conv ...] [--variants aligned fcfs ...] [--loads 0.5 1.0] [--seed 0]
+        [--dispatch greedy waves longest-first split]
 
 The production orchestrator (its run loop and policies, unchanged) runs on `engines.sim`, whose
 clock advances by the cost model (engines/sim/cost_model.py) instead of running a model, so
@@ -27,6 +28,18 @@ throughput of the `fcfs` deployment when every request arrives at once (a probe 
 requests). So load 1.0 is what the vLLM-like baseline can just sustain, whatever the model,
 workload and hardware; nothing is tuned per experiment. Trace workloads keep their own arrival
 pattern, rescaled to the rate (`bench.workloads`); generated ones get Poisson arrivals.
+
+**Dispatch** (`--dispatch`, engines/sim/dispatch.py): how the decode attention kernel deals its
+(sequence, KV head) units to the SMs: `waves` (in launch order, no split: vLLM paged_attention v1),
+`longest-first` (the same, batch sorted longest first), `greedy` (list scheduling as the GPU's
+block scheduler does it: FlashAttention-2 varlen, constants fitted on an H100), `split` (split-KV:
+FlashDecoding, FlashInfer, TensorRT-LLM XQA multi-block; the bytes roofline); a kernel name of
+`dispatch.KERNELS` works too. The default is `greedy`: it is the one dispatch model calibrated on a
+GPU (the H100 probe of 2026-12-05, `bench/results/decode_bubble-h100.json`, rms error 8%), and
+FlashAttention-2 without split is what a plain CUDA PyTorch runs; the others are roofline
+bounds, not measurements. Each result carries its `dispatch` and `kernel`; with one dispatch the
+report goes to `<out>`, with several each goes to `<out>/<NAME>/` (ratios are always
+against the baseline under the same dispatch). `--split-kv` is `--dispatch split`.
 
 **Variants** (`VARIANTS`): aligned, aligned without peer prefetch (`prefetch_route=direct`),
 aligned without prefetch and without alignment (`fcfs-offload`, direct): the paper's two
@@ -68,6 +81,7 @@ from bench.workloads import make_workload
 from bench.workloads.arrivals import schedule
 from bench.workloads.workload import BOS_ID, Workload
 from engines.sim.cost_model import CostConstants, CostModel
+from engines.sim.dispatch import DISPATCH_MODELS, KERNELS, kernel_for
 from engines.sim.engine import SimEngine
 from engines.sim.profiles import hardware_profile, model_profile
 from orchestrator.config import ServeConfig
@@ -80,6 +94,8 @@ an H100); LongBench's own evaluation (pred.py) truncates each prompt in the midd
 model's window, and we cut at 16k, the window of its 16k-context models. Fixed before any run."""
 SERIES_POINTS = 300
 """Points kept per plotted distribution and run (CDFs and spreads keep their shape)."""
+DEFAULT_DISPATCH = "greedy"
+"""The decode attention dispatch model when --dispatch is not given (module docstring)."""
 BASE_CONFIG = dict(max_batch_size=256, max_prefill_tokens=8192, kmin=36, bmax_fraction=0.4, chunk_tokens=512)
 
 
@@ -141,10 +157,15 @@ MATRICES = {
 
 def _engine(args: dict, variant: Variant, replicas: int) -> SimEngine:
     hw, model = hardware_profile(args["hardware"]), model_profile(args["model"])
-    cost = CostModel(hw, model, CostConstants())
+    cost = CostModel(hw, model, CostConstants(), dispatch=dispatch_of(args))
     host = hw.host_memory_bytes * args["host_share"] / replicas if variant.policy in ("aligned", "fcfs-offload") else 0
-    return SimEngine(cost, helper_devices=variant.helpers, host_kv_bytes=host, max_seq_len=args["max_seq_len"],
-                     split_kv=args["split_kv"])
+    return SimEngine(cost, helper_devices=variant.helpers, host_kv_bytes=host, max_seq_len=args["max_seq_len"])
+
+
+def dispatch_of(args: dict) -> str:
+    """The run's dispatch model or kernel name: args["dispatch"], or "split" for the older
+    args["split_kv"] = True, else DEFAULT_DISPATCH."""
+    return args.get("dispatch") or ("split" if args.get("split_kv") else DEFAULT_DISPATCH)
 
 
 def run_replica(args: dict, variant: Variant, replicas: int, lengths: list[tuple[int, int]],
@@ -240,6 +261,7 @@ def experiment(job: dict) -> list[dict]:
     base = make_workload(job["workload"], job["requests"], args["seed"], **WORKLOAD_ARGS.get(job["workload"], {}))
     args["max_seq_len"] = max(r.prompt_len + r.output_len for r in base.requests)
     cap = capacity(args, base) if any(load is not None for load in job["loads"]) else None
+    kernel = kernel_for(hardware_profile(args["hardware"]), dispatch_of(args))
     out = []
     for load, label in itertools.product(job["loads"], job["variants"]):
         rate = None if load is None else load * cap
@@ -250,9 +272,28 @@ def experiment(job: dict) -> list[dict]:
             "workload": job["workload"], "policy": VARIANTS[label].policy,
             "variant": label, "rate": None if rate is None else round(rate, 4), "load": load,
             "capacity_req_s": cap, "requests": len(wl), "seed": args["seed"], "gpus": args["gpus"],
-            "metrics": metrics,
+            "dispatch": kernel.model, "kernel": kernel.kernel, "metrics": metrics,
         })
     return out
+
+
+def run_jobs(jobs: list[dict], processes: int, desc: str, runs_per_job: int) -> list[dict]:
+    """Every experiment of `jobs`, in parallel processes when more than one; their results."""
+    results: list[dict] = []
+    bar = tqdm(total=len(jobs) * runs_per_job, desc=desc, unit="run")
+    if processes > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(min(processes, len(jobs))) as pool:
+            for f in as_completed([pool.submit(experiment, j) for j in jobs]):
+                runs = f.result()
+                results += runs
+                bar.update(len(runs))
+    else:
+        for j in jobs:
+            runs = experiment(j)
+            results += runs
+            bar.update(len(runs))
+    bar.close()
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--hardware", default="H100-SXM")
     p.add_argument("--host-share", type=float, default=0.9, help="share of the node's host memory for KV")
-    p.add_argument("--split-kv", action="store_true", help="decode attention splits long KV (FlashDecoding)")
+    p.add_argument("--dispatch", nargs="+", default=None, metavar="NAME",
+                   help=f"decode attention dispatch model(s): {', '.join(DISPATCH_MODELS)}, or a kernel "
+                        f"({', '.join(KERNELS)}); default {DEFAULT_DISPATCH} (module docstring)")
+    p.add_argument("--split-kv", action="store_true", help="the same as --dispatch split")
     p.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO on TTFT, seconds")
     p.add_argument("--slo-tpot", type=float, default=0.1, help="goodput SLO on TPOT, seconds")
     p.add_argument("--seed", type=int, default=0)
@@ -286,41 +330,40 @@ def main(argv: list[str] | None = None) -> int:
     requests = a.requests if a.requests is not None else m.requests
     for name in models:
         model_profile(name)
-    hardware_profile(a.hardware)
-    args = dict(hardware=a.hardware, gpus=a.gpus, host_share=a.host_share, split_kv=a.split_kv,
-                slo_ttft=a.slo_ttft, slo_tpot=a.slo_tpot, seed=a.seed, dashboard=a.dashboard or None)
-    jobs = [dict(args=args, model=mo, workload=w, requests=requests, loads=tuple(loads), variants=tuple(variants))
-            for mo in models for w in workloads]
+    hw = hardware_profile(a.hardware)
+    dispatches = list(dict.fromkeys((a.dispatch or []) + (["split"] if a.split_kv else [])))
+    dispatches = dispatches or [DEFAULT_DISPATCH]
+    for d in dispatches:
+        try:
+            kernel_for(hw, d)
+        except KeyError as e:
+            p.error(str(e.args[0]))
     out = a.out or RESULTS / f"sim-{a.matrix}"
-    results: list[dict] = []
-    started = time.perf_counter()
-    bar = tqdm(total=len(jobs) * len(loads) * len(variants), desc=f"simulate {a.matrix}", unit="run")
-    if a.jobs > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(min(a.jobs, len(jobs))) as pool:
-            futures = [pool.submit(experiment, j) for j in jobs]
-            for f in as_completed(futures):
-                runs = f.result()
-                results += runs
-                bar.update(len(runs))
-    else:
-        for j in jobs:
-            runs = experiment(j)
-            results += runs
-            bar.update(len(runs))
-    bar.close()
-    elapsed = time.perf_counter() - started
     command = "python -m bench.simulate " + " ".join(sys.argv[1:] if argv is None else argv)
-    notes = (f"Command: `{command}`. Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
-             f"{platform.python_version()}; {date.today().isoformat()}; {elapsed:.0f} s wall in all. "
-             f"Virtual time on the {a.hardware} profile, {a.gpus} GPUs per variant, roofline cost constants "
-             f"(efficiency 1, no overhead: no GPU calibration yet). Matrix {a.matrix!r}: {m.note}. "
-             f"Load = multiple of the fcfs deployment's all-at-once request throughput (capacity_req_s in "
-             f"results.json); ratios are against {BASELINE!r} at the same rate.")
-    path = write_report(results, out, f"Simulated policy comparison ({a.matrix})", notes, baseline="fcfs")
-    table = paper_table(results)
-    (out / "paper_comparison.md").write_text(f"# Beside the paper's figures ({a.matrix})\n\n{notes}\n\n{table}")
-    print(table)
-    print(f"wrote {path} and {out / 'paper_comparison.md'} ({len(results)} runs, {elapsed:.0f} s)")
+    for d in dispatches:
+        kernel = kernel_for(hw, d)
+        args = dict(hardware=a.hardware, gpus=a.gpus, host_share=a.host_share, dispatch=d,
+                    slo_ttft=a.slo_ttft, slo_tpot=a.slo_tpot, seed=a.seed, dashboard=a.dashboard or None)
+        jobs = [dict(args=args, model=mo, workload=w, requests=requests, loads=tuple(loads), variants=tuple(variants))
+                for mo in models for w in workloads]
+        where = out if len(dispatches) == 1 else out / d
+        started = time.perf_counter()
+        results = run_jobs(jobs, a.jobs, f"simulate {a.matrix} ({kernel.model})", len(loads) * len(variants))
+        elapsed = time.perf_counter() - started
+        notes = (f"Command: `{command}`. Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
+                 f"{platform.python_version()}; {date.today().isoformat()}; {elapsed:.0f} s wall in all. "
+                 f"Virtual time on the {a.hardware} profile, {a.gpus} GPUs per variant, roofline cost constants "
+                 f"for the linear layers (efficiency 1, no overhead). Decode attention: dispatch "
+                 f"`{kernel.model}`, kernel `{kernel.kernel}` ({kernel.source}). Matrix {a.matrix!r}: {m.note}. "
+                 f"Load = multiple of the fcfs deployment's all-at-once request throughput (capacity_req_s in "
+                 f"results.json); ratios are against {BASELINE!r} at the same rate and dispatch.")
+        title = f"Simulated policy comparison ({a.matrix}, dispatch {kernel.model})"
+        path = write_report(results, where, title, notes, baseline="fcfs")
+        table = paper_table(results)
+        (where / "paper_comparison.md").write_text(f"# Beside the paper's figures ({a.matrix}, dispatch "
+                                                   f"{kernel.model})\n\n{notes}\n\n{table}")
+        print(table)
+        print(f"wrote {path} and {where / 'paper_comparison.md'} ({len(results)} runs, {elapsed:.0f} s)")
     return 0
 
 

@@ -18,20 +18,34 @@ Decode step over KV lengths L_1..L_B (each including the token fed this step):
 The first term is the roofline of the linear layers (weight-bound at small B, compute-bound at
 large B). t_attn models the decode attention kernel as it runs on a GPU: one unit of work per
 (sequence, KV head), each reading its sequence's K and V of one head, 2 d b bytes per token per
-layer. Units go to the S SMs in order (sequence by sequence, the heads of a sequence together, as
-the thread-block grid of vLLM's paged attention lays them out) in waves of S; every SM reads at
-its share of the bandwidth, BW e_kv / S, and a wave lasts as long as its longest unit:
+layer, and the kernel's *dispatch model* says how the units reach the S SMs
+(engines/sim/dispatch.py has the arithmetic of each):
 
-    t_attn  = l * Σ_waves max_{u in wave} L_u * 2 d b / (BW e_kv / S)
+    t_attn  = l * t_layer(L_1..L_B)
 
-Without split-KV one long sequence makes its H units long, and the wave holding them keeps the
-other S - H SMs idle until it ends: that is the iteration-level bubble length alignment removes.
-With split_kv=True the kernel (FlashDecoding; vLLM's paged_attention_v2) cuts every sequence into
-chunks of `split_kv_chunk_tokens` and each (chunk, head) is a unit: the waves are balanced and
-t_attn ~ l Σ L_i H 2 d b / (BW e_kv) = Σ L_i * kv_bytes_per_token / (BW e_kv), the KV term of
-DESIGN.md §6's roofline, give or take one wave of chunks. A batch of equal lengths runs the same
-either way, give or take one wave. Left out as small next to these terms: attention FLOPs in decode
-(2 FLOPs per KV byte, far under the ridge point), KV writes, split-KV's reduction pass, sampling.
+- `waves` (the default of a bare `CostModel`, e.g. vLLM's paged_attention v1): units in launch
+  order, the heads of a sequence together, dealt in waves of S; every SM reads at BW e_kv / S and
+  a wave lasts as long as its longest unit. Without split-KV one long sequence makes its H units
+  long, and the wave holding them keeps the other S - H SMs idle until it ends: the
+  iteration-level bubble alignment removes. Order-sensitive: the same long requests cost more
+  spread through the batch than placed last.
+- `longest-first`: the same waves with the batch sorted longest first; never above `waves`.
+- `greedy` (FlashAttention-2 varlen; the default of `bench.simulate` on the H100 profile): list
+  scheduling, each unit starting when a slot frees, at most r bytes/s per unit, BW e shared;
+  its constants fitted on an H100 (`dispatch.KERNELS`). Nearly order-insensitive, as measured.
+- `split` (FlashDecoding, FlashInfer, TensorRT-LLM XQA multi-block; vLLM's paged_attention_v2):
+  every sequence cut into chunks of `split_kv_chunk_tokens`, each (chunk, head) a unit: the waves
+  are balanced and t_attn ~ l Σ L_i H 2 d b / (BW e_kv) = Σ L_i * kv_bytes_per_token / (BW e_kv),
+  the KV term of DESIGN.md §6's roofline, give or take one wave of chunks and each sequence's
+  last, shorter chunk (it costs a whole one where it shares a wave with full ones). Roofline, not
+  measured.
+
+`split_kv=True` on a call forces `split` whatever the model's dispatch (the sim engine's
+`split_kv`). `waves`, `longest-first` and `split` read at e_kv (`CostConstants`); `greedy` carries
+its own fitted e and r. A batch of equal lengths costs the same under every dispatch, give or
+take one wave, when the constants agree. Left out as small next to these terms: attention FLOPs
+in decode (2 FLOPs per KV byte, far under the ridge point), KV writes, split-KV's reduction
+pass, sampling, and the kernel's launch (a fixed cost per step: o_decode).
 
 A mixed step (chunked prefill: SplitFuse, Sarathi) runs decode tokens and prompt chunks
 [s_j, e_j) through one forward, so the linear layers see every token of both at once:
@@ -52,16 +66,15 @@ hardware allows, a lower bound on every real call. Absolute times need a fitted 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from engines.sim.dispatch import SPLIT_KV_CHUNK_TOKENS, Dispatch, kernel_for, wave_sum
 from engines.sim.profiles import HardwareProfile, ModelProfile
 
-SPLIT_KV_CHUNK_TOKENS = 512
-"""KV tokens per split-KV work unit: vLLM's paged_attention_v2 PARTITION_SIZE
-(vllm/attention/ops/paged_attn.py, `_PARTITION_SIZE = 512`)."""
+__all__ = ["CostConstants", "CostModel", "LinkTimeline", "LINKS", "SPLIT_KV_CHUNK_TOKENS", "wave_sum"]
 LINKS = ("pcie", "nvlink")
 """Link names: "pcie" host<->device, "nvlink" device<->device."""
 
@@ -77,7 +90,8 @@ class CostConstants:
     weight_bandwidth_efficiency: float = 1.0
     """e_w: fraction of HBM bandwidth reached while streaming the weights."""
     kv_bandwidth_efficiency: float = 1.0
-    """e_kv: fraction of each SM's share of HBM bandwidth the decode attention kernel reaches."""
+    """e_kv: fraction of each SM's share of HBM bandwidth the decode attention kernel reaches
+    (dispatch models waves, longest-first and split; a `greedy` kernel carries its own)."""
     prefill_overhead_s: float = 0.0
     """o_prefill: fixed seconds per prefill call (launches, scheduling, sampling)."""
     decode_overhead_s: float = 0.0
@@ -115,14 +129,25 @@ class CostConstants:
 class CostModel:
     """Seconds of each engine call for one model on one hardware profile (module docstring)."""
 
-    def __init__(self, hardware: HardwareProfile, model: ModelProfile, constants: CostConstants = CostConstants()):
+    def __init__(self, hardware: HardwareProfile, model: ModelProfile, constants: CostConstants = CostConstants(),
+                 dispatch: Dispatch | str = "waves"):
+        """dispatch: the decode attention kernel, a `Dispatch` or a name `dispatch.kernel_for`
+        knows (a dispatch model: "waves", "longest-first", "greedy", "split"; or a kernel:
+        "paged-v1", "fa2-varlen", ...)."""
         self.hardware, self.model, self.constants = hardware, model, constants
         c, hw, m = constants, hardware, model
         self._weight_s = m.weight_bytes / (hw.hbm_bandwidth * c.weight_bandwidth_efficiency)
         self._flop_s = 1.0 / (hw.dense_flops * c.flops_efficiency)
-        # One KV token of one head over all layers, read by one SM at its share of the bandwidth.
-        self._unit_token_s = m.layers * 2 * m.head_dim * m.bytes_per_param * hw.sm_count / (
-            hw.hbm_bandwidth * c.kv_bandwidth_efficiency)
+        d = kernel_for(hw, dispatch) if isinstance(dispatch, str) else dispatch
+        if d.model == "split":
+            d = replace(d, chunk_tokens=c.split_kv_chunk_tokens)
+        self.dispatch = d
+        """The decode attention kernel and its dispatch model."""
+        self._split = replace(kernel_for(hw, "split"), chunk_tokens=c.split_kv_chunk_tokens)
+
+    def kernel(self, split_kv: bool = False) -> Dispatch:
+        """The attention kernel a decode step runs: this model's, or split-KV if `split_kv`."""
+        return self._split if split_kv else self.dispatch
 
     # ---- prefill ------------------------------------------------------------------------------
 
@@ -157,17 +182,12 @@ class CostModel:
         }
 
     def attention_seconds(self, kv_lens: Sequence[int] | np.ndarray, split_kv: bool = False) -> float:
-        """t_attn of the module docstring: the decode attention kernel's waves over the SMs."""
+        """t_attn of the module docstring: every layer's decode attention over these KV lengths,
+        in this order, under the model's dispatch (split-KV if `split_kv`)."""
         kv = _lengths(kv_lens, "kv_lens")
-        if split_kv:
-            chunk = self.constants.split_kv_chunk_tokens
-            per_seq = -(-kv // chunk)
-            # Chunk j of a sequence of length L holds min(chunk, L - j*chunk) tokens.
-            j = np.arange(int(per_seq.sum())) - np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
-            units = np.minimum(chunk, np.repeat(kv, per_seq) - j * chunk)
-        else:
-            units = kv
-        return wave_sum(units, self.model.kv_heads, self.hardware.sm_count) * self._unit_token_s
+        layer = self.kernel(split_kv).layer_seconds(kv, self.hardware, self.model,
+                                                    self.constants.kv_bandwidth_efficiency)
+        return self.model.layers * layer
 
     # ---- mixed (chunked prefill) -------------------------------------------------------------
 
@@ -243,27 +263,6 @@ class LinkTimeline:
         end = start + (self.latency + nbytes / self.bandwidth if nbytes else 0.0)
         self.free_at = end
         return start, end
-
-
-def wave_sum(items: np.ndarray, repeat: int, slots: int) -> float:
-    """Σ over waves of the longest unit in the wave, where the units are each item repeated
-    `repeat` times in a row (the KV heads of one sequence or chunk), dealt out `slots` (SMs) at a
-    time. Equal to
-
-        units = np.repeat(items, repeat); pad with zeros to a multiple of slots;
-        units.reshape(-1, slots).max(axis=1).sum()
-
-    without building the repeated array (40x smaller for OPT-13B's 40 heads): wave w holds units
-    [w*slots, (w+1)*slots), i.e. items first[w] .. last[w] with first = w*slots // repeat."""
-    if not items.size:
-        return 0.0
-    waves = -(-items.size * repeat // slots)
-    w = np.arange(waves)
-    first = w * slots // repeat
-    last = np.minimum(((w + 1) * slots - 1) // repeat, items.size - 1)
-    # reduceat takes the max over items[first[w]:first[w+1]]; the wave also holds items[last[w]],
-    # which may be first[w+1] (an item whose heads straddle two waves).
-    return float(np.maximum(np.maximum.reduceat(items, first), items[last]).sum())
 
 
 def _lengths(values: Sequence[int] | np.ndarray, what: str) -> np.ndarray:

@@ -33,6 +33,7 @@ from engines.base import (
 from engines.block_allocator import BlockAllocator
 from engines.sim.clock import VirtualClock
 from engines.sim.cost_model import CostModel, LinkTimeline
+from engines.sim.step_cost import SimStepCost
 
 SIM_TOKEN = 4
 """The token every sim step generates (any id that is not the model's EOS would do)."""
@@ -84,7 +85,9 @@ class SimEngine(Engine):
         ("cuda:0"), named "cuda:1".. (prefill / prefetch devices). kv_blocks: blocks per device,
         0 = what `memory_fraction` of device memory holds after the weights. host_kv_bytes: the
         host KV pool (0 = none, the engine cannot offload). max_seq_len: 0 = the model profile's
-        trained context. split_kv: the decode attention kernel splits long KV (cost model)."""
+        trained context. split_kv: the decode attention kernel splits long KV whatever the cost
+        model's dispatch (cost model). `describe().step_costs` holds one `SimStepCost`: the
+        decode step as this engine times it."""
         model, hw = cost.model, cost.hardware
         self.cost = cost
         self.split_kv = split_kv
@@ -119,6 +122,7 @@ class SimEngine(Engine):
             capabilities=Capabilities(can_offload=bool(host_blocks), can_peer_copy=len(self.devices) > 1,
                                       can_form_batches=True, can_chunk_prefill=True,
                                       can_overlap_prefill=len(self.devices) > 1),
+            step_costs=(SimStepCost(cost, split_kv),),
         )
         self._seqs: dict[str, _Seq] = {}
         self._busy = {d: 0.0 for d in self.devices}

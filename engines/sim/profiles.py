@@ -7,7 +7,8 @@ Link bandwidths are per direction (PCIe and NVLink are full duplex; datasheets q
 directions added). Byte sizes are decimal (1 GB = 1e9 B), as the datasheets print them.
 
 Look a profile up by name with `hardware_profile("H100-SXM")` or `model_profile("OPT-13B")`;
-`PROFILES` holds them all.
+`PROFILES` holds them all. Which decode attention kernels a GPU runs and how each deals its work
+to the SMs (with the constants measured on it) is `engines.sim.dispatch.kernel_for(hardware, name)`.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from bench.workloads import make_workload
 
 @pytest.fixture(scope="module")
 def runs():
-    args = dict(hardware="H100-SXM", gpus=4, host_share=0.9, split_kv=False, slo_ttft=2.0, slo_tpot=0.1, seed=0)
+    args = dict(hardware="H100-SXM", gpus=4, host_share=0.9, dispatch="greedy", slo_ttft=2.0, slo_tpot=0.1, seed=0)
     job = dict(args=args, model="OPT-6.7B", workload="sharegpt", requests=120, loads=(0.9,),
                variants=tuple(simulate.VARIANTS))
     return simulate.experiment(job)
@@ -21,6 +21,7 @@ def runs():
 def test_every_variant_serves_every_request(runs):
     assert {r["variant"] for r in runs} == set(simulate.VARIANTS)
     for r in runs:
+        assert (r["dispatch"], r["kernel"]) == ("greedy", "fa2-varlen")
         m = r["metrics"]
         assert m["requests"] == m["completed"] == 120, r["variant"]
         assert m["finish_reasons"] == {"length": 120}
@@ -53,14 +54,24 @@ def test_trace_load_keeps_its_pattern_rescaled():
     assert fast_gaps == pytest.approx(gaps * (fast_gaps.sum() / gaps.sum()))
 
 
-def test_main_writes_the_report(tmp_path):
+def test_main_writes_a_report_per_dispatch(tmp_path):
     out = tmp_path / "sim"
     rc = simulate.main(["--matrix", "quick", "--requests", "60", "--gpus", "2", "--jobs", "1", "--out", str(out),
-                        "--variants", "aligned", "chunked-prefill (FastGen/Sarathi-like)"])
+                        "--variants", "aligned", "chunked-prefill (FastGen/Sarathi-like)", "--dispatch", "waves", "greedy"])
     assert rc == 0
-    report = (out / "report.md").read_text()
-    for label in ("aligned", "fcfs (vLLM-like)", "chunked-prefill (FastGen/Sarathi-like)"):
-        assert f"| {label} |" in report
-    results = json.loads((out / "results.json").read_text())
-    assert len(results) == 3 and all(r["metrics"]["completed"] == 60 for r in results)
-    assert list(out.glob("*.png"))
+    for dispatch in ("waves", "greedy"):
+        report = (out / dispatch / "report.md").read_text()
+        for label in ("aligned", "fcfs (vLLM-like)", "chunked-prefill (FastGen/Sarathi-like)"):
+            assert f"| {label} |" in report
+        assert f"dispatch `{dispatch}`" in report
+        results = json.loads((out / dispatch / "results.json").read_text())
+        assert len(results) == 3 and all(r["metrics"]["completed"] == 60 for r in results)
+        assert {r["dispatch"] for r in results} == {dispatch}
+        assert list((out / dispatch).glob("*.png"))
+
+
+def test_split_kv_is_dispatch_split(tmp_path):
+    with pytest.raises(SystemExit):
+        simulate.main(["--dispatch", "flashinfer", "--out", str(tmp_path)])
+    assert simulate.dispatch_of({"split_kv": True}) == "split"
+    assert simulate.dispatch_of({}) == simulate.DEFAULT_DISPATCH == "greedy"
