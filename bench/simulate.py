@@ -13,8 +13,10 @@ decision time is wall time and reported apart (`schedule_s`).
 **Deployment: every variant gets the same GPUs** (`--gpus`, 8 as in the paper), split as it
 would use them, and requests are dealt to its replicas round-robin in arrival order (a load
 balancer in front of data-parallel replicas):
-- vLLM-like `fcfs` and FastGen/Sarathi-like `chunked-prefill`: one replica per GPU, prefill and
-  decode on the same GPU;
+- vLLM-like `fcfs`, FastGen/Sarathi-like `chunked-prefill` and the default `adaptive`: one
+  replica per GPU, prefill and decode on the same GPU;
+- `adaptive, disaggregated`: the default policy as DistServe deploys: one replica per pair, a
+  prefill GPU and a decode GPU;
 - DistServe-like `disagg-fcfs`: one replica per pair of GPUs, a prefill GPU and a decode GPU;
 - AlignedServe `aligned` and its ablations: one replica per pair, a decode GPU and a prefill GPU
   that also relays the next batch's KV from the host (GPU-Prefetch-For-GPU), with
@@ -41,7 +43,7 @@ bounds, not measurements. Each result carries its `dispatch` and `kernel`; with 
 report goes to `<out>`, with several each goes to `<out>/<NAME>/` (ratios are always
 against the baseline under the same dispatch). `--split-kv` is `--dispatch split`.
 
-**Variants** (`VARIANTS`): aligned, aligned without peer prefetch (`prefetch_route=direct`),
+**Variants** (`VARIANTS`): the default policy (adaptive) on single GPUs and disaggregated, aligned, aligned without peer prefetch (`prefetch_route=direct`),
 aligned without prefetch and without alignment (`fcfs-offload`, direct): the paper's two
 ablations, each removing one more mechanism; fcfs; disagg-fcfs; chunked-prefill.
 
@@ -115,6 +117,8 @@ class Variant:
 
 _PAIR = dict(helper_devices="cuda:1", prefill_device="cuda:1")
 VARIANTS = {v.label: v for v in (
+    Variant("adaptive (default)", "adaptive", 1),
+    Variant("adaptive, disaggregated", "adaptive", 2, dict(_PAIR)),
     Variant("aligned", "aligned", 2, dict(_PAIR, prefetch_route="auto")),
     Variant("aligned, no peer prefetch", "aligned", 2, dict(_PAIR, prefetch_route="direct")),
     Variant("aligned, no prefetch, no alignment", "fcfs-offload", 2, dict(_PAIR, prefetch_route="direct")),

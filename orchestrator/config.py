@@ -63,9 +63,16 @@ class ServeConfig:
     """Compute dtype override ("float32" / "bfloat16"); empty keeps the manifest's."""
     kv_blocks: int = 0
     """KV blocks on the decode device; 0 keeps the manifest's (sized by its memory budget)."""
-    policy: str = "aligned"
+    policy: str = "adaptive"
     """Scheduling policy, a name in the registry (`orchestrator/policies/__init__.py`).
-    "aligned": length-aligned batches from a host-memory KV pool (DESIGN.md §1): the running
+    "adaptive" (the default): continuous batching that prices each candidate batch with the
+    engine's fitted step cost (`EngineInfo.step_costs`): where a step costs batch x longest KV,
+    long prompts wait (at most max_wait_s / 2) while shorter ones run and then start together;
+    where it costs its real KV, every place is filled in arrival order (fcfs). KV for prompt +
+    max_tokens is granted on admission, so a started request is never parked or preempted;
+    batches decode longest first where the engine's kernel is order-sensitive. Without a fitted
+    step cost it is fcfs.
+    "aligned": the paper's policy, length-aligned batches from a host-memory KV pool (DESIGN.md §1): the running
     batch is refilled by nearest KV length and switched for a denser staged batch.
     "fcfs": continuous batching in arrival order, as vLLM and TensorRT-LLM's in-flight batcher
     do; KV for prompt + max_tokens is reserved on admission (no eviction), no host pool.

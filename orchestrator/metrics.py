@@ -10,6 +10,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from engines.base import CallTiming
+from orchestrator.core import Decision
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,13 @@ class IterationRecord:
     schedule_seconds: float = 0.0
     """Wall time (time.perf_counter, also under virtual time) the policy took to plan this
     iteration: the scheduler's own cost, reported apart from the engine's."""
+    decode_seconds: float = 0.0
+    """The decode step's own time (the engine's call), 0 without one."""
+    predicted_seconds: float | None = None
+    """The decode step's time as the policy predicted it from the engine's step cost (None: the
+    policy did not predict one)."""
+    decision: Decision | None = None
+    """Why the policy planned this iteration as it did (`Policy.decision`)."""
 
 
 @dataclass
@@ -98,4 +106,21 @@ class Metrics:
                 "device_blocks_used": recent[-1].device_blocks_used if n else 0,
                 "host_blocks_used": recent[-1].host_blocks_used if n else 0,
             },
+            "decision": _decision(recent),
         }
+
+
+def _decision(recent: list[IterationRecord]) -> dict | None:
+    """The policy's last decision, its predicted and measured step, and how well its step cost
+    predicted the recent steps (median of predicted / measured over those it predicted)."""
+    explained = [r for r in recent if r.decision is not None]
+    if not explained:
+        return None
+    last = explained[-1]
+    ratios = sorted(r.predicted_seconds / r.decode_seconds for r in recent
+                    if r.predicted_seconds is not None and r.decode_seconds > 0)
+    kinds = Counter(r.decision.kind for r in explained)
+    return {"kind": last.decision.kind, "reason": last.decision.reason,
+            "predicted_s": last.predicted_seconds, "measured_s": last.decode_seconds or None,
+            "predicted_over_measured": ratios[len(ratios) // 2] if ratios else None,
+            "kinds": dict(kinds)}

@@ -211,6 +211,7 @@ class RunLoop:
         prefill, decode = report.prefill, report.decode
         calls = [t for t in (prefill, decode) if t is not None]
         b = decode.num_seqs if decode else 0
+        decision = self.policy.decision
         self.metrics.record_iteration(IterationRecord(
             end=self.clock(),
             seconds=sum(t.seconds for t in calls) + report.bubble,
@@ -225,6 +226,9 @@ class RunLoop:
             host_blocks_used=self.engine.kv_blocks_used(HOST) if self._has_host else 0,
             transfer_bytes=report.transfer_bytes,
             schedule_seconds=self._schedule_seconds,
+            decode_seconds=decode.seconds if decode else 0.0,
+            predicted_seconds=decision.predicted_s if decision and decode else None,
+            decision=decision,
         ))
 
     def _run(self) -> None:

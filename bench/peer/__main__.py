@@ -1,7 +1,7 @@
 """vLLM's CPU build and AlignedServe side by side, driven by one client (`make bench-peer`).
 
     python -m bench.peer [--concurrency 1 8 32] [--rate 0.5] [--requests 32]
-        [--prompt-lengths 64 512 1500] [--output-len 128] [--aligned-policy aligned] ...
+        [--prompt-lengths 64 512 1500] [--output-len 128] [--aligned-policy adaptive] ...
 
 For each load (a concurrency cap, or a Poisson rate) the two servers take turns, the first one
 alternating from load to load; each is started fresh on free loopback ports, warmed up by the
@@ -38,6 +38,7 @@ RAW_DROP = ("generated_texts", "itls", "errors")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from orchestrator.config import ServeConfig
     from orchestrator.policies import REGISTRY
 
     p = argparse.ArgumentParser(prog="python -m bench.peer", description=__doc__.split("\n\n")[0],
@@ -55,8 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="prompts, their order and the Poisson arrivals")
     p.add_argument("--warmups", type=int, default=2, help="warm-up requests before each run (the client's own)")
     p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
-    p.add_argument("--aligned-policy", choices=sorted(REGISTRY), default="aligned",
-                   help="AlignedServe's scheduling policy (default aligned, as make serve)")
+    p.add_argument("--aligned-policy", choices=sorted(REGISTRY), default=ServeConfig().policy,
+                   help="AlignedServe's scheduling policy (default: the server's default, as make serve)")
     p.add_argument("--kv-gib", type=int, default=2,
                    help="KV cache of each server in GiB (vLLM takes whole GiB; AlignedServe the same bytes in "
                         "device blocks; default 2: 32 requests of 1,500 + 128 tokens fit)")

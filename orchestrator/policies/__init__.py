@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from orchestrator.policies.adaptive import AdaptivePolicy
 from orchestrator.policies.aligned import AlignedPolicy, FcfsOffloadPolicy
 from orchestrator.policies.base import PARTS, Needs, Policy
 from orchestrator.policies.chunked import ChunkedPrefillPolicy
@@ -24,9 +25,9 @@ __all__ = ["REGISTRY", "POLICIES", "PARTS", "Needs", "Policy", "make_policy", "u
 log = logging.getLogger("alignedserve.policies")
 
 REGISTRY: dict[str, type[Policy]] = {p.name: p for p in (
-    AlignedPolicy, FcfsPolicy, FcfsOffloadPolicy, DisaggFcfsPolicy, ChunkedPrefillPolicy)}
+    AdaptivePolicy, AlignedPolicy, FcfsPolicy, FcfsOffloadPolicy, DisaggFcfsPolicy, ChunkedPrefillPolicy)}
 POLICIES = tuple(REGISTRY)
-"""Every policy name, the default (aligned) first (as registered at import; `REGISTRY` is read
+"""Every policy name, the default (adaptive) first (as registered at import; `REGISTRY` is read
 afresh by config validation and `make_policy`)."""
 
 

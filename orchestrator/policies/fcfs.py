@@ -7,7 +7,7 @@ GUARANTEED_NO_EVICT), so a running request never has to be preempted.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 from orchestrator.core import Request, StepPlan
 from orchestrator.draft import Draft
@@ -27,13 +27,15 @@ class FcfsPolicy(Policy):
 
 
 def admit_in_order(draft: Draft, max_prefill_tokens: int, room: int,
-                   grants: Callable[[Request], list[tuple[str, int]]]) -> list[Request]:
-    """Admit waiting requests in strict arrival order while there is `room`, their prompts fit
-    `max_prefill_tokens` and every (tier, blocks) of `grants(request)` can be booked. The head of
-    the queue blocks those behind it, so no request can be overtaken forever by shorter ones."""
+                   grants: Callable[[Request], list[tuple[str, int]]],
+                   order: Iterable[Request] | None = None) -> list[Request]:
+    """Admit waiting requests in strict arrival order (or in `order`, waiting requests a policy
+    chose) while there is `room`, their prompts fit `max_prefill_tokens` and every (tier, blocks)
+    of `grants(request)` can be booked. The head of the queue blocks those behind it, so no
+    request can be overtaken forever by shorter ones."""
     admitted: list[Request] = []
     prompt_tokens = 0
-    for request in draft.waiting:
+    for request in draft.waiting if order is None else order:
         if len(admitted) >= room:
             break
         if admitted and prompt_tokens + request.prompt_len > max_prefill_tokens:

@@ -29,7 +29,7 @@ def info(host_blocks: int = 100, helpers: int = 0, chunk: bool = True, peer: boo
 
 
 def test_every_policy_declares_what_the_registry_reads():
-    assert POLICIES[0] == "aligned" and set(POLICIES) == set(REGISTRY)
+    assert POLICIES[0] == "adaptive" == ServeConfig().policy and set(POLICIES) == set(REGISTRY)
     for name, cls in REGISTRY.items():
         assert issubclass(cls, Policy) and cls.name == name and cls.summary
         assert cls.parts and cls.parts <= set(PARTS), name

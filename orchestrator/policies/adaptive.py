@@ -1,0 +1,151 @@
+"""Continuous batching that reads the engine's step cost: the default policy.
+
+What the measurements said (DESIGN.md §7): a decode step's attention costs its KV bytes on a
+kernel that splits long sequences, and batch size times the longest KV on one that does not
+(this project's padded torch path, FlashAttention-2 varlen on an H100: bench/results/
+decode_bubble-h100.log). Parking a request after its first token moves its wait into TPOT. So:
+
+- **A started request is never parked.** KV for its longest sequence (prompt + max_tokens) is
+  granted on admission, as fcfs and TensorRT-LLM's GUARANTEED_NO_EVICT do, so it is never
+  preempted; it decodes every iteration until it finishes. All waiting happens before the first
+  token (TTFT).
+- **Whom to start is decided by the predicted cost.** Each iteration with free places, the
+  policy considers caps M on the batch's longest KV: the running batch's longest, and each
+  longer prompt among the oldest waiting requests. For each, the batch it would run is the
+  running batch plus the waiting requests no longer than M, in arrival order, as many as there
+  are places; it predicts that step's seconds per token with the engine's step cost
+  (`EngineInfo.step_costs`, fitted per attention path) and starts the batch of the cheapest cap.
+  Where a step costs its real KV (a split kernel, this CPU's paged kernels), more members are
+  always cheaper per token and every place is filled in arrival order: fcfs. Where it costs
+  batch x longest KV, a long prompt waits while shorter ones run, and long prompts start
+  together, so their padding is shared.
+- **Held requests are bounded.** A request that has waited `max_wait_s / 2` is started ahead of
+  the others, whatever the cost says; requests that do not fit the device's KV wait in arrival
+  order as in fcfs (the head blocks the queue), so memory cannot starve a long one either.
+- **Decode order.** Where the engine says the order of a batch changes its step time
+  (`StepCost.order_matters`: a kernel that starts per-sequence work in launch order), the batch
+  decodes longest first.
+
+Without a step cost (an engine directory never profiled) it is fcfs. With `prefill_device` set
+(a helper device, the paper's prefill GPU) prompts are prefilled there while the decode device
+decodes, and their KV moves over the peer link, as disagg-fcfs does.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from orchestrator.core import Decision, Request, StepPlan
+from orchestrator.draft import Draft
+from orchestrator.policies.base import Policy
+from orchestrator.policies.fcfs import admit_in_order
+
+if TYPE_CHECKING:
+    from engines.base import EngineInfo
+    from orchestrator.config import ServeConfig
+
+CAPS = 16
+"""Most caps on the longest KV priced per iteration (quantiles of the candidates' lengths): the
+decision stays well under a millisecond with hundreds of requests waiting."""
+
+
+class AdaptivePolicy(Policy):
+    name = "adaptive"
+    summary = ("continuous batching that prices each batch with the engine's step cost: groups by KV "
+               "length where a step costs batch x longest KV, fills every place where it does not; "
+               "a started request is never parked")
+    parts = frozenset({"waiting", "running", "remote", "candidates"})
+    prefills_elsewhere = True
+
+    def __init__(self, info: EngineInfo, config: ServeConfig):
+        super().__init__(info, config)
+        self.cost = info.step_costs[0] if info.step_costs else None
+        """The step cost of the path the engine runs (None: not profiled; the policy is fcfs)."""
+        self.prefill_device = config.prefill_device or None
+
+    def schedule(self, draft: Draft) -> StepPlan:
+        for r in [c for c in draft.candidates if not draft.moving(c)]:
+            draft.promote(r)  # prefilled elsewhere, its KV landed: it joins the batch
+        room = self.config.max_batch_size - len(draft.running)
+        if self.prefill_device:  # places held by requests still prefilling or on their way
+            room -= len(draft.prefilling) + len(draft.candidates)
+        lengths = [r.kv_len for r in draft.running] + [r.prompt_len for r in draft.prefilling + tuple(draft.candidates)]
+        window = _oldest(draft, 2 * max(room, 0) + 32) if room > 0 else []
+        cap, held_reason = self._cap(lengths, window, room)
+        admitted = self._admit(draft, window, room, cap)
+        decode = draft.running
+        if self.cost is not None and self.cost.order_matters:
+            decode = sorted(decode, key=lambda r: r.kv_len, reverse=True)
+        self._explain(draft, decode, window, admitted, cap, held_reason)
+        return draft.plan(prefill=admitted, prefill_on=self.prefill_device, decode=decode)
+
+    # -- choosing the cap on the longest KV ---------------------------------------------------
+
+    def _cap(self, lengths: list[int], window: list[Request], room: int) -> tuple[int | None, str]:
+        """The cap on the longest KV that gives the cheapest step per token (None: no cap), and
+        a sentence on what it saves."""
+        if self.cost is None or room <= 0 or not window:
+            return None, ""
+        longest = max(lengths, default=0)
+        longer = sorted({r.prompt_len for r in window if r.prompt_len > longest})
+        if not longer:
+            return None, ""
+        if len(longer) > CAPS:
+            longer = [longer[(i * (len(longer) - 1)) // (CAPS - 1)] for i in range(CAPS)]
+        caps = ([longest] if lengths else []) + longer
+        best, best_cost, uncapped = None, float("inf"), None
+        for m in caps:
+            batch = lengths + [r.prompt_len for r in window if r.prompt_len <= m][:room]
+            per_token = self.cost.step_seconds(batch) / len(batch)
+            if per_token <= best_cost:  # ties: the larger cap, which starts more requests
+                best, best_cost = m, per_token
+            uncapped = per_token
+        if best == caps[-1]:
+            return None, ""
+        return best, (f"a batch capped at KV {best} costs {best_cost * 1e3:.2f} ms per token, "
+                      f"{uncapped * 1e3:.2f} with the longer prompts in it")
+
+    def _admit(self, draft: Draft, window: list[Request], room: int, cap: int | None) -> list[Request]:
+        """Start the requests under the cap in arrival order, those waiting max_wait_s / 2 first,
+        while places, the prefill budget and the device's KV allow (a full device holds the
+        queue: the oldest waits first, as in fcfs)."""
+        if room <= 0:
+            return []
+        overdue = [r for r in window if draft.now - r.arrival_time >= self.config.max_wait_s / 2]
+        first = set(overdue)  # Request compares by identity (eq=False)
+        rest = [r for r in window if r not in first and (cap is None or r.prompt_len <= cap)]
+        return admit_in_order(draft, self.config.max_prefill_tokens, room, self._grants, order=overdue + rest)
+
+    def _grants(self, r: Request) -> list[tuple[str, int]]:
+        """The longest KV on the decode device; the prompt on the prefill device, if any."""
+        grants = [(self.device, self.info.blocks_for(r.max_kv_len))]
+        if self.prefill_device:
+            grants.append((self.prefill_device, self.info.blocks_for(r.prompt_len)))
+        return grants
+
+    def _explain(self, draft: Draft, decode: list[Request], window: list[Request], admitted: list[Request],
+                 cap: int | None, held_reason: str) -> None:
+        predicted = self.cost.step_seconds([r.kv_len for r in decode]) if self.cost is not None and decode else None
+        if cap is not None:
+            started = set(admitted)
+            held = sum(1 for r in window if r.prompt_len > cap and r not in started)
+            self.decision = Decision("grouped", f"{held} longer prompts wait: {held_reason}", predicted)
+        elif admitted:
+            how = "no step cost fitted" if self.cost is None else "more members are cheaper per token"
+            self.decision = Decision("filled", f"started {len(admitted)} in arrival order ({how})", predicted)
+        elif decode:
+            why = "every place is taken" if len(draft.running) >= self.config.max_batch_size else (
+                "the device's KV is full" if len(draft.waiting) else "nothing is waiting")
+            self.decision = Decision("filled" if not len(draft.waiting) else "waiting",
+                                     f"decoding {len(decode)}; {why}", predicted)
+        else:
+            self.decision = Decision("idle", "nothing to decode", None)
+
+
+def _oldest(draft: Draft, k: int) -> list[Request]:
+    """The first k waiting requests in arrival order."""
+    out = []
+    for r in draft.waiting:
+        if len(out) >= k:
+            break
+        out.append(r)
+    return out
