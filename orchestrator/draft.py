@@ -95,7 +95,9 @@ class Draft:
         return None if rid is None else self._pool.get(rid)
 
     def densest_parked(self, kmin: int, block_budget: int, kmax: int) -> Window | None:
-        """The density-first search over the host pool (`LengthIndex.densest`)."""
+        """The density-first search over the host pool (`LengthIndex.densest`). Each parked
+        request counts the device blocks a load grants it (its longest KV), so `block_budget` is
+        in those blocks and a window found can be reserved if that many are free."""
         return self._pool.parked.densest(kmin, block_budget, kmax, exclude=self._left_host)
 
     def parked_around(self, request: Request, kmax: int, block_budget: int) -> Window:
@@ -104,6 +106,10 @@ class Draft:
 
     def can_reserve(self, tier: str, blocks: int) -> bool:
         return blocks <= self._ledger.free(tier) - self._booked.get(tier, 0)
+
+    def free(self, tier: str) -> int:
+        """Blocks of `tier` no one is granted, this plan's grants counted."""
+        return self._ledger.free(tier) - self._booked.get(tier, 0)
 
     def holds(self, request: Request) -> dict[str, int]:
         """Blocks the request is granted per tier, this plan's grants included."""

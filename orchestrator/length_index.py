@@ -5,13 +5,22 @@ A 4-ary count tree over lengths [1, 4**depth] (leaf i holds length i + 1; depth 
 how many pooled requests sit under every node, so insert, remove and update cost O(depth), and the
 nearest pooled length to a given one is found in O(4 * depth) by walking the tree.
 
-`densest(kmin, block_budget)` is the density-first search: among all sets of at least `kmin`
-pooled requests whose KV fits `block_budget` blocks, it returns one with the narrowest span of KV
-lengths. It is exact: the narrowest feasible set can always be taken as kmin requests consecutive
-in length order (the shortest kmin of any window have the smallest span and the fewest blocks),
-so it scans every such window at once over the distinct pooled lengths (vectorised; the prefix
-sums are cached until the pool changes), then widens the winner to every pooled request inside
-its span while the budget and `kmax` allow.
+Each request is indexed by its KV length and weighs the blocks it will be granted where it goes
+next (`insert(..., blocks=)`; by default its KV length's blocks). The request pool weighs a
+parked request by its longest possible KV, which is what the decode device grants it, so a window
+the search finds is a window that can be reserved.
+
+`densest(kmin, block_budget)` is the density-first search: among sets of at least `kmin` pooled
+requests whose weights fit `block_budget` blocks, it returns one with the narrowest span of KV
+lengths. It scans every window of kmin requests consecutive in length order at once, over the
+distinct pooled lengths (vectorised; the prefix sums are cached until the pool changes), then
+widens the winner to every pooled request inside its span, lightest first at each length, while
+the budget and `kmax` allow. A window counts all the requests of its inner lengths and, at its
+last length, the ones it takes at the weight of the heaviest there, so the blocks it counts never
+fall short of what its members are granted. When every request weighs its own length's blocks this
+is exact (the shortest kmin of any window have the smallest span and the fewest blocks); with
+other weights a feasible set that skips a heavy request in the middle of a span may be missed, the
+price of a search that stays one vectorised pass.
 
 Every query takes `exclude`: ids to treat as already gone. A policy planning an iteration picks
 several requests in turn (refills, then a staged batch) without touching the index; each query
@@ -59,7 +68,10 @@ class LengthIndex:
         # counts[d][i]: pooled requests whose length falls under node i of level d (0 = leaves).
         self.counts = [np.zeros(FANOUT ** (self.depth - d), dtype=np.int64) for d in range(self.depth + 1)]
         self._length: dict[str, int] = {}
-        self._bucket: dict[int, dict[str, None]] = {}  # length -> ids in insertion order
+        self._bucket: dict[int, dict[str, int]] = {}  # length -> {id: blocks} in insertion order
+        # Per leaf: the blocks its requests weigh together, and the heaviest one's.
+        self._weight = np.zeros(self.counts[0].size, dtype=np.int64)
+        self._heaviest = np.zeros(self.counts[0].size, dtype=np.int64)
         self._cache: tuple | None = None
 
     def __len__(self) -> int:
@@ -78,30 +90,45 @@ class LengthIndex:
     def blocks_for(self, length: int) -> int:
         return -(-length // self.block_size)
 
+    def blocks_of(self, request_id: str) -> int:
+        """The blocks the request weighs (`insert`'s `blocks`)."""
+        return self._bucket[self._length[request_id]][request_id]
+
     # ---- O(depth) updates -------------------------------------------------------------------
 
-    def insert(self, request_id: str, length: int) -> None:
+    def insert(self, request_id: str, length: int, blocks: int | None = None) -> None:
+        """Index a request of KV length `length` weighing `blocks` blocks in the searches (None:
+        `blocks_for(length)`)."""
         if request_id in self._length:
             raise KeyError(f"{request_id} is already indexed")
         if not 1 <= length <= self.max_len:
             raise ValueError(f"KV length {length} of {request_id} is outside [1, {self.max_len}]")
+        blocks = self.blocks_for(length) if blocks is None else blocks
+        if blocks < 0:
+            raise ValueError(f"{request_id} cannot weigh {blocks} blocks")
         self._length[request_id] = length
-        self._bucket.setdefault(length, {})[request_id] = None
+        self._bucket.setdefault(length, {})[request_id] = blocks
+        self._weight[length - 1] += blocks
+        self._heaviest[length - 1] = max(self._heaviest[length - 1], blocks)
         self._add(length, 1)
 
     def remove(self, request_id: str) -> int:
         """Take a request out; returns its length."""
         length = self._length.pop(request_id)
         bucket = self._bucket[length]
-        del bucket[request_id]
+        blocks = bucket.pop(request_id)
+        self._weight[length - 1] -= blocks
         if not bucket:
             del self._bucket[length]
+            self._heaviest[length - 1] = 0
+        elif blocks == self._heaviest[length - 1]:
+            self._heaviest[length - 1] = max(bucket.values())
         self._add(length, -1)
         return length
 
-    def update(self, request_id: str, length: int) -> None:
+    def update(self, request_id: str, length: int, blocks: int | None = None) -> None:
         self.remove(request_id)
-        self.insert(request_id, length)
+        self.insert(request_id, length, blocks)
 
     def _add(self, length: int, delta: int) -> None:
         i = length - 1
@@ -167,13 +194,13 @@ class LengthIndex:
 
     def densest(self, kmin: int, block_budget: int, kmax: int | None = None,
                 exclude: AbstractSet[str] = NONE) -> Window | None:
-        """The narrowest-span set of at least `kmin` pooled requests fitting `block_budget` KV
-        blocks (ties: the shorter lengths), widened to all requests inside that span while the
-        budget and `kmax` allow. None if no set of kmin requests fits."""
+        """The narrowest-span set of at least `kmin` pooled requests whose weights fit
+        `block_budget` blocks (ties: the shorter lengths), widened to all requests inside that
+        span while the budget and `kmax` allow. None if no window of kmin requests fits."""
         pooled = len(self._length) - sum(1 for rid in exclude if rid in self._length)
         if kmin < 1 or kmin > pooled:
             return None
-        lengths, counts, cum_n, cum_b = self._prefix(exclude)
+        lengths, heaviest, cum_n, cum_b = self._prefix(exclude)
         # Window starting at distinct length index a: the kmin requests from lengths[a] upwards.
         start_n = cum_n[:-1]
         end_at = np.searchsorted(cum_n, start_n + kmin, side="left")  # cum_n[end_at] >= start + kmin
@@ -181,7 +208,7 @@ class LengthIndex:
         a = np.flatnonzero(valid)
         z = end_at[valid] - 1  # index of the last distinct length in the window
         taken_last = start_n[a] + kmin - cum_n[z]
-        blocks = cum_b[z] - cum_b[a] + taken_last * self._blocks_of(lengths[z])
+        blocks = cum_b[z] - cum_b[a] + taken_last * heaviest[z]
         ok = blocks <= block_budget
         if not ok.any():
             return None
@@ -193,17 +220,16 @@ class LengthIndex:
 
     def around(self, request_id: str, kmax: int, block_budget: int, exclude: AbstractSet[str] = NONE) -> Window:
         """`request_id` and the pooled requests of nearest KV lengths, up to `kmax` requests
-        fitting `block_budget` blocks (the request itself always counts, even past the budget):
-        the batch the starvation guard builds around a request that waited too long."""
+        whose weights fit `block_budget` blocks (the request itself always counts, even past the
+        budget): the batch the starvation guard builds around a request that waited too long."""
         center = self._length[request_id]
         lengths = self._prefix(exclude)[0]
         left = right = int(np.searchsorted(lengths, center))
-        chosen, blocks, lo, hi = [request_id], self.blocks_for(center), center, center
+        chosen, blocks, lo, hi = [request_id], self.blocks_of(request_id), center, center
         j = left
         while len(chosen) < kmax:
             length = int(lengths[j])
-            per = self.blocks_for(length)
-            for rid in self._bucket[length]:
+            for rid, per in self._bucket[length].items():
                 if rid == request_id or rid in exclude:
                     continue
                 if len(chosen) >= kmax or blocks + per > block_budget:
@@ -229,8 +255,10 @@ class LengthIndex:
         blocks = 0
         for i in range(lo_i, hi_i + 1):
             length = int(lengths[i])
-            per = self.blocks_for(length)
-            for rid in self._bucket[length]:
+            bucket = self._bucket[length]
+            # Lightest first: the window's last length was counted at its heaviest request.
+            for rid in sorted(bucket, key=bucket.__getitem__):
+                per = bucket[rid]
                 if rid in exclude:
                     continue
                 if len(chosen) >= kmax or blocks + per > budget:
@@ -239,24 +267,27 @@ class LengthIndex:
                 blocks += per
         return Window(tuple(chosen), int(lengths[lo_i]), self._length[chosen[-1]], blocks)
 
-    def _blocks_of(self, lengths: np.ndarray) -> np.ndarray:
-        return -(-lengths // self.block_size)
-
     def _prefix(self, exclude: AbstractSet[str] = NONE):
-        """(distinct lengths, requests of each, prefix sums of requests and of blocks), cached
-        until the index changes; with `exclude`, the cached arrays less those requests."""
+        """(distinct lengths, the heaviest request's blocks at each, prefix sums of requests and
+        of blocks), cached until the index changes; with `exclude`, less those requests."""
         if self._cache is None:
             nonempty = np.flatnonzero(self.counts[0])
-            self._cache = self._sums(nonempty + 1, self.counts[0][nonempty])
-        gone = [self._length[rid] for rid in exclude if rid in self._length]
+            self._cache = self._sums(nonempty + 1, self.counts[0][nonempty], self._weight[nonempty],
+                                     self._heaviest[nonempty])
+        gone = [rid for rid in exclude if rid in self._length]
         if not gone:
-            return self._cache
-        lengths, counts = self._cache[0], self._cache[1].copy()
-        np.subtract.at(counts, np.searchsorted(lengths, gone), 1)
+            return self._cache[0], self._cache[3], self._cache[4], self._cache[5]
+        lengths, counts, weights, heaviest = self._cache[:4]
+        at = np.searchsorted(lengths, [self._length[rid] for rid in gone])
+        counts, weights = counts.copy(), weights.copy()
+        np.subtract.at(counts, at, 1)
+        np.subtract.at(weights, at, [self.blocks_of(rid) for rid in gone])
         kept = counts > 0
-        return self._sums(lengths[kept], counts[kept])
+        lengths, _, _, heaviest, cum_n, cum_b = self._sums(lengths[kept], counts[kept], weights[kept], heaviest[kept])
+        return lengths, heaviest, cum_n, cum_b
 
-    def _sums(self, lengths: np.ndarray, counts: np.ndarray):
+    @staticmethod
+    def _sums(lengths: np.ndarray, counts: np.ndarray, weights: np.ndarray, heaviest: np.ndarray):
         cum_n = np.concatenate(([0], np.cumsum(counts)))
-        cum_b = np.concatenate(([0], np.cumsum(counts * self._blocks_of(lengths))))
-        return lengths, counts, cum_n, cum_b
+        cum_b = np.concatenate(([0], np.cumsum(weights)))
+        return lengths, counts, weights, heaviest, cum_n, cum_b

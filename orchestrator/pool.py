@@ -103,7 +103,9 @@ class RequestPool:
     def on_host(self, request: Request, at: float | None = None) -> None:
         """Its KV arrived in the host pool (at time `at`, default now): it becomes a candidate
         for batches."""
-        self.parked.insert(request.id, request.kv_len)
+        # Weighed by the device blocks a load will grant it (its longest KV), so that the windows
+        # the density-first search finds can be reserved.
+        self.parked.insert(request.id, request.kv_len, self.parked.blocks_for(request.max_kv_len))
         self._seq += 1
         heapq.heappush(self._ages, (request.parked_since, self._seq, request.id))
         request.note(self.clock() if at is None else at, "parked", f"KV ({request.kv_len} tokens) in the host pool")

@@ -115,3 +115,49 @@ def test_bad_lengths_are_refused():
     idx.insert("a", 5)
     with pytest.raises(KeyError):
         idx.insert("a", 6)
+
+
+def brute_narrowest_weighted(lengths: list[int], weight: dict[int, int], kmin: int, budget: int) -> int | None:
+    """`brute_narrowest_span` with each length weighing `weight[length]` blocks."""
+    s = sorted(lengths)
+    spans = [s[i + kmin - 1] - s[i] for i in range(len(s) - kmin + 1) if sum(weight[x] for x in s[i:i + kmin]) <= budget]
+    return min(spans, default=None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=pools, extra=st.lists(st.integers(0, 40), min_size=80, max_size=80), kmin=st.integers(1, 12),
+       budget=st.integers(1, 800), kmax=st.integers(12, 40), by_length=st.booleans())
+def test_densest_counts_each_request_at_the_blocks_it_weighs(lengths, extra, kmin, budget, kmax, by_length):
+    # Weighed as the pool weighs a parked request: the blocks of its longest KV, which grows by
+    # its remaining tokens (`extra`, per request; with `by_length`, the same for every request of a
+    # length, where the search is exact).
+    idx = LengthIndex(max_len=700, block_size=BLOCK)
+    weigh = {}
+    for i, n in enumerate(lengths):
+        weigh[f"r{i}"] = -(-(n + extra[n % 80 if by_length else i]) // BLOCK)
+        idx.insert(f"r{i}", n, blocks=weigh[f"r{i}"])
+    got = idx.densest(kmin, budget, kmax)
+    if got is not None:  # a window found can be granted: its members' weights fit the budget
+        members = [idx.length_of(r) for r in got.request_ids]
+        assert kmin <= len(members) <= kmax and min(members) == got.lo and max(members) == got.hi
+        assert got.blocks == sum(weigh[r] for r in got.request_ids) <= budget
+    if by_length:
+        want = brute_narrowest_weighted(lengths, {n: -(-(n + extra[n % 80]) // BLOCK) for n in lengths}, kmin, budget)
+        assert (got is None) == (want is None) and (got is None or got.span == want)
+
+
+def test_a_window_is_sized_by_the_weights_not_the_lengths():
+    idx = LengthIndex(max_len=4096, block_size=BLOCK)
+    for i in range(10):
+        idx.insert(f"s{i}", 100, blocks=-(-(100 + 1000) // BLOCK))  # 100 tokens now, up to 1,100
+    # By KV length, ten fit 70 blocks (7 each); by their weights (69 each), one does.
+    assert idx.densest(2, 70) is None
+    assert idx.densest(1, 70, kmax=10).request_ids == ("s0",)
+    assert len(idx.densest(2, 69 * 4, kmax=10).request_ids) == 4
+    idx.insert("light", 99)  # 7 blocks
+    assert idx.densest(2, 69 + 7, kmax=10).request_ids == ("light", "s0")
+    # At one length the search counts the heaviest request's blocks for every place it takes
+    # (so a window found always fits); the widening then takes the lightest first.
+    idx.insert("light2", 100)
+    assert idx.densest(2, 69 + 7, kmax=10).request_ids == ("light", "light2")
+    assert idx.blocks_of("light") == 7 and idx.blocks_of("s3") == 69

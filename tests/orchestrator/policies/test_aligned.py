@@ -3,6 +3,8 @@ starvation guard, refill, admission, staging) sees the earlier passes' decisions
 while the pool itself stays untouched (`PoolState.plan` checks that)."""
 from __future__ import annotations
 
+from orchestrator.run_loop import apply_plan
+
 
 def test_a_fresh_prompt_joins_the_batch_when_it_fits_its_span_else_it_is_parked(state):
     running = state.running(100)
@@ -65,3 +67,34 @@ def test_fcfs_offload_refills_in_the_order_requests_were_parked(make_state):
     plan = state.plan(state.policy("fcfs-offload", max_batch_size=2))
     assert state.ids(plan.load) == [first.id, near.id] and state.ids(plan.stage) == [near.id]  # the rest: staged
     assert state.ids(state.plan(state.policy("aligned", max_batch_size=2)).load) == [near.id]
+
+
+def test_a_staged_window_is_sized_by_the_longest_kv_its_members_are_granted(make_state):
+    state = make_state(device_blocks=2000, host_blocks=4000)
+    [state.running(100 + 14 * i, max_tokens=16) for i in range(40)]  # misaligned: 100..646
+    # 300 tokens now, up to 300 + 400: 44 blocks each on the device, not the 20 of their KV.
+    parked = [state.parked(300, max_tokens=401) for _ in range(40)]
+    policy = state.policy("aligned", kmin=4)  # Bmax = 800 blocks: 18 of them, not 40
+    plan = state.plan(policy)
+    assert len(plan.stage) == 18 and set(state.ids(plan.stage)) <= set(state.ids(parked))
+    grants = state.grants(plan)
+    assert sum(grants[r.id]["cuda:0"] for r in plan.stage) == 18 * 44 <= policy.bmax
+    assert policy.decision.kind == "grouped" and "18 staged" in policy.decision.reason
+
+
+def test_the_guard_spills_a_member_to_make_room_for_an_overdue_request(make_state):
+    state = make_state(device_blocks=60)
+    state.now = 6.0
+    # 14 + 14 + 26 blocks at their longest KV: 6 free, and the overdue request needs 15.
+    members = [state.running(200, arrival=5.9) for _ in range(2)] + [state.running(400, arrival=5.9)]
+    state.parked(210, since=0.0)
+    policy = state.policy("aligned", max_wait_s=10)
+    plan = state.plan(policy)
+    # The member farthest from the median length goes to the host; the overdue request loads
+    # once its blocks are free (next iteration), and nobody else is spilled for it meanwhile.
+    assert state.ids(plan.offload) == [members[2].id] and plan.load == ()
+    assert policy.decision.kind == "preempted"
+    assert state.grants(plan)[members[2].id] == {"host": 25}  # its KV, 400 tokens
+    apply_plan(plan, state.pool, state.ledger, state.now, state.device)  # its move starts
+    state.now = 6.1
+    assert state.plan(policy).offload == ()  # room is on its way: nobody else is spilled for it
