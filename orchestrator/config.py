@@ -108,8 +108,13 @@ class ServeConfig:
     bmax_fraction: float = 0.4
     """Most of the decode device's KV blocks one staged batch may take (Bmax), in (0, 1)."""
     max_wait_s: float = 10.0
-    """Starvation guard: no parked request waits longer than this before it decodes again.
-    From half of it on, the request is loaded and swapped into the running batch."""
+    """Starvation bounds. "aligned": no started request waits longer than this between two
+    tokens (plus one decode step and one transfer). From half of it on, a parked request is
+    loaded and joins the running batch, running members spilling to the host where the device
+    cannot grant it; from a quarter of it on, no fresh request is parked (it waits in the queue:
+    TTFT). The bound needs host blocks for those spills: with the host pool full it can be
+    exceeded. "adaptive": a waiting request held back by the step cost starts once it has waited
+    half of this, ahead of the others (its TTFT); a started request is never parked."""
     align_tolerance: float = 0.125
     """A fresh request joins the running batch if its prompt length is within this fraction
     of the batch's KV-length span; otherwise its KV is parked in the host pool."""

@@ -11,14 +11,16 @@ decode_bubble-h100.log). Parking a request after its first token moves its wait 
   token (TTFT).
 - **Whom to start is decided by the predicted cost.** Each iteration with free places, the
   policy considers caps M on the batch's longest KV: the running batch's longest, and each
-  longer prompt among the oldest waiting requests. For each, the batch it would run is the
-  running batch plus the waiting requests no longer than M, in arrival order, as many as there
-  are places; it predicts that step's seconds per token with the engine's step cost
-  (`EngineInfo.step_costs`, fitted per attention path) and starts the batch of the cheapest cap.
-  Where a step costs its real KV (a split kernel, this CPU's paged kernels), more members are
-  always cheaper per token and every place is filled in arrival order: fcfs. Where it costs
-  batch x longest KV, a long prompt waits while shorter ones run, and long prompts start
-  together, so their padding is shared.
+  longer prompt among the oldest waiting requests. A cap splits the waiting requests into those
+  that start now with the running batch (no longer than M, in arrival order, as many as there
+  are places) and the longer ones, held to run later as a batch of their own. It prices both
+  steps with the engine's step cost (`EngineInfo.step_costs`, fitted per attention path) and
+  keeps the cap of the lowest seconds per token; no cap at all is the fcfs batch. Holding wins
+  only where the longer prompts' padding of everyone's step costs more than a whole step of
+  their own: on a kernel whose step costs batch x longest KV (this project's padded path), not
+  where a step is a weight read plus its real KV (a split kernel, this CPU's paged kernels, a
+  no-split GPU kernel whose long sequences run beside the others): there every place is filled
+  in arrival order, as fcfs does. Held long prompts then start together, sharing their padding.
 - **Held requests are bounded.** A request that has waited `max_wait_s / 2` is started ahead of
   the others, whatever the cost says; requests that do not fit the device's KV wait in arrival
   order as in fcfs (the head blocks the queue), so memory cannot starve a long one either.
@@ -81,8 +83,13 @@ class AdaptivePolicy(Policy):
     # -- choosing the cap on the longest KV ---------------------------------------------------
 
     def _cap(self, lengths: list[int], window: list[Request], room: int) -> tuple[int | None, str]:
-        """The cap on the longest KV that gives the cheapest step per token (None: no cap), and
-        a sentence on what it saves."""
+        """The cap on the longest KV to start requests under (None: no cap), and a sentence on
+        what it saves. A cap m splits the oldest waiting requests into those that start now, with
+        the running batch (S), and the longer ones held (H); its price is what running S now and
+        H later as a batch of their own costs per token, t(S) + t(H) over |S| + |H|, against t of
+        everyone together. So holding wins only where the longer prompts' padding of the batch
+        costs more than a step of their own: a step costing batch x longest KV, not a weight
+        read or a split kernel's real KV."""
         if self.cost is None or room <= 0 or not window:
             return None, ""
         longest = max(lengths, default=0)
@@ -92,17 +99,18 @@ class AdaptivePolicy(Policy):
         if len(longer) > CAPS:
             longer = [longer[(i * (len(longer) - 1)) // (CAPS - 1)] for i in range(CAPS)]
         caps = ([longest] if lengths else []) + longer
-        best, best_cost, uncapped = None, float("inf"), None
+        best, best_cost, together = None, float("inf"), 0.0
         for m in caps:
-            batch = lengths + [r.prompt_len for r in window if r.prompt_len <= m][:room]
-            per_token = self.cost.step_seconds(batch) / len(batch)
-            if per_token <= best_cost:  # ties: the larger cap, which starts more requests
+            start = lengths + [r.prompt_len for r in window if r.prompt_len <= m][:room]
+            held = [r.prompt_len for r in window if r.prompt_len > m][:room]
+            per_token = (self.cost.step_seconds(start) + self.cost.step_seconds(held)) / (len(start) + len(held))
+            if per_token <= best_cost:  # ties: the larger cap, which holds fewer
                 best, best_cost = m, per_token
-            uncapped = per_token
+            together = per_token
         if best == caps[-1]:
             return None, ""
-        return best, (f"a batch capped at KV {best} costs {best_cost * 1e3:.2f} ms per token, "
-                      f"{uncapped * 1e3:.2f} with the longer prompts in it")
+        return best, (f"starting those up to KV {best} now and the longer ones as a batch of their own costs "
+                      f"{best_cost * 1e3:.2f} ms per token, {together * 1e3:.2f} all together")
 
     def _admit(self, draft: Draft, window: list[Request], room: int, cap: int | None) -> list[Request]:
         """Start the requests under the cap in arrival order, those waiting max_wait_s / 2 first,
