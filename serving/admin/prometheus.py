@@ -53,6 +53,18 @@ class _StateCollector:
                     "iterations (1 = every member of a batch has the same KV length).",
                     totals["recent"]["alignment"])
         yield gauge("draining", "1 while an operator has stopped admission (drain), else 0.", float(snap.draining))
+        decision = totals.get("decision") or {}
+        if decision.get("measured_s") is not None:
+            yield gauge("decode_step_seconds", "The last decode step's measured time.", decision["measured_s"])
+        if decision.get("predicted_s") is not None:
+            yield gauge("decode_step_predicted_seconds", "The last decode step's time as the policy predicted it "
+                        "from the engine's step cost.", decision["predicted_s"])
+        decisions = GaugeMetricFamily("alignedserve_policy_decisions_recent",
+                                      "The policy's decisions over the last 256 decode iterations, by kind "
+                                      "(filled, grouped, switched, preempted, waiting).", labels=["kind"])
+        for kind, n in decision.get("kinds", {}).items():
+            decisions.add_metric([kind], n)
+        yield decisions
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(f"alignedserve_{name}", doc, value=value)

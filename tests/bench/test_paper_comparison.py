@@ -1,7 +1,8 @@
 """The paper-comparison table computes each claim's ratio from matching runs only."""
 from __future__ import annotations
 
-from bench.paper_comparison import ALIGNED, DISAGG, FCFS, NO_ALIGNMENT, NO_PREFETCH, paper_table
+from bench.paper_comparison import (ALIGNED, DEFAULT, DEFAULT_DISAGG, DISAGG, FCFS, NO_ALIGNMENT, NO_PREFETCH,
+                                    paper_table)
 
 
 def run(variant, workload, load, decode, output, tpot99):
@@ -31,3 +32,17 @@ def test_ratios_best_case_and_median():
     assert row(table, "ablation: no peer prefetch")[2].startswith("-10.0%")
     assert row(table, "ablation: then no alignment")[2].startswith("-50.0%")
     assert row(table, "throughput vs vLLM, synthetic")[4] == "0"  # no synthetic runs: no points
+
+
+def test_the_default_policy_in_its_counterpart_deployment():
+    results = [
+        run(FCFS, "azure-conv", 1.0, 100, 100, 0.03), run(DISAGG, "azure-conv", 1.0, 190, 95, 0.06),
+        run(DEFAULT, "azure-conv", 1.0, 110, 104, 0.02), run(DEFAULT_DISAGG, "azure-conv", 1.0, 210, 90, 0.05),
+    ]
+    table = paper_table(results)
+    decode = row(table, "decode throughput vs vLLM")  # per decode GPU: the disaggregated deployment
+    assert decode[6].startswith("2.10x") and decode[8] == "1" and decode[4] == "0"
+    output = row(table, "output throughput vs vLLM, same 8 GPUs")  # same GPUs: one replica per GPU
+    assert output[6].startswith("1.04x")
+    assert row(table, "P99 TPOT vs DistServe, Azure traces")[6].startswith("3.00x")  # 0.06 / 0.02
+    assert row(table, "ablation: no peer prefetch")[8] == "-"  # a mechanism of aligned only

@@ -12,6 +12,7 @@ from bench.peer import machine
 from bench.peer.__main__ import bench_command, loads, parse_args
 from bench.peer.prompts import make_prompts, write_jsonl
 from bench.peer.results import Load, Row, figures, markdown, ratios
+from orchestrator.config import ServeConfig
 from serving.tokenizer import load_tokenizer
 
 RECORDED = Path(__file__).parent / "data" / "vllm_bench_serve_result.json"
@@ -41,7 +42,7 @@ def args(engine, vllm_venv, *extra):
 def test_defaults_are_the_issues_workload(engine, vllm_venv):
     a = args(engine, vllm_venv)
     assert (a.concurrency, a.requests, a.prompt_lengths, a.output_len) == ([1, 8, 32], 32, [64, 512, 1500], 128)
-    assert a.aligned_policy == "aligned" and a.servers == ["vllm", "aligned"] and a.floor
+    assert a.aligned_policy == "adaptive" == ServeConfig().policy and a.servers == ["vllm", "aligned"] and a.floor
     assert [x.label for x in loads(args(engine, vllm_venv, "--concurrency", "4", "--rate", "0.5"))] == [
         "concurrency 4", "Poisson 0.5 req/s"]
 

@@ -39,12 +39,17 @@ def sim_engine(helpers: int):
 
 
 SETUPS = {  # name: (engine, config)
+    "adaptive": ("one", dict(policy="adaptive")),
     "fcfs": ("one", dict(policy="fcfs")),
     "aligned": ("one", dict(policy="aligned")),
     "fcfs-offload": ("one", dict(policy="fcfs-offload")),
     "aligned-via-helper": ("two", dict(policy="aligned", helper_devices="cpu:1", prefetch_route="helper")),
     # The same books on the virtual-time engine, and the baselines that need it or a helper.
     "sim-fcfs": ("sim", dict(policy="fcfs")),
+    # The sim engine reports a step cost: adaptive prices its batches there.
+    "sim-adaptive": ("sim", dict(policy="adaptive")),
+    "sim-adaptive-prefill-on-helper": ("sim2", dict(policy="adaptive", helper_devices="cuda:1",
+                                                    prefill_device="cuda:1")),
     "sim-aligned": ("sim", dict(policy="aligned")),
     "sim-aligned-via-helper": ("sim2", dict(policy="aligned", helper_devices="cuda:1", prefetch_route="helper")),
     "sim-aligned-prefill-on-helper": ("sim2", dict(policy="aligned", helper_devices="cuda:1",

@@ -39,7 +39,7 @@ def test_manifest_fills_the_model_limits():
 @pytest.mark.parametrize("env, words", [
     ({"ALIGNED_MAX_BATCH_SIZE": "lots"}, "ALIGNED_MAX_BATCH_SIZE: max_batch_size must be int, got 'lots'"),
     ({"ALIGNED_MAX_BATCH_SIZE": "0"}, "max_batch_size: must be >= 1, got 0"),
-    ({"ALIGNED_POLICY": "random"}, "policy: 'random' is not one of aligned, fcfs, fcfs-offload"),
+    ({"ALIGNED_POLICY": "random"}, "policy: 'random' is not one of adaptive, aligned, fcfs, fcfs-offload"),
     ({"ALIGNED_DTYPE": "int4"}, "dtype: 'int4' is not float32 or bfloat16"),
     ({"ALIGNED_NO_SUCH_THING": "1"}, "unknown setting 'no_such_thing'"),
 ])

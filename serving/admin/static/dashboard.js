@@ -109,6 +109,39 @@ function drawSeries() {
 
 // ---- panels ---------------------------------------------------------------------------------
 
+function drawDecision(d) {
+  // Why the policy planned its last iteration as it did (filled, grouped, switched, preempted,
+  // waiting), and the decode step it predicted from the engine's step cost beside the measured one.
+  const el = document.getElementById("decision");
+  el.dataset.kind = d ? d.kind : "";
+  if (!d) {
+    el.className = "muted";
+    el.textContent = "no decision yet (nothing decoded, or the policy explains none)";
+    return;
+  }
+  const ms = x => (x === null || x === undefined) ? "-" : (1000 * x).toFixed(1);
+  const ratio = d.predicted_over_measured === null ? "-" : d.predicted_over_measured.toFixed(2);
+  el.className = "";
+  const head = document.createElement("div");
+  const kind = document.createElement("span");
+  kind.className = "badge";
+  kind.textContent = d.kind;
+  const reason = document.createElement("span");
+  reason.id = "decision-reason";
+  reason.textContent = " " + d.reason;
+  head.append(kind, reason);
+  const step = document.createElement("div");
+  step.id = "decision-step";
+  step.dataset.predicted = d.predicted_s === null ? "" : d.predicted_s;
+  step.dataset.measured = d.measured_s === null ? "" : d.measured_s;
+  step.textContent = `decode step: predicted ${ms(d.predicted_s)} ms, measured ${ms(d.measured_s)} ms ` +
+    `(recent predicted / measured, median: ${ratio})`;
+  const kinds = document.createElement("div");
+  kinds.className = "muted";
+  kinds.textContent = Object.entries(d.kinds).map(([k, v]) => `${k} ${v}`).join(", ") + " in the last 256 decode iterations";
+  el.replaceChildren(head, step, kinds);
+}
+
 function drawState(state) {
   lastState = state;
   document.getElementById("policy").textContent = state.policy;
@@ -122,6 +155,7 @@ function drawState(state) {
     div.innerHTML = `<b>${v}</b><span>${k}</span>`;
     return div;
   }));
+  drawDecision(state.totals.decision);
   histogram(document.getElementById("kv-histogram"), state.kv_histogram, state.running_span, state.staged_span);
   const tiers = document.getElementById("tiers");
   tiers.replaceChildren(...Object.entries(state.kv_blocks).map(([tier, b]) => {

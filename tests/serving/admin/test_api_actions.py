@@ -42,7 +42,7 @@ def submit(orch: Orchestrator, prompt, max_tokens: int = 10) -> TokenStream:
 
 @pytest.fixture
 def orch(engine):
-    o = Orchestrator(engine, ServeConfig(max_batch_size=3, kmin=2))
+    o = Orchestrator(engine, ServeConfig(policy="aligned", max_batch_size=3, kmin=2))
     yield o
     run_until_idle(o)  # a step-driven orchestrator: finish everything so the engine is clean
     assert engine.kv_blocks_used("cpu") == 0 and o.ledger.holders == 0
@@ -117,7 +117,7 @@ def test_cancel_ends_the_request_as_cancelled(orch):
 
 
 def test_policy_switch_at_runtime_on_the_run_loop_thread(engine):
-    orch = Orchestrator(engine, ServeConfig(max_batch_size=3, kmin=2))
+    orch = Orchestrator(engine, ServeConfig(policy="aligned", max_batch_size=3, kmin=2))
     with orch, TestClient(create_app(orch, token=TOKEN)) as client:
         first = [submit(orch, p, max_tokens=16) for p in PROMPTS]
         r = client.post("/api/policy", json={"policy": "fcfs-offload"}, headers=AUTH)

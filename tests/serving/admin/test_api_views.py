@@ -48,7 +48,7 @@ def run_until_idle(orch: Orchestrator, max_steps: int = 20_000) -> None:
 
 
 def test_state_shows_the_pool_as_it_is(engine):
-    orch = Orchestrator(engine, ServeConfig(max_batch_size=3, kmin=2))
+    orch = Orchestrator(engine, ServeConfig(policy="aligned", max_batch_size=3, kmin=2))
     submit_all(orch)
     pool = orch.loop.pool
     # Step until the running batch decodes and the host pool holds requests.
@@ -95,7 +95,7 @@ def test_state_shows_the_pool_as_it_is(engine):
 
 
 def test_request_table_and_history(engine):
-    orch = Orchestrator(engine, ServeConfig(max_batch_size=3, kmin=2))
+    orch = Orchestrator(engine, ServeConfig(policy="aligned", max_batch_size=3, kmin=2))
     streams = submit_all(orch)
     run_until_idle(orch)
     with TestClient(create_app(orch, token=None)) as client:
@@ -125,7 +125,7 @@ def test_request_table_and_history(engine):
 
 
 def test_timeseries_after_traffic(engine, wait_for):
-    orch = Orchestrator(engine, ServeConfig(max_batch_size=3, kmin=2))
+    orch = Orchestrator(engine, ServeConfig(policy="aligned", max_batch_size=3, kmin=2))
     with orch, TestClient(create_app(orch, token=None)) as client:
         streams = submit_all(orch)
         for s in streams:
@@ -152,7 +152,7 @@ def test_timeseries_after_traffic(engine, wait_for):
 
 
 def test_prometheus_metrics_after_requests(engine):
-    orch = Orchestrator(engine, ServeConfig(max_batch_size=3, kmin=2))
+    orch = Orchestrator(engine, ServeConfig(policy="aligned", max_batch_size=3, kmin=2))
     submit_all(orch)
     run_until_idle(orch)
     with TestClient(create_app(orch, token=None)) as client:
@@ -210,7 +210,7 @@ def test_policies_list_the_registry_and_what_this_engine_can_run(engine, demo_en
     with TestClient(create_app(orch, token=None)) as client:
         body = client.get("/api/policies").json()
     assert body["current"] == "fcfs-offload"
-    assert [p["name"] for p in body["policies"]] == list(REGISTRY)  # the default (aligned) first
+    assert [p["name"] for p in body["policies"]] == list(REGISTRY)  # the default (adaptive) first
     for p in body["policies"]:
         assert p["summary"] == REGISTRY[p["name"]].summary
         assert p["reason"] == unavailable(p["name"], orch.info) and p["available"] is (p["reason"] is None)
@@ -221,7 +221,7 @@ def test_policies_list_the_registry_and_what_this_engine_can_run(engine, demo_en
     # Without a host pool, fcfs-offload cannot run; aligned can, as its fallback fcfs.
     bare = load_engine(demo_engine_dir, device="cpu", kv_blocks=48, host_kv_blocks=0)
     try:
-        with TestClient(create_app(Orchestrator(bare, ServeConfig()), token=None)) as client:
+        with TestClient(create_app(Orchestrator(bare, ServeConfig(policy="aligned")), token=None)) as client:
             body = client.get("/api/policies").json()
     finally:
         bare.close()

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from engines.base import StepCost
 from engines.loader import load_engine
+from engines.manifest import read_manifest
+from engines.torch.attention import ATTENTION_PATHS
+from engines.torch.step_cost import write_step_costs
 from orchestrator.config import ServeConfig
 from orchestrator.core import RequestRejected
 from orchestrator.policies import REGISTRY, unavailable
@@ -24,11 +28,17 @@ TOKEN = "test-token-123"
 
 
 @pytest.fixture(scope="module")
-def served(demo_engine_dir):
+def served(demo_engine_dir, tmp_path_factory):
     """An orchestrator (aligned, host pool) with its run loop thread and the admin server, and a
-    load generator thread submitting requests until the module's tests are done."""
-    engine = load_engine(demo_engine_dir, device="cpu", kv_blocks=48, host_kv_blocks=200)
-    orch = Orchestrator(engine, ServeConfig(max_batch_size=6, kmin=2, admin_token=TOKEN)).start()
+    load generator thread submitting requests until the module's tests are done. The engine
+    directory carries a step cost (as `bench.step_cost_profile` writes one), so the policy
+    predicts each decode step."""
+    engine_dir = tmp_path_factory.mktemp("costed") / "demo"
+    shutil.copytree(demo_engine_dir, engine_dir)
+    write_step_costs(engine_dir, "cpu", read_manifest(engine_dir).dtype,
+                     [StepCost(path, fixed=1e-3, per_seq=1e-4, padded_kv=0.0, kv=1e-7) for path in ATTENTION_PATHS])
+    engine = load_engine(engine_dir, device="cpu", kv_blocks=48, host_kv_blocks=200)
+    orch = Orchestrator(engine, ServeConfig(policy="aligned", max_batch_size=6, kmin=2, admin_token=TOKEN)).start()
     server = AdminServer(orch, host="127.0.0.1", port=0, token=TOKEN)
     server.start()
     stop = threading.Event()
@@ -96,6 +106,16 @@ def test_the_page_shows_live_data(served, browser, wait_for):
     wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#requests-table tbody tr"), what="request rows")
     gpu = wait_for(lambda: browser.find_element(By.ID, "gpu-panel").get_attribute("data-available"), what="gpu panel")
     assert gpu == "false" and "NVIDIA" in browser.find_element(By.ID, "gpu-panel").text
+    # The scheduler's last decision, why, and its predicted decode step beside the measured one.
+    # The panel is redrawn on every update: read it in one script, not through stale elements.
+    read = ("const s = document.getElementById('decision-step'), r = document.getElementById('decision-reason');"
+            "return s && r ? [document.getElementById('decision').dataset.kind, r.textContent,"
+            " s.dataset.predicted, s.dataset.measured] : null;")
+    kind, reason, predicted, measured = wait_for(
+        lambda: (lambda v: v if v and v[2] and v[3] else None)(browser.execute_script(read)),
+        what="a decision with a predicted and a measured step")
+    assert kind in {"filled", "grouped", "switched", "preempted", "waiting"} and reason.strip()
+    assert float(predicted) > 0 and float(measured) > 0
     counts = {e.get_attribute("data-state") for e in browser.find_elements(By.CSS_SELECTOR, "#counts .count")}
     assert {"waiting", "running", "parked"} <= counts
     ARTIFACTS.mkdir(exist_ok=True)

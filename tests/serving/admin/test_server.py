@@ -28,7 +28,7 @@ def engine(demo_engine_dir):
 @pytest.fixture
 def served(engine):
     """An orchestrator with its run loop thread, and its admin server on a free port."""
-    orch = Orchestrator(engine, ServeConfig(max_batch_size=3, kmin=2)).start()
+    orch = Orchestrator(engine, ServeConfig(policy="aligned", max_batch_size=3, kmin=2)).start()
     server = AdminServer(orch, host="127.0.0.1", port=0, token=TOKEN).start()
     yield orch, server
     server.stop()
