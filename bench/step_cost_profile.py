@@ -1,7 +1,7 @@
 """Fit the torch engine's decode-step cost on each attention path and store it in the engine dir.
 
-    python -m bench.step_cost_profile --engine-dir engines_built/smollm2 [--dtype bfloat16]
-        [--paths varlen padded] [--max-batch 32] [--max-seq-len 2048] [--reps 4]
+    python -m bench.step_cost_profile --engine-dir engines_built/smollm2 [--device cpu|cuda:0]
+        [--dtype bfloat16] [--paths varlen padded] [--max-batch 32] [--max-seq-len 2048] [--reps 4]
 
 For each path, the engine is opened on that path and `bench.step_cost.calibrate` times decode
 steps over batches built so that B, B x max_kv and sum_kv vary independently (one-length
@@ -59,8 +59,10 @@ def mixed_step_seconds(engine: TorchEngine, reps: int) -> tuple[float, CallTimin
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine-dir", type=Path, required=True)
+    p.add_argument("--device", default="cpu", help="the device to fit on (cpu, cuda:N); fits are kept per device type")
     p.add_argument("--dtype", default=None, help="default: the manifest's")
-    p.add_argument("--paths", nargs="+", default=list(ATTENTION_PATHS), choices=list(ATTENTION_PATHS))
+    p.add_argument("--paths", nargs="+", default=None, choices=list(ATTENTION_PATHS),
+                   help="default: every path the device runs (\"paged\" on a CPU only)")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-seq-len", type=int, default=2048,
                    help="longest KV of the calibration (mid-length sequences are half of it)")
@@ -69,11 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     manifest = read_manifest(a.engine_dir)
     dtype = a.dtype or manifest.dtype
-    stamp = (f"{platform.machine()} {os.cpu_count()} CPUs, cpu, {dtype}, {torch.get_num_threads()} threads, "
+    kind = torch.device(a.device).type
+    where = torch.cuda.get_device_name(torch.device(a.device)) if kind == "cuda" else f"{torch.get_num_threads()} threads"
+    stamp = (f"{platform.machine()} {os.cpu_count()} CPUs, {a.device} ({where}), {dtype}, "
              f"torch {torch.__version__}, {date.today().isoformat()}")
+    paths = a.paths or [p for p in ATTENTION_PATHS if kind == "cpu" or p != "paged"]
     fits, report = [], []
-    for path in a.paths:
-        engine = TorchEngine.from_engine_dir(a.engine_dir, manifest, device="cpu", dtype=dtype, host_kv_blocks=0,
+    for path in paths:
+        engine = TorchEngine.from_engine_dir(a.engine_dir, manifest, device=a.device, dtype=dtype, host_kv_blocks=0,
                                              attention=path, kv_blocks=a.max_batch * -(-a.max_seq_len // 16) // 2)
         t0, load = time.monotonic(), os.getloadavg()[0]
         timings = calibrate(_Limited(engine, a.max_seq_len), a.max_batch, a.reps)
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             row.update(mixed_step_s=step, mixed_step_predicted_s=sum(terms),
                        mixed_step_padding_share=terms[2] / sum(terms), mixed_step_kv_share=terms[3] / sum(terms))
         report.append(row)
-    profile = write_step_costs(a.engine_dir, "cpu", dtype, fits)
+    profile = write_step_costs(a.engine_dir, kind, dtype, fits)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"command": "python -m bench.step_cost_profile " + " ".join(
         sys.argv[1:] if argv is None else argv), "fitted_on": stamp, "paths": report}, indent=2) + "\n")

@@ -86,6 +86,13 @@ class ServeConfig:
     "chunked-prefill": fcfs where prompts are prefilled in chunks inside the decode steps, each
     step carrying at most `chunk_tokens` tokens (DeepSpeed-FastGen's Dynamic SplitFuse,
     Sarathi-Serve); needs an engine that can (can_chunk_prefill)."""
+    adaptive_chunks: str = "auto"
+    """"adaptive": prefill prompts in chunks inside the decode steps (at most chunk_tokens tokens a
+    step, as Sarathi-Serve does), so no whole prompt stalls the running batch's tokens. "auto":
+    where the engine can and its step cost says a chunk rides on the step's weight read (a step
+    of chunk_tokens tokens costs at most twice a step of one: a GPU's memory-bound decode, not
+    this CPU's compute-bound one); "on": wherever the engine can; "off": whole prompts between
+    decode steps, max_prefill_tokens a call, as fcfs. Ignored with a prefill_device."""
     max_batch_size: int = 64
     """Most requests decoding together in one iteration."""
     max_prefill_tokens: int = 4096
@@ -167,6 +174,8 @@ class ServeConfig:
                 raise ConfigError(f"{name}: must be >= 0 (0 = from the manifest), got {getattr(self, name)}")
         if not 0 < self.bmax_fraction < 1:
             raise ConfigError(f"bmax_fraction: must be in (0, 1), got {self.bmax_fraction}")
+        if self.adaptive_chunks not in ("auto", "on", "off"):
+            raise ConfigError(f"adaptive_chunks: must be auto, on or off, got {self.adaptive_chunks!r}")
         for name in ("max_wait_s", "align_tolerance", "switch_margin", "min_batch_iterations"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")

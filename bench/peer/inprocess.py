@@ -1,7 +1,7 @@
 """The peer benchmark's workload through the orchestrator in this process: policies side by side.
 
     python -m bench.peer.inprocess [--engine-dir engines_built/smollm2] [--policy fcfs adaptive aligned]
-        [--attention auto|paged|varlen|padded] [--requests 32] [--concurrency 0] [--repeats 1]
+        [--device cpu] [--attention auto|paged|varlen|padded] [--requests 32] [--concurrency 0] [--repeats 1]
         [--output-len 128] [--out bench/results/inprocess.json]
 
 The same prompts as `python -m bench.peer` (real text, 64/512/1,500 tokens, seeded; 128 output
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-dir", type=Path, default=Path("engines_built/smollm2"))
     p.add_argument("--policy", nargs="+", default=["fcfs", "adaptive", "aligned"],
                    help="policies to run; the first is the baseline of the ratios")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     p.add_argument("--attention", default=None, choices=["auto", *ATTENTION_PATHS],
                    help="the torch engine's attention path (default: the engine directory's)")
     p.add_argument("--requests", type=int, default=32)
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [tokenizer.encode(x.text).ids for x in make_prompts(tokenizer, a.prompt_lengths, a.requests, a.seed)]
     manifest = read_manifest(a.engine_dir)
     # As bench.peer's server loads it: the manifest's dtype and host pool, kv_gib of device blocks.
-    engine = TorchEngine.from_engine_dir(a.engine_dir, manifest, device="cpu", attention=a.attention,
+    engine = TorchEngine.from_engine_dir(a.engine_dir, manifest, device=a.device, attention=a.attention,
                                          kv_blocks=a.kv_gib * 2**30 // manifest.bytes_per_block)
     info = engine.describe()
     cost = info.step_costs[0] if info.step_costs else None

@@ -11,6 +11,8 @@ gives its first token, and the request decodes from the next step.
 """
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 from orchestrator.core import Request, StepPlan
 from orchestrator.draft import Draft
 from orchestrator.policies.base import Needs, Policy
@@ -23,27 +25,46 @@ class ChunkedPrefillPolicy(Policy):
     needs = Needs(chunked_prefill=True)
 
     def schedule(self, draft: Draft) -> StepPlan:
-        budget = max(self.config.chunk_tokens - len(draft.running), 0)
-        chunks: list[tuple[Request, int, int]] = []
-        for r in draft.prefilling:
-            if budget <= 0:
-                break
-            n = min(r.prompt_len - r.prefilled, budget)
-            chunks.append((r, r.prefilled, r.prefilled + n))
-            budget -= n
+        chunks, budget = continue_chunks(draft, self.config.chunk_tokens - len(draft.running))
         room = self.config.max_batch_size - len(draft.running) - len(draft.prefilling)
-        admitted = []
-        for request in draft.waiting:
-            if budget <= 0 or room <= 0:
-                break
-            blocks = self.info.blocks_for(request.max_kv_len)
-            if not draft.can_reserve(self.device, blocks):
-                break  # strict arrival order: the head waits for memory, nobody overtakes it
-            draft.reserve(request, self.device, blocks)
-            admitted.append(request)
-            n = min(request.prompt_len, budget)
-            chunks.append((request, 0, n))
-            budget -= n
-            room -= 1
-        draft.admit(admitted)
+        chunks += admit_chunks(draft, draft.waiting, budget, room,
+                               lambda r: [(self.device, self.info.blocks_for(r.max_kv_len))])
         return draft.plan(decode=draft.running, chunks=chunks)
+
+
+def continue_chunks(draft: Draft, budget: int) -> tuple[list[tuple[Request, int, int]], int]:
+    """The next chunk of each prompt under way, oldest first, within `budget` tokens; returns
+    the chunks and the budget left."""
+    budget = max(budget, 0)
+    chunks: list[tuple[Request, int, int]] = []
+    for r in draft.prefilling:
+        if budget <= 0:
+            break
+        n = min(r.prompt_len - r.prefilled, budget)
+        chunks.append((r, r.prefilled, r.prefilled + n))
+        budget -= n
+    return chunks, budget
+
+
+def admit_chunks(draft: Draft, order: Iterable[Request], budget: int, room: int,
+                 grants: Callable[[Request], list[tuple[str, int]]]) -> list[tuple[Request, int, int]]:
+    """Admit waiting requests in `order` while tokens of the budget, places and every grant of
+    `grants(request)` are left, each with its first chunk; the head waits for memory and nobody
+    overtakes it. Returns the first chunks."""
+    chunks: list[tuple[Request, int, int]] = []
+    admitted = []
+    for request in order:
+        if budget <= 0 or room <= 0:
+            break
+        need = grants(request)
+        if not all(draft.can_reserve(tier, blocks) for tier, blocks in need):
+            break  # strict order: the head waits for memory, nobody overtakes it
+        for tier, blocks in need:
+            draft.reserve(request, tier, blocks)
+        admitted.append(request)
+        n = min(request.prompt_len, budget)
+        chunks.append((request, 0, n))
+        budget -= n
+        room -= 1
+    draft.admit(admitted)
+    return chunks
