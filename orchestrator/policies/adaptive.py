@@ -25,9 +25,10 @@ decode_bubble-h100.log). Parking a request after its first token moves its wait 
   the others, whatever the cost says; requests that do not fit the device's KV wait in arrival
   order as in fcfs (the head blocks the queue), so memory cannot starve a long one either.
 - **Prompts in chunks.** Where the engine can (`can_chunk_prefill`) and its step cost says a chunk
-  rides on the weight read of a decode step (`adaptive_chunks`, "auto"), prompts ride in the decode steps, at most `chunk_tokens` tokens a step with the decode tokens
-  (Sarathi-Serve's budget), so a long prompt never stalls the running batch for a whole
-  prefill: the running requests' TPOT stays near a decode step's.
+  rides on the weight read of a decode step (`adaptive_chunks` "auto": a GPU's memory-bound
+  decode, not this CPU's), prompts ride in the decode steps, at most `chunk_tokens` tokens a step
+  with the decode tokens (Sarathi-Serve's budget), so a long prompt never stalls the running
+  batch for a whole prefill: the running requests' TPOT stays near a decode step's.
 - **Decode order.** Where the engine says the order of a batch changes its step time
   (`StepCost.order_matters`: a kernel that starts per-sequence work in launch order), the batch
   decodes longest first.
@@ -68,8 +69,8 @@ class AdaptivePolicy(Policy):
         self.cost = info.step_costs[0] if info.step_costs else None
         """The step cost of the path the engine runs (None: not profiled; the policy is fcfs)."""
         self.prefill_device = config.prefill_device or None
-        self.chunked = (info.capabilities.can_chunk_prefill and not self.prefill_device
-                        and (config.adaptive_chunks == "on" or config.adaptive_chunks == "auto" and self._chunk_rides()))
+        wanted = config.adaptive_chunks == "on" or (config.adaptive_chunks == "auto" and self._chunk_rides())
+        self.chunked = info.capabilities.can_chunk_prefill and not self.prefill_device and wanted
         """Prompts ride in the decode steps in chunks of at most chunk_tokens a step (Sarathi-Serve),
         so no whole prompt stalls the running batch; else whole prompts, max_prefill_tokens a call."""
 
@@ -105,7 +106,7 @@ class AdaptivePolicy(Policy):
         decode = draft.running
         if self.cost is not None and self.cost.order_matters:
             decode = sorted(decode, key=lambda r: r.kv_len, reverse=True)
-        self._explain(draft, decode, window, admitted, cap, held_reason)
+        self._explain(draft, decode, window, admitted, cap, held_reason, room, budget)
         return draft.plan(prefill=prefill, prefill_on=self.prefill_device, decode=decode, chunks=chunks)
 
     # -- choosing the cap on the longest KV ---------------------------------------------------
@@ -156,7 +157,7 @@ class AdaptivePolicy(Policy):
         return grants
 
     def _explain(self, draft: Draft, decode: list[Request], window: list[Request], admitted: list[Request],
-                 cap: int | None, held_reason: str) -> None:
+                 cap: int | None, held_reason: str, room: int, budget: int) -> None:
         predicted = self.cost.step_seconds([r.kv_len for r in decode]) if self.cost is not None and decode else None
         if cap is not None:
             started = set(admitted)
@@ -166,8 +167,14 @@ class AdaptivePolicy(Policy):
             how = "no step cost fitted" if self.cost is None else "more members are cheaper per token"
             self.decision = Decision("filled", f"started {len(admitted)} in arrival order ({how})", predicted)
         elif decode:
-            why = "every place is taken" if len(draft.running) >= self.config.max_batch_size else (
-                "the device's KV is full" if len(draft.waiting) else "nothing is waiting")
+            if not len(draft.waiting):
+                why = "nothing is waiting"
+            elif room <= 0:
+                why = "every place is taken"
+            elif self.chunked and budget <= 0:
+                why = "this step's chunk budget goes to prompts under way"
+            else:
+                why = "the device's KV is full"
             self.decision = Decision("filled" if not len(draft.waiting) else "waiting",
                                      f"decoding {len(decode)}; {why}", predicted)
         else:
