@@ -146,6 +146,11 @@ class StepCost:
         """The predicted time of a step of `batch` sequences."""
         return self.fixed + self.per_seq * batch + self.padded_kv * batch * max_kv + self.kv * sum_kv
 
+    def chunk_seconds(self, tokens: int) -> float:
+        """What `tokens` prompt tokens riding in a decode step add to it: their share of the
+        linear layers (per_seq each; a chunk's attention over its own prefix is not in the fit)."""
+        return self.per_seq * tokens
+
     def step_seconds(self, kv_lens: Sequence[int]) -> float:
         """The predicted time of a decode step over sequences of these KV lengths, in this order
         (0 for none). A policy calls this one: a cost model that sees the whole batch (the sim

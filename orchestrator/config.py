@@ -89,8 +89,8 @@ class ServeConfig:
     adaptive_chunks: str = "auto"
     """"adaptive": prefill prompts in chunks inside the decode steps (at most chunk_tokens tokens a
     step, as Sarathi-Serve does), so no whole prompt stalls the running batch's tokens. "auto":
-    where the engine can and its step cost says a chunk rides on the step's weight read (a step
-    of chunk_tokens tokens costs at most twice a step of one: a GPU's memory-bound decode, not
+    where the engine can and its step cost says a chunk rides on the step's weight read (a chunk
+    of chunk_tokens tokens adds at most one decode step's time: a GPU's memory-bound decode, not
     this CPU's compute-bound one); "on": wherever the engine can; "off": whole prompts between
     decode steps, max_prefill_tokens a call, as fcfs. Ignored with a prefill_device."""
     max_batch_size: int = 64

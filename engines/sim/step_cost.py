@@ -35,6 +35,12 @@ class SimStepCost:
         the sim engine's `decode` advances its clock by."""
         return self.cost.decode_seconds(list(kv_lens), self.split_kv) if len(kv_lens) else 0.0
 
+    def chunk_seconds(self, tokens: int) -> float:
+        """What a chunk of `tokens` prompt tokens (from the prompt's start) adds to a decode step of
+        one sequence: the cost model's mixed step less the plain one."""
+        return (self.cost.step_seconds([1], [(0, tokens)], self.split_kv)
+                - self.cost.step_seconds([1], [], self.split_kv))
+
     def seconds(self, batch: int, max_kv: int, sum_kv: int) -> float:
         """A representative step of `batch` sequences: one of `max_kv` (first) and the other
         batch - 1 sharing sum_kv - max_kv as equally as whole tokens allow."""
