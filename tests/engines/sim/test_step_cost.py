@@ -50,3 +50,17 @@ def test_seconds_prices_a_representative_batch():
     # straddle two waves of 132 SMs; placed first they fill one.
     spread = [300] * 3 + [8000] + [300] * 57
     assert cost.step_seconds(sorted(spread, reverse=True)) < cost.step_seconds(spread)
+
+
+@pytest.mark.parametrize("dispatch", DISPATCH_MODELS)
+def test_chunk_seconds_is_what_a_chunk_adds_to_the_engines_mixed_step(dispatch):
+    from engines.base import PrefillChunk
+
+    engine = SimEngine(CostModel(H100_SXM, OPT_13B, dispatch=dispatch))
+    engine.prefill([PrefillRequest("a", [5] * 9)])
+    cost = engine.describe().step_costs[0]
+    plain = cost.step_seconds([engine.kv_len("a") + 1])
+    mixed = engine.mixed_step(["a"], [PrefillChunk(PrefillRequest("b", [5] * 600), 0, 512)]).timing.seconds
+    assert cost.chunk_seconds(512) == pytest.approx(mixed - plain, rel=1e-9)
+    # A 512-token chunk rides on OPT-13B's weight read on an H100: it adds less than a step.
+    assert 0 < cost.chunk_seconds(512) < plain
