@@ -78,7 +78,7 @@ def test_serve_prints_endpoints_streams_and_stops_on_ctrl_c(demo_engine_dir, tmp
                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
         assert load.returncode == 0 and "completed 12, failed 0" in load.stdout, load.stdout + load.stderr
         state = requests.get(f"http://127.0.0.1:{admin}/api/state", timeout=10).json()
-        assert state["policy"] == "aligned" and state["totals"]["tokens"] >= 5 + 12
+        assert state["policy"] == "adaptive" and state["totals"]["tokens"] >= 5 + 12
         assert len(requests.get(f"http://127.0.0.1:{admin}/api/requests", timeout=10).json()["requests"]) >= 14
         assert requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10).status_code == 200
         server_pids = descendants(proc.pid)
