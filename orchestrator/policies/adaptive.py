@@ -106,7 +106,7 @@ class AdaptivePolicy(Policy):
         decode = draft.running
         if self.cost is not None and self.cost.order_matters:
             decode = sorted(decode, key=lambda r: r.kv_len, reverse=True)
-        self._explain(draft, decode, window, admitted, cap, held_reason, room, budget)
+        self._explain(draft, decode, window, admitted, cap, held_reason, room, budget, sum(e - b for _, b, e in chunks))
         return draft.plan(prefill=prefill, prefill_on=self.prefill_device, decode=decode, chunks=chunks)
 
     # -- choosing the cap on the longest KV ---------------------------------------------------
@@ -157,8 +157,10 @@ class AdaptivePolicy(Policy):
         return grants
 
     def _explain(self, draft: Draft, decode: list[Request], window: list[Request], admitted: list[Request],
-                 cap: int | None, held_reason: str, room: int, budget: int) -> None:
-        predicted = self.cost.step_seconds([r.kv_len for r in decode]) if self.cost is not None and decode else None
+                 cap: int | None, held_reason: str, room: int, budget: int, chunk_tokens: int) -> None:
+        predicted = None
+        if self.cost is not None and decode:  # the step the engine will run: decode, and the chunks riding in it
+            predicted = self.cost.step_seconds([r.kv_len for r in decode]) + self.cost.chunk_seconds(chunk_tokens)
         if cap is not None:
             started = set(admitted)
             held = sum(1 for r in window if r.prompt_len > cap and r not in started)

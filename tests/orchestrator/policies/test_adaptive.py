@@ -130,6 +130,9 @@ def test_with_chunks_prompts_ride_in_the_decode_steps_within_the_token_budget(bi
     assert plan.chunks == ((under_way, 1000, 1500), (a, 0, 300), (b, 0, 220))
     assert plan.admit == (a, b) and plan.prefill == () and plan.decode == tuple(running)
     assert state_grants_longest_kv(big, plan, (a, b))
+    # The step it predicts is the one the engine runs: the decode and the 1,020 chunk tokens.
+    assert policy.decision.predicted_s == pytest.approx(
+        SUM_COST.step_seconds([r.kv_len for r in running]) + SUM_COST.chunk_seconds(1020))
 
 
 def test_with_chunks_the_cap_still_holds_long_prompts_back(big):
