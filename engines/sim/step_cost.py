@@ -37,7 +37,9 @@ class SimStepCost:
 
     def chunk_seconds(self, tokens: int) -> float:
         """What a chunk of `tokens` prompt tokens (from the prompt's start) adds to a decode step of
-        one sequence: the cost model's mixed step less the plain one."""
+        one sequence: the cost model's mixed step less the plain one (0 for no tokens)."""
+        if tokens <= 0:
+            return 0.0
         return (self.cost.step_seconds([1], [(0, tokens)], self.split_kv)
                 - self.cost.step_seconds([1], [], self.split_kv))
 

@@ -160,7 +160,9 @@ class AdaptivePolicy(Policy):
                  cap: int | None, held_reason: str, room: int, budget: int, chunk_tokens: int) -> None:
         predicted = None
         if self.cost is not None and decode:  # the step the engine will run: decode, and the chunks riding in it
-            predicted = self.cost.step_seconds([r.kv_len for r in decode]) + self.cost.chunk_seconds(chunk_tokens)
+            predicted = self.cost.step_seconds([r.kv_len for r in decode])
+            if chunk_tokens:
+                predicted += self.cost.chunk_seconds(chunk_tokens)
         if cap is not None:
             started = set(admitted)
             held = sum(1 for r in window if r.prompt_len > cap and r not in started)

@@ -64,3 +64,4 @@ def test_chunk_seconds_is_what_a_chunk_adds_to_the_engines_mixed_step(dispatch):
     assert cost.chunk_seconds(512) == pytest.approx(mixed - plain, rel=1e-9)
     # A 512-token chunk rides on OPT-13B's weight read on an H100: it adds less than a step.
     assert 0 < cost.chunk_seconds(512) < plain
+    assert cost.chunk_seconds(0) == 0.0  # no chunk in the step
