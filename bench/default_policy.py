@@ -11,7 +11,10 @@ for each dispatch model, checks from the runs of the same (model, workload, load
   same for the default policy deployed disaggregated;
 - decode tok/s per decode GPU of the default policy deployed disaggregated ("adaptive,
   disaggregated", the same split of GPUs as DistServe) against disagg-fcfs's, median and lowest
-  (asked under in-order dispatch: >= 1.15x).
+  (asked under in-order dispatch: >= 1.15x);
+- the default policy with its TPOT target set to the goodput SLO ("adaptive, TPOT target = SLO"):
+  output tok/s and goodput against fcfs, and the points where its TPOT p99 is within the SLO
+  (2% over at most: the policy prices a chunk beside one sequence), beside fcfs's.
 Prints markdown; each line says whether it holds. Ratios only: the simulator's absolute times are
 bounds (docs/benchmarks.md).
 """
@@ -27,6 +30,7 @@ from bench.run_metrics import pick
 
 DEFAULT = "adaptive (default)"
 DEFAULT_DISAGG = "adaptive, disaggregated"
+DEFAULT_SLO = "adaptive, TPOT target = SLO"
 FCFS = "fcfs (vLLM-like)"
 DISAGG = "disagg-fcfs (DistServe-like)"
 AZURE = ("azure-conv", "azure-code")
@@ -70,10 +74,33 @@ def table(results: list[dict]) -> list[str]:
         lines.append(f"| decode tok/s per decode GPU, default disaggregated / disagg-fcfs ({len(out)} points) | "
                      f">= 1.15x under in-order dispatch | median {med:.3f}x; lowest {low[0]:.3f}x ({low[1]}); "
                      f"best {max(out)[0]:.3f}x ({max(out)[1]}) | {'yes' if low[0] >= 1.15 else 'no'} |")
+    lines += slo_rows(results)
     out = ratios(results, DEFAULT_DISAGG, FCFS, ("output_tok_s",))
     if out:
         lines.append(f"| output tok/s, default disaggregated / fcfs, same GPUs ({len(out)} points) | (for the record) "
                      f"| median {statistics.median(x for x, _ in out):.3f}x; range {min(out)[0]:.3f}-{max(out)[0]:.3f}x | - |")
+    return lines
+
+
+def slo_rows(results: list[dict]) -> list[str]:
+    """The rows of the default policy with a TPOT target (the goodput SLO), where it was run."""
+    lines = []
+    for path, what in ((("output_tok_s",), "output tok/s"), (("goodput_req_s",), "goodput")):
+        out = ratios(results, DEFAULT_SLO, FCFS, path)
+        if out:
+            share = sum(x >= 1.0 for x, _ in out) / len(out)
+            lines.append(f"| {what}, default with TPOT target = SLO / fcfs ({len(out)} points) | (the goodput mode) | "
+                         f"{share:.0%} of points >= 1.0x; median {statistics.median(x for x, _ in out):.3f}x; "
+                         f"lowest {min(out)[0]:.3f}x ({min(out)[1]}) | - |")
+    for variant in (DEFAULT_SLO, FCFS):
+        runs = [r for r in results if r["variant"] == variant and pick(r["metrics"], ("tpot_s", "p99"))]
+        if runs and any(r["variant"] == DEFAULT_SLO for r in results):
+            within = [r for r in runs if r["metrics"]["tpot_s"]["p99"] <= 1.02 * r["metrics"]["slo"]["tpot_s"]]
+            worst = max(runs, key=lambda r: r["metrics"]["tpot_s"]["p99"] / r["metrics"]["slo"]["tpot_s"])
+            lines.append(f"| TPOT p99 within the SLO, {variant} | {'yes, every point' if variant == DEFAULT_SLO else '-'} "
+                         f"| {len(within)} of {len(runs)} points; worst {worst['metrics']['tpot_s']['p99'] * 1e3:.1f} ms "
+                         f"at SLO {worst['metrics']['slo']['tpot_s'] * 1e3:.0f} ms ({worst['model']}, {worst['workload']}, "
+                         f"load {worst.get('load')}) | {('yes' if len(within) == len(runs) else 'NO') if variant == DEFAULT_SLO else '-'} |")
     return lines
 
 

@@ -43,9 +43,12 @@ bounds, not measurements. Each result carries its `dispatch` and `kernel`; with 
 report goes to `<out>`, with several each goes to `<out>/<NAME>/` (ratios are always
 against the baseline under the same dispatch). `--split-kv` is `--dispatch split`.
 
-**Variants** (`VARIANTS`): the default policy (adaptive) on single GPUs and disaggregated, aligned, aligned without peer prefetch (`prefetch_route=direct`),
-aligned without prefetch and without alignment (`fcfs-offload`, direct): the paper's two
-ablations, each removing one more mechanism; fcfs; disagg-fcfs; chunked-prefill.
+**Variants** (`VARIANTS`): the default policy (adaptive) on single GPUs and disaggregated, the
+default policy on single GPUs with its TPOT target set to the goodput SLO (`--slo-tpot`: each
+step carries the prompt tokens that keep it under the SLO), aligned, aligned without peer
+prefetch (`prefetch_route=direct`), aligned without prefetch and without alignment
+(`fcfs-offload`, direct): the paper's two ablations, each removing one more mechanism; fcfs;
+disagg-fcfs; chunked-prefill.
 
 Settings every variant shares (`BASE_CONFIG`): max_batch_size 256 (vLLM's max_num_seqs),
 max_prefill_tokens 8192, Kmin 36 and Bmax 40% (the paper's), the default starvation guard
@@ -116,8 +119,11 @@ class Variant:
 
 
 _PAIR = dict(helper_devices="cuda:1", prefill_device="cuda:1")
+SLO_TPOT = "--slo-tpot"
+"""A config value run_replica replaces with the run's goodput TPOT SLO (`--slo-tpot`)."""
 VARIANTS = {v.label: v for v in (
     Variant("adaptive (default)", "adaptive", 1),
+    Variant("adaptive, TPOT target = SLO", "adaptive", 1, dict(tpot_slo_s=SLO_TPOT)),
     Variant("adaptive, disaggregated", "adaptive", 2, dict(_PAIR)),
     Variant("aligned", "aligned", 2, dict(_PAIR, prefetch_route="auto")),
     Variant("aligned, no peer prefetch", "aligned", 2, dict(_PAIR, prefetch_route="direct")),
@@ -177,7 +183,8 @@ def run_replica(args: dict, variant: Variant, replicas: int, lengths: list[tuple
     """Serve these (prompt_len, output_len) requests arriving at these virtual times on one
     replica; returns what the metrics need."""
     engine = _engine(args, variant, replicas)
-    config = ServeConfig(policy=variant.policy, max_queue=max(len(lengths), 1024), **BASE_CONFIG, **variant.config)
+    settings = {k: args["slo_tpot"] if v == SLO_TPOT else v for k, v in variant.config.items()}
+    config = ServeConfig(policy=variant.policy, max_queue=max(len(lengths), 1024), **BASE_CONFIG, **settings)
     return drive_virtual(engine, config, lengths, arrivals, variant.label, dashboard=args.get("dashboard"))
 
 

@@ -146,9 +146,10 @@ class StepCost:
         """The predicted time of a step of `batch` sequences."""
         return self.fixed + self.per_seq * batch + self.padded_kv * batch * max_kv + self.kv * sum_kv
 
-    def chunk_seconds(self, tokens: int) -> float:
-        """What `tokens` prompt tokens riding in a decode step add to it: their share of the
-        linear layers (per_seq each; a chunk's attention over its own prefix is not in the fit)."""
+    def chunk_seconds(self, tokens: int, start: int = 0) -> float:
+        """What `tokens` prompt tokens (positions start .. start + tokens) riding in a decode step
+        add to it: their share of the linear layers (per_seq each; a chunk's attention over its
+        prefix is not in the fit, so `start` changes nothing here)."""
         return self.per_seq * tokens
 
     def step_seconds(self, kv_lens: Sequence[int]) -> float:

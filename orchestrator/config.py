@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, fields
@@ -93,6 +94,13 @@ class ServeConfig:
     of chunk_tokens tokens adds at most one decode step's time: a GPU's memory-bound decode, not
     this CPU's compute-bound one); "on": wherever the engine can; "off": whole prompts between
     decode steps, max_prefill_tokens a call, as fcfs. Ignored with a prefill_device."""
+    tpot_slo_s: float = 0.0
+    """"adaptive": a target on time per output token, in seconds (0: none). Where prompts ride in
+    the decode steps in chunks, each step then carries as many prompt tokens as keep its predicted
+    time (the engine's step cost) under the target, instead of a fixed chunk_tokens: long chunks
+    (prefill throughput, TTFT) while the running batch's step is short, short ones as it grows.
+    A step always carries at least one KV block of prompt, so prompts progress even where the
+    decode step alone is over the target."""
     max_batch_size: int = 64
     """Most requests decoding together in one iteration."""
     max_prefill_tokens: int = 4096
@@ -179,6 +187,8 @@ class ServeConfig:
         for name in ("max_wait_s", "align_tolerance", "switch_margin", "min_batch_iterations"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.tpot_slo_s) and self.tpot_slo_s >= 0):
+            raise ConfigError(f"tpot_slo_s: must be >= 0 seconds (0 = no target), got {self.tpot_slo_s}")
         if self.idle_wait_s <= 0:
             raise ConfigError(f"idle_wait_s: must be > 0, got {self.idle_wait_s}")
         if not 0 <= self.admin_port <= 65535:

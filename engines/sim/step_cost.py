@@ -35,12 +35,13 @@ class SimStepCost:
         the sim engine's `decode` advances its clock by."""
         return self.cost.decode_seconds(list(kv_lens), self.split_kv) if len(kv_lens) else 0.0
 
-    def chunk_seconds(self, tokens: int) -> float:
-        """What a chunk of `tokens` prompt tokens (from the prompt's start) adds to a decode step of
-        one sequence: the cost model's mixed step less the plain one (0 for no tokens)."""
+    def chunk_seconds(self, tokens: int, start: int = 0) -> float:
+        """What a chunk of `tokens` prompt tokens from position `start` (its attention reads the
+        prompt's first start tokens too) adds to a decode step of one sequence: the cost model's
+        mixed step less the plain one (0 for no tokens)."""
         if tokens <= 0:
             return 0.0
-        return (self.cost.step_seconds([1], [(0, tokens)], self.split_kv)
+        return (self.cost.step_seconds([1], [(start, start + tokens)], self.split_kv)
                 - self.cost.step_seconds([1], [], self.split_kv))
 
     def seconds(self, batch: int, max_kv: int, sum_kv: int) -> float:

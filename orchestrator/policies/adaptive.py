@@ -74,6 +74,35 @@ class AdaptivePolicy(Policy):
         """Prompts ride in the decode steps in chunks of at most chunk_tokens a step (Sarathi-Serve),
         so no whole prompt stalls the running batch; else whole prompts, max_prefill_tokens a call."""
 
+    def _chunk_budget(self, draft: Draft) -> int:
+        """Prompt tokens this step may carry: chunk_tokens less the decode tokens (Sarathi-Serve's
+        budget), or with a TPOT target the most whole blocks whose chunks keep the predicted step
+        under it (at least one block, so a prompt under way always progresses). The chunks are
+        priced as the rest of the oldest prompt under way (from where it stands), then new ones."""
+        if not self.config.tpot_slo_s or self.cost is None:
+            return self.config.chunk_tokens - len(draft.running)
+        left = self.config.tpot_slo_s - self.cost.step_seconds([r.kv_len for r in draft.running])
+        first = draft.prefilling[0] if draft.prefilling else None
+        start, rest = (first.prefilled, first.prompt_len - first.prefilled) if first else (0, 0)
+        bs = self.info.block_size
+        lo, hi = 1, max(self.config.max_prefill_tokens // bs, 1)
+        while lo < hi:  # the most blocks that fit (the price grows with the blocks)
+            mid = (lo + hi + 1) // 2
+            tokens = mid * bs
+            if self._chunks_seconds([(start, start + min(tokens, rest)), (0, tokens - min(tokens, rest))]) <= left:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo * bs
+
+    def _chunks_seconds(self, spans: list[tuple[int, int]]) -> float:
+        """What prompt chunks [begin, end) add to a decode step: their tokens' linear layers as
+        one chunk, plus each chunk's attention over the prompt before it."""
+        spans = [(b, e) for b, e in spans if e > b]
+        total = sum(e - b for b, e in spans)
+        return self.cost.chunk_seconds(total) + sum(self.cost.chunk_seconds(e - b, b) - self.cost.chunk_seconds(e - b)
+                                                    for b, e in spans if b)
+
     def _chunk_rides(self) -> bool:
         """A chunk of chunk_tokens prompt tokens adds at most one decode step's time to a step: its
         tokens ride on the weight read the step pays anyway (memory-bound decode, as on a GPU).
@@ -89,8 +118,7 @@ class AdaptivePolicy(Policy):
         room = self.config.max_batch_size - len(draft.running)
         if self.prefill_device or self.chunked:  # places held by prompts under way, or on their way
             room -= len(draft.prefilling) + len(draft.candidates)
-        chunks, budget = (continue_chunks(draft, self.config.chunk_tokens - len(draft.running))
-                          if self.chunked else ([], 0))
+        chunks, budget = continue_chunks(draft, self._chunk_budget(draft)) if self.chunked else ([], 0)
         lengths = [r.kv_len for r in draft.running] + [r.prompt_len for r in draft.prefilling + tuple(draft.candidates)]
         window = _oldest(draft, 2 * max(room, 0) + 32) if room > 0 else []
         cap, held_reason = self._cap(lengths, window, room)
@@ -106,7 +134,7 @@ class AdaptivePolicy(Policy):
         decode = draft.running
         if self.cost is not None and self.cost.order_matters:
             decode = sorted(decode, key=lambda r: r.kv_len, reverse=True)
-        self._explain(draft, decode, window, admitted, cap, held_reason, room, budget, sum(e - b for _, b, e in chunks))
+        self._explain(draft, decode, window, admitted, cap, held_reason, room, budget, [(b, e) for _, b, e in chunks])
         return draft.plan(prefill=prefill, prefill_on=self.prefill_device, decode=decode, chunks=chunks)
 
     # -- choosing the cap on the longest KV ---------------------------------------------------
@@ -157,12 +185,11 @@ class AdaptivePolicy(Policy):
         return grants
 
     def _explain(self, draft: Draft, decode: list[Request], window: list[Request], admitted: list[Request],
-                 cap: int | None, held_reason: str, room: int, budget: int, chunk_tokens: int) -> None:
+                 cap: int | None, held_reason: str, room: int, budget: int, spans: list[tuple[int, int]]) -> None:
         predicted = None
         if self.cost is not None and decode:  # the step the engine will run: decode, and the chunks riding in it
             predicted = self.cost.step_seconds([r.kv_len for r in decode])
-            if chunk_tokens:
-                predicted += self.cost.chunk_seconds(chunk_tokens)
+            predicted += self._chunks_seconds(spans)
         if cap is not None:
             started = set(admitted)
             held = sum(1 for r in window if r.prompt_len > cap and r not in started)

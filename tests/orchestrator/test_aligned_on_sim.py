@@ -5,43 +5,12 @@ staged batches that are reserved whole (windows sized by the device blocks they 
 from __future__ import annotations
 
 import random
-from collections import deque
 
 import pytest
 
-from engines.sim.cost_model import CostModel
-from engines.sim.engine import SimEngine
-from engines.sim.profiles import H100_SXM, OPT_13B
-from orchestrator.config import ServeConfig
-from orchestrator.service import Orchestrator
+from tests.orchestrator.sim_serving import serve
 
 MAX_WAIT = 0.4  # seconds: ~15 decode steps of this batch
-
-
-def serve(policy: str, arrivals: list[tuple[float, int, int]], spy=None, **cfg) -> tuple[Orchestrator, list]:
-    """Submit each (time, prompt_len, max_tokens) once the virtual clock reaches it; step until done."""
-    cost = CostModel(H100_SXM, OPT_13B)
-    engine = SimEngine(cost, kv_blocks=400, block_size=16, max_seq_len=1024,  # ~10 requests at max KV
-                       host_kv_bytes=20_000 * cost.model.kv_bytes_per_token * 16)
-    orch = Orchestrator(engine, ServeConfig(policy=policy, max_batch_size=16, kmin=4, max_prefill_tokens=2048,
-                                            max_queue=len(arrivals), **cfg), clock=engine.clock)
-    m = orch.loop.metrics
-    m.history, m.transfers = deque(), deque()  # every iteration and move, not the last 4,096
-    if spy:
-        spy(orch.policy)
-    submitted, i = [], 0
-    for _ in range(200_000):
-        while i < len(arrivals) and arrivals[i][0] <= engine.clock():
-            _, plen, out = arrivals[i]
-            submitted.append(orch.submit([1] + [5] * (plen - 1), max_tokens=out))
-            i += 1
-        if orch.step():
-            continue
-        if i == len(arrivals):
-            break
-        engine.clock.advance_to(arrivals[i][0])
-    assert all(r.finished for r in submitted)
-    return orch, submitted
 
 
 def workload(n: int = 240, seed: int = 0) -> list[tuple[float, int, int]]:

@@ -157,3 +157,41 @@ def test_auto_chunks_where_a_chunk_rides_on_the_weight_read(big):
     assert not big.policy("adaptive").chunked and big.policy("adaptive", adaptive_chunks="on").chunked
     big.info = dataclasses.replace(big.info, step_costs=())
     assert not big.policy("adaptive").chunked  # no step cost: whole prompts, as fcfs
+
+
+GPU_LIKE = StepCost("varlen", fixed=8e-3, per_seq=20e-6, padded_kv=0.0, kv=1e-7)
+"""A memory-bound decode step (8 ms of weight read) and 20 us of linear compute per token."""
+
+
+def test_with_a_tpot_target_each_step_carries_what_keeps_it_under_the_target(big):
+    with_cost(big, GPU_LIKE)
+    block = big.info.block_size
+    running = [big.running(1000) for _ in range(10)]
+    long1, long2 = big.waiting(3000), big.waiting(3000)
+    policy = big.policy("adaptive", adaptive_chunks="on", tpot_slo_s=0.030)
+    plan = big.plan(policy)
+    carried = sum(e - b for _, b, e in plan.chunks)
+    step = GPU_LIKE.step_seconds([r.kv_len for r in running])
+    # The most whole blocks under the target: one more block would go over it.
+    assert carried % block == 0 and carried > 512
+    assert step + GPU_LIKE.chunk_seconds(carried) <= 0.030 < step + GPU_LIKE.chunk_seconds(carried + block)
+    assert policy.decision.predicted_s == pytest.approx(step + GPU_LIKE.chunk_seconds(carried))
+    assert plan.chunks[0] == (long1, 0, min(carried, 3000))
+
+
+def test_a_tpot_target_shrinks_the_chunk_as_the_batch_grows_and_keeps_a_block(big):
+    with_cost(big, GPU_LIKE)
+    big.waiting(8000)
+
+    def carried(target: float) -> int:
+        return sum(e - b for _, b, e in big.plan(big.policy("adaptive", adaptive_chunks="on", tpot_slo_s=target)).chunks)
+
+    alone = carried(0.030)
+    for _ in range(20):
+        big.running(2000)
+    beside_20 = carried(0.030)
+    assert alone > beside_20 > 0  # the 20 members' step leaves less room under the target
+    # Over the target with decode alone: a prompt still gets one block a step.
+    assert carried(0.001) == big.info.block_size
+    # No target: Sarathi-Serve's fixed budget, decode tokens included.
+    assert carried(0.0) == 512 - 20
