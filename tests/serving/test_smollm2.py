@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serving.triton_server import MODEL_NAME, TritonServer, free_port
+from tests.serving.trtllm_clients import e2e_call, e2e_inputs, ifb_inputs, stop_inputs
 
 pytestmark = pytest.mark.integration
 
@@ -56,6 +57,77 @@ def server(smollm2_engine_dir, tmp_path_factory):
     yield srv
     srv.stop()
     assert srv.proc.poll() is not None
+
+
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_nvidias_end_to_end_client_gets_transformers_greedy_text(server, reference, model):
+    expected, tokenizer = reference
+    for prompt, ids in expected[:3]:
+        texts, error = e2e_call(server, model, e2e_inputs(prompt, NEW_TOKENS, stream=False, end_id=None))
+        assert error is None and texts == [prompt + tokenizer.decode(ids)], prompt  # the prompt echoed
+        pieces, error = e2e_call(server, model, e2e_inputs(prompt, NEW_TOKENS, stream=True, end_id=None))
+        assert error is None and "".join(pieces) == tokenizer.decode(ids), prompt
+
+
+def test_nvidias_in_flight_batcher_client_gets_transformers_greedy_ids(server, reference):
+    import tritonclient.grpc as grpcclient
+    expected, tokenizer = reference
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    eos = tokenizer.token_to_id("<|im_end|>")
+    for prompt, ids in expected:
+        prompt_ids = tokenizer.encode(prompt).ids
+        result = client.infer("tensorrt_llm", ifb_inputs(prompt_ids, NEW_TOKENS, end_id=eos))
+        assert result.as_numpy("output_ids")[0][0].tolist() == prompt_ids + ids, prompt
+        assert result.as_numpy("sequence_length").tolist() == [[len(prompt_ids) + len(ids)]]
+    client.close()
+
+
+def newest_request(server, deadline_s: float = 30.0) -> dict:
+    """The newest request on the admin API, once it has finished."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        newest = requests.get(f"{server.admin_url}/api/requests?limit=1", timeout=10).json()["requests"][0]
+        if newest["finish_reason"] is not None or time.monotonic() > deadline:
+            return newest
+        time.sleep(0.2)
+
+
+def test_a_tensorrt_llm_stop_request_ends_the_request_it_names(server, reference):
+    import queue
+
+    import tritonclient.grpc as grpcclient
+    _, tokenizer = reference
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    answers: queue.Queue = queue.Queue()
+    prompt_ids = tokenizer.encode("Once upon a time").ids
+    client.async_infer("tensorrt_llm", ifb_inputs(prompt_ids, 400, end_id=tokenizer.token_to_id("<|im_end|>")),
+                       request_id="long-1", callback=lambda result, error: answers.put((result, error)))
+    time.sleep(1.0)
+    client.infer("tensorrt_llm", stop_inputs(), request_id="long-1")  # the client's --stop-after-ms
+    result, error = answers.get(timeout=60)
+    assert error is None, error
+    assert len(prompt_ids) < result.as_numpy("sequence_length")[0][0] < len(prompt_ids) + 400
+    newest = newest_request(server)
+    assert newest["finish_reason"] == "cancelled" and newest["tokens"] < 400
+    client.close()
+
+
+def test_a_cancelled_end_to_end_stream_is_cancelled_inside_and_frees_its_kv(server):
+    import queue
+
+    import tritonclient.grpc as grpcclient
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    got: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    client.async_stream_infer("ensemble", e2e_inputs("Once upon a time", 400, stream=True, end_id=None), request_id="c1")
+    for _ in range(3):
+        assert got.get(timeout=60)[1] is None
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    newest = newest_request(server)
+    assert newest["finish_reason"] == "cancelled" and newest["tokens"] < 400
+    kv = requests.get(f"{server.admin_url}/api/state", timeout=10).json()["kv_blocks"]
+    assert all(tier["used"] == 0 and tier["reserved"] == 0 for tier in kv.values())
 
 
 def test_triton_gives_transformers_greedy_tokens(server, reference):

@@ -53,6 +53,8 @@ class _Stream:
     output: TextOutput
     stream: bool
     request_id: str = ""
+    triton_id: str = ""
+    """The id the client gave the request (Triton's request id), for a `stop` request naming it."""
     ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     cancelled: bool = False
@@ -88,6 +90,7 @@ class TritonPythonModel:
             self.openai.start()
             log.info("aligned_llm OpenAI API on %s (model %r)", self.openai.base_url, self.openai.model_name)
         self.max_tokens_limit = self.orchestrator.config.max_tokens_limit
+        self.vocab_size = self.orchestrator.info.model.vocab_size
         self._outbox: queue.Queue = queue.Queue()
         self._live: set[_Stream] = set()  # requests to watch for client cancellation
         self._live_lock = threading.Lock()
@@ -100,6 +103,8 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
+                if self._stop(request, sender):
+                    continue
                 self._submit(request, sender)
             except RequestRejected as e:
                 msg = f"{_FIELD_NAMES.get(e.field, e.field)}: {e.message}"
@@ -110,22 +115,37 @@ class TritonPythonModel:
                     error=pb_utils.TritonError(f"internal error: {type(e).__name__}: {e}")), flags=FINAL)
         return None
 
+    def _stop(self, request, sender) -> bool:
+        """A `stop` request: cancel the live request with its request id (True: it was one)."""
+        tensor = pb_utils.get_input_tensor_by_name(request, "stop")
+        if tensor is None or not bool(np.asarray(tensor.as_numpy()).reshape(-1)[0]):
+            return False
+        rid = request.request_id()
+        if not rid:
+            raise RequestRejected("stop", "a stop request needs the request id of the request to end")
+        with self._live_lock:
+            targets = [ctx for ctx in self._live if ctx.triton_id == rid]
+        for ctx in targets:  # it ends with a final response, finish_reason "cancelled", as it stands
+            self.orchestrator.cancel(ctx.request_id)
+        sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
+        return True
+
     def _submit(self, request, sender) -> None:
         inputs = {}
-        for name in ("text_input", "max_tokens", "stream", "temperature", "top_k", "top_p",
-                     "seed", "end_id", "stop_words"):
+        for name in ("text_input", "input_ids", "max_tokens", "stream", "temperature", "top_k", "top_p",
+                     "seed", "end_id", "stop_words", "stop_words_list"):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 inputs[name] = tensor.as_numpy()
-        params = parse_request(inputs, self.max_tokens_limit)
-        prompt_ids = self.tokenizer.encode(params.text).ids
+        params = parse_request(inputs, self.max_tokens_limit, self.vocab_size)
+        prompt_ids = list(params.prompt_ids) or self.tokenizer.encode(params.text).ids
         # Stop words are matched on the text (serving/stop_strings.py), kept in it as TensorRT-LLM does.
         output = TextOutput(self.tokenizer, params.stop_words, keep_stop=True,
                             on_stop=stop_request(self.orchestrator))
-        ctx = _Stream(sender, output, params.stream)
+        ctx = _Stream(sender, output, params.stream, triton_id=request.request_id())
         with self._live_lock:
             req = self.orchestrator.submit(
-                prompt_ids, params.max_tokens, params.sampling, params.end_id,
+                prompt_ids, params.max_tokens, params.sampling, params.end_id, params.stop_sequences,
                 on_event=lambda event, ctx=ctx: self._outbox.put((ctx, event)))
             ctx.request_id = req.id
             self._live.add(ctx)
