@@ -1,4 +1,4 @@
-"""How much decode time any batch order or grouping could save at a deployment's own decode steps.
+"""Where a deployment's decode time goes, and the most any batch order or grouping could gain on it.
 
     python -m bench.attention_bound [--dispatch waves] [--variant "disagg-fcfs (DistServe-like)"]
         [--models OPT-13B ...] [--workloads azure-conv ...] [--loads 0.5 ...] [--results FILE]
@@ -12,10 +12,12 @@ effect. Reordering or regrouping the same sequences cannot make attention cheape
 
     bound = decode seconds / (decode seconds - attention + roofline attention)
 
-is the most a scheduler gains in decode tok/s per decode GPU over this variant by order or
-grouping alone, at this variant's batches. (A scheduler that decodes larger batches gains more
-from the weight read; one that decodes the same requests has batches set by the arrivals and
-its own step time.) With `--results` (a bench.simulate results.json of the same dispatch) each
+bounds what a scheduler gains in decode tok/s per decode GPU over this variant by order or
+grouping alone, at this variant's batches. The bound is not tight: a batch whose units fill one
+wave and a few SMs of the next pays a whole second wave in any order (the in-order kernel's
+quantization), which only a different batch size removes. (A scheduler that decodes larger
+batches gains more from the weight read; one that decodes the same requests has batches set by
+the arrivals and its own step time.) With `--results` (a bench.simulate results.json of the same dispatch) each
 row shows what the default policy deployed the same way reached.
 
 Prints markdown. Ratios of the roofline cost model, not GPU measurements.
@@ -109,14 +111,14 @@ def main(argv: list[str] | None = None) -> int:
             if v == DEFAULT_DISAGG and other:
                 ours[(mo, w, load)] = r["metrics"]["decode_tok_s"] / other["metrics"]["decode_tok_s"]
     print(f"| model | workload | load | attention share of {a.variant}'s decode time | attention / its roofline "
-          f"| most order or grouping can gain | {DEFAULT_DISAGG} reached |")
+          f"| bound on what order or grouping can gain | {DEFAULT_DISAGG} reached |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         got = ours.get((r["model"], r["workload"], r["load"]))
         print(f"| {r['model']} | {r['workload']} | {r['load']} | {r['attention_s'] / r['decode_s']:.0%} | "
               f"{r['attention_s'] / r['roofline_s']:.2f}x | {r['bound']:.3f}x | {'-' if got is None else f'{got:.3f}x'} |")
     reach = sum(r["bound"] >= 1.15 for r in rows)
-    print(f"\n{reach} of {len(rows)} points leave room for 1.15x (dispatch {a.dispatch}, {a.variant}).")
+    print(f"\n{reach} of {len(rows)} points have a bound of 1.15x or more (dispatch {a.dispatch}, {a.variant}).")
     return 0
 
 

@@ -91,7 +91,7 @@ def slo_rows(results: list[dict]) -> list[str]:
             share = sum(x >= 1.0 for x, _ in out) / len(out)
             lines.append(f"| {what}, default with TPOT target = SLO / fcfs ({len(out)} points) | (the goodput mode) | "
                          f"{share:.0%} of points >= 1.0x; median {statistics.median(x for x, _ in out):.3f}x; "
-                         f"lowest {min(out)[0]:.3f}x ({min(out)[1]}) | - |")
+                         f"lowest {min(out)[0]:.4f}x ({min(out)[1]}) | - |")
     for variant in (DEFAULT_SLO, FCFS):
         runs = [r for r in results if r["variant"] == variant and pick(r["metrics"], ("tpot_s", "p99"))]
         if runs and any(r["variant"] == DEFAULT_SLO for r in results):

@@ -50,9 +50,9 @@ prefetch (`prefetch_route=direct`), aligned without prefetch and without alignme
 (`fcfs-offload`, direct): the paper's two ablations, each removing one more mechanism; fcfs;
 disagg-fcfs; chunked-prefill.
 
-Settings every variant shares (`BASE_CONFIG`): max_batch_size 256 (vLLM's max_num_seqs),
-max_prefill_tokens 8192, Kmin 36 and Bmax 40% (the paper's), the default starvation guard
-(max_wait_s 10 s), 512-token steps for chunked prefill (Sarathi-Serve). Goodput counts
+Settings every variant shares unless it sets its own (`BASE_CONFIG`): max_batch_size 256
+(vLLM's max_num_seqs), max_prefill_tokens 8192, Kmin 36 and Bmax 40% (the paper's), the default
+starvation guard (max_wait_s 10 s), 512-token steps for chunked prefill (Sarathi-Serve). Goodput counts
 requests within `--slo-ttft` and `--slo-tpot` (DistServe's chatbot SLO for OPT-13B is TTFT 0.25 s
 and TPOT 0.1 s; the default here, 2 s and 0.1 s, leaves queueing room at the loads run).
 
@@ -184,7 +184,7 @@ def run_replica(args: dict, variant: Variant, replicas: int, lengths: list[tuple
     replica; returns what the metrics need."""
     engine = _engine(args, variant, replicas)
     settings = {k: args["slo_tpot"] if v == SLO_TPOT else v for k, v in variant.config.items()}
-    config = ServeConfig(policy=variant.policy, max_queue=max(len(lengths), 1024), **BASE_CONFIG, **settings)
+    config = ServeConfig(policy=variant.policy, max_queue=max(len(lengths), 1024), **{**BASE_CONFIG, **settings})
     return drive_virtual(engine, config, lengths, arrivals, variant.label, dashboard=args.get("dashboard"))
 
 

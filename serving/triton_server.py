@@ -285,6 +285,7 @@ AlignedServe is ready (model "{MODEL_NAME}", engine {engine_dir}, {manifest.num_
   {manifest.kv_summary()}
   HTTP  {url}   gRPC {server.host}:{server.grpc_port}   metrics http://{server.host}:{server.metrics_port}/metrics
   try:  curl -N -X POST {url}/v2/models/{MODEL_NAME}/generate_stream -d '{{"text_input": "Hello", "max_tokens": 16, "stream": true}}'
+  TensorRT-LLM's clients: models ensemble, tensorrt_llm_bls (text) and tensorrt_llm (token ids), on the same orchestrator
 {openai_lines(a.host, a.openai_port, model_name)}
 {admin_line(a.host, a.admin_port)}
 Ctrl-C stops the server.""", flush=True)

@@ -50,6 +50,7 @@ class FrontModel:
         config = json.loads(args["model_config"])
         self.name = config["name"]
         self.inputs = [i["name"] for i in config["input"]]
+        self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
         self._live: set[_Forward] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -70,6 +71,10 @@ class FrontModel:
                     self._stop_named(request.request_id(), sender)
                     continue
                 front = token_request(inputs) if self.tokens else text_request(inputs)
+                if front.stream and not self.decoupled:
+                    raise RequestRejected("streaming" if self.tokens else "stream", (
+                        f"token streaming needs a decoupled model; this {self.name} is not (one answer per request): "
+                        "stream from ensemble, tensorrt_llm_bls or aligned_llm"))
             except RequestRejected as e:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{e.field}: {e.message}")),
                             flags=FINAL)

@@ -102,6 +102,16 @@ def test_the_in_flight_batcher_client_gets_prompt_and_greedy_ids_from_a_unary_ca
     assert excluded.as_numpy("output_ids")[0][0].tolist() == out[0][0][4:].tolist()
 
 
+def test_streaming_from_the_not_decoupled_tensorrt_llm_is_refused_by_name(server, client):
+    # The client's --streaming uses the gRPC stream; the deployment answers one response a request.
+    got: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    client.async_stream_infer("tensorrt_llm", ifb_inputs([5, 17], 4, streaming=np.array([[True]])))
+    result, error = got.get(timeout=60)
+    client.stop_stream()
+    assert result is None and "streaming: token streaming needs a decoupled model" in str(error)
+
+
 def test_the_readmes_http_generate_call(server):
     body = {"text_input": PROMPT, "max_tokens": 8, "bad_words": "", "stop_words": "", "end_id": 0, "temperature": 0.0}
     r = requests.post(f"{server.http_url}/v2/models/ensemble/generate", json=body, timeout=60)
