@@ -33,6 +33,9 @@ from engines.tensorrt_llm.llm_settings import TrtllmSettings
 BACKEND = "tensorrt_llm"
 DEFAULT_MAX_BATCH_SIZE = 64
 TRTLLM_BUILD = "trtllm-build"
+DEFAULT_MAX_NUM_TOKENS = 8192
+"""trtllm-build's own default --max_num_tokens (tensorrt_llm/commands/build.py): tokens one
+engine step takes; raised to max_seq_len where that is longer."""
 _BUILD_TIMEOUT_S = 3 * 3600
 
 
@@ -92,6 +95,10 @@ def _build_tensorrt_engine(model_dir: Path, engine_dir: Path, architecture: str,
         model.save_checkpoint(output_dir=ckpt_dir)
         cmd = [TRTLLM_BUILD, "--checkpoint_dir", ckpt_dir, "--output_dir", str(engine_dir),
                "--max_batch_size", str(s.max_batch_size), "--max_seq_len", str(s.max_seq_len),
+               # Without these trtllm-build's defaults (1,024 and 8,192) refuse longer prompts, and
+               # every resume resubmits prompt + generated tokens: a prompt may be max_seq_len long,
+               # and one step must hold it whole (the Executor runs without chunked context).
+               "--max_input_len", str(s.max_seq_len), "--max_num_tokens", str(max(s.max_seq_len, DEFAULT_MAX_NUM_TOKENS)),
                "--kv_cache_type", "paged", "--tokens_per_block", str(s.tokens_per_block), "--gemm_plugin", "auto"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
         if r.returncode != 0:

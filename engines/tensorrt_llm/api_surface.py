@@ -165,8 +165,8 @@ API_SURFACE: tuple[ApiName, ...] = (
     ApiName("tensorrt_llm.models", "PretrainedModel.save_checkpoint", "method", ("output_dir",),
             SRC + "tensorrt_llm/models/modeling_utils.py", (ENGINE,)),
     ApiName("trtllm-build", "trtllm-build", "cli",
-            ("--checkpoint_dir", "--output_dir", "--max_batch_size", "--max_seq_len", "--kv_cache_type",
-             "--tokens_per_block", "--gemm_plugin"),
+            ("--checkpoint_dir", "--output_dir", "--max_batch_size", "--max_seq_len", "--max_input_len",
+             "--max_num_tokens", "--kv_cache_type", "--tokens_per_block", "--gemm_plugin"),
             SRC + "tensorrt_llm/commands/build.py", (ENGINE,)),
 )
 """Every name, in the order the adapter's layers use them."""

@@ -610,8 +610,12 @@ class _ResponseSink:
 class FakeExecutor(FakeLLM):
     """The fake `tensorrt_llm.bindings.executor.Executor` over a (fake) TensorRT engine directory.
 
-    max_seq_len, max_batch_size and tokens_per_block come from the engine directory's config.json
-    (`build_config`, as the fake trtllm-build in the tests writes it); the run loop is FakeLLM's."""
+    max_seq_len, max_batch_size, tokens_per_block and max_input_len come from the engine directory's
+    config.json (`build_config`, as the fake trtllm-build in the tests writes it; max_input_len
+    1,024 where absent, trtllm-build's default in tensorrt_llm/commands/build.py); the run loop is
+    FakeLLM's. A prompt longer than max_input_len gets an error response, as the real executor's
+    validation answers (cpp/include/tensorrt_llm/batch_manager/llmRequest.h, `validate`:
+    "Prompt length (%d) exceeds maximum input length (%d). ...")."""
 
     def __init__(self, model_path, model_type: ModelType, executor_config: ExecutorConfig):
         if model_type is not ModelType.DECODER_ONLY:
@@ -629,6 +633,7 @@ class FakeExecutor(FakeLLM):
         self._responses: collections.deque = collections.deque()
         self._ready = threading.Condition()
         self._by_id: dict[int, LlmRequest] = {}
+        self.max_input_len = build.get("max_input_len", 1024)
         super().__init__(str(model_path), max_batch_size=slots, max_seq_len=build["max_seq_len"],
                          kv_cache_config=KvCacheConfig(tokens_per_block=build["tokens_per_block"],
                                                        enable_block_reuse=kv.enable_block_reuse,
@@ -639,6 +644,12 @@ class FakeExecutor(FakeLLM):
     def enqueue_request(self, request: Request) -> int:
         if not request.streaming:
             raise TypeError("fake Executor: only streaming requests are modelled (the adapter always streams)")
+        if len(request.input_token_ids) > self.max_input_len:
+            rid = next(_ids)
+            self._respond(Response(rid, error_msg=(
+                f"Prompt length ({len(request.input_token_ids)}) exceeds maximum input length ({self.max_input_len}). "
+                "Set log level to info and check TRTGptModel logs for how maximum input length is set")))
+            return rid
         disagg = None
         if request.request_type is RequestType.REQUEST_TYPE_CONTEXT_ONLY:
             disagg = DisaggregatedParams("context_only")

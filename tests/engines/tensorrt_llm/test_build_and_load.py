@@ -131,11 +131,13 @@ def _fake_trtllm_build(tmp_path: Path, monkeypatch) -> Path:
 while [ $# -gt 0 ]; do
   case "$1" in
     --output_dir) out="$2";; --max_batch_size) mbs="$2";; --max_seq_len) msl="$2";; --tokens_per_block) tpb="$2";;
+    --max_input_len) mil="$2";; --max_num_tokens) mnt="$2";;
   esac; shift
 done
 mkdir -p "$out" && echo fake > "$out/rank0.engine"
-printf '{"build_config": {"max_batch_size": %s, "max_seq_len": %s, "tokens_per_block": %s}}' $mbs $msl $tpb \
-  > "$out/config.json"
+# trtllm-build's defaults where a flag is not given (tensorrt_llm/commands/build.py)
+printf '{"build_config": {"max_batch_size": %s, "max_seq_len": %s, "tokens_per_block": %s, "max_input_len": %s, "max_num_tokens": %s}}' \
+  $mbs $msl $tpb ${mil:-1024} ${mnt:-8192} > "$out/config.json"
 """)
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -150,7 +152,7 @@ def test_engine_flavour_runs_conversion_and_trtllm_build(model_dir, tmp_path, ca
     assert code == 0, err
     args = log.read_text().split()
     for flag, value in (("--max_batch_size", "16"), ("--max_seq_len", "128"), ("--kv_cache_type", "paged"),
-                        ("--tokens_per_block", "32")):
+                        ("--tokens_per_block", "32"), ("--max_input_len", "128"), ("--max_num_tokens", "8192")):
         assert args[args.index(flag) + 1] == value
     m = read_manifest(out)
     assert m.extra["llm_settings"]["flavour"] == "engine" and (out / "engine" / "rank0.engine").is_file()
@@ -177,6 +179,24 @@ def test_engine_flavour_runs_conversion_and_trtllm_build(model_dir, tmp_path, ca
     e = load_engine(out, host_kv_blocks=5)  # the override sizes TensorRT-LLM's host cache on this flavour
     try:
         assert e.describe().host_blocks == 5 and e.llm.config.kv_cache_config.host_cache_size == 5 * m.bytes_per_block
+    finally:
+        e.close()
+
+
+def test_an_engine_built_for_long_sequences_takes_a_prompt_over_1024_tokens(model_dir, tmp_path, capsys, trtllm,
+                                                                            monkeypatch):
+    # trtllm-build's default --max_input_len is 1,024: without the flag a 1,500-token prompt (or
+    # a parked request resubmitted with prompt + generated tokens) is refused by the executor.
+    _fake_trtllm_build(tmp_path, monkeypatch)
+    out = tmp_path / "eng"
+    code, err = build(["--backend", "trtllm", "--model", str(model_dir), "--out", str(out), "--max-batch-size", "4",
+                       "--block-size", "32", "--max-seq-len", "2048", "--kv-memory-gb", "0.01"], capsys)
+    assert code == 0, err
+    e = load_engine(out)
+    try:
+        e.prefill([PrefillRequest("long", [1] + [5] * 1499)])
+        e.decode(["long"])
+        e.free(["long"])
     finally:
         e.close()
 
