@@ -46,6 +46,21 @@ class SamplingParams:
     """Keep the smallest set of tokens whose probability mass reaches p (nucleus); 1 disables."""
     seed: int | None = None
     """Seed of this request's own random generator: the same seed gives the same tokens."""
+    repetition_penalty: float = 1.0
+    """Logits of tokens already in the sequence (prompt and output) divided by it where positive,
+    multiplied where negative (transformers' RepetitionPenaltyLogitsProcessor); 1 disables."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token already generated (OpenAI's, vLLM's)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was generated (OpenAI's, vLLM's)."""
+    min_tokens: int = 0
+    """The tokens of `stop_ids` cannot be chosen before this many tokens are generated."""
+    stop_ids: tuple[int, ...] = ()
+    """The tokens that would end the request (its end_id, or the model's EOS tokens): what
+    min_tokens holds back. The orchestrator fills it in."""
+    bad_words: tuple[tuple[int, ...], ...] = ()
+    """Token sequences never generated: a word's last token is banned where the sequence ends
+    with the rest of the word (transformers' NoBadWordsLogitsProcessor)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -56,6 +71,21 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not (0 <= self.seed < 2**63):
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 disables it), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number (0 disables it), got {getattr(self, name)}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if any(not w or min(w) < 0 for w in self.bad_words):
+            raise ValueError("bad_words must be non-empty sequences of token ids >= 0")
+
+    @property
+    def shapes_logits(self) -> bool:
+        """A penalty, a minimum length or bad words change the logits before the choice."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or (self.min_tokens > 0 and bool(self.stop_ids)) or bool(self.bad_words))
 
     @property
     def greedy(self) -> bool:
@@ -78,6 +108,9 @@ class Capabilities:
     can_overlap_prefill: bool = False
     """`start_prefill` on a device other than the decode device runs concurrently with decode
     steps (a disaggregated prefill device). False: it runs before the call returns."""
+    can_shape_logits: bool = False
+    """SamplingParams' penalties, min_tokens and bad_words are applied (False: the orchestrator
+    refuses requests that set them)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ imports a concrete engine.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -192,6 +193,22 @@ class Orchestrator:
                 continue
         return self.loop.metrics.summary()
 
+    def _shaping(self, sampling: SamplingParams, stop_ids: frozenset[int]) -> SamplingParams:
+        """The penalties, min_tokens and bad words checked against the engine and the vocabulary;
+        min_tokens holds back the request's stop tokens (its end_id or the model's EOS)."""
+        vocab = self.info.model.vocab_size
+        for word in sampling.bad_words:
+            if max(word) >= vocab:
+                raise RequestRejected("bad_words", f"token ids {word} fall outside the vocabulary [0, {vocab})")
+        if sampling.min_tokens:
+            sampling = dataclasses.replace(sampling, stop_ids=tuple(sorted(stop_ids)))
+        if sampling.shapes_logits and not self.info.capabilities.can_shape_logits:
+            name = next(n for n, neutral in (("repetition_penalty", 1.0), ("presence_penalty", 0.0),
+                                             ("frequency_penalty", 0.0), ("min_tokens", 0), ("bad_words", ()))
+                        if getattr(sampling, n) != neutral)
+            raise RequestRejected(name, f"this engine ({self.info.backend}) does not apply it yet; leave it out")
+        return sampling
+
     def _build(self, prompt_ids, max_tokens, sampling, end_id, stop_sequences, on_event,
                ignore_eos: bool = False) -> Request:
         cfg, model = self.config, self.info.model
@@ -236,11 +253,12 @@ class Orchestrator:
         for s in stops:
             if any(not 0 <= t < model.vocab_size for t in s):
                 raise RequestRejected("stop_words", f"token ids {s} fall outside the vocabulary")
+        sampling = self._shaping(sampling or SamplingParams(), stop_ids)
         return Request(
             id=f"req-{next(self._ids)}",
             prompt_ids=prompt,
             max_tokens=max_tokens,
-            sampling=sampling or SamplingParams(),
+            sampling=sampling,
             stop_token_ids=stop_ids,
             stop_sequences=stops,
             on_event=on_event,

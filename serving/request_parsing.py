@@ -33,6 +33,9 @@ class GenerateParams:
     """The prompt as token ids, where the client sent `input_ids` instead of text."""
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     """Token-id stop sequences (`stop_words_list`, TensorRT-LLM's [2, n] form), kept in the output."""
+    bad_words: tuple[str, ...] = ()
+    """Words never generated, as text (`bad_words`); the model tokenizes them into
+    `sampling.bad_words` beside the token-id ones of `bad_words_list`."""
 
 
 def scalar(inputs: Mapping[str, np.ndarray], name: str):
@@ -111,15 +114,44 @@ def parse_request(inputs: Mapping[str, np.ndarray], max_tokens_limit: int, vocab
         words = [_text(w, "stop_words") for w in np.asarray(inputs["stop_words"]).reshape(-1)]
         stop_words = tuple(w for w in words if w)
 
+    shaping = _shaping(inputs, max_tokens_limit)
     sampling = SamplingParams(
         temperature=0.0 if temperature is None else temperature,
         top_k=top_k,
         top_p=1.0 if top_p is None else top_p,
         seed=seed,
+        **shaping,
     )
     stop_sequences = _words_list(inputs["stop_words_list"], "stop_words_list") if inputs.get("stop_words_list") is not None else ()
+    bad_words: tuple[str, ...] = ()
+    if inputs.get("bad_words") is not None:
+        bad_words = tuple(w for w in (_text(x, "bad_words") for x in np.asarray(inputs["bad_words"]).reshape(-1)) if w)
     return GenerateParams(text, max_tokens, bool(stream) if stream is not None else False,
-                          sampling, end_id, stop_words, prompt_ids, stop_sequences)
+                          sampling, end_id, stop_words, prompt_ids, stop_sequences, bad_words)
+
+
+def _shaping(inputs: Mapping[str, np.ndarray], max_tokens_limit: int) -> dict:
+    """The penalties, min_tokens (TensorRT-LLM's older name: min_length) and token-id bad words
+    (`bad_words_list`, the [2, n] form), as SamplingParams fields."""
+    out: dict = {}
+    value = scalar(inputs, "repetition_penalty")
+    if value is not None:
+        if not (math.isfinite(float(value)) and float(value) > 0):
+            raise RequestRejected("repetition_penalty", f"{value} must be a finite number > 0 (1 = off)")
+        out["repetition_penalty"] = float(value)
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = scalar(inputs, name)
+        if value is not None:
+            if not math.isfinite(float(value)):
+                raise RequestRejected(name, f"{value} must be a finite number (0 = off)")
+            out[name] = float(value)
+    for name in ("min_tokens", "min_length"):
+        value = scalar(inputs, name)
+        if value is not None:
+            out["min_tokens"] = _int(value, name, 0, max_tokens_limit)
+    if inputs.get("bad_words_list") is not None:
+        out["bad_words"] = _words_list(inputs["bad_words_list"], "bad_words_list")
+    return out
 
 
 def _words_list(arr: np.ndarray, name: str) -> tuple[tuple[int, ...], ...]:

@@ -91,11 +91,6 @@ _NEUTRAL_ONLY = {
     "return_kv_cache_reuse_stats": (False, "KV cache reuse stats are not returned"),
     "return_num_input_tokens": (False, "token counts are not returned yet"),
     "return_num_output_tokens": (False, "token counts are not returned yet"),
-    "repetition_penalty": (1.0, "repetition penalty is not applied yet: send 1.0 or leave it out"),
-    "presence_penalty": (0.0, "presence penalty is not applied yet: send 0.0 or leave it out"),
-    "frequency_penalty": (0.0, "frequency penalty is not applied yet: send 0.0 or leave it out"),
-    "min_tokens": (0, "min_tokens is not applied yet: send 0 or leave it out"),
-    "min_length": (0, "min_length is not applied yet: send 0 or leave it out"),
 }
 # Beam-search-only settings: without beam search TensorRT-LLM ignores them too.
 _BEAM_ONLY = ("length_penalty", "len_penalty", "early_stopping", "beam_search_diversity_rate")
@@ -159,12 +154,16 @@ def _batch(value, dtype) -> np.ndarray:
 def _common(inputs: Mapping[str, np.ndarray], inner: dict[str, np.ndarray], *, top_k: str, top_p: str) -> None:
     """The sampling inputs both interfaces share, under their upstream names."""
     _refuse_unsupported(inputs)
-    if _words_present(inputs, "bad_words") or _words_present(inputs, "bad_words_list"):
-        raise RequestRejected("bad_words" if "bad_words" in inputs else "bad_words_list",
-                              "bad words are not applied yet: send an empty list or leave it out")
-    for name in ("temperature", "end_id"):
+    for name in ("temperature", "end_id", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         if inputs.get(name) is not None:
             inner[name] = np.asarray(inputs[name]).reshape(1, -1)
+    lengths = [n for n in ("min_tokens", "min_length") if inputs.get(n) is not None]
+    if lengths:  # 1.x renamed min_length to min_tokens; either is taken
+        inner["min_tokens"] = np.asarray(inputs[lengths[0]]).astype(np.int32).reshape(1, -1)
+    if _words_present(inputs, "bad_words"):
+        inner["bad_words"] = np.asarray(inputs["bad_words"]).reshape(1, -1)
+    if _words_present(inputs, "bad_words_list"):
+        inner["bad_words_list"] = np.asarray(inputs["bad_words_list"]).astype(np.int32).reshape(1, 2, -1)
     for src, dst in ((top_k, "top_k"), (top_p, "top_p")):
         value = scalar(inputs, src)
         if value is None or (dst == "top_p" and value <= 0):  # TensorRT-LLM: top_p <= 0 is "not set"

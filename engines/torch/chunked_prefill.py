@@ -80,16 +80,18 @@ def commit_mixed(seqs: dict[str, SequenceState], ids: list[str], decoding: list[
     out = dict(zip(ids, tokens))
     for s, tok in zip(decoding, tokens):
         s.kv_len += 1
-        s.last_token = tok
+        s.record(tok)
     first_tokens = iter(tokens[len(ids):])
     for c, (params, generator) in zip(chunks, states):
         rid = c.request.request_id
         if c.start == 0:
-            seqs[rid] = SequenceState(0, None, params, generator, len(c.request.prompt_ids))
+            seqs[rid] = SequenceState(0, None, params, generator, len(c.request.prompt_ids),
+                                      list(c.request.prompt_ids) if params.shapes_logits else [])
         seq = seqs[rid]
         seq.kv_len = c.end
         if c.last:
-            seq.last_token = out[rid] = next(first_tokens)
+            out[rid] = next(first_tokens)
+            seq.record(out[rid])
     return out
 
 

@@ -247,14 +247,18 @@ class TorchEngine(Engine):
             # Generators live on the decode device, which draws every later token: a seeded
             # request then gets the same tokens wherever it was prefilled.
             generators = [None if r.sampling.greedy else make_generator(r.sampling, self.device) for r in requests]
-            tokens = sample(last.to(self.device), [r.sampling for r in requests], generators)
+            histories = [(list(r.prompt_ids), len(r.prompt_ids)) if r.sampling.shapes_logits else None for r in requests]
+            tokens = sample(last.to(self.device), [r.sampling for r in requests], generators, histories)
         except Exception:
             for i in ids:
                 on.cache.release(i)
             raise
         seconds = self._clock(on.device) - start
         for r, tok, g in zip(requests, tokens, generators):
-            self._seqs[r.request_id] = SequenceState(len(r.prompt_ids), tok, r.sampling, g, len(r.prompt_ids))
+            seq = SequenceState(len(r.prompt_ids), None, r.sampling, g, len(r.prompt_ids),
+                                list(r.prompt_ids) if r.sampling.shapes_logits else [])
+            seq.record(tok)
+            self._seqs[r.request_id] = seq
         lens = [len(r.prompt_ids) for r in requests]
         timing = CallTiming("prefill", seconds, len(ids), sum(lens), sum(lens), max(lens))
         return StepResult(dict(zip(ids, tokens)), timing), logits
@@ -277,11 +281,11 @@ class TorchEngine(Engine):
         start = self._clock(self.device)
         batch = self._batch(self.cache, ids, [[s.last_token] for s in seqs], [s.kv_len for s in seqs], self.device)
         logits = self.model(batch, self.cache)
-        tokens = sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
+        tokens = sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs], [s.history() for s in seqs])
         seconds = self._clock(self.device) - start
         for s, tok in zip(seqs, tokens):
             s.kv_len += 1
-            s.last_token = tok
+            s.record(tok)
         kv = [s.kv_len for s in seqs]
         timing = CallTiming("decode", seconds, len(ids), len(ids), sum(kv), max(kv))
         return StepResult(dict(zip(ids, tokens)), timing), logits
@@ -350,7 +354,10 @@ class TorchEngine(Engine):
             rows = list(range(len(ids))) + [len(ids) + k for k, c in enumerate(chunks) if c.last]
             params = [s.sampling for s in decoding] + [p for (p, _), c in zip(states, chunks) if c.last]
             generators = [s.generator for s in decoding] + [g for (_, g), c in zip(states, chunks) if c.last]
-            tokens = sample(logits[rows], params, generators)
+            histories = [s.history() for s in decoding] + [
+                (list(c.request.prompt_ids), len(c.request.prompt_ids)) if p.shapes_logits else None
+                for (p, _), c in zip(states, chunks) if c.last]
+            tokens = sample(logits[rows], params, generators, histories)
         except Exception:
             undo_reservations(self.cache, held, new)
             raise
@@ -412,7 +419,7 @@ class TorchEngine(Engine):
 
     def _capabilities(self) -> Capabilities:
         return Capabilities(can_offload=self.host_pool is not None, can_peer_copy=len(self._devices) >= 2,
-                            can_form_batches=True, can_chunk_prefill=True)
+                            can_form_batches=True, can_chunk_prefill=True, can_shape_logits=True)
 
     def _batch(self, cache, ids: list[str], runs: list, starts: list[int], device: torch.device) -> ForwardBatch:
         return build_batch(cache, ids, runs, starts, device, self.attention, self.cfg.q_per_kv)

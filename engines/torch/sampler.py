@@ -1,4 +1,5 @@
-"""Choosing next tokens from logits: greedy, temperature, top-k, top-p.
+"""Choosing next tokens from logits: penalties, minimum length and bad words shape the logits
+(as transformers' logits processors do), then greedy, temperature, top-k, top-p.
 
 Each request draws from its own `torch.Generator`, seeded from its SamplingParams, and draws
 exactly one number per step; so its tokens depend on its seed and its logits only, never on
@@ -44,9 +45,39 @@ def filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tu
     return probs / probs.sum(dim=-1, keepdim=True), token_ids
 
 
+def shape_logits(row: torch.Tensor, p: SamplingParams, tokens: Sequence[int], prompt_len: int) -> torch.Tensor:
+    """One row of logits [V] after p's penalties, minimum length and bad words, for a sequence of
+    `tokens` so far (prompt, then the generated ones, the last fed this step). A new tensor."""
+    row = row.float().clone()
+    generated = tokens[prompt_len:]
+    if p.repetition_penalty != 1.0 and tokens:
+        ids = torch.tensor(sorted(set(tokens)), device=row.device)
+        seen = row[ids]
+        row[ids] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and generated:
+        ids, counts = torch.unique(torch.tensor(list(generated), device=row.device), return_counts=True)
+        row[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(row.dtype)
+    if p.min_tokens and len(generated) < p.min_tokens and p.stop_ids:
+        row[list(p.stop_ids)] = float("-inf")
+    for word in p.bad_words:
+        if len(word) == 1 or tuple(tokens[len(tokens) - len(word) + 1:]) == tuple(word[:-1]):
+            row[word[-1]] = float("-inf")
+    return row
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           generators: Sequence[torch.Generator | None]) -> list[int]:
-    """Next token of each row of logits [B, V]; generators[i] may be None for greedy rows."""
+           generators: Sequence[torch.Generator | None],
+           histories: Sequence[tuple[Sequence[int], int] | None] | None = None) -> list[int]:
+    """Next token of each row of logits [B, V]; generators[i] may be None for greedy rows.
+    histories[i]: (the row's tokens so far, its prompt length), needed where params[i] shapes
+    the logits (`SamplingParams.shapes_logits`)."""
+    shaped = [i for i, p in enumerate(params) if p.shapes_logits]
+    if shaped:
+        if histories is None or any(histories[i] is None for i in shaped):
+            raise ValueError("sample: a request with penalties, min_tokens or bad words needs its tokens so far")
+        logits = logits.float().clone()
+        for i in shaped:
+            logits[i] = shape_logits(logits[i], params[i], *histories[i])
     ops = fused_ops(logits) if logits.dtype == torch.float32 else None
     # On CPU the kernel: aten::argmax was 6% of a profiled 32-row decode step (docs/benchmarks.md).
     tokens = ops.argmax_rows(logits) if ops is not None else logits.argmax(dim=-1)

@@ -5,7 +5,7 @@ the request has computed so far and how it samples its next token.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,3 +27,16 @@ class SequenceState:
     prefilling elsewhere or offloading changes no token."""
     prompt_len: int
     """Tokens in the prompt; a chunked prefill is complete when kv_len reaches it."""
+    tokens: list[int] = field(default_factory=list)
+    """The prompt and every token sampled since, kept where the sampling shapes the logits
+    (penalties, min_tokens, bad words: `SamplingParams.shapes_logits`); empty otherwise."""
+
+    def history(self) -> tuple[list[int], int] | None:
+        """(tokens so far, prompt length) for `sampler.sample`, where the sampling needs them."""
+        return (self.tokens, self.prompt_len) if self.sampling.shapes_logits else None
+
+    def record(self, token: int) -> None:
+        """A token was sampled for this request."""
+        self.last_token = token
+        if self.sampling.shapes_logits:
+            self.tokens.append(token)

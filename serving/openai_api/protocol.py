@@ -24,12 +24,13 @@ DEFAULT_TEMPERATURE = 1.0
 """OpenAI's default: a request without `temperature` samples."""
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop", "seed",
-           "ignore_eos"}
+           "ignore_eos", "frequency_penalty", "presence_penalty", "repetition_penalty", "min_tokens"}
 FIELDS = {
     "chat": _COMMON | {"messages", "max_completion_tokens"},
     "completion": _COMMON | {"prompt"},
 }
-"""What each endpoint implements (top_k and ignore_eos as vLLM has them; OpenAI has neither)."""
+"""What each endpoint implements (top_k, ignore_eos, repetition_penalty and min_tokens as vLLM has
+them; OpenAI has none of those)."""
 HARMLESS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
             "prompt_cache_key"}
 """OpenAI fields accepted and ignored: they do not change the generated answer."""
@@ -58,11 +59,8 @@ UNSUPPORTED = {
         "best_of": ((None, 1), "best_of other than 1 is not implemented"),
     },
 }
-for _kind in UNSUPPORTED:  # penalties and biases: both endpoints
+for _kind in UNSUPPORTED:  # biases: both endpoints
     UNSUPPORTED[_kind].update({
-        "frequency_penalty": ((None, 0), "penalties are not implemented"),
-        "presence_penalty": ((None, 0), "penalties are not implemented"),
-        "repetition_penalty": ((None, 1), "penalties are not implemented"),  # vLLM's; its bench client sends 1.0
         "logit_bias": ((None, {}), "logit_bias is not implemented"),
     })
 CHAT_ROLES = ("system", "developer", "user", "assistant")
@@ -191,7 +189,19 @@ def _sampling(body: dict) -> SamplingParams:
             raise ApiError(400, f"seed: {seed} is outside [0, 2**63 - 1]", "seed")
     if top_p == 0.0:  # only the most likely token is left: greedy
         temperature, top_p = 0.0, 1.0
-    return SamplingParams(temperature=temperature, top_k=max(top_k, 0), top_p=top_p, seed=seed)
+    # OpenAI's ranges for its penalties; vLLM's for repetition_penalty and min_tokens.
+    frequency = _number(body.get("frequency_penalty"), "frequency_penalty", -2.0, 2.0, 0.0)
+    presence = _number(body.get("presence_penalty"), "presence_penalty", -2.0, 2.0, 0.0)
+    repetition = _number(body.get("repetition_penalty"), "repetition_penalty", 0.0, 100.0, 1.0)
+    if repetition <= 0:
+        raise ApiError(400, f"repetition_penalty: {repetition} must be > 0 (1: off)", "repetition_penalty")
+    min_tokens = body.get("min_tokens")
+    min_tokens = 0 if min_tokens is None else _int(min_tokens, "min_tokens")
+    if min_tokens < 0:
+        raise ApiError(400, f"min_tokens: {min_tokens} must be >= 0", "min_tokens")
+    return SamplingParams(temperature=temperature, top_k=max(top_k, 0), top_p=top_p, seed=seed,
+                          frequency_penalty=frequency, presence_penalty=presence, repetition_penalty=repetition,
+                          min_tokens=min_tokens)
 
 
 def _stream_options(options, stream: bool) -> bool:

@@ -208,3 +208,31 @@ def test_iteration_metrics_record_batch_shape_and_alignment(engine):
     summary = orch.snapshot().totals
     assert summary["iterations"] == len(history) == 3 and summary["tokens"] == 6
     assert summary["recent"]["batch_size"] == 2.0
+
+
+def test_min_tokens_holds_back_the_requests_own_stop_token(engine):
+    prompt, ref, k = next((p, r, i) for p in PROMPTS for r in [alone(engine, p, 10)]
+                          for i in range(2, 10) if r[i] not in r[:i])
+    orch = make(engine)
+    short, held = TokenStream(), TokenStream()
+    orch.submit(prompt, max_tokens=10, end_id=ref[k], on_event=short)  # stops before ref[k]
+    r = orch.submit(prompt, max_tokens=10, end_id=ref[k], sampling=SamplingParams(min_tokens=k + 2), on_event=held)
+    assert r.sampling.stop_ids == (ref[k],)  # filled in from the request's own end_id
+    run_until_idle(orch)
+    assert short.result(1) == ref[:k] and short.finish_reason is FinishReason.STOP
+    out = held.result(1)
+    assert len(out) >= k + 2 and ref[k] not in out[:k + 2] and out[:k] == ref[:k]
+
+
+def test_an_engine_that_cannot_shape_logits_refuses_by_name():
+    from engines.sim.cost_model import CostModel
+    from engines.sim.engine import SimEngine
+    from engines.sim.profiles import H100_SXM, OPT_13B
+    orch = Orchestrator(SimEngine(CostModel(H100_SXM, OPT_13B), kv_blocks=64, block_size=16, max_seq_len=256),
+                        ServeConfig(policy="fcfs"))
+    with pytest.raises(RequestRejected) as e:
+        orch.submit([1, 2, 3], max_tokens=4, sampling=SamplingParams(frequency_penalty=0.5))
+    assert e.value.field == "frequency_penalty" and "does not apply it" in e.value.message
+    with pytest.raises(RequestRejected) as e:
+        orch.submit([1, 2, 3], max_tokens=4, sampling=SamplingParams(bad_words=((10_000_000,),)))
+    assert e.value.field == "bad_words" and "outside the vocabulary" in e.value.message

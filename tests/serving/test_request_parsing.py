@@ -74,3 +74,26 @@ def test_token_inputs_are_checked(inputs, field, words):
     with pytest.raises(RequestRejected) as e:
         parse_request({"max_tokens": np.array([[4]], dtype=np.int32), **inputs}, 100, vocab_size=100)
     assert e.value.field == field and words in e.value.message
+
+
+def test_penalties_min_tokens_and_bad_words():
+    p = parse_request(req(repetition_penalty=np.array([[1.3]], dtype=np.float32),
+                          presence_penalty=np.array([[0.5]], dtype=np.float32),
+                          frequency_penalty=np.array([[-0.25]], dtype=np.float32),
+                          min_length=np.array([[3]], dtype=np.int32),
+                          bad_words=np.array([[b"nope", b""]], dtype=object),
+                          bad_words_list=np.array([[[13, 50, -1], [1, 2, -1]]], dtype=np.int32)), 100)
+    s = p.sampling
+    assert s.repetition_penalty == pytest.approx(1.3) and s.presence_penalty == 0.5 and s.frequency_penalty == -0.25
+    assert s.min_tokens == 3 and s.bad_words == ((13,), (50,)) and p.bad_words == ("nope",)
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("repetition_penalty", np.array([[0.0]], dtype=np.float32), "> 0"),
+    ("presence_penalty", np.array([[np.inf]], dtype=np.float32), "finite"),
+    ("min_tokens", np.array([[101]], dtype=np.int32), "outside [0, 100]"),
+])
+def test_shaping_inputs_are_checked(name, value, words):
+    with pytest.raises(RequestRejected) as e:
+        parse_request(req(**{name: value}), 100)
+    assert e.value.field == name and words in e.value.message

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import requests
 import torch
@@ -67,6 +68,38 @@ def test_nvidias_end_to_end_client_gets_transformers_greedy_text(server, referen
         assert error is None and texts == [prompt + tokenizer.decode(ids)], prompt  # the prompt echoed
         pieces, error = e2e_call(server, model, e2e_inputs(prompt, NEW_TOKENS, stream=True, end_id=None))
         assert error is None and "".join(pieces) == tokenizer.decode(ids), prompt
+
+
+def test_bad_words_and_a_repetition_penalty_through_the_ensemble_equal_transformers(server, reference,
+                                                                                   smollm2_engine_dir):
+    expected, tokenizer = reference
+    prompt, plain = expected[0]  # "What is the capital of France?": "The capital of France is Paris."
+    word = " Paris"
+    banned = tokenizer.encode(word, add_special_tokens=False).ids
+    model = AutoModelForCausalLM.from_pretrained(smollm2_engine_dir, dtype=torch.float32).eval()
+    ids = tokenizer.encode(prompt).ids
+    with torch.no_grad():
+        gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=NEW_TOKENS, do_sample=False, repetition_penalty=1.3,
+                             bad_words_ids=[banned])[0, len(ids):].tolist()
+    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
+              else [model.generation_config.eos_token_id])
+    gen = gen[:next((i for i, t in enumerate(gen) if t in eos), len(gen))]
+    assert gen != plain and "Paris" in tokenizer.decode(plain)
+    inputs = e2e_inputs(prompt, NEW_TOKENS, stream=False, end_id=None,
+                        repetition_penalty=np.array([[1.3]], dtype=np.float32),
+                        bad_words=np.array([[word.encode()]], dtype=object))
+    texts, error = e2e_call(server, "ensemble", inputs)
+    assert error is None and texts == [prompt + tokenizer.decode(gen)]
+    # The OpenAI API's repetition_penalty (vLLM's extension) is the same processor.
+    with torch.no_grad():
+        gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=NEW_TOKENS, do_sample=False, repetition_penalty=1.3)[0, len(ids):].tolist()
+    gen = gen[:next((i for i, t in enumerate(gen) if t in eos), len(gen))]
+    client = OpenAI(base_url=server.openai_url, api_key="none")
+    whole = client.completions.create(model=client.models.list().data[0].id, prompt=prompt, max_tokens=NEW_TOKENS,
+                                      temperature=0, extra_body={"repetition_penalty": 1.3})
+    assert whole.choices[0].text == tokenizer.decode(gen)
 
 
 def test_nvidias_in_flight_batcher_client_gets_transformers_greedy_ids(server, reference):

@@ -62,9 +62,8 @@ def test_the_readmes_empty_word_lists_and_both_seed_names_are_taken():
     ("num_return_sequences", np.array([[3]], dtype=np.int32), "one sequence per request"),
     ("return_log_probs", np.array([[True]]), "log probabilities"),
     ("return_generation_logits", np.array([[True]]), "generation logits"),
-    ("bad_words", np.array([[b"nope"]], dtype=object), "bad words"),
-    ("repetition_penalty", np.array([[1.2]], dtype=np.float32), "repetition penalty"),
-    ("min_tokens", np.array([[4]], dtype=np.int32), "min_tokens"),
+    ("return_perf_metrics", np.array([[True]]), "perf metrics"),
+    ("return_num_output_tokens", np.array([[True]]), "token counts"),
     ("lora_task_id", np.array([[1]], dtype=np.uint64), "LoRA"),
     ("guided_decoding_guide_type", np.array([[b"json"]], dtype=object), "guided decoding"),
 ])
@@ -72,6 +71,20 @@ def test_what_the_engine_cannot_honour_is_refused_by_name(name, value, words):
     with pytest.raises(RequestRejected) as e:
         text_request(e2e_client_inputs(**{name: value}))
     assert e.value.field == name and words in e.value.message
+
+
+def test_penalties_min_length_and_bad_words_are_forwarded():
+    front = text_request(e2e_client_inputs(repetition_penalty=np.array([[1.2]], dtype=np.float32),
+                                           presence_penalty=np.array([[0.5]], dtype=np.float32),
+                                           min_length=np.array([[4]], dtype=np.int32),
+                                           bad_words=np.array([[b"nope", b"never"]], dtype=object)))
+    assert front.inner["repetition_penalty"].tolist() == [[pytest.approx(1.2)]]
+    assert front.inner["presence_penalty"].tolist() == [[0.5]] and front.inner["min_tokens"].tolist() == [[4]]
+    assert front.inner["bad_words"].tolist() == [[b"nope", b"never"]]
+    words = np.array([[[13, 50, -1], [1, 2, -1]]], dtype=np.int32)
+    front = token_request(ifb_client_inputs(bad_words_list=words, frequency_penalty=np.array([[0.3]], dtype=np.float32)))
+    assert front.inner["bad_words_list"].tolist() == [[[13, 50, -1], [1, 2, -1]]]
+    assert front.inner["frequency_penalty"].tolist() == [[pytest.approx(0.3)]]
 
 
 def test_neutral_values_of_unsupported_settings_pass():

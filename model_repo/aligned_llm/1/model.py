@@ -9,6 +9,7 @@ The same orchestrator serves the admin dashboard (`admin_port`) and the OpenAI-c
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -133,19 +134,24 @@ class TritonPythonModel:
     def _submit(self, request, sender) -> None:
         inputs = {}
         for name in ("text_input", "input_ids", "max_tokens", "stream", "temperature", "top_k", "top_p",
-                     "seed", "end_id", "stop_words", "stop_words_list"):
+                     "seed", "end_id", "stop_words", "stop_words_list", "bad_words", "bad_words_list",
+                     "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens"):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 inputs[name] = tensor.as_numpy()
         params = parse_request(inputs, self.max_tokens_limit, self.vocab_size)
         prompt_ids = list(params.prompt_ids) or self.tokenizer.encode(params.text).ids
+        sampling = params.sampling
+        if params.bad_words:  # as TensorRT-LLM's preprocessing does: each word's ids, no special tokens
+            words = tuple(tuple(self.tokenizer.encode(w, add_special_tokens=False).ids) for w in params.bad_words)
+            sampling = dataclasses.replace(sampling, bad_words=sampling.bad_words + tuple(w for w in words if w))
         # Stop words are matched on the text (serving/stop_strings.py), kept in it as TensorRT-LLM does.
         output = TextOutput(self.tokenizer, params.stop_words, keep_stop=True,
                             on_stop=stop_request(self.orchestrator))
         ctx = _Stream(sender, output, params.stream, triton_id=request.request_id())
         with self._live_lock:
             req = self.orchestrator.submit(
-                prompt_ids, params.max_tokens, params.sampling, params.end_id, params.stop_sequences,
+                prompt_ids, params.max_tokens, sampling, params.end_id, params.stop_sequences,
                 on_event=lambda event, ctx=ctx: self._outbox.put((ctx, event)))
             ctx.request_id = req.id
             self._live.add(ctx)
