@@ -51,7 +51,7 @@ def binary(pa_venv: Path) -> tuple[Path, dict[str, str]]:
 
 
 def measure(exe: Path, env: dict, url: str, model: str, concurrency: int, request_count: int,
-            max_tokens: int, workdir: Path) -> dict:
+            max_tokens: int, workdir: Path, timeout: float = 900) -> dict:
     """perf_analyzer on one model at one concurrency: its CSV row."""
     data, out = workdir / f"{model}.json", workdir / f"{model}-c{concurrency}.csv"
     data.write_text(json.dumps(input_data(model, max_tokens)))
@@ -59,7 +59,7 @@ def measure(exe: Path, env: dict, url: str, model: str, concurrency: int, reques
            "--concurrency-range", str(concurrency), "--request-count", str(request_count), "-f", str(out)]
     if model in DECOUPLED:
         cmd.append("--streaming")
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0 or not out.is_file():
         raise RuntimeError(f"perf_analyzer on {model} at concurrency {concurrency} exited {r.returncode}:\n"
                            f"{(r.stdout + r.stderr)[-2000:]}")
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--pa-venv", type=Path, default=PA_VENV)
     p.add_argument("--out", type=Path, default=None, help="keep perf_analyzer's CSVs and a summary here")
+    p.add_argument("--timeout", type=float, default=900, help="seconds one perf_analyzer run may take")
     a = p.parse_args(argv)
     exe, env = binary(a.pa_venv)
     server = None
@@ -97,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             for model in a.models:
                 for c in a.concurrency:
                     try:
-                        rows.append(dict(measure(exe, env, url, model, c, a.request_count, a.max_tokens, workdir),
-                                         model=model))
+                        rows.append(dict(measure(exe, env, url, model, c, a.request_count, a.max_tokens, workdir,
+                                                 a.timeout), model=model))
                     except (RuntimeError, subprocess.TimeoutExpired) as e:
                         failed.append(f"{model} at {c}")
                         print(e, file=sys.stderr)

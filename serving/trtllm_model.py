@@ -40,6 +40,8 @@ class _Forward:
     """aligned_llm answered once: it has the request, so a stop by id reaches it."""
     stop_wanted: bool = False
     stopped: bool = False
+    finished: bool = False
+    """Its final response went out: its sender must not be touched again."""
 
 
 class FrontModel:
@@ -130,16 +132,30 @@ class FrontModel:
     def _send(self, fwd: _Forward, front: FrontRequest, text: str, ids: list[int], final: bool) -> None:
         if fwd.sender.is_cancelled():
             if final:
-                fwd.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    "request cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
+                self._final(fwd, pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    "request cancelled", pb_utils.TritonError.CANCELLED)))
             return
         outputs = token_outputs(front, ids) if self.tokens else text_outputs(front, text)
-        fwd.sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()]),
-                        flags=FINAL if final else 0)
+        response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
+        if final:
+            self._final(fwd, response)
+        else:
+            fwd.sender.send(response, flags=0)
 
-    @staticmethod
-    def _send_error(fwd: _Forward, message: str) -> None:
-        fwd.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
+    def _send_error(self, fwd: _Forward, message: str) -> None:
+        self._final(fwd, pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+
+    def _final(self, fwd: _Forward, response) -> None:
+        """Send fwd's final response. Under the lock the watcher holds while it asks senders
+        whether their client cancelled: after the final response Triton frees the request's
+        response factory, and asking it then crashes tritonserver (seen under perf_analyzer:
+        SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled)."""
+        with self._lock:
+            self._live.discard(fwd)
+            if fwd.finished:
+                return
+            fwd.finished = True
+            fwd.sender.send(response, flags=FINAL)
 
     # ---- cancellation -------------------------------------------------------------------------
 
@@ -170,12 +186,11 @@ class FrontModel:
 
     def _watch(self) -> None:
         while not self._stopping.wait(CANCEL_POLL_S):
-            with self._lock:
-                live = list(self._live)
-            for fwd in live:
+            with self._lock:  # no final response goes out meanwhile (`_final`)
+                cancelled = [f for f in self._live if not f.stop_wanted and f.sender.is_cancelled()]
+            for fwd in cancelled:
                 try:
-                    if not fwd.stop_wanted and fwd.sender.is_cancelled():
-                        self._stop_inner(fwd)
+                    self._stop_inner(fwd)
                 except Exception as e:
                     pb_utils.Logger.log_warn(f"{self.name}: cancelling {fwd.inner_id} failed: {e}")
 
