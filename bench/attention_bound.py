@@ -32,7 +32,6 @@ from pathlib import Path
 
 from bench import simulate as sim
 from bench.default_policy import DEFAULT_DISAGG, DISAGG
-from bench.workloads import make_workload
 from engines.sim.cost_model import CostConstants, CostModel
 from engines.sim.profiles import hardware_profile, model_profile
 
@@ -57,22 +56,14 @@ def decode_split(iterations, cost: CostModel) -> tuple[float, float, float]:
 
 def point(job: dict) -> list[dict]:
     """One (model, workload) at every load: the variant's decode split, pooled over its replicas."""
-    args = dict(job["args"], model=job["model"])
-    base = make_workload(job["workload"], job["requests"], args["seed"], **sim.WORKLOAD_ARGS.get(job["workload"], {}))
-    args["max_seq_len"] = max(r.prompt_len + r.output_len for r in base.requests)
-    cap = sim.capacity(args, base)
+    args, base, cap = sim.prepare(job["args"], job["model"], job["workload"], job["requests"])
     variant = sim.VARIANTS[job["variant"]]
     cost = CostModel(hardware_profile(args["hardware"]), model_profile(args["model"]), CostConstants(),
                      dispatch=sim.dispatch_of(args))
     out = []
     for load in job["loads"]:
-        wl = sim.with_load(base, load * cap, args["seed"])
-        lengths = [(r.prompt_len, r.output_len) for r in wl.requests]
-        arrivals = [r.arrival_s for r in wl.requests]
-        replicas = max(1, args["gpus"] // variant.gpus_per_replica)
         sums = [0.0, 0.0, 0.0]
-        for k in range(replicas):
-            part = sim.run_replica(args, variant, replicas, lengths[k::replicas], arrivals[k::replicas])
+        for part in sim.run_replicas(args, variant, sim.with_load(base, load * cap, args["seed"])):
             for i, x in enumerate(decode_split(part["iterations"], cost)):
                 sums[i] += x
         total, attention, roofline = sums

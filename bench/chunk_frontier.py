@@ -14,7 +14,6 @@ import argparse
 import sys
 
 from bench import simulate as sim
-from bench.workloads import make_workload
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,10 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=sim.MATRICES["paper"].requests)
     a = p.parse_args(argv)
     args = dict(hardware="H100-SXM", gpus=8, host_share=0.9, dispatch=a.dispatch, slo_ttft=2.0, slo_tpot=0.1, seed=0,
-                dashboard=None, model=a.model)
-    base = make_workload(a.workload, a.requests, 0, **sim.WORKLOAD_ARGS.get(a.workload, {}))
-    args["max_seq_len"] = max(r.prompt_len + r.output_len for r in base.requests)
-    workload = sim.with_load(base, a.load * sim.capacity(args, base), 0)
+                dashboard=None)
+    args, base, cap = sim.prepare(args, a.model, a.workload, a.requests)
+    workload = sim.with_load(base, a.load * cap, 0)
     variants = [sim.VARIANTS[sim.BASELINE], sim.VARIANTS["disagg-fcfs (DistServe-like)"]]
     variants += [sim.Variant(f"adaptive, {c} tokens a step", "adaptive", 1, dict(adaptive_chunks="on", chunk_tokens=c))
                  for c in a.chunks]

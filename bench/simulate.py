@@ -219,16 +219,21 @@ def drive_virtual(engine: SimEngine, config: ServeConfig, lengths: list[tuple[in
             "busy": dict(engine.busy_seconds), "virtual_s": clock()}
 
 
+def run_replicas(args: dict, variant: Variant, workload: Workload) -> list[dict]:
+    """One deployment on one workload: requests dealt to its replicas round-robin in arrival
+    order, each replica served on its own; what each replica's run returned (`run_replica`)."""
+    replicas = max(1, args["gpus"] // variant.gpus_per_replica)
+    lengths = [(r.prompt_len, r.output_len) for r in workload.requests]
+    arrivals = [r.arrival_s for r in workload.requests]
+    return [run_replica(args, variant, replicas, lengths[k::replicas], arrivals[k::replicas]) for k in range(replicas)]
+
+
 def run_variant(args: dict, variant: Variant, workload: Workload) -> dict:
     """Every replica of one deployment on one workload; the pooled metrics."""
-    replicas = max(1, args["gpus"] // variant.gpus_per_replica)
-    reqs = workload.requests
-    lengths = [(r.prompt_len, r.output_len) for r in reqs]
-    arrivals = [r.arrival_s for r in reqs]
     wall = time.perf_counter()
-    parts = [run_replica(args, variant, replicas, lengths[k::replicas], arrivals[k::replicas])
-             for k in range(replicas)]
+    parts = run_replicas(args, variant, workload)
     wall = time.perf_counter() - wall
+    replicas = len(parts)
     hw, model = hardware_profile(args["hardware"]), model_profile(args["model"])
     metrics = summarize(
         [r for p in parts for r in p["requests"]], [t for p in parts for t in p["scheduled"]],
@@ -266,12 +271,20 @@ def capacity(args: dict, workload: Workload) -> float:
     return m["request_s"]
 
 
+def prepare(args: dict, model: str, workload: str, requests: int | None,
+            probe: bool = True) -> tuple[dict, Workload, float | None]:
+    """One (model, workload) point's settings (args with the model and the workload's longest
+    sequence), its requests, and the fcfs capacity that loads multiply (None without the probe)."""
+    args = dict(args, model=model)
+    base = make_workload(workload, requests, args["seed"], **WORKLOAD_ARGS.get(workload, {}))
+    args["max_seq_len"] = max(r.prompt_len + r.output_len for r in base.requests)
+    return args, base, capacity(args, base) if probe else None
+
+
 def experiment(job: dict) -> list[dict]:
     """One (model, workload): the capacity probe, then every variant at every load."""
-    args = dict(job["args"], model=job["model"])
-    base = make_workload(job["workload"], job["requests"], args["seed"], **WORKLOAD_ARGS.get(job["workload"], {}))
-    args["max_seq_len"] = max(r.prompt_len + r.output_len for r in base.requests)
-    cap = capacity(args, base) if any(load is not None for load in job["loads"]) else None
+    args, base, cap = prepare(job["args"], job["model"], job["workload"], job["requests"],
+                              probe=any(load is not None for load in job["loads"]))
     kernel = kernel_for(hardware_profile(args["hardware"]), dispatch_of(args))
     out = []
     for load, label in itertools.product(job["loads"], job["variants"]):
