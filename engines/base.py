@@ -234,6 +234,10 @@ class PrefillRequest:
     request_id: str
     prompt_ids: Sequence[int]
     sampling: SamplingParams = SamplingParams()
+    max_new_tokens: int | None = None
+    """The most tokens the request will generate, its first included (the client's max_tokens);
+    None: up to the model's max_seq_len. An engine that reserves KV ahead (TensorRT-LLM's
+    GUARANTEED_NO_EVICT reserves prompt + max_tokens on admission) reserves for this."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -179,7 +179,7 @@ class PlanExecutor:
         """Prefill on the decode device; the requests whose ids are in `park` then move to the
         host pool, the others join the running batch."""
         try:
-            result = self.engine.prefill([PrefillRequest(r.id, r.prompt_ids, r.sampling) for r in requests])
+            result = self.engine.prefill([PrefillRequest(r.id, r.prompt_ids, r.sampling, r.max_tokens) for r in requests])
         except Exception as e:  # the engine failed this call: these requests end, others go on
             log.exception("prefill failed")
             yield Outcome(failed=[(r, f"prefill failed: {e}") for r in requests])
@@ -195,7 +195,7 @@ class PlanExecutor:
         """Prefill on another device; `_collect_prefills` takes the tokens when it is done."""
         try:
             handle = self.engine.start_prefill(
-                [PrefillRequest(r.id, r.prompt_ids, r.sampling) for r in requests], device)
+                [PrefillRequest(r.id, r.prompt_ids, r.sampling, r.max_tokens) for r in requests], device)
         except Exception as e:
             log.exception("prefill on %s failed to start", device)
             yield Outcome(failed=[(r, f"prefill failed: {e}") for r in requests])
@@ -243,7 +243,7 @@ class PlanExecutor:
         try:
             result = self.engine.mixed_step(
                 [r.id for r in decode],
-                [PrefillChunk(PrefillRequest(r.id, r.prompt_ids, r.sampling), a, b) for r, a, b in chunks])
+                [PrefillChunk(PrefillRequest(r.id, r.prompt_ids, r.sampling, r.max_tokens), a, b) for r, a, b in chunks])
         except Exception as e:
             log.exception("mixed decode + prefill step failed")
             yield Outcome(failed=[(r, f"decode with prefill chunks failed: {e}")

@@ -35,7 +35,7 @@ from engines.base import (HOST, IN_FLIGHT, CallTiming, CapabilityError, Capabili
                           EngineInfo, ModelInfo, PrefillHandle, PrefillRequest, StepResult, TransferHandle,
                           check_new_prompts)
 from engines.tensorrt_llm import disagg, host_pool
-from engines.tensorrt_llm.admission import AdmissionGate
+from engines.tensorrt_llm.admission import AdmissionGate, reserved_blocks
 from engines.tensorrt_llm.host_cache import HostCacheBooks
 from engines.tensorrt_llm.host_pool import HostKvPool
 from engines.tensorrt_llm.instances import open_engine_dir
@@ -66,16 +66,23 @@ class TrtllmEngine(Engine):
             raise CapabilityError(CONNECTOR_REFUSES_HANDOFF)
         self.api, self.llm, self.ctx_llm, self.settings = api, llm, ctx_llm, settings
         self.pool = pool
-        self.gate = AdmissionGate(settings.max_batch_size)
+        if kv_blocks <= settings.max_batch_size:
+            raise ValueError(f"kv_blocks ({kv_blocks}) must exceed max_batch_size ({settings.max_batch_size}): "
+                             "one block per slot is kept back for the token TensorRT-LLM reserves and never writes")
+        self.gate = AdmissionGate(settings.max_batch_size, kv_blocks)
         self.streams = TokenStreams(timeout_s)
         self.timeout_s = timeout_s
         self.device, self.helper_device = device, helper_device
         self._reqs: dict[str, RequestState] = {}
         self._moves: dict[int, PendingMove] = {}
         self._prefills: dict[int, float] = {}  # unfinished helper prefills: handle id -> start time
-        devices = (DeviceInfo(device, "cuda", kv_blocks),)
+        # The orchestrator grants prompt + max_tokens - 1 tokens of KV (the last token is never fed);
+        # GUARANTEED_NO_EVICT reserves prompt + max_tokens, one block more at a block boundary. It is
+        # told one block per slot less than the pool, so its grants always fit the gate's books.
+        usable = kv_blocks - settings.max_batch_size
+        devices = (DeviceInfo(device, "cuda", usable),)
         if helper_device:
-            devices += (DeviceInfo(helper_device, "cuda", kv_blocks),)
+            devices += (DeviceInfo(helper_device, "cuda", usable),)
         self._info = EngineInfo(
             backend="tensorrt_llm", model=model, devices=devices, block_size=settings.tokens_per_block,
             bytes_per_block=bytes_per_block, host_blocks=pool.blocks if pool else 0,
@@ -109,11 +116,12 @@ class TrtllmEngine(Engine):
         self._check_device(device, "prefill")
         check_new_prompts(requests, self._reqs, self._info.model.max_seq_len, self._info.model.vocab_size)
         ids = [r.request_id for r in requests]
-        self.gate.admit(ids, "prefill")
+        states = [self._state(r, device) for r in requests]
+        self.gate.admit({req.rid: self._reservation(req) for req in states}, "prefill")
         t0 = time.perf_counter()
         try:
-            for r in requests:
-                req = self._reqs[r.request_id] = RequestState(r.request_id, tuple(r.prompt_ids), r.sampling, device)
+            for req in states:
+                self._reqs[req.rid] = req
                 self._submit(req, self.llm, "running")
             tokens = {rid: self._take(rid, "prefill") for rid in ids}
         except BaseException:
@@ -179,7 +187,7 @@ class TrtllmEngine(Engine):
             if kind == "resume" and not self._reqs[rid].complete and self.pool.state(rid) != "saved":
                 raise EngineError(f"move: request {rid!r} has no saved KV in the host pool ({self.pool.state(rid)})")
         if kind != "park":
-            self.gate.admit([r for r in ids if not self._reqs[r].complete], "move")
+            self.gate.admit({r: self._reservation(self._reqs[r]) for r in ids if not self._reqs[r].complete}, "move")
         handle = TransferHandle(tuple(ids), src, dst, bytes=self._bytes(ids))
         started = time.perf_counter()
         for rid in ids:
@@ -197,8 +205,9 @@ class TrtllmEngine(Engine):
                 self._submit(req, self.llm, "staged")
             else:
                 params = disagg.generation_only(self.api, self.streams.disaggregated_params(req.ctx_stream), rid)
+                # the context side's first token is one of the request's max_tokens
                 self._submit(req, self.llm, "staged", disaggregated=params, tokens=req.prompt,
-                             skip=1 if disagg.GEN_ONLY_REPEATS_FIRST_TOKEN else 0)
+                             max_tokens=req.remaining + 1, skip=1 if disagg.GEN_ONLY_REPEATS_FIRST_TOKEN else 0)
             req.tier = IN_FLIGHT
         self._moves[handle.id] = PendingMove(kind, handle, started)
         return handle
@@ -240,7 +249,7 @@ class TrtllmEngine(Engine):
         ids = [r.request_id for r in requests]
         try:
             for r in requests:
-                req = self._reqs[r.request_id] = RequestState(r.request_id, tuple(r.prompt_ids), r.sampling, IN_FLIGHT)
+                req = self._reqs[r.request_id] = self._state(r, IN_FLIGHT)
                 req.ctx_stream = self._open(req, self.ctx_llm, "running", max_tokens=1,
                                             disaggregated=disagg.context_only(self.api))
         except BaseException:
@@ -301,12 +310,22 @@ class TrtllmEngine(Engine):
         key = f"{req.rid}#{req.submissions}"
         req.submissions += 1
         tokens = list(req.tokens if tokens is None else tokens)
-        sp = sampling_params(self.api, req.sampling, max_tokens or self._info.model.max_seq_len - len(req.tokens))
+        sp = sampling_params(self.api, req.sampling, max_tokens or req.remaining)
         retention = retention_config(self.api, role)
         self.streams.open(key, lambda: llm.generate_async(tokens, sampling_params=sp, streaming=True,
                                                           kv_cache_retention_config=retention,
                                                           disaggregated_params=disaggregated), skip=skip)
         return key
+
+    def _state(self, r: PrefillRequest, tier: str) -> RequestState:
+        room = self._info.model.max_seq_len - len(r.prompt_ids)
+        max_new = room if r.max_new_tokens is None else min(r.max_new_tokens, room)
+        return RequestState(r.request_id, tuple(r.prompt_ids), r.sampling, tier, max_new)
+
+    def _reservation(self, req: RequestState) -> int:
+        """Blocks GUARANTEED_NO_EVICT reserves for the request's next submission: its tokens so far
+        plus what is left of its max_tokens, the same whichever submission it is."""
+        return reserved_blocks(len(req.tokens), req.remaining, self._info.model.max_seq_len, self._info.block_size)
 
     def _submit(self, req: RequestState, llm: Any, role: str, **kw) -> None:
         req.stream = self._open(req, llm, role, **kw)
@@ -337,10 +356,10 @@ class TrtllmEngine(Engine):
         return self.streams.has_token(req.stream)
 
     def _ran_to_the_end(self, req: RequestState) -> bool:
-        """TensorRT-LLM ended the request at max_seq_len and every token it made is buffered.
-        (An abort ends a stream early; the count tells the two apart.)"""
+        """TensorRT-LLM ended the request at its max_tokens (or max_seq_len) and every token it made
+        is buffered. (An abort ends a stream early; the count tells the two apart.)"""
         waiting = self.streams.ended_with_all_tokens(req.stream)
-        return waiting is not None and len(req.tokens) + waiting >= self._info.model.max_seq_len
+        return waiting is not None and waiting >= req.remaining
 
     def _check_device(self, device: str, op: str) -> None:
         if device not in (self.device, self.helper_device):

@@ -16,6 +16,9 @@ class RequestState:
     prompt: tuple[int, ...]
     sampling: SamplingParams
     tier: str
+    max_new: int
+    """The most tokens it may generate in all (the client's max_tokens, bounded by max_seq_len):
+    each submission asks TensorRT-LLM for what is left of it, which is what it reserves KV for."""
     generated: list[int] = field(default_factory=list)
     """Tokens the orchestrator has received."""
     stream: str | None = None
@@ -24,12 +27,17 @@ class RequestState:
     """Key of the context_only stream on the prefetch instance."""
     submissions: int = 0
     complete: bool = False
-    """TensorRT-LLM already produced every token this request can get (it reached max_seq_len while
-    the orchestrator read behind): they wait in `stream`, and no KV is held for it anywhere."""
+    """TensorRT-LLM already produced every token this request can get (it reached max_new or
+    max_seq_len while the orchestrator read behind): they wait in `stream`, and no KV is held for it anywhere."""
 
     @property
     def tokens(self) -> tuple[int, ...]:
         return self.prompt + tuple(self.generated)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens it may still generate."""
+        return self.max_new - len(self.generated)
 
 
 @dataclass(slots=True)

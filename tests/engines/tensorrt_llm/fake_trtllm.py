@@ -291,6 +291,8 @@ class FakeLLM:
         self.saving: dict[int, LlmRequest] = {}
         self.ctx_kept: dict[int, LlmRequest] = {}
         self.max_running_seen = 0
+        self.kv_waits = 0
+        """Iterations in which a request with a free slot waited for KV blocks (GUARANTEED_NO_EVICT)."""
         self.submitted: list[LlmRequest] = []
         self.connector_calls: list[str] = []
         self.sched = self.worker = None
@@ -393,10 +395,14 @@ class FakeLLM:
                 self.waiting.popleft()
                 r.output._push(r.generated, True)
                 continue
+            # GUARANTEED_NO_EVICT reserves prompt + max_tokens on admission (cpp/tensorrt_llm/batch_manager/
+            # kvCacheManager.cpp, getRemainingBlocksToCompletion: ceilDiv(promptLen + maxNewTokens,
+            # tokensPerBlock); max_tokens is cut to max_seq_len - prompt by llmRequest.h `validate`)
             total = min(len(r.tokens) + r.sampling.max_tokens, self.max_seq_len)
             need = -(-total // self.block_size)
             if need > len(self.free_blocks):
-                return  # GUARANTEED_NO_EVICT: wait until a request ends
+                self.kv_waits += 1
+                return  # wait until a request ends
             self.waiting.popleft()
             r.blocks = [self.free_blocks.pop() for _ in range(need)]
             gen_only = r.disagg is not None and r.disagg.request_type == "generation_only"

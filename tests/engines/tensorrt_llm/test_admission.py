@@ -6,8 +6,8 @@ import pytest
 from engines.base import EngineError, PrefillRequest
 
 
-def reqs(*specs):
-    return [PrefillRequest(rid, list(prompt)) for rid, prompt in specs]
+def reqs(*specs, max_new_tokens=16):
+    return [PrefillRequest(rid, list(prompt), max_new_tokens=max_new_tokens) for rid, prompt in specs]
 
 
 def test_prefill_and_decode_follow_the_model(make_engine, trtllm, flavour):
@@ -110,3 +110,62 @@ def test_decode_past_the_end_of_a_stream_is_an_error(make_engine, flavour):
             e.decode(["a"])
     e.free(["a"])
     assert e.gate.used == 0
+
+
+def test_each_request_reserves_its_own_max_tokens_not_max_seq_len(make_engine, trtllm, flavour, core, monkeypatch):
+    """GUARANTEED_NO_EVICT reserves KV for prompt + max_tokens on admission (the fake copies
+    kvCacheManager.cpp). Submitted with max_tokens = max_seq_len - prompt, each of these requests
+    would reserve 32 blocks of a 27-block pool, and the executor would queue them while the
+    orchestrator believed they ran (prefill waited for its timeout)."""
+    monkeypatch.setattr(trtllm.FakeLLM, "NUM_BLOCKS", 27)
+    e = make_engine(flavour=flavour, slots=3, timeout_s=3)
+    prompts = {f"r{i}": [5 + i, 6, 7, 8, 9] for i in range(3)}
+    first = e.prefill(reqs(*prompts.items(), max_new_tokens=27)).tokens
+    assert e.gate.reserved == 3 * 8  # ceil((5 + 27) / 4) each
+    assert [r.sampling.max_tokens for r in core(e.llm).submitted] == [27] * 3
+    assert core(e.llm).max_running_seen == 3 and core(e.llm).kv_waits == 0
+    for rid, p in prompts.items():
+        got = [first[rid]] + [e.decode([rid]).tokens[rid] for _ in range(26)]
+        assert got == trtllm.reference_tokens(p, 27)
+
+
+def test_a_batch_whose_kv_does_not_fit_is_refused_before_anything_is_submitted(make_engine, trtllm, flavour, core,
+                                                                               monkeypatch):
+    monkeypatch.setattr(trtllm.FakeLLM, "NUM_BLOCKS", 24)
+    e = make_engine(flavour=flavour, slots=4, timeout_s=3)
+    with pytest.raises(EngineError, match="reserve 34 KV blocks .* but 24 of 24 are free"):
+        e.prefill(reqs(("a", [1] * 5), ("b", [3] * 5), max_new_tokens=60))  # ceil(65 / 4) = 17 each
+    assert core(e.llm).submitted == [] and e.gate.used == 0 and e.gate.reserved == 0
+    e.prefill(reqs(("a", [1] * 5), max_new_tokens=60))
+    assert e.gate.reserved == 17
+
+
+def test_the_orchestrator_is_told_one_block_per_slot_less(make_engine, trtllm):
+    """It grants prompt + max_tokens - 1 tokens (the last is never fed); TensorRT-LLM reserves one
+    token more, one block more at a block boundary: the slack keeps its grants inside the pool."""
+    e = make_engine(slots=4)
+    assert e.describe().devices[0].kv_blocks == trtllm.FakeLLM.NUM_BLOCKS - 4
+    assert e.gate.blocks == trtllm.FakeLLM.NUM_BLOCKS
+
+
+def test_the_orchestrator_never_leaves_a_request_queued_in_the_executor(make_engine, trtllm, flavour, core,
+                                                                        monkeypatch):
+    """The whole path: the orchestrator's KV grants and the executor's reservations agree, so
+    every request it starts runs at once, and every one ends with the model's tokens."""
+    from orchestrator.config import ServeConfig
+    from orchestrator.service import Orchestrator
+
+    monkeypatch.setattr(trtllm.FakeLLM, "NUM_BLOCKS", 40)
+    e = make_engine(flavour=flavour, slots=8, timeout_s=5)
+    orch = Orchestrator(e, ServeConfig(max_batch_size=8, max_queue=64).with_manifest(e.describe().model.max_seq_len))
+    prompts = [[3 + i % 7] * (4 + 3 * i) for i in range(12)]
+    submitted = [orch.submit(p, max_tokens=9, ignore_eos=True) for p in prompts]
+    for _ in range(2_000):
+        if all(r.finished for r in submitted):
+            break
+        orch.step()
+    assert all(r.finish_reason.name == "LENGTH" for r in submitted), [r.finish_reason for r in submitted]
+    for r, p in zip(submitted, prompts):
+        assert r.output_ids == trtllm.reference_tokens(p, 9)
+    assert core(e.llm).kv_waits == 0
+    assert max(r.prompt_len + r.sampling.max_tokens for r in core(e.llm).submitted) <= max(map(len, prompts)) + 9

@@ -94,13 +94,16 @@ def test_retention_priorities_mark_the_staged_batch(make_engine, flavour, core):
     assert priorities == [(retention.RUNNING,) * 2, (retention.STAGED,) * 2]
 
 
-def test_a_request_that_reached_its_end_in_tensorrt_llm_parks_and_resumes_from_its_buffer(make_engine, trtllm, flavour, core):
-    """The executor runs ahead of the orchestrator: a request can reach max_seq_len in TensorRT-LLM
-    (every token buffered, its KV already released) before the orchestrator parks it. Parking it must
-    not wait for a save that will never come; its remaining tokens come from the buffer."""
+@pytest.mark.parametrize("end", ["max_seq_len", "max_tokens"])
+def test_a_request_that_reached_its_end_in_tensorrt_llm_parks_and_resumes_from_its_buffer(make_engine, trtllm, flavour,
+                                                                                          core, end):
+    """The executor runs ahead of the orchestrator: a request can reach its max_tokens or max_seq_len
+    in TensorRT-LLM (every token buffered, its KV already released) before the orchestrator parks it.
+    Parking it must not wait for a save that will never come; its remaining tokens come from the buffer."""
     e = make_engine(flavour=flavour, host_blocks=64, timeout_s=3)
-    prompt = list(range(1, 121))  # 120 tokens; max_seq_len 128: TensorRT-LLM ends it after 8 tokens
-    got = [e.prefill([PrefillRequest("a", prompt)]).tokens["a"]]
+    # max_seq_len 128: TensorRT-LLM ends a 120-token prompt after 8 tokens, or a short one at max_tokens 8
+    prompt, cap = (list(range(1, 121)), None) if end == "max_seq_len" else (list(range(1, 30)), 8)
+    got = [e.prefill([PrefillRequest("a", prompt, max_new_tokens=cap)]).tokens["a"]]
     _quiet(e)  # ended in the executor: all 8 tokens are buffered, no park order existed
     h = e.move(["a"], "cuda:0", HOST)
     e.wait(h)
