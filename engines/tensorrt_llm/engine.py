@@ -32,14 +32,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from engines.base import (HOST, IN_FLIGHT, CallTiming, CapabilityError, Capabilities, DeviceInfo, Engine, EngineError,
-                          EngineInfo, ModelInfo, PrefillHandle, PrefillRequest, StepResult, TransferHandle,
+                          EngineInfo, ModelInfo, PrefillHandle, PrefillRequest, SamplingParams, StepResult,
+                          TransferHandle,
                           check_new_prompts)
 from engines.tensorrt_llm import disagg, host_pool
 from engines.tensorrt_llm.admission import AdmissionGate, reserved_blocks
 from engines.tensorrt_llm.host_cache import HostCacheBooks
 from engines.tensorrt_llm.host_pool import HostKvPool
 from engines.tensorrt_llm.instances import open_engine_dir
-from engines.tensorrt_llm.llm_settings import TrtllmSettings
+from engines.tensorrt_llm.llm_settings import DRIVER_SLOTS, TrtllmSettings
 from engines.tensorrt_llm.request_state import PendingMove, RequestState
 from engines.tensorrt_llm.retention import retention_config
 from engines.tensorrt_llm.sampling import sampling_params
@@ -66,10 +67,16 @@ class TrtllmEngine(Engine):
             raise CapabilityError(CONNECTOR_REFUSES_HANDOFF)
         self.api, self.llm, self.ctx_llm, self.settings = api, llm, ctx_llm, settings
         self.pool = pool
-        if kv_blocks <= settings.max_batch_size:
-            raise ValueError(f"kv_blocks ({kv_blocks}) must exceed max_batch_size ({settings.max_batch_size}): "
-                             "one block per slot is kept back for the token TensorRT-LLM reserves and never writes")
-        self.gate = AdmissionGate(settings.max_batch_size, kv_blocks)
+        # With the connector, one more slot and block are TensorRT-LLM's (llm_settings.DRIVER_SLOTS):
+        # the one-token request that drives the iteration a park's save needs (`_drive`).
+        driver = DRIVER_SLOTS if isinstance(pool, HostKvPool) else 0
+        if kv_blocks <= settings.max_batch_size + driver:
+            raise ValueError(f"kv_blocks ({kv_blocks}) must exceed max_batch_size ({settings.max_batch_size}) + "
+                             f"{driver}: one block per slot is kept back for the token TensorRT-LLM reserves and "
+                             "never writes")
+        self.gate = AdmissionGate(settings.max_batch_size, kv_blocks - driver)
+        self._driver: str | None = None
+        self._drives = 0
         self.streams = TokenStreams(timeout_s)
         self.timeout_s = timeout_s
         self.device, self.helper_device = device, helper_device
@@ -79,7 +86,7 @@ class TrtllmEngine(Engine):
         # The orchestrator grants prompt + max_tokens - 1 tokens of KV (the last token is never fed);
         # GUARANTEED_NO_EVICT reserves prompt + max_tokens, one block more at a block boundary. It is
         # told one block per slot less than the pool, so its grants always fit the gate's books.
-        usable = kv_blocks - settings.max_batch_size
+        usable = kv_blocks - settings.max_batch_size - driver
         devices = (DeviceInfo(device, "cuda", usable),)
         if helper_device:
             devices += (DeviceInfo(helper_device, "cuda", usable),)
@@ -220,6 +227,8 @@ class TrtllmEngine(Engine):
             return True
         live = [rid for rid in handle.request_ids if rid in self._reqs]
         if not all(self._landed(m.kind, rid) for rid in live):
+            if m.kind == "park" and isinstance(self.pool, HostKvPool):
+                self._drive()
             return False
         for rid in live:
             req = self._reqs[rid]
@@ -295,6 +304,8 @@ class TrtllmEngine(Engine):
 
     def close(self) -> None:
         self.free(list(self._reqs))
+        if self._driver is not None:
+            self.streams.close(self._driver)
         for llm in (self.llm, self.ctx_llm):  # first, so nothing is delivered to the streams' closed loop
             if llm is not None:
                 llm.shutdown()
@@ -316,6 +327,29 @@ class TrtllmEngine(Engine):
                                                           kv_cache_retention_config=retention,
                                                           disaggregated_params=disaggregated), skip=skip)
         return key
+
+    def _drive(self) -> None:
+        """Make TensorRT-LLM run an iteration when a park's save needs one and nothing else would.
+
+        The connector saves a parked request's blocks in the executor's next iteration that forwards
+        a batch, and reports the save done from `get_finished`; an executor with no active request
+        blocks on its request queue instead (tensorrt_llm/_torch/pyexecutor/py_executor.py,
+        `_executor_loop`, `_fetch_and_enqueue_requests`), and a request held for its save is not
+        active. Parking the last running requests would wait for the next client request. Once no
+        request of ours is still running there, a one-token request (its slot and block are kept
+        for it) makes that iteration; its token is dropped."""
+        if self._driver is not None:
+            if not self.streams.ended(self._driver):
+                return
+            self.streams.close(self._driver)
+            self._driver = None
+        if any(r.stream is not None and not self.streams.ended(r.stream) for r in self._reqs.values()):
+            return  # a running request's iterations will do
+        key = self._driver = f"#drive{self._drives}"
+        self._drives += 1
+        token = self._info.model.bos_token_id or 0
+        sp = sampling_params(self.api, SamplingParams(), 1)
+        self.streams.open(key, lambda: self.llm.generate_async([token], sampling_params=sp, streaming=True))
 
     def _state(self, r: PrefillRequest, tier: str) -> RequestState:
         room = self._info.model.max_seq_len - len(r.prompt_ids)

@@ -14,6 +14,9 @@ from pathlib import Path
 from engines.tensorrt_llm.api_surface import ENGINE, LLM_API
 
 SETTINGS_FILE = "llm_settings.json"
+DRIVER_SLOTS = 1
+"""Executor slots (and KV blocks) beyond the orchestrator's when the KV connector is on: the
+one-token request that drives the iteration a park's save needs (`TrtllmEngine._drive`)."""
 TRANSCEIVER_BACKENDS = ("NIXL", "UCX")
 
 
@@ -88,7 +91,7 @@ def llm_kwargs(api, settings: TrtllmSettings, model: str, *, connector: bool, tr
                            tokens_per_block=settings.tokens_per_block,
                            enable_block_reuse=settings.enable_block_reuse,
                            host_cache_size=settings.host_cache_bytes or None)
-    kwargs = dict(model=model, dtype=settings.dtype, max_batch_size=settings.max_batch_size,
+    kwargs = dict(model=model, dtype=settings.dtype, max_batch_size=settings.max_batch_size + (DRIVER_SLOTS if connector else 0),
                   max_seq_len=settings.max_seq_len, kv_cache_config=kv,
                   scheduler_config=api.SchedulerConfig(
                       capacity_scheduler_policy=api.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT),
@@ -104,3 +107,4 @@ def llm_kwargs(api, settings: TrtllmSettings, model: str, *, connector: bool, tr
     if transceiver:
         kwargs["cache_transceiver_config"] = api.CacheTransceiverConfig(backend=settings.cache_transceiver_backend)
     return kwargs
+

@@ -347,8 +347,18 @@ class FakeLLM:
         return getattr(obj, name)(*args)
 
     def _step(self) -> None:
+        """One executor iteration, with the connector calls where TensorRT-LLM's PyExecutor makes them
+        (tensorrt_llm/_torch/pyexecutor/py_executor.py, `_executor_loop`): build_connector_meta,
+        start_load_kv, the per-layer hooks and wait_for_save only in an iteration that forwards a
+        scheduled batch; get_finished on every pass of the loop, but a loop with no active and no
+        waiting request blocks on its request queue (`_fetch_and_enqueue_requests`: idle ->
+        `get_from_request_queue(timeout=None)`), and requests held by the connector for a save are
+        not active. So a save ordered as the last request ends waits for the next request."""
         self._admit()
-        if self.sched is not None:
+        work = bool(self.running)
+        if not work and not self.waiting:
+            return  # blocked on the request queue
+        if self.sched is not None and work:
             meta = self._call(self.sched, "build_connector_meta", SchedulerOutput())
             self.worker.bind_connector_meta(meta)
             self._call(self.worker, "start_load_kv", None)
@@ -370,7 +380,7 @@ class FakeLLM:
             r.output._push(shown, done, disagg)
             if done:
                 ended.append(r)
-        if self.sched is not None:
+        if self.sched is not None and work:
             self._call(self.worker, "wait_for_save", None)
         for r in ended:
             self.running.remove(r)

@@ -52,7 +52,7 @@ def test_full_host_pool_fails_the_move_and_leaks_nothing(make_engine, flavour):
 @pytest.mark.parametrize("when", ["parked", "saving", "resuming", "running"])
 def test_every_exit_path_frees_host_and_device_blocks(make_engine, when, flavour):
     e = make_engine(flavour=flavour, host_blocks=16)
-    e.prefill([PrefillRequest("a", list(range(1, 10))), PrefillRequest("b", [4, 5])])
+    e.prefill([PrefillRequest("a", list(range(1, 10)), max_new_tokens=16), PrefillRequest("b", [4, 5], max_new_tokens=16)])
     if when in ("parked", "resuming"):
         e.wait(e.move(["a"], "cuda:0", HOST))
     if when == "saving":
@@ -90,7 +90,7 @@ def test_retention_priorities_mark_the_staged_batch(make_engine, flavour, core):
     e.wait(e.move(["a"], "cuda:0", HOST))
     e.wait(e.move(["a"], HOST, "cuda:0"))
     priorities = [(r.retention.token_range_retention_configs[0].priority, r.retention.decode_retention_priority)
-                  for r in core(e.llm).submitted]
+                  for r in core(e.llm).submitted if r.prompt_len > 1]  # not the driver (below)
     assert priorities == [(retention.RUNNING,) * 2, (retention.STAGED,) * 2]
 
 
@@ -135,3 +135,29 @@ def test_a_park_racing_the_natural_end_never_hangs(make_engine, trtllm, monkeypa
     e.wait(e.move(["a"], HOST, "cuda:0"))
     assert [e.decode(["a"]).tokens["a"] for _ in range(7)] == trtllm.reference_tokens(prompt, 8)[1:]
     assert e.pool.parked() == () and e.kv_blocks_used(HOST) == 0
+
+
+def test_parking_the_last_running_request_drives_the_iteration_its_save_needs(make_engine, trtllm, core):
+    """TensorRT-LLM saves through the connector only in an iteration that forwards a batch, and an
+    executor with nothing active blocks on its request queue (the fake copies py_executor.py): the
+    park of the last running request waited for the next client request (here: the timeout). A
+    one-token request drives that iteration; with another request still running, none is sent."""
+    e = make_engine(host_blocks=32, timeout_s=3)
+    prompt = list(range(3, 14))
+    got = [e.prefill([PrefillRequest("a", prompt, max_new_tokens=20)]).tokens["a"]]
+    e.prefill([PrefillRequest("b", [7, 8, 9], max_new_tokens=100)])
+    e.wait(e.move(["a"], "cuda:0", HOST))  # "b" runs: its iterations carry the save
+    assert [r.prompt_len for r in core(e.llm).submitted] == [11, 3]
+    e.wait(e.move(["a"], HOST, "cuda:0"))
+    got += [e.decode(["a"]).tokens["a"] for _ in range(3)]
+    e.free(["b"])
+    e.wait(e.move(["a"], "cuda:0", HOST))  # the last one running: the engine drives the save
+    drivers = [r for r in core(e.llm).submitted if r.prompt_len == 1]
+    assert len(drivers) == 1 and drivers[0].sampling.max_tokens == 1
+    assert core(e.llm).max_running_seen <= e.settings.max_batch_size + 1
+    e.wait(e.move(["a"], HOST, "cuda:0"))
+    got += [e.decode(["a"]).tokens["a"] for _ in range(4)]
+    assert got == trtllm.reference_tokens(prompt, 8)
+    e.free(["a"])
+    _quiet(e)
+    assert e.kv_blocks_used(HOST) == 0 and set(e.streams.keys()) <= {e._driver}
