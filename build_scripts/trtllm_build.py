@@ -28,14 +28,11 @@ from build_scripts.torch_build import build_engine
 from engines.manifest import MANIFEST_NAME, Manifest, read_manifest
 from engines.tensorrt_llm import lazy_import
 from engines.tensorrt_llm.api_surface import ENGINE
-from engines.tensorrt_llm.llm_settings import TrtllmSettings
+from engines.tensorrt_llm.llm_settings import DEFAULT_MAX_NUM_TOKENS, TrtllmSettings
 
 BACKEND = "tensorrt_llm"
 DEFAULT_MAX_BATCH_SIZE = 64
 TRTLLM_BUILD = "trtllm-build"
-DEFAULT_MAX_NUM_TOKENS = 8192
-"""trtllm-build's own default --max_num_tokens (tensorrt_llm/commands/build.py): tokens one
-engine step takes; raised to max_seq_len where that is longer."""
 _BUILD_TIMEOUT_S = 3 * 3600
 
 

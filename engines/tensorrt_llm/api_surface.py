@@ -59,7 +59,7 @@ _NB = SRC + "cpp/tensorrt_llm/nanobind/executor/"
 API_SURFACE: tuple[ApiName, ...] = (
     # --- running requests: the LLM API ---
     ApiName(_LLMAPI, "LLM", "class",
-            ("model", "dtype", "max_batch_size", "max_seq_len", "kv_cache_config", "scheduler_config",
+            ("model", "dtype", "max_batch_size", "max_seq_len", "max_num_tokens", "kv_cache_config", "scheduler_config",
              "enable_chunked_prefill", "cache_transceiver_config", "kv_connector_config"), _LLM),
     ApiName(_LLMAPI, "LLM.generate_async", "method",
             ("inputs", "sampling_params", "streaming", "kv_cache_retention_config", "disaggregated_params"), _LLM),
@@ -99,6 +99,9 @@ API_SURFACE: tuple[ApiName, ...] = (
     ApiName(_LLMAPI, "KvCacheConfig", "class",
             ("free_gpu_memory_fraction", "max_tokens", "tokens_per_block", "enable_block_reuse", "host_cache_size"),
             _ARGS),
+    # newer versions only (main, 2026): passed where the field exists (llm_settings.V2_FIELD)
+    ApiName(_LLMAPI, "KvCacheConfig", "class", ("use_kv_cache_manager_v2",),
+            "https://github.com/NVIDIA/TensorRT-LLM/blob/main/tensorrt_llm/llmapi/llm_args.py"),
     ApiName(_LLMAPI, "SchedulerConfig", "class", ("capacity_scheduler_policy",), _ARGS),
     ApiName(_LLMAPI, "CapacitySchedulerPolicy.GUARANTEED_NO_EVICT", "enum", (), _ARGS),
     ApiName(_EXEC, "ExecutorConfig", "class",

@@ -9,6 +9,8 @@ TensorRT-LLM frees the context side's blocks once the transfer is done.
 """
 from __future__ import annotations
 
+import copy
+
 from engines.base import EngineError
 
 CONTEXT_ONLY = "context_only"
@@ -27,11 +29,16 @@ def context_only(api):
     return api.DisaggregatedParams(request_type=CONTEXT_ONLY)
 
 
-def generation_only(api, ctx_params, request_id: str):
-    """Hand-off parameters of the same request on the decode instance, from the context side's result."""
+def generation_only(ctx_params, request_id: str):
+    """Hand-off parameters of the same request on the decode instance: the context side's own
+    `DisaggregatedParams` with `request_type` set, as NVIDIA's
+    tests/integration/defs/disaggregated/test_disaggregated_single_gpu.py does, so every field the
+    context phase filled (`disagg_request_id`, `ctx_dp_rank`, `ctx_info_endpoint`, ... in
+    tensorrt_llm/executor/params/disaggregation.py) reaches the generation side. A copy: the
+    context side's object stays as it was returned."""
     if ctx_params is None or getattr(ctx_params, "ctx_request_id", None) is None:
         raise EngineError(f"move: request {request_id!r} has no context-phase hand-off from the prefetch "
                           "instance (its context_only prefill did not finish or returned no disaggregated_params)")
-    return api.DisaggregatedParams(request_type=GENERATION_ONLY, first_gen_tokens=ctx_params.first_gen_tokens,
-                                   ctx_request_id=ctx_params.ctx_request_id, opaque_state=ctx_params.opaque_state,
-                                   draft_tokens=getattr(ctx_params, "draft_tokens", None))
+    params = copy.copy(ctx_params)
+    params.request_type = GENERATION_ONLY
+    return params

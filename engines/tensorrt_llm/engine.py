@@ -211,7 +211,7 @@ class TrtllmEngine(Engine):
                 self.pool.order_resume(rid, req.tokens)
                 self._submit(req, self.llm, "staged")
             else:
-                params = disagg.generation_only(self.api, self.streams.disaggregated_params(req.ctx_stream), rid)
+                params = disagg.generation_only(self.streams.disaggregated_params(req.ctx_stream), rid)
                 # the context side's first token is one of the request's max_tokens
                 self._submit(req, self.llm, "staged", disaggregated=params, tokens=req.prompt,
                              max_tokens=req.remaining + 1, skip=1 if disagg.GEN_ONLY_REPEATS_FIRST_TOKEN else 0)

@@ -14,6 +14,12 @@ from pathlib import Path
 from engines.tensorrt_llm.api_surface import ENGINE, LLM_API
 
 SETTINGS_FILE = "llm_settings.json"
+DEFAULT_MAX_NUM_TOKENS = 8192
+"""TensorRT-LLM's default max_num_tokens (trtllm-build's, tensorrt_llm/commands/build.py, and the LLM
+API's, BaseLlmArgs in llm_args.py): the most tokens one iteration takes. With chunked prefill off a
+prompt (or a resumed request's prompt + generated tokens) longer than it is refused ("The sum of
+prompt length ... should not exceed max_num_tokens", `LLM._check_arguments` in llm.py), so both
+flavours raise it to max_seq_len where that is longer."""
 DRIVER_SLOTS = 1
 """Executor slots (and KV blocks) beyond the orchestrator's when the KV connector is on: the
 one-token request that drives the iteration a park's save needs (`TrtllmEngine._drive`)."""
@@ -80,19 +86,34 @@ class TrtllmSettings:
         (Path(engine_dir) / SETTINGS_FILE).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
+V2_FIELD = "use_kv_cache_manager_v2"
+"""`KvCacheConfig` field of newer TensorRT-LLM (`main`, 2026; default "auto": the model's preference).
+KV cache manager V2 honours no `KvCacheRetentionConfig` (tensorrt_llm/_torch/pyexecutor/connectors/
+kv_cache_connector.py: "Set kv_cache_config.use_kv_cache_manager_v2=False to keep retention
+priorities"), and the staged/running/parked priorities (`retention`) are how parked KV stays in
+TensorRT-LLM's host tier, so the adapter sets it False wherever the field exists."""
+
+
+def has_field(cls, name: str) -> bool:
+    """Whether a TensorRT-LLM config class (pydantic on the LLM API; a dataclass in the fake) has a field."""
+    return name in (getattr(cls, "model_fields", None) or getattr(cls, "__dataclass_fields__", None) or ())
+
+
 def llm_kwargs(api, settings: TrtllmSettings, model: str, *, connector: bool, transceiver: bool) -> dict:
     """Keyword arguments of `LLM(...)` on the LLM-API flavour (`api` is `tensorrt_llm.llmapi`, or the
     fake in tests).
 
     connector: add the AlignedServe KV connector (needs host_pool_blocks).
     transceiver: add the cache transceiver (context/generation instances of peer prefetch)."""
-    kv = api.KvCacheConfig(free_gpu_memory_fraction=settings.free_gpu_memory_fraction,
-                           max_tokens=settings.kv_max_tokens,
-                           tokens_per_block=settings.tokens_per_block,
-                           enable_block_reuse=settings.enable_block_reuse,
-                           host_cache_size=settings.host_cache_bytes or None)
-    kwargs = dict(model=model, dtype=settings.dtype, max_batch_size=settings.max_batch_size + (DRIVER_SLOTS if connector else 0),
-                  max_seq_len=settings.max_seq_len, kv_cache_config=kv,
+    kv_kw = dict(free_gpu_memory_fraction=settings.free_gpu_memory_fraction, max_tokens=settings.kv_max_tokens,
+                 tokens_per_block=settings.tokens_per_block, enable_block_reuse=settings.enable_block_reuse,
+                 host_cache_size=settings.host_cache_bytes or None)
+    if has_field(api.KvCacheConfig, V2_FIELD):
+        kv_kw[V2_FIELD] = False
+    kwargs = dict(model=model, dtype=settings.dtype,
+                  max_batch_size=settings.max_batch_size + (DRIVER_SLOTS if connector else 0),
+                  max_seq_len=settings.max_seq_len, max_num_tokens=max(settings.max_seq_len, DEFAULT_MAX_NUM_TOKENS),
+                  kv_cache_config=api.KvCacheConfig(**kv_kw),
                   scheduler_config=api.SchedulerConfig(
                       capacity_scheduler_policy=api.CapacitySchedulerPolicy.GUARANTEED_NO_EVICT),
                   enable_chunked_prefill=False)

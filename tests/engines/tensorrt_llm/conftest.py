@@ -1,6 +1,7 @@
 """Fixtures of the TensorRT-LLM adapter tests: the fake TensorRT-LLM, installed only per test."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -67,9 +68,10 @@ def make_engine(trtllm, tmp_path):
     made = []
 
     def make(*, slots: int = 4, host_blocks: int = 0, peer: bool = False, block_size: int = 4, timeout_s: float = 10,
-             flavour: str = LLM_API):
+             flavour: str = LLM_API, max_seq_len: int = MODEL.max_seq_len):
         engine_flavour = flavour == ENGINE
-        settings = TrtllmSettings(max_batch_size=slots, max_seq_len=MODEL.max_seq_len, tokens_per_block=block_size,
+        model = dataclasses.replace(MODEL, max_seq_len=max_seq_len)
+        settings = TrtllmSettings(max_batch_size=slots, max_seq_len=max_seq_len, tokens_per_block=block_size,
                                   flavour=flavour, host_pool_blocks=0 if engine_flavour else host_blocks,
                                   host_cache_bytes=host_blocks * BYTES_PER_BLOCK if engine_flavour else 0,
                                   cache_transceiver_backend="NIXL" if peer else None)
@@ -79,7 +81,7 @@ def make_engine(trtllm, tmp_path):
             engine_dir = tmp_path / f"engine{len(made)}"
             engine_dir.mkdir()
             (engine_dir / "config.json").write_text(json.dumps({"build_config": {
-                "max_batch_size": slots, "max_seq_len": MODEL.max_seq_len, "tokens_per_block": block_size}}))
+                "max_batch_size": slots, "max_seq_len": max_seq_len, "tokens_per_block": block_size}}))
             bindings = sys.modules["tensorrt_llm.bindings.executor"]
             llm = ExecutorLLM(engine_dir, settings, llmapi=api, bindings=bindings, device_index=0, transceiver=peer)
             ctx = ExecutorLLM(engine_dir, settings, llmapi=api, bindings=bindings, device_index=1,
@@ -88,7 +90,7 @@ def make_engine(trtllm, tmp_path):
             host_pool.bind(pool)
             llm = api.LLM(**llm_kwargs(api, settings, "fake-model", connector=pool is not None, transceiver=peer))
             ctx = api.LLM(**llm_kwargs(api, settings, "fake-model", connector=False, transceiver=True)) if peer else None
-        engine = TrtllmEngine(api, llm, settings, MODEL, bytes_per_block=BYTES_PER_BLOCK,
+        engine = TrtllmEngine(api, llm, settings, model, bytes_per_block=BYTES_PER_BLOCK,
                               kv_blocks=trtllm.FakeLLM.NUM_BLOCKS, pool=pool, ctx_llm=ctx,
                               helper_device="cuda:1" if peer else None, timeout_s=timeout_s)
         made.append(engine)

@@ -64,6 +64,10 @@ class KvCacheConfig:
     enable_block_reuse: bool = True
     host_cache_size: Optional[int] = None
     max_tokens: Optional[int] = None
+    use_kv_cache_manager_v2: Any = "auto"
+    """As on `main` (llm_args.py): "auto" takes the model's preference (llm_utils.py,
+    `_resolve_kv_cache_manager_v2_auto`); the fake's model prefers V2, the case where
+    `KvCacheRetentionConfig` is ignored (FakeLLM.kv_manager_v2)."""
 
 
 @dataclass
@@ -87,11 +91,16 @@ class KvCacheConnectorConfig:
 
 @dataclass
 class DisaggregatedParams:
+    """The fields of tensorrt_llm/executor/params/disaggregation.py the fake fills or reads (more exist)."""
+
     request_type: Optional[str] = None
     first_gen_tokens: Optional[list] = None
     ctx_request_id: Optional[int] = None
     opaque_state: Any = None
     draft_tokens: Optional[list] = None
+    disagg_request_id: Optional[int] = None
+    ctx_dp_rank: Optional[int] = None
+    ctx_info_endpoint: Optional[str] = None
 
 
 @dataclass
@@ -242,11 +251,13 @@ class KvCacheConnectorWorker(abc.ABC):
 class LlmRequest:
     request_id: int
 
-    def __init__(self, tokens: list, sampling: SamplingParams, disagg: Any, retention: Any):
+    def __init__(self, tokens: list, sampling: SamplingParams, disagg: Any, retention: Any, honoured: bool = True):
         self.request_id = next(_ids)
         self.tokens = list(tokens)
         self.prompt_len = len(tokens)
         self.sampling, self.disagg, self.retention = sampling, disagg, retention
+        self.honoured_retention = retention if honoured else None
+        """What the KV cache manager acts on: nothing under V2."""
         self.blocks: list[int] = []
         self.generated: list[int] = []
         self.aborted = False
@@ -272,18 +283,22 @@ class FakeLLM:
     TICK_S = 0.0005
 
     def __init__(self, model: str, *, dtype: str = "auto", max_batch_size: int = 8, max_seq_len: int = 256,
+                 max_num_tokens: int = 8192,
                  kv_cache_config: Optional[KvCacheConfig] = None, scheduler_config: Optional[SchedulerConfig] = None,
                  enable_chunked_prefill: bool = False,
                  cache_transceiver_config: Optional[CacheTransceiverConfig] = None,
                  kv_connector_config: Optional[KvCacheConnectorConfig] = None, **kwargs):
         self.model = model
         self.kwargs = dict(dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                           max_num_tokens=max_num_tokens,
                            kv_cache_config=kv_cache_config or KvCacheConfig(), scheduler_config=scheduler_config,
                            enable_chunked_prefill=enable_chunked_prefill,
                            cache_transceiver_config=cache_transceiver_config, kv_connector_config=kv_connector_config,
                            **kwargs)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.max_num_tokens, self.enable_chunked_prefill = max_num_tokens, enable_chunked_prefill
         self.block_size = self.kwargs["kv_cache_config"].tokens_per_block
+        self.kv_manager_v2 = self.kwargs["kv_cache_config"].use_kv_cache_manager_v2 in (True, "auto")
         self.kv = torch.zeros((self.NUM_BLOCKS, self.block_size), dtype=torch.float64)
         self.free_blocks = list(range(self.NUM_BLOCKS - 1, -1, -1))
         self.waiting: collections.deque[LlmRequest] = collections.deque()
@@ -315,7 +330,13 @@ class FakeLLM:
             raise TypeError("fake generate_async: only streaming=True is modelled (the adapter always streams)")
         if not inputs or max(inputs) >= VOCAB:
             raise ValueError("fake LLM: bad input tokens")
-        req = LlmRequest(inputs, sampling_params or SamplingParams(), disaggregated_params, kv_cache_retention_config)
+        gen_only = getattr(disaggregated_params, "request_type", None) == "generation_only"
+        if not self.enable_chunked_prefill and not gen_only and len(inputs) > self.max_num_tokens:
+            # tensorrt_llm/llmapi/llm.py, LLM._check_arguments (PyTorch backend, chunked prefill off)
+            raise ValueError(f"The sum of prompt length ({float(len(inputs))}), query length (0) should not exceed "
+                             f"max_num_tokens ({self.max_num_tokens})")
+        req = LlmRequest(inputs, sampling_params or SamplingParams(), disaggregated_params, kv_cache_retention_config,
+                         honoured=not self.kv_manager_v2)
         with self.lock:
             self.waiting.append(req)
             self.submitted.append(req)
@@ -374,7 +395,8 @@ class FakeLLM:
             done = len(r.generated) >= r.sampling.max_tokens or len(r.tokens) >= self.max_seq_len or ctx_only
             disagg = None
             if ctx_only:
-                disagg = DisaggregatedParams("context_only", [r.generated[0]], r.request_id, {"instance": id(self)})
+                disagg = DisaggregatedParams("context_only", [r.generated[0]], r.request_id, self.endpoint.encode(),
+                                             ctx_dp_rank=0, ctx_info_endpoint=self.endpoint)
             shown = r.generated if not (r.disagg and r.disagg.request_type == "generation_only") \
                 else list(r.disagg.first_gen_tokens) + r.generated
             r.output._push(shown, done, disagg)
@@ -421,7 +443,12 @@ class FakeLLM:
                 r.output._push_error(RuntimeError("Connector API is not supported for generation-only requests!"))
                 continue
             if gen_only:
-                self._pull_from_context(r)
+                try:
+                    self._pull_from_context(r)
+                except RuntimeError as err:
+                    self._release(r)
+                    r.output._push_error(err)
+                    continue
             elif self.sched is not None:
                 matched, _async = self._call(self.sched, "get_num_new_matched_tokens", r, 0)
                 self._call(self.sched, "update_state_after_alloc", r, list(r.blocks))
@@ -429,9 +456,18 @@ class FakeLLM:
             self.running.append(r)
             self.max_running_seen = max(self.max_running_seen, len(self.running))
 
+    @property
+    def endpoint(self) -> str:
+        return f"fake-ctx://{id(self)}"
+
     def _pull_from_context(self, r: LlmRequest) -> None:
-        """The cache transceiver: copy the context instance's KV, then it frees its blocks."""
-        ctx = _INSTANCES[r.disagg.opaque_state["instance"]]
+        """The cache transceiver: copy the context instance's KV, then it frees its blocks. It finds
+        the context instance by the hand-off's `ctx_info_endpoint` (a field newer than the four the
+        C++ ContextPhaseParams carries: the generation side reads the object it is given)."""
+        if r.disagg.ctx_info_endpoint is None:
+            raise RuntimeError("generation_only request without ctx_info_endpoint: the cache transceiver cannot "
+                               "reach the context instance (pass the context phase's DisaggregatedParams on)")
+        ctx = _INSTANCES[int(r.disagg.ctx_info_endpoint.rsplit("/", 1)[1])]
         with ctx.lock:
             src = ctx.ctx_kept.pop(r.disagg.ctx_request_id)
             n = src.computed
@@ -653,7 +689,8 @@ class FakeExecutor(FakeLLM):
         super().__init__(str(model_path), max_batch_size=slots, max_seq_len=build["max_seq_len"],
                          kv_cache_config=KvCacheConfig(tokens_per_block=build["tokens_per_block"],
                                                        enable_block_reuse=kv.enable_block_reuse,
-                                                       host_cache_size=kv.host_cache_size, max_tokens=kv.max_tokens),
+                                                       host_cache_size=kv.host_cache_size, max_tokens=kv.max_tokens,
+                                                       use_kv_cache_manager_v2=False),  # the C++ Executor: V1
                          scheduler_config=cfg.scheduler_config, enable_chunked_prefill=cfg.enable_chunked_context,
                          cache_transceiver_config=cfg.cache_transceiver_config)
 
@@ -671,7 +708,8 @@ class FakeExecutor(FakeLLM):
             disagg = DisaggregatedParams("context_only")
         elif request.request_type is RequestType.REQUEST_TYPE_GENERATION_ONLY:
             c = request.context_phase_params
-            disagg = DisaggregatedParams("generation_only", c.first_gen_tokens, c.req_id, c.opaque_state)
+            disagg = DisaggregatedParams("generation_only", c.first_gen_tokens, c.req_id, c.opaque_state,
+                                         ctx_info_endpoint=c.opaque_state.decode())  # C++: all in opaque_state
         sampling = SamplingParams(max_tokens=request.max_tokens, temperature=request.sampling_config.temperature,
                                   top_k=request.sampling_config.top_k, seed=request.sampling_config.seed,
                                   ignore_eos=request.end_id == -1)

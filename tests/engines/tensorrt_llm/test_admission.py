@@ -169,3 +169,15 @@ def test_the_orchestrator_never_leaves_a_request_queued_in_the_executor(make_eng
         assert r.output_ids == trtllm.reference_tokens(p, 9)
     assert core(e.llm).kv_waits == 0
     assert max(r.prompt_len + r.sampling.max_tokens for r in core(e.llm).submitted) <= max(map(len, prompts)) + 9
+
+
+def test_a_prompt_over_8192_tokens_is_taken_with_chunked_prefill_off(make_engine, trtllm, monkeypatch):
+    """The LLM API refuses a prompt longer than max_num_tokens (default 8,192) when chunked prefill is
+    off (llm.py `_check_arguments`; the fake copies it), and every resume resubmits prompt plus
+    generated tokens: the adapter raises max_num_tokens to max_seq_len."""
+    monkeypatch.setattr(trtllm.FakeLLM, "NUM_BLOCKS", 160)
+    e = make_engine(max_seq_len=10_000, block_size=64, slots=2)
+    assert e.llm.kwargs["max_num_tokens"] == 10_000
+    prompt = [5 + i % 100 for i in range(9_000)]
+    first = e.prefill([PrefillRequest("long", prompt, max_new_tokens=3)]).tokens["long"]
+    assert [first, e.decode(["long"]).tokens["long"]] == trtllm.reference_tokens(prompt, 2)

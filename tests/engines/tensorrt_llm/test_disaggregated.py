@@ -40,6 +40,10 @@ def test_hand_off_continues_the_same_tokens(make_engine, trtllm, flavour, core):
     assert e.tier_of("a") == "cuda:0"
     gen = core(e.llm).submitted[0]
     assert gen.disagg.request_type == "generation_only" and gen.disagg.first_gen_tokens == [first]
+    # the context phase's own params, request_type set, as NVIDIA's disaggregated test passes them on:
+    # the newer fields (ctx_info_endpoint, which the fake's transceiver needs, ctx_dp_rank) come along
+    if flavour != ENGINE:  # the C++ Executor's ContextPhaseParams has four fields only
+        assert gen.disagg.ctx_info_endpoint == core(e.ctx_llm).endpoint and gen.disagg.ctx_dp_rank == 0
     rest = [e.decode(["a"]).tokens["a"] for _ in range(4)]
     assert [first, *rest] == trtllm.reference_tokens(prompt, 5)
     _wait(lambda: core(e.ctx_llm).blocks_in_use() == 0)  # the context side let go once the KV was pulled
