@@ -65,14 +65,20 @@ def open_engine_dir(engine_dir: str | Path, manifest, *, device: str = "auto", d
             ctx_llm = ExecutorLLM(engine_dir / "engine", settings, llmapi=api,
                                   device_index=_cuda_index(helper_devices[0]), transceiver=True)
     else:
+        if decode_device != "cuda:0":
+            raise EngineError(
+                f"the LLM-API flavour decodes on visible device cuda:0 only, got {decode_device!r}: TensorRT-LLM's "
+                "worker takes its GPU from its rank (global_rank % device_count), not from the caller; start the "
+                "server with CUDA_VISIBLE_DEVICES=<that GPU> instead")
         connector = isinstance(pool, HostKvPool)
         if connector:
             os.environ.setdefault(SINGLE_PROCESS_ENV, "1")
             host_pool.bind(pool)
         llm = api.LLM(**llm_kwargs(api, settings, str(engine_dir), connector=connector, transceiver=peer))
-        if peer:
-            _select_device(helper_devices[0])
-            ctx_llm = api.LLM(**llm_kwargs(api, settings, str(engine_dir), connector=False, transceiver=True))
+        if peer:  # its own process, where the helper GPU is visible device 0 (context_process)
+            from engines.tensorrt_llm.context_process import ContextProcessLLM
+
+            ctx_llm = ContextProcessLLM(engine_dir, settings, helper_devices[0])
     return dict(api=api, llm=llm, settings=settings, model=_model_info(manifest),
                 bytes_per_block=manifest.bytes_per_block, kv_blocks=kv_blocks or manifest.kv_blocks_device,
                 device=decode_device, pool=pool, ctx_llm=ctx_llm, helper_device=helper_devices[0] if peer else None)
@@ -101,10 +107,3 @@ def _cuda_index(device: str) -> int:
         raise EngineError(f"the TensorRT-LLM engine runs on CUDA devices named cuda:N, got {device!r}")
     return int(index)
 
-
-def _select_device(device: str) -> None:
-    """Make `device` current before building the context instance (single-process worker).
-    Not verified on hardware: check placement with nvidia-smi (docs/tensorrt-llm.md)."""
-    import torch
-
-    torch.cuda.set_device(torch.device(device))

@@ -33,6 +33,7 @@ import enum
 import importlib
 import itertools
 import json
+import os
 import sys
 import threading
 import time
@@ -299,6 +300,10 @@ class FakeLLM:
         self.max_num_tokens, self.enable_chunked_prefill = max_num_tokens, enable_chunked_prefill
         self.block_size = self.kwargs["kv_cache_config"].tokens_per_block
         self.kv_manager_v2 = self.kwargs["kv_cache_config"].use_kv_cache_manager_v2 in (True, "auto")
+        # The worker's GPU: `global_rank % torch.cuda.device_count()` of the devices the process sees
+        # (tensorrt_llm/executor/base_worker.py, `_get_comm_ranks_device_id`); a single-process
+        # worker is rank 0, so visible device 0 whatever torch.cuda.set_device said.
+        self.gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
         self.kv = torch.zeros((self.NUM_BLOCKS, self.block_size), dtype=torch.float64)
         self.free_blocks = list(range(self.NUM_BLOCKS - 1, -1, -1))
         self.waiting: collections.deque[LlmRequest] = collections.deque()
@@ -395,7 +400,9 @@ class FakeLLM:
             done = len(r.generated) >= r.sampling.max_tokens or len(r.tokens) >= self.max_seq_len or ctx_only
             disagg = None
             if ctx_only:
-                disagg = DisaggregatedParams("context_only", [r.generated[0]], r.request_id, self.endpoint.encode(),
+                kv = [float(self.kv[r.blocks[p // self.block_size], p % self.block_size]) for p in range(r.computed)]
+                state = json.dumps({"endpoint": self.endpoint, "kv": kv}).encode()
+                disagg = DisaggregatedParams("context_only", [r.generated[0]], r.request_id, state,
                                              ctx_dp_rank=0, ctx_info_endpoint=self.endpoint)
             shown = r.generated if not (r.disagg and r.disagg.request_type == "generation_only") \
                 else list(r.disagg.first_gen_tokens) + r.generated
@@ -458,25 +465,27 @@ class FakeLLM:
 
     @property
     def endpoint(self) -> str:
-        return f"fake-ctx://{id(self)}"
+        """Names the GPU this instance runs on and the instance."""
+        return f"fake-ctx://gpu{self.gpu}/{id(self)}"
 
     def _pull_from_context(self, r: LlmRequest) -> None:
-        """The cache transceiver: copy the context instance's KV, then it frees its blocks. It finds
-        the context instance by the hand-off's `ctx_info_endpoint` (a field newer than the four the
-        C++ ContextPhaseParams carries: the generation side reads the object it is given)."""
+        """The cache transceiver: copy the context instance's KV, then it frees its blocks. The KV
+        travels in the hand-off's `opaque_state` (so a context instance in another process works),
+        and the generation side needs `ctx_info_endpoint` (a field newer than the four the C++
+        ContextPhaseParams carries: it reads the object it is given). A context instance in another
+        process keeps its blocks (nothing tells it the pull happened; tests do not count them)."""
         if r.disagg.ctx_info_endpoint is None:
             raise RuntimeError("generation_only request without ctx_info_endpoint: the cache transceiver cannot "
                                "reach the context instance (pass the context phase's DisaggregatedParams on)")
-        ctx = _INSTANCES[int(r.disagg.ctx_info_endpoint.rsplit("/", 1)[1])]
-        with ctx.lock:
-            src = ctx.ctx_kept.pop(r.disagg.ctx_request_id)
-            n = src.computed
-            for p in range(n):
-                self.kv[r.blocks[p // self.block_size], p % self.block_size] = \
-                    ctx.kv[src.blocks[p // ctx.block_size], p % ctx.block_size]
-            ctx._release(src)
+        kv = json.loads(r.disagg.opaque_state)["kv"]
+        for p, value in enumerate(kv):
+            self.kv[r.blocks[p // self.block_size], p % self.block_size] = value
+        ctx = _INSTANCES.get(int(r.disagg.ctx_info_endpoint.rsplit("/", 1)[1]))
+        if ctx is not None:
+            with ctx.lock:
+                ctx._release(ctx.ctx_kept.pop(r.disagg.ctx_request_id))
         r.tokens = r.tokens + list(r.disagg.first_gen_tokens)
-        r.computed = n
+        r.computed = len(kv)
 
     def _forward(self, r: LlmRequest) -> None:
         """Write the KV of every position not yet computed (prompt, or the last token), then sample."""
@@ -693,6 +702,8 @@ class FakeExecutor(FakeLLM):
                                                        use_kv_cache_manager_v2=False),  # the C++ Executor: V1
                          scheduler_config=cfg.scheduler_config, enable_chunked_prefill=cfg.enable_chunked_context,
                          cache_transceiver_config=cfg.cache_transceiver_config)
+        if cfg.parallel_config is not None and cfg.parallel_config.device_ids:
+            self.gpu = str(cfg.parallel_config.device_ids[0])  # the C++ Executor takes its device ids
 
     def enqueue_request(self, request: Request) -> int:
         if not request.streaming:
@@ -709,7 +720,7 @@ class FakeExecutor(FakeLLM):
         elif request.request_type is RequestType.REQUEST_TYPE_GENERATION_ONLY:
             c = request.context_phase_params
             disagg = DisaggregatedParams("generation_only", c.first_gen_tokens, c.req_id, c.opaque_state,
-                                         ctx_info_endpoint=c.opaque_state.decode())  # C++: all in opaque_state
+                                         ctx_info_endpoint=json.loads(c.opaque_state)["endpoint"])  # C++: all in it
         sampling = SamplingParams(max_tokens=request.max_tokens, temperature=request.sampling_config.temperature,
                                   top_k=request.sampling_config.top_k, seed=request.sampling_config.seed,
                                   ignore_eos=request.end_id == -1)
@@ -817,3 +828,16 @@ def install(monkeypatch, version: str = VERSION) -> dict[str, types.ModuleType]:
     connector_classes.reset()
     monkeypatch.setattr(FakeLLM, "NUM_BLOCKS", FakeLLM.NUM_BLOCKS)
     return ms
+
+
+def install_in_child() -> None:
+    """The fake as `tensorrt_llm` in a child process (engines/tensorrt_llm/context_process.py's
+    preload), under the module name the parent's pickled objects name."""
+    import importlib.util
+
+    name = "alignedserve_tests_fake_trtllm"
+    spec = importlib.util.spec_from_file_location(name, __file__)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    sys.modules.update(mod.modules())

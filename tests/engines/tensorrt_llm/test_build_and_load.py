@@ -247,12 +247,18 @@ def test_zero_batch_size_is_refused(model_dir, tmp_path, capsys, trtllm):
 
 def test_llm_api_with_a_helper_parks_in_tensorrt_llms_host_cache(model_dir, tmp_path, capsys, trtllm, monkeypatch):
     """The connector refuses generation-only requests: with a helper device the same host memory
-    becomes TensorRT-LLM's own host cache, and both parking and the hand-off work."""
-    from engines.tensorrt_llm import instances
+    becomes TensorRT-LLM's own host cache, and both parking and the hand-off work.
+
+    And the context instance runs on the helper GPU. TensorRT-LLM's worker takes visible device
+    `rank % count` (the fake copies base_worker.py), so an `LLM` made in the engine's process after
+    `torch.cuda.set_device(helper)` landed on the decode GPU; it now runs in its own process that
+    sees only the helper GPU (here physical GPU 6: cuda:1 of CUDA_VISIBLE_DEVICES=4,6)."""
+    from engines.tensorrt_llm.context_process import PRELOAD_ENV, ContextProcessLLM
     from engines.tensorrt_llm.host_cache import HostCacheBooks
 
     monkeypatch.setattr(sys.modules["tensorrt_llm"], "__version__", "1.3.0")
-    monkeypatch.setattr(instances, "_select_device", lambda device: None)  # no GPU here
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    monkeypatch.setenv(PRELOAD_ENV, f"{trtllm.__file__}:install_in_child")  # the fake, in the child too
     out = tmp_path / "eng"
     code, err = build(["--backend", "trtllm", "--model", str(model_dir), "--out", str(out), "--max-seq-len", "128",
                        "--block-size", "8", "--kv-memory-gb", "0.001", "--host-kv-memory-gb", "0.002",
@@ -267,11 +273,15 @@ def test_llm_api_with_a_helper_parks_in_tensorrt_llms_host_cache(model_dir, tmp_
         assert kw["kv_cache_config"].host_cache_size == m.kv_blocks_host * m.bytes_per_block
         caps = e.describe().capabilities
         assert caps.can_offload and caps.can_peer_copy
-        h = e.start_prefill([PrefillRequest("a", [1, 5, 9])], "cuda:1")
+        assert isinstance(e.ctx_llm, ContextProcessLLM) and e.ctx_llm.cuda_visible_devices == "6"
+        prompt = [1, 5, 9]
+        h = e.start_prefill([PrefillRequest("a", prompt)], "cuda:1")
         e.wait_any([h])
-        e.prefill_result(h)
+        got = [e.prefill_result(h).tokens["a"]]
         e.wait(e.move(["a"], "cuda:1", "cuda:0"))
-        e.decode(["a"])
+        assert e.llm.gpu == "4" and e.llm.submitted[0].disagg.ctx_info_endpoint.startswith("fake-ctx://gpu6/")
+        got.append(e.decode(["a"]).tokens["a"])
+        assert got == trtllm.reference_tokens(prompt, 2)
         e.wait(e.move(["a"], "cuda:0", HOST))
         e.wait(e.move(["a"], HOST, "cuda:0"))
         e.decode(["a"])
@@ -308,3 +318,17 @@ def test_verify_engine_passes_on_both_flavours_and_catches_a_bad_load(version, m
         monkeypatch.setattr(kv_connector.HostPoolMover, "load", bad_load)
         assert verify_main(args) == 1
         assert "FAIL  park-resume" in capsys.readouterr().out
+
+
+def test_llm_api_refuses_a_decode_device_its_worker_would_not_use(model_dir, tmp_path, capsys, trtllm, monkeypatch):
+    """TensorRT-LLM's in-process worker decodes on visible device 0 whatever it is told: another
+    decode device is refused with the way to get it (CUDA_VISIBLE_DEVICES)."""
+    from engines.base import EngineError
+
+    monkeypatch.setattr(sys.modules["tensorrt_llm"], "__version__", "1.3.0")
+    out = tmp_path / "eng"
+    code, err = build(["--backend", "trtllm", "--model", str(model_dir), "--out", str(out), "--max-seq-len", "128",
+                       "--block-size", "8", "--kv-memory-gb", "0.001"], capsys)
+    assert code == 0, err
+    with pytest.raises(EngineError, match="CUDA_VISIBLE_DEVICES"):
+        load_engine(out, device="cuda:1")
