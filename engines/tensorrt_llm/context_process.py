@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import itertools
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import sys
@@ -220,12 +221,18 @@ async def _serve(conn, llm) -> None:
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
 
+    parent = multiprocessing.parent_process()
+    watched = [conn] + ([parent.sentinel] if parent is not None else [])
+
     def receive() -> None:
         while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):  # the engine's process is gone
-                message = ("shutdown",)
+            ready = multiprocessing.connection.wait(watched)
+            message = ("shutdown",)  # the engine's process is gone (its sentinel, or the pipe's end)
+            if conn in ready:
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):
+                    pass
             loop.call_soon_threadsafe(inbox.put_nowait, message)
             if message[0] == "shutdown":
                 return

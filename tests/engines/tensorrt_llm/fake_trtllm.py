@@ -282,6 +282,8 @@ class FakeLLM:
     NUM_BLOCKS = 64
     """KV blocks of every fake instance (tests lower it to exercise GUARANTEED_NO_EVICT waits)."""
     TICK_S = 0.0005
+    BLOCK_BYTES = 1024
+    """Bytes of one fake KV block (the tests' BYTES_PER_BLOCK): sizes the host tier in blocks."""
 
     def __init__(self, model: str, *, dtype: str = "auto", max_batch_size: int = 8, max_seq_len: int = 256,
                  max_num_tokens: int = 8192,
@@ -311,6 +313,11 @@ class FakeLLM:
         self.saving: dict[int, LlmRequest] = {}
         self.ctx_kept: dict[int, LlmRequest] = {}
         self.max_running_seen = 0
+        kv_cfg = self.kwargs["kv_cache_config"]
+        self.reuse: collections.OrderedDict = collections.OrderedDict()
+        self.reuse_capacity = (kv_cfg.host_cache_size or 0) // self.BLOCK_BYTES if kv_cfg.enable_block_reuse else 0
+        self.reused_tokens = 0
+        self.reuse_dropped = 0
         self.kv_waits = 0
         """Iterations in which a request with a free slot waited for KV blocks (GUARANTEED_NO_EVICT)."""
         self.submitted: list[LlmRequest] = []
@@ -460,6 +467,8 @@ class FakeLLM:
                 matched, _async = self._call(self.sched, "get_num_new_matched_tokens", r, 0)
                 self._call(self.sched, "update_state_after_alloc", r, list(r.blocks))
                 r.computed = matched
+            elif self.reuse_capacity:
+                self._onboard(r)
             self.running.append(r)
             self.max_running_seen = max(self.max_running_seen, len(self.running))
 
@@ -499,8 +508,33 @@ class FakeLLM:
         r.tokens.append(tok)
 
     def _release(self, r: LlmRequest) -> None:
+        if self.reuse_capacity:
+            self._store_for_reuse(r)
         self.free_blocks.extend(r.blocks)
         r.blocks = []
+
+    def _store_for_reuse(self, r: LlmRequest) -> None:
+        """Block reuse with a host tier (`host_cache_size`): an ended or cancelled request's full
+        blocks stay reusable (kvCacheManager.cpp, `releaseBlocks` -> `storeBlocks`); evicted from the
+        GPU they go to host memory while it has room, and the oldest host blocks are dropped for
+        newer ones (`WindowBlockManager::getFreeBlock`: no free secondary block, no offload). The
+        fake keeps them in host memory only, the tier the adapter's parking relies on."""
+        for i in range(r.computed // self.block_size):
+            key = tuple(r.tokens[:(i + 1) * self.block_size])
+            self.reuse[key] = self.kv[r.blocks[i]].clone()
+            self.reuse.move_to_end(key)
+        while len(self.reuse) > self.reuse_capacity:
+            self.reuse.popitem(last=False)
+            self.reuse_dropped += 1
+
+    def _onboard(self, r: LlmRequest) -> None:
+        """A new request finds its leading full blocks in the reuse cache (all but its last token)."""
+        n = 0
+        while (n + 1) * self.block_size < len(r.tokens) and tuple(r.tokens[:(n + 1) * self.block_size]) in self.reuse:
+            self.kv[r.blocks[n]] = self.reuse[tuple(r.tokens[:(n + 1) * self.block_size])]
+            n += 1
+        r.computed = n * self.block_size
+        self.reused_tokens += r.computed
 
 
 def reference_tokens(prompt: list, n: int) -> list:

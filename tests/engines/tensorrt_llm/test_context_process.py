@@ -2,12 +2,19 @@
 given, how a failed start is reported, and that it never outlives the engine's process."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from engines.base import EngineError
 from engines.tensorrt_llm.context_process import PRELOAD_ENV, ContextProcessLLM, physical_gpu
 from engines.tensorrt_llm.llm_settings import TrtllmSettings
 
+REPO = Path(__file__).resolve().parents[3]
 SETTINGS = TrtllmSettings(max_batch_size=2, max_seq_len=64, tokens_per_block=8, cache_transceiver_backend="NIXL")
 
 
@@ -28,11 +35,38 @@ def test_a_child_without_tensorrt_llm_fails_to_start_with_the_reason(tmp_path, m
         ContextProcessLLM(tmp_path, SETTINGS, "cuda:1", start_timeout_s=120)
 
 
-def test_the_child_exits_when_the_engine_process_goes(fake, tmp_path, monkeypatch):
-    """Its pipe closes when the engine's process dies (any signal): the child shuts its LLM down."""
-    monkeypatch.setenv(PRELOAD_ENV, f"{fake.__file__}:install_in_child")
-    llm = ContextProcessLLM(tmp_path, SETTINGS, "cuda:0", start_timeout_s=120)
-    assert llm._proc.is_alive()
-    llm._conn.close()  # what the engine process's death does to the pipe
-    llm._proc.join(timeout=30)
-    assert llm._proc.exitcode == 0
+def test_the_child_exits_when_the_engine_process_is_killed(fake, tmp_path):
+    """SIGKILL of the engine's process (nothing runs there to shut the child down): the child sees
+    its parent go and exits, freeing the helper GPU."""
+    script = tmp_path / "engine_process.py"
+    script.write_text(
+        "import sys, time\n"
+        "from engines.tensorrt_llm.context_process import ContextProcessLLM\n"
+        "from engines.tensorrt_llm.llm_settings import TrtllmSettings\n"
+        "if __name__ == '__main__':\n"
+        "    s = TrtllmSettings(max_batch_size=2, max_seq_len=64, tokens_per_block=8, cache_transceiver_backend='NIXL')\n"
+        f"    llm = ContextProcessLLM({str(tmp_path)!r}, s, 'cuda:0', start_timeout_s=120)\n"
+        "    print(llm._proc.pid, flush=True)\n"
+        "    time.sleep(600)\n")
+    env = {**os.environ, PRELOAD_ENV: f"{fake.__file__}:install_in_child",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        child = int(proc.stdout.readline())
+        assert _alive(child)
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child)
+    finally:
+        proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -165,3 +165,32 @@ def test_parking_the_last_running_request_drives_the_iteration_its_save_needs(ma
     e.free(["a"])
     _quiet(e)
     assert e.kv_blocks_used(HOST) == 0 and set(e.streams.keys()) <= {e._driver}
+
+
+@pytest.mark.parametrize("crowded", [False, True])
+def test_the_executor_host_cache_may_drop_a_parked_request_and_resume_recomputes(make_engine, trtllm, core, crowded):
+    """The Executor flavour parks by cancel: the request's blocks become reusable cache, kept in the
+    host tier while it has room (the fake copies kvCacheManager.cpp). Other requests' blocks compete
+    for that tier, and the oldest are dropped: resuming then recomputes them, with the same tokens."""
+    e = make_engine(flavour="engine", host_blocks=6)
+    fake = core(e.llm)
+    prompt = list(range(3, 14))
+    got = [e.prefill([PrefillRequest("a", prompt, max_new_tokens=12)]).tokens["a"]]
+    got += [e.decode(["a"]).tokens["a"] for _ in range(2)]
+    e.wait(e.move(["a"], "cuda:0", HOST))
+    _quiet(e)
+    if crowded:  # two finished requests' blocks push a's out of the 6-block host tier
+        for rid, first in (("b", 40), ("c", 60)):
+            e.prefill([PrefillRequest(rid, list(range(first, first + 13)), max_new_tokens=4)])
+            e.decode([rid])
+            e.free([rid])
+            _quiet(e)
+        assert fake.reuse_dropped >= 3
+    before = fake.reused_tokens
+    e.wait(e.move(["a"], HOST, "cuda:0"))
+    got += [e.decode(["a"]).tokens["a"] for _ in range(5)]
+    assert got == trtllm.reference_tokens(prompt, 8)
+    assert fake.reused_tokens - before == (0 if crowded else 12)  # 13 tokens of KV: 3 full blocks, or none
+    e.free(["a"])
+    _quiet(e)
+    assert e.kv_blocks_used(HOST) == 0 and e.pool.parked() == ()
