@@ -61,6 +61,10 @@ class SamplingParams:
     bad_words: tuple[tuple[int, ...], ...] = ()
     """Token sequences never generated: a word's last token is banned where the sequence ends
     with the rest of the word (transformers' NoBadWordsLogitsProcessor)."""
+    logprobs: bool = False
+    """Return the natural log of each chosen token's probability, in the distribution it was
+    drawn from: the logits after the penalties, min_tokens and bad words, divided by the
+    temperature (greedy: by 1), before top-k / top-p (TensorRT-LLM's `output_log_probs`)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -111,6 +115,9 @@ class Capabilities:
     can_shape_logits: bool = False
     """SamplingParams' penalties, min_tokens and bad_words are applied (False: the orchestrator
     refuses requests that set them)."""
+    can_return_logprobs: bool = False
+    """`SamplingParams.logprobs` is honoured: results carry each chosen token's log probability
+    (False: the orchestrator refuses requests that ask)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +292,8 @@ class StepResult:
 
     tokens: dict[str, int]
     timing: CallTiming
+    logprobs: dict[str, float] = field(default_factory=dict)
+    """Log probability of the token of each request that asked (`SamplingParams.logprobs`)."""
 
 
 def check_new_prompts(requests: Sequence[PrefillRequest], in_use: Container[str], max_seq_len: int,

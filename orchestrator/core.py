@@ -83,6 +83,8 @@ class TokenEvent:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
     error: str | None = None
+    logprobs: tuple[float, ...] = ()
+    """Each token's log probability, where the request asked (`SamplingParams.logprobs`)."""
 
     @property
     def final(self) -> bool:
@@ -107,6 +109,8 @@ class Request:
 
     state: RequestState = RequestState.WAITING
     output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    """Log probability of each output token, where the request asked (`SamplingParams.logprobs`)."""
     finish_reason: FinishReason | None = None
     error: str | None = None
     moving: bool = False

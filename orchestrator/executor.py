@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
 
 from engines.base import (HOST, CallTiming, Engine, EngineError, EngineInfo, PrefillChunk, PrefillHandle,
                           PrefillRequest)
@@ -58,6 +58,8 @@ class Outcome:
     first_tokens: Sequence[FirstToken] = ()
     failed: Sequence[tuple[Request, str]] = ()
     """(request, message): the request ends with an error."""
+    logprobs: Mapping[str, float] = field(default_factory=dict)
+    """Log probability of the token (or first token) of each request that asked, by request id."""
 
 
 @dataclass(slots=True)
@@ -185,7 +187,7 @@ class PlanExecutor:
             yield Outcome(failed=[(r, f"prefill failed: {e}") for r in requests])
             return
         report.prefill = result.timing
-        yield Outcome(timing=result.timing, first_tokens=[
+        yield Outcome(timing=result.timing, logprobs=result.logprobs, first_tokens=[
             FirstToken(r, result.tokens[r.id], "prefill", park=r.id in park) for r in requests])
         parked = [r for r in requests if r.id in park and not r.finished]
         if parked:
@@ -216,7 +218,7 @@ class PlanExecutor:
             if result is None:
                 continue
             del self._prefills[hid]
-            yield Outcome(timing=result.timing, first_tokens=[
+            yield Outcome(timing=result.timing, logprobs=result.logprobs, first_tokens=[
                 FirstToken(r, result.tokens[r.id], "remote prefill", park=r.id in park)
                 for r in requests if not r.finished])
             live = [r for r in requests if not r.finished]
@@ -232,7 +234,7 @@ class PlanExecutor:
             return
         report.decode = result.timing
         tokens = result.tokens
-        yield Outcome(timing=result.timing, tokens=[(r, tokens[r.id]) for r in requests])
+        yield Outcome(timing=result.timing, tokens=[(r, tokens[r.id]) for r in requests], logprobs=result.logprobs)
 
     def _mixed(self, decode: list[Request], chunks: list[tuple[Request, int, int]],
                report: StepReport) -> Iterator[Outcome]:
@@ -256,6 +258,6 @@ class PlanExecutor:
         if decode:
             report.decode = CallTiming("decode", seconds, len(decode), len(decode), sum(kv), max(kv))
         yield Outcome(
-            timing=result.timing, progress=[(r, end) for r, _, end in chunks],
+            timing=result.timing, progress=[(r, end) for r, _, end in chunks], logprobs=result.logprobs,
             tokens=[(r, result.tokens[r.id]) for r in decode],
             first_tokens=[FirstToken(r, result.tokens[r.id], "chunk") for r, _, end in chunks if end == r.prompt_len])

@@ -66,7 +66,7 @@ class Lifecycle:
         for r, end in outcome.progress:
             r.prefilled = end
         for r, token in outcome.tokens:
-            self.accept(r, token)
+            self.accept(r, token, outcome.logprobs.get(r.id))
         for t in outcome.first_tokens:
             r = t.request
             if r.finished:  # cancelled while its prompt was prefilled elsewhere
@@ -75,7 +75,7 @@ class Lifecycle:
                 self.pool.start(r)
             elif t.step == "chunk":
                 self.pool.promote(r)
-            self.accept(r, t.token)
+            self.accept(r, t.token, outcome.logprobs.get(r.id))
             if r.finished:
                 continue
             if t.park:
@@ -86,15 +86,17 @@ class Lifecycle:
             if not r.finished:
                 self.finish(r, FinishReason.ERROR, message)
 
-    def accept(self, r: Request, token: int) -> None:
-        """A generated token: streamed, or the end of the request. An end id ends it (STOP, the
-        token dropped); so does an output ending with a stop sequence (STOP, kept) or reaching
-        max_tokens (LENGTH)."""
+    def accept(self, r: Request, token: int, logprob: float | None = None) -> None:
+        """A generated token (and its log probability, if the request asked): streamed, or the end
+        of the request. An end id ends it (STOP, the token dropped); so does an output ending with
+        a stop sequence (STOP, kept) or reaching max_tokens (LENGTH)."""
         if token in r.stop_token_ids:
             self.finish(r, FinishReason.STOP)
             return
         now = self.clock()
         r.output_ids.append(token)
+        lps = () if logprob is None else (logprob,)
+        r.output_logprobs.extend(lps)
         r.token_times.append(now)
         if r.first_token_time is None:
             r.first_token_time = now
@@ -105,14 +107,14 @@ class Lifecycle:
         elif len(r.output_ids) >= r.max_tokens:
             reason = FinishReason.LENGTH
         if reason is None:
-            self._emit(r, TokenEvent(r.id, (token,)))
+            self._emit(r, TokenEvent(r.id, (token,), logprobs=lps))
         else:
-            self.finish(r, reason, tokens=(token,))
+            self.finish(r, reason, tokens=(token,), logprobs=lps)
 
     # ---- the end -----------------------------------------------------------------------------
 
     def finish(self, r: Request, reason: FinishReason, error: str | None = None,
-               tokens: tuple[int, ...] = ()) -> None:
+               tokens: tuple[int, ...] = (), logprobs: tuple[float, ...] = ()) -> None:
         """End `r` wherever it is: free its KV everywhere, send the final event with `tokens`."""
         r.state = RequestState.FINISHED
         r.finish_reason = reason
@@ -126,7 +128,7 @@ class Lifecycle:
         self.ledger.release(r.id)
         self.metrics.finished[reason.value] += 1
         self.recent_finished.append(r)
-        self._emit(r, TokenEvent(r.id, tokens, reason, error))
+        self._emit(r, TokenEvent(r.id, tokens, reason, error, logprobs))
         for listener in list(self._listeners):
             try:
                 listener(r)

@@ -202,6 +202,9 @@ class Orchestrator:
                 raise RequestRejected("bad_words", f"token ids {word} fall outside the vocabulary [0, {vocab})")
         if sampling.min_tokens:
             sampling = dataclasses.replace(sampling, stop_ids=tuple(sorted(stop_ids)))
+        if sampling.logprobs and not self.info.capabilities.can_return_logprobs:
+            raise RequestRejected("logprobs", f"this engine ({self.info.backend}) does not return log probabilities; "
+                                  "leave out return_log_probs / logprobs")
         if sampling.shapes_logits and not self.info.capabilities.can_shape_logits:
             name = next(n for n, neutral in (("repetition_penalty", 1.0), ("presence_penalty", 0.0),
                                              ("frequency_penalty", 0.0), ("min_tokens", 0), ("bad_words", ()))

@@ -151,6 +151,9 @@ def _shaping(inputs: Mapping[str, np.ndarray], max_tokens_limit: int) -> dict:
             out["min_tokens"] = _int(value, name, 0, max_tokens_limit)
     if inputs.get("bad_words_list") is not None:
         out["bad_words"] = _words_list(inputs["bad_words_list"], "bad_words_list")
+    value = scalar(inputs, "return_log_probs")
+    if value is not None:
+        out["logprobs"] = bool(value)
     return out
 
 

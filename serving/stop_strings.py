@@ -91,6 +91,8 @@ class Piece:
     finish_reason: str | None = None
     """None while it goes on; then "stop", "length", "cancelled" or "error"."""
     error: str | None = None
+    logprobs: tuple[float, ...] = ()
+    """The log probabilities of `token_ids`, where the request asked for them."""
 
 
 class TextOutput:
@@ -128,14 +130,15 @@ class TextOutput:
             text.append(self._stops.flush())
             self.finished = True
         self.token_count += len(ids)
-        return Piece("".join(text), tuple(ids), event.finish_reason.value if event.final else None)
+        return Piece("".join(text), tuple(ids), event.finish_reason.value if event.final else None,
+                     logprobs=event.logprobs)
 
     def _stopped(self, text: str, ids: list[int], event: TokenEvent) -> Piece:
         self.finished = True
         self.token_count += len(ids)
         if not event.final and self._on_stop is not None:
             self._on_stop(event.request_id)
-        return Piece(text, tuple(ids), "stop")
+        return Piece(text, tuple(ids), "stop", logprobs=event.logprobs[:len(ids)])
 
 
 def stop_request(orchestrator: Orchestrator) -> Callable[[str], None]:

@@ -84,7 +84,6 @@ _NEUTRAL_ONLY = {
     "num_return_sequences": (1, "one sequence per request (num_return_sequences 1): send n requests instead"),
     "num_draft_tokens": (0, "speculative decoding (draft tokens) is not supported"),
     "use_draft_logits": (False, "speculative decoding (draft tokens) is not supported"),
-    "return_log_probs": (False, "log probabilities are not returned yet"),
     "return_context_logits": (False, "context logits are not returned"),
     "return_generation_logits": (False, "generation logits are not returned"),
     "return_perf_metrics": (False, "per-request perf metrics are not returned yet (the dashboard and /metrics have them)"),
@@ -109,6 +108,13 @@ class FrontRequest:
     """A non-streaming answer starts with the prompt (exclude_input_in_output false)."""
     prompt_text: str = ""
     prompt_ids: list[int] = field(default_factory=list)
+    logprobs: bool = False
+    """return_log_probs: the answers carry output_log_probs and cum_log_probs."""
+
+    @property
+    def inner_outputs(self) -> list[str]:
+        """The aligned_llm outputs to ask for."""
+        return list(INNER_OUTPUTS) + (["output_log_probs"] if self.logprobs else [])
 
 
 def _present(arr) -> bool:
@@ -172,6 +178,8 @@ def _common(inputs: Mapping[str, np.ndarray], inner: dict[str, np.ndarray], *, t
     seeds = [n for n in ("seed", "random_seed") if inputs.get(n) is not None]
     if seeds:  # 1.x renamed random_seed to seed; either is taken
         inner["seed"] = np.asarray(inputs[seeds[0]]).astype(np.uint64).reshape(1, -1)
+    if _bool(inputs, "return_log_probs", False):
+        inner["return_log_probs"] = _batch(True, bool)
 
 
 def text_request(inputs: Mapping[str, np.ndarray]) -> FrontRequest:
@@ -189,7 +197,7 @@ def text_request(inputs: Mapping[str, np.ndarray]) -> FrontRequest:
     raw = scalar(inputs, "text_input")
     prompt = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
     return FrontRequest(inner, stream, echo=not stream and not _bool(inputs, "exclude_input_in_output", False),
-                        prompt_text=prompt)
+                        prompt_text=prompt, logprobs="return_log_probs" in inner)
 
 
 def token_request(inputs: Mapping[str, np.ndarray]) -> FrontRequest:
@@ -210,7 +218,7 @@ def token_request(inputs: Mapping[str, np.ndarray]) -> FrontRequest:
     stream = _bool(inputs, "streaming", False)
     inner["stream"] = _batch(True, bool)
     return FrontRequest(inner, stream, echo=not stream and not _bool(inputs, "exclude_input_in_output", False),
-                        prompt_ids=[int(x) for x in ids])
+                        prompt_ids=[int(x) for x in ids], logprobs="return_log_probs" in inner)
 
 
 # Field names of aligned_llm's errors as the upstream interface calls them.
@@ -240,3 +248,11 @@ def token_outputs(front: FrontRequest, ids: list[int]) -> dict[str, np.ndarray]:
         ids = front.prompt_ids + list(ids)
     return {"output_ids": np.array([[ids]], dtype=np.int32).reshape(1, 1, len(ids)),
             "sequence_length": np.array([[len(ids)]], dtype=np.int32)}
+
+
+def logprob_outputs(logprobs: list[float], cumulative: float) -> dict[str, np.ndarray]:
+    """`output_log_probs` [1, beam, tokens] (this answer's generated tokens; the echoed prompt has
+    none) and `cum_log_probs` [1, beam] (the sum over every token generated so far), as
+    TensorRT-LLM answers return_log_probs."""
+    return {"output_log_probs": np.array(logprobs, dtype=np.float32).reshape(1, 1, len(logprobs)),
+            "cum_log_probs": np.array([[cumulative]], dtype=np.float32)}

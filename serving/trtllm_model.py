@@ -19,7 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from orchestrator.core import RequestRejected
-from serving.trtllm_front import (INNER_MODEL, INNER_OUTPUTS, FrontRequest, text_outputs, text_request,
+from serving.trtllm_front import (INNER_MODEL, FrontRequest, logprob_outputs, text_outputs, text_request,
                                   token_outputs, token_request, upstream_error)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -36,6 +36,8 @@ class _Forward:
     sender: object
     client_id: str
     inner_id: str
+    cum_log_prob: float = 0.0
+    """Sum of the log probabilities of the tokens generated so far (cum_log_probs)."""
     live: bool = False
     """aligned_llm answered once: it has the request, so a stop by id reaches it."""
     stop_wanted: bool = False
@@ -96,9 +98,9 @@ class FrontModel:
     def _forward(self, fwd: _Forward, front: FrontRequest) -> None:
         try:
             inner = pb_utils.InferenceRequest(
-                model_name=INNER_MODEL, requested_output_names=list(INNER_OUTPUTS), request_id=fwd.inner_id,
+                model_name=INNER_MODEL, requested_output_names=front.inner_outputs, request_id=fwd.inner_id,
                 inputs=[pb_utils.Tensor(name, value) for name, value in front.inner.items()])
-            text, ids = [], []
+            text, ids, logprobs = [], [], []
             for response in inner.exec(decoupled=True):
                 if response.has_error():
                     self._send_error(fwd, upstream_error(response.error().message(), self.tokens))
@@ -112,14 +114,17 @@ class FrontModel:
                         self._stop_inner(fwd)
                 piece = _as_str(response, "text_output")
                 piece_ids = pb_utils.get_output_tensor_by_name(response, "output_ids").as_numpy().reshape(-1).tolist()
+                piece_lps = _floats(response, "output_log_probs") if front.logprobs else []
                 done = _as_str(response, "finish_reason") != ""
+                fwd.cum_log_prob += sum(piece_lps)
                 if front.stream:
-                    self._send(fwd, front, piece, piece_ids, done)
+                    self._send(fwd, front, piece, piece_ids, done, piece_lps)
                 else:
                     text.append(piece)
                     ids.extend(piece_ids)
+                    logprobs.extend(piece_lps)
                     if done:
-                        self._send(fwd, front, "".join(text), ids, True)
+                        self._send(fwd, front, "".join(text), ids, True, logprobs)
                 if done:
                     return
             self._send_error(fwd, f"{INNER_MODEL} ended the request without a final answer")
@@ -129,13 +134,16 @@ class FrontModel:
             with self._lock:
                 self._live.discard(fwd)
 
-    def _send(self, fwd: _Forward, front: FrontRequest, text: str, ids: list[int], final: bool) -> None:
+    def _send(self, fwd: _Forward, front: FrontRequest, text: str, ids: list[int], final: bool,
+              logprobs: list[float]) -> None:
         if fwd.sender.is_cancelled():
             if final:
                 self._final(fwd, pb_utils.InferenceResponse(error=pb_utils.TritonError(
                     "request cancelled", pb_utils.TritonError.CANCELLED)))
             return
         outputs = token_outputs(front, ids) if self.tokens else text_outputs(front, text)
+        if front.logprobs:
+            outputs.update(logprob_outputs(logprobs, fwd.cum_log_prob))
         response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
         if final:
             self._final(fwd, response)
@@ -207,3 +215,7 @@ def _as_str(response, name: str) -> str:
     value = pb_utils.get_output_tensor_by_name(response, name).as_numpy().reshape(-1)[0]
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
+
+def _floats(response, name: str) -> list[float]:
+    tensor = pb_utils.get_output_tensor_by_name(response, name)
+    return [] if tensor is None else tensor.as_numpy().reshape(-1).astype(float).tolist()

@@ -28,7 +28,7 @@ from engines.torch.kv_tiers import KVTiers
 from engines.torch.models import architecture, config_from_dir
 from engines.torch.packed_linear import pack_model, packing_available
 from engines.torch.placement import place_devices, resolve_tiers
-from engines.torch.sampler import make_generator, sample
+from engines.torch.sampler import make_generator, sample_with_logprobs
 from engines.torch.sequence import SequenceState
 from engines.torch.step_cost import read_step_costs
 from engines.torch.weights import load_weights
@@ -248,7 +248,8 @@ class TorchEngine(Engine):
             # request then gets the same tokens wherever it was prefilled.
             generators = [None if r.sampling.greedy else make_generator(r.sampling, self.device) for r in requests]
             histories = [(list(r.prompt_ids), len(r.prompt_ids)) if r.sampling.shapes_logits else None for r in requests]
-            tokens = sample(last.to(self.device), [r.sampling for r in requests], generators, histories)
+            tokens, lps = sample_with_logprobs(last.to(self.device), [r.sampling for r in requests], generators,
+                                               histories)
         except Exception:
             for i in ids:
                 on.cache.release(i)
@@ -261,7 +262,7 @@ class TorchEngine(Engine):
             self._seqs[r.request_id] = seq
         lens = [len(r.prompt_ids) for r in requests]
         timing = CallTiming("prefill", seconds, len(ids), sum(lens), sum(lens), max(lens))
-        return StepResult(dict(zip(ids, tokens)), timing), logits
+        return StepResult(dict(zip(ids, tokens)), timing, _asked(ids, lps)), logits
 
     # -- decode ----------------------------------------------------------------------------
 
@@ -281,14 +282,15 @@ class TorchEngine(Engine):
         start = self._clock(self.device)
         batch = self._batch(self.cache, ids, [[s.last_token] for s in seqs], [s.kv_len for s in seqs], self.device)
         logits = self.model(batch, self.cache)
-        tokens = sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs], [s.history() for s in seqs])
+        tokens, lps = sample_with_logprobs(logits, [s.sampling for s in seqs], [s.generator for s in seqs],
+                                           [s.history() for s in seqs])
         seconds = self._clock(self.device) - start
         for s, tok in zip(seqs, tokens):
             s.kv_len += 1
             s.record(tok)
         kv = [s.kv_len for s in seqs]
         timing = CallTiming("decode", seconds, len(ids), len(ids), sum(kv), max(kv))
-        return StepResult(dict(zip(ids, tokens)), timing), logits
+        return StepResult(dict(zip(ids, tokens)), timing, _asked(ids, lps)), logits
 
     def _check_decodable(self, ids: list[str], op: str) -> None:
         """Refuse, before anything changes, requests that cannot take one more decode step here."""
@@ -357,7 +359,7 @@ class TorchEngine(Engine):
             histories = [s.history() for s in decoding] + [
                 (list(c.request.prompt_ids), len(c.request.prompt_ids)) if p.shapes_logits else None
                 for (p, _), c in zip(states, chunks) if c.last]
-            tokens = sample(logits[rows], params, generators, histories)
+            tokens, lps = sample_with_logprobs(logits[rows], params, generators, histories)
         except Exception:
             undo_reservations(self.cache, held, new)
             raise
@@ -366,7 +368,7 @@ class TorchEngine(Engine):
         kv = [s.kv_len for s in decoding] + [c.end for c in chunks]
         num_tokens = len(ids) + sum(c.end - c.start for c in chunks)
         timing = CallTiming("mixed", seconds, len(ids) + len(chunks), num_tokens, sum(kv), max(kv))
-        return StepResult(out, timing), logits
+        return StepResult(out, timing, _asked(ids + [c.request.request_id for c in chunks if c.last], lps)), logits
 
     # -- KV tiers --------------------------------------------------------------------------
 
@@ -419,7 +421,8 @@ class TorchEngine(Engine):
 
     def _capabilities(self) -> Capabilities:
         return Capabilities(can_offload=self.host_pool is not None, can_peer_copy=len(self._devices) >= 2,
-                            can_form_batches=True, can_chunk_prefill=True, can_shape_logits=True)
+                            can_form_batches=True, can_chunk_prefill=True, can_shape_logits=True,
+                            can_return_logprobs=True)
 
     def _batch(self, cache, ids: list[str], runs: list, starts: list[int], device: torch.device) -> ForwardBatch:
         return build_batch(cache, ids, runs, starts, device, self.attention, self.cfg.q_per_kv)
@@ -432,3 +435,8 @@ class TorchEngine(Engine):
 
     def _empty(self, op: str) -> StepResult:
         return StepResult({}, CallTiming(op, 0.0, 0, 0, 0, 0))
+
+
+def _asked(ids: Sequence[str], logprobs: Sequence[float | None]) -> dict[str, float]:
+    """The log probabilities of the requests that asked for them, by request id."""
+    return {rid: lp for rid, lp in zip(ids, logprobs) if lp is not None}

@@ -68,9 +68,18 @@ def shape_logits(row: torch.Tensor, p: SamplingParams, tokens: Sequence[int], pr
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator | None],
            histories: Sequence[tuple[Sequence[int], int] | None] | None = None) -> list[int]:
+    """Next token of each row of logits [B, V] (`sample_with_logprobs` without the log probabilities)."""
+    return sample_with_logprobs(logits, params, generators, histories)[0]
+
+
+def sample_with_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams],
+                         generators: Sequence[torch.Generator | None],
+                         histories: Sequence[tuple[Sequence[int], int] | None] | None = None,
+                         ) -> tuple[list[int], list[float | None]]:
     """Next token of each row of logits [B, V]; generators[i] may be None for greedy rows.
     histories[i]: (the row's tokens so far, its prompt length), needed where params[i] shapes
-    the logits (`SamplingParams.shapes_logits`)."""
+    the logits (`SamplingParams.shapes_logits`). Also each chosen token's log probability where
+    params[i].logprobs asks (else None), as `SamplingParams.logprobs` defines it."""
     shaped = [i for i, p in enumerate(params) if p.shapes_logits]
     if shaped:
         if histories is None or any(histories[i] is None for i in shaped):
@@ -94,4 +103,12 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         kept = (probs > 0).sum(dim=-1, keepdim=True) - 1
         pick = torch.minimum(pick, kept)
         tokens[rows] = token_ids.gather(1, pick)[:, 0]
-    return tokens.tolist()
+    logprobs: list[float | None] = [None] * len(params)
+    want = [i for i, p in enumerate(params) if p.logprobs]
+    if want:
+        temperature = torch.tensor([1.0 if params[i].greedy else params[i].temperature for i in want],
+                                   device=logits.device)
+        chosen = (logits[want].float() / temperature[:, None]).log_softmax(dim=-1).gather(1, tokens[want][:, None])
+        for i, lp in zip(want, chosen[:, 0].tolist()):
+            logprobs[i] = lp
+    return tokens.tolist(), logprobs

@@ -236,3 +236,21 @@ def test_an_engine_that_cannot_shape_logits_refuses_by_name():
     with pytest.raises(RequestRejected) as e:
         orch.submit([1, 2, 3], max_tokens=4, sampling=SamplingParams(bad_words=((10_000_000,),)))
     assert e.value.field == "bad_words" and "outside the vocabulary" in e.value.message
+    with pytest.raises(RequestRejected) as e:
+        orch.submit([1, 2, 3], max_tokens=4, sampling=SamplingParams(logprobs=True))
+    assert e.value.field == "logprobs" and "log probabilities" in e.value.message
+
+
+def test_log_probabilities_reach_the_stream_with_their_tokens(engine):
+    """Each streamed token comes with its log probability where the request asked, none where it
+    did not; the final event carries the last token's."""
+    orch = make(engine)
+    events = []
+    asked = orch.submit([1, 2, 3], max_tokens=5, sampling=SamplingParams(logprobs=True), on_event=events.append,
+                        ignore_eos=True)
+    plain = orch.submit([1, 2, 3], max_tokens=5, ignore_eos=True)
+    run_until_idle(orch)
+    assert len(asked.output_logprobs) == len(asked.output_ids) == 5 and not plain.output_logprobs
+    streamed = [lp for e in events for lp in e.logprobs]
+    assert streamed == asked.output_logprobs and all(len(e.logprobs) == len(e.token_ids) for e in events)
+    assert all(lp <= 0 for lp in streamed)

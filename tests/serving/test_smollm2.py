@@ -4,6 +4,7 @@ and through both OpenAI endpoints, its greedy answers to five chat prompts are t
 on the same weights (the engine directory's float32 safetensors), token for token."""
 from __future__ import annotations
 
+import queue
 import time
 
 import numpy as np
@@ -113,6 +114,52 @@ def test_nvidias_in_flight_batcher_client_gets_transformers_greedy_ids(server, r
         assert result.as_numpy("output_ids")[0][0].tolist() == prompt_ids + ids, prompt
         assert result.as_numpy("sequence_length").tolist() == [[len(prompt_ids) + len(ids)]]
     client.close()
+
+
+def test_return_log_probs_gives_transformers_log_probabilities(server, reference, smollm2_engine_dir):
+    """`tensorrt_llm` with return_log_probs: output_log_probs [1, 1, n] are the model's log
+    probabilities of the greedy tokens (transformers' logits over the same sequence), cum_log_probs
+    their sum; a streaming ensemble answer carries each piece's and the running sum."""
+    import tritonclient.grpc as grpcclient
+    expected, tokenizer = reference
+    prompt, ids = expected[0]
+    prompt_ids = tokenizer.encode(prompt).ids
+    model = AutoModelForCausalLM.from_pretrained(smollm2_engine_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1:-1]
+    want = logits.log_softmax(-1).gather(1, torch.tensor(ids)[:, None])[:, 0].tolist()
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    result = client.infer("tensorrt_llm", ifb_inputs(prompt_ids, NEW_TOKENS, end_id=tokenizer.token_to_id("<|im_end|>"),
+                                                     return_log_probs=np.array([[True]])))
+    client.close()
+    got = result.as_numpy("output_log_probs")
+    assert got.shape == (1, 1, len(ids)) and got[0][0].tolist() == pytest.approx(want, abs=2e-3)
+    assert result.as_numpy("cum_log_probs")[0][0] == pytest.approx(sum(want), abs=1e-2)
+
+    responses = []
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    done: queue.Queue = queue.Queue()
+    c.start_stream(callback=lambda result, error: done.put((result, error)))
+    try:
+        c.async_stream_infer("ensemble", e2e_inputs(prompt, NEW_TOKENS, stream=True, end_id=None,
+                                                    return_log_probs=np.array([[True]])),
+                             outputs=[grpcclient.InferRequestedOutput(n)
+                                      for n in ("text_output", "output_log_probs", "cum_log_probs")],
+                             enable_empty_final_response=True)
+        while True:
+            r, error = done.get(timeout=60)
+            assert error is None
+            if r.as_numpy("output_log_probs") is not None:
+                responses.append((r.as_numpy("output_log_probs")[0][0].tolist(), float(r.as_numpy("cum_log_probs")[0][0])))
+            if r.get_response(as_json=True).get("parameters", {}).get("triton_final_response", {}).get("bool_param"):
+                break
+    finally:
+        c.stop_stream()
+        c.close()
+    pieces = [lp for piece, _ in responses for lp in piece]
+    assert pieces == pytest.approx(want, abs=2e-3)
+    sums = [cum for _, cum in responses]
+    assert sums[-1] == pytest.approx(sum(want), abs=1e-2) and sums == sorted(sums, reverse=True)
 
 
 def newest_request(server, deadline_s: float = 30.0) -> dict:

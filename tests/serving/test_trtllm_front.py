@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from orchestrator.core import RequestRejected
-from serving.trtllm_front import text_request, token_outputs, token_request, text_outputs, upstream_error
+from serving.trtllm_front import (logprob_outputs, text_outputs, text_request, token_outputs, token_request,
+                                  upstream_error)
 
 REPO = Path(__file__).resolve().parents[2] / "model_repo"
 
@@ -60,7 +61,6 @@ def test_the_readmes_empty_word_lists_and_both_seed_names_are_taken():
 @pytest.mark.parametrize("name, value, words", [
     ("beam_width", np.array([[2]], dtype=np.int32), "beam search is not supported"),
     ("num_return_sequences", np.array([[3]], dtype=np.int32), "one sequence per request"),
-    ("return_log_probs", np.array([[True]]), "log probabilities"),
     ("return_generation_logits", np.array([[True]]), "generation logits"),
     ("return_perf_metrics", np.array([[True]]), "perf metrics"),
     ("return_num_output_tokens", np.array([[True]]), "token counts"),
@@ -85,6 +85,16 @@ def test_penalties_min_length_and_bad_words_are_forwarded():
     front = token_request(ifb_client_inputs(bad_words_list=words, frequency_penalty=np.array([[0.3]], dtype=np.float32)))
     assert front.inner["bad_words_list"].tolist() == [[[13, 50, -1], [1, 2, -1]]]
     assert front.inner["frequency_penalty"].tolist() == [[pytest.approx(0.3)]]
+
+
+def test_return_log_probs_is_forwarded_and_answered_in_the_upstream_shapes():
+
+    front = token_request(ifb_client_inputs(return_log_probs=np.array([[True]])))
+    assert front.logprobs and front.inner["return_log_probs"].tolist() == [[True]]
+    assert front.inner_outputs[-1] == "output_log_probs"
+    assert not text_request(e2e_client_inputs(return_log_probs=np.array([[False]]))).logprobs
+    out = logprob_outputs([-0.5, -1.25], -2.0)
+    assert out["output_log_probs"].shape == (1, 1, 2) and out["cum_log_probs"].tolist() == [[-2.0]]
 
 
 def test_neutral_values_of_unsupported_settings_pass():

@@ -58,6 +58,8 @@ class _Stream:
     """The id the client gave the request (Triton's request id), for a `stop` request naming it."""
     ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    """The answer's log probabilities so far; None: not asked for (return_log_probs)."""
     cancelled: bool = False
 
 
@@ -135,7 +137,8 @@ class TritonPythonModel:
         inputs = {}
         for name in ("text_input", "input_ids", "max_tokens", "stream", "temperature", "top_k", "top_p",
                      "seed", "end_id", "stop_words", "stop_words_list", "bad_words", "bad_words_list",
-                     "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens"):
+                     "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens",
+                     "return_log_probs"):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 inputs[name] = tensor.as_numpy()
@@ -148,7 +151,8 @@ class TritonPythonModel:
         # Stop words are matched on the text (serving/stop_strings.py), kept in it as TensorRT-LLM does.
         output = TextOutput(self.tokenizer, params.stop_words, keep_stop=True,
                             on_stop=stop_request(self.orchestrator))
-        ctx = _Stream(sender, output, params.stream, triton_id=request.request_id())
+        ctx = _Stream(sender, output, params.stream, triton_id=request.request_id(),
+                      logprobs=[] if sampling.logprobs else None)
         with self._live_lock:
             req = self.orchestrator.submit(
                 prompt_ids, params.max_tokens, sampling, params.end_id, params.stop_sequences,
@@ -207,24 +211,31 @@ class TritonPythonModel:
         if done and not event.final:  # a stop word: the request is being ended (reason stop); no more polling
             with self._live_lock:
                 self._live.discard(ctx)
+        asked = ctx.logprobs is not None
         if ctx.stream:
-            ctx.sender.send(self._response(piece.text, list(piece.token_ids), piece.finish_reason),
-                            flags=FINAL if done else 0)
+            ctx.sender.send(self._response(piece.text, list(piece.token_ids), piece.finish_reason,
+                                           list(piece.logprobs) if asked else None), flags=FINAL if done else 0)
             return
         ctx.ids.extend(piece.token_ids)
         ctx.text.append(piece.text)
+        if asked:
+            ctx.logprobs.extend(piece.logprobs)
         if done:
-            ctx.sender.send(self._response("".join(ctx.text), ctx.ids, piece.finish_reason), flags=FINAL)
+            ctx.sender.send(self._response("".join(ctx.text), ctx.ids, piece.finish_reason, ctx.logprobs),
+                            flags=FINAL)
 
     @staticmethod
-    def _response(text: str, ids: list[int], finish_reason: str | None):
+    def _response(text: str, ids: list[int], finish_reason: str | None, logprobs: list[float] | None = None):
         reason = finish_reason or ""
-        return pb_utils.InferenceResponse(output_tensors=[
+        tensors = [
             # Leading 1: the batch dimension of max_batch_size > 0, as the ensemble's outputs.
             pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
             pb_utils.Tensor("output_ids", np.array([ids], dtype=np.int32)),
             pb_utils.Tensor("finish_reason", np.array([[reason.encode()]], dtype=np.object_)),
-        ])
+        ]
+        if logprobs is not None:  # asked for (return_log_probs): one per token of output_ids
+            tensors.append(pb_utils.Tensor("output_log_probs", np.array([logprobs], dtype=np.float32).reshape(1, -1)))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def finalize(self):
         orchestrator = getattr(self, "orchestrator", None)
