@@ -88,8 +88,6 @@ _NEUTRAL_ONLY = {
     "return_generation_logits": (False, "generation logits are not returned"),
     "return_perf_metrics": (False, "per-request perf metrics are not returned yet (the dashboard and /metrics have them)"),
     "return_kv_cache_reuse_stats": (False, "KV cache reuse stats are not returned"),
-    "return_num_input_tokens": (False, "token counts are not returned yet"),
-    "return_num_output_tokens": (False, "token counts are not returned yet"),
 }
 # Beam-search-only settings: without beam search TensorRT-LLM ignores them too.
 _BEAM_ONLY = ("length_penalty", "len_penalty", "early_stopping", "beam_search_diversity_rate")
@@ -110,11 +108,14 @@ class FrontRequest:
     prompt_ids: list[int] = field(default_factory=list)
     logprobs: bool = False
     """return_log_probs: the answers carry output_log_probs and cum_log_probs."""
+    counts: tuple[bool, bool] = (False, False)
+    """return_num_input_tokens, return_num_output_tokens: the answers carry those counts."""
 
     @property
     def inner_outputs(self) -> list[str]:
-        """The aligned_llm outputs to ask for."""
-        return list(INNER_OUTPUTS) + (["output_log_probs"] if self.logprobs else [])
+        """The aligned_llm outputs to ask for (the prompt's token count also counts an echo)."""
+        return (list(INNER_OUTPUTS) + (["output_log_probs"] if self.logprobs else [])
+                + (["num_input_tokens"] if any(self.counts) else []))
 
 
 def _present(arr) -> bool:
@@ -197,7 +198,7 @@ def text_request(inputs: Mapping[str, np.ndarray]) -> FrontRequest:
     raw = scalar(inputs, "text_input")
     prompt = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
     return FrontRequest(inner, stream, echo=not stream and not _bool(inputs, "exclude_input_in_output", False),
-                        prompt_text=prompt, logprobs="return_log_probs" in inner)
+                        prompt_text=prompt, logprobs="return_log_probs" in inner, counts=_counts(inputs))
 
 
 def token_request(inputs: Mapping[str, np.ndarray]) -> FrontRequest:
@@ -218,7 +219,7 @@ def token_request(inputs: Mapping[str, np.ndarray]) -> FrontRequest:
     stream = _bool(inputs, "streaming", False)
     inner["stream"] = _batch(True, bool)
     return FrontRequest(inner, stream, echo=not stream and not _bool(inputs, "exclude_input_in_output", False),
-                        prompt_ids=[int(x) for x in ids], logprobs="return_log_probs" in inner)
+                        prompt_ids=[int(x) for x in ids], logprobs="return_log_probs" in inner, counts=_counts(inputs))
 
 
 # Field names of aligned_llm's errors as the upstream interface calls them.
@@ -256,3 +257,18 @@ def logprob_outputs(logprobs: list[float], cumulative: float) -> dict[str, np.nd
     TensorRT-LLM answers return_log_probs."""
     return {"output_log_probs": np.array(logprobs, dtype=np.float32).reshape(1, 1, len(logprobs)),
             "cum_log_probs": np.array([[cumulative]], dtype=np.float32)}
+
+
+def _counts(inputs: Mapping[str, np.ndarray]) -> tuple[bool, bool]:
+    return _bool(inputs, "return_num_input_tokens", False), _bool(inputs, "return_num_output_tokens", False)
+
+
+def count_outputs(front: FrontRequest, num_input_tokens: int, generated: int) -> dict[str, np.ndarray]:
+    """`num_input_tokens` and `num_output_tokens` [1, 1] where asked for: the prompt's tokens, and
+    the tokens of this answer's output_ids (the echoed prompt's included, as upstream counts them)."""
+    out = {}
+    if front.counts[0]:
+        out["num_input_tokens"] = np.array([[num_input_tokens]], dtype=np.int32)
+    if front.counts[1]:
+        out["num_output_tokens"] = np.array([[generated + (num_input_tokens if front.echo else 0)]], dtype=np.int32)
+    return out

@@ -19,8 +19,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from orchestrator.core import RequestRejected
-from serving.trtllm_front import (INNER_MODEL, FrontRequest, logprob_outputs, text_outputs, text_request,
-                                  token_outputs, token_request, upstream_error)
+from serving.trtllm_front import (INNER_MODEL, FrontRequest, count_outputs, logprob_outputs, text_outputs,
+                                  text_request, token_outputs, token_request, upstream_error)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_S = 0.1
@@ -38,6 +38,8 @@ class _Forward:
     inner_id: str
     cum_log_prob: float = 0.0
     """Sum of the log probabilities of the tokens generated so far (cum_log_probs)."""
+    num_input_tokens: int = 0
+    """The prompt's token count, from aligned_llm (num_input_tokens)."""
     live: bool = False
     """aligned_llm answered once: it has the request, so a stop by id reaches it."""
     stop_wanted: bool = False
@@ -115,6 +117,8 @@ class FrontModel:
                 piece = _as_str(response, "text_output")
                 piece_ids = pb_utils.get_output_tensor_by_name(response, "output_ids").as_numpy().reshape(-1).tolist()
                 piece_lps = _floats(response, "output_log_probs") if front.logprobs else []
+                if any(front.counts):
+                    fwd.num_input_tokens = int(_floats(response, "num_input_tokens")[0])
                 done = _as_str(response, "finish_reason") != ""
                 fwd.cum_log_prob += sum(piece_lps)
                 if front.stream:
@@ -144,6 +148,7 @@ class FrontModel:
         outputs = token_outputs(front, ids) if self.tokens else text_outputs(front, text)
         if front.logprobs:
             outputs.update(logprob_outputs(logprobs, fwd.cum_log_prob))
+        outputs.update(count_outputs(front, fwd.num_input_tokens, len(ids)))
         response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
         if final:
             self._final(fwd, response)

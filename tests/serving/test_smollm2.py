@@ -116,10 +116,11 @@ def test_nvidias_in_flight_batcher_client_gets_transformers_greedy_ids(server, r
     client.close()
 
 
-def test_return_log_probs_gives_transformers_log_probabilities(server, reference, smollm2_engine_dir):
+def test_return_log_probs_and_token_counts_are_upstreams(server, reference, smollm2_engine_dir):
     """`tensorrt_llm` with return_log_probs: output_log_probs [1, 1, n] are the model's log
     probabilities of the greedy tokens (transformers' logits over the same sequence), cum_log_probs
-    their sum; a streaming ensemble answer carries each piece's and the running sum."""
+    their sum; a streaming ensemble answer carries each piece's and the running sum. The token
+    counts: the prompt's, and output_ids' (the echoed prompt included)."""
     import tritonclient.grpc as grpcclient
     expected, tokenizer = reference
     prompt, ids = expected[0]
@@ -130,8 +131,12 @@ def test_return_log_probs_gives_transformers_log_probabilities(server, reference
     want = logits.log_softmax(-1).gather(1, torch.tensor(ids)[:, None])[:, 0].tolist()
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
     result = client.infer("tensorrt_llm", ifb_inputs(prompt_ids, NEW_TOKENS, end_id=tokenizer.token_to_id("<|im_end|>"),
-                                                     return_log_probs=np.array([[True]])))
+                                                     return_log_probs=np.array([[True]]),
+                                                     return_num_input_tokens=np.array([[True]]),
+                                                     return_num_output_tokens=np.array([[True]])))
     client.close()
+    assert result.as_numpy("num_input_tokens").tolist() == [[len(prompt_ids)]]
+    assert result.as_numpy("num_output_tokens").tolist() == [[len(prompt_ids) + len(ids)]]
     got = result.as_numpy("output_log_probs")
     assert got.shape == (1, 1, len(ids)) and got[0][0].tolist() == pytest.approx(want, abs=2e-3)
     assert result.as_numpy("cum_log_probs")[0][0] == pytest.approx(sum(want), abs=1e-2)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from orchestrator.core import RequestRejected
-from serving.trtllm_front import (logprob_outputs, text_outputs, text_request, token_outputs, token_request,
-                                  upstream_error)
+from serving.trtllm_front import (count_outputs, logprob_outputs, text_outputs, text_request, token_outputs,
+                                  token_request, upstream_error)
 
 REPO = Path(__file__).resolve().parents[2] / "model_repo"
 
@@ -63,7 +63,6 @@ def test_the_readmes_empty_word_lists_and_both_seed_names_are_taken():
     ("num_return_sequences", np.array([[3]], dtype=np.int32), "one sequence per request"),
     ("return_generation_logits", np.array([[True]]), "generation logits"),
     ("return_perf_metrics", np.array([[True]]), "perf metrics"),
-    ("return_num_output_tokens", np.array([[True]]), "token counts"),
     ("lora_task_id", np.array([[1]], dtype=np.uint64), "LoRA"),
     ("guided_decoding_guide_type", np.array([[b"json"]], dtype=object), "guided decoding"),
 ])
@@ -95,6 +94,17 @@ def test_return_log_probs_is_forwarded_and_answered_in_the_upstream_shapes():
     assert not text_request(e2e_client_inputs(return_log_probs=np.array([[False]]))).logprobs
     out = logprob_outputs([-0.5, -1.25], -2.0)
     assert out["output_log_probs"].shape == (1, 1, 2) and out["cum_log_probs"].tolist() == [[-2.0]]
+
+
+def test_token_counts_count_the_echoed_prompt_as_upstream_does():
+    flags = dict(return_num_input_tokens=np.array([[True]]), return_num_output_tokens=np.array([[True]]))
+    echoed = text_request(e2e_client_inputs(**flags))
+    assert echoed.echo and echoed.inner_outputs[-1] == "num_input_tokens"
+    assert {k: v.tolist() for k, v in count_outputs(echoed, 7, 3).items()} == \
+        {"num_input_tokens": [[7]], "num_output_tokens": [[10]]}
+    streamed = text_request(e2e_client_inputs(stream=np.array([[True]]), return_num_output_tokens=np.array([[True]])))
+    assert count_outputs(streamed, 7, 3) == {"num_output_tokens": np.array([[3]], dtype=np.int32)}
+    assert count_outputs(text_request(e2e_client_inputs()), 7, 3) == {}
 
 
 def test_neutral_values_of_unsupported_settings_pass():

@@ -60,6 +60,8 @@ class _Stream:
     text: list[str] = field(default_factory=list)
     logprobs: list[float] | None = None
     """The answer's log probabilities so far; None: not asked for (return_log_probs)."""
+    num_input_tokens: int | None = None
+    """The prompt's token count, where the client asked for the output (the front models do)."""
     cancelled: bool = False
 
 
@@ -151,8 +153,9 @@ class TritonPythonModel:
         # Stop words are matched on the text (serving/stop_strings.py), kept in it as TensorRT-LLM does.
         output = TextOutput(self.tokenizer, params.stop_words, keep_stop=True,
                             on_stop=stop_request(self.orchestrator))
+        counted = "num_input_tokens" in request.requested_output_names()
         ctx = _Stream(sender, output, params.stream, triton_id=request.request_id(),
-                      logprobs=[] if sampling.logprobs else None)
+                      logprobs=[] if sampling.logprobs else None, num_input_tokens=len(prompt_ids) if counted else None)
         with self._live_lock:
             req = self.orchestrator.submit(
                 prompt_ids, params.max_tokens, sampling, params.end_id, params.stop_sequences,
@@ -214,18 +217,20 @@ class TritonPythonModel:
         asked = ctx.logprobs is not None
         if ctx.stream:
             ctx.sender.send(self._response(piece.text, list(piece.token_ids), piece.finish_reason,
-                                           list(piece.logprobs) if asked else None), flags=FINAL if done else 0)
+                                           list(piece.logprobs) if asked else None, ctx.num_input_tokens),
+                            flags=FINAL if done else 0)
             return
         ctx.ids.extend(piece.token_ids)
         ctx.text.append(piece.text)
         if asked:
             ctx.logprobs.extend(piece.logprobs)
         if done:
-            ctx.sender.send(self._response("".join(ctx.text), ctx.ids, piece.finish_reason, ctx.logprobs),
-                            flags=FINAL)
+            ctx.sender.send(self._response("".join(ctx.text), ctx.ids, piece.finish_reason, ctx.logprobs,
+                                           ctx.num_input_tokens), flags=FINAL)
 
     @staticmethod
-    def _response(text: str, ids: list[int], finish_reason: str | None, logprobs: list[float] | None = None):
+    def _response(text: str, ids: list[int], finish_reason: str | None, logprobs: list[float] | None = None,
+                  num_input_tokens: int | None = None):
         reason = finish_reason or ""
         tensors = [
             # Leading 1: the batch dimension of max_batch_size > 0, as the ensemble's outputs.
@@ -235,6 +240,8 @@ class TritonPythonModel:
         ]
         if logprobs is not None:  # asked for (return_log_probs): one per token of output_ids
             tensors.append(pb_utils.Tensor("output_log_probs", np.array([logprobs], dtype=np.float32).reshape(1, -1)))
+        if num_input_tokens is not None:
+            tensors.append(pb_utils.Tensor("num_input_tokens", np.array([[num_input_tokens]], dtype=np.int32)))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def finalize(self):
