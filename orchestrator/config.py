@@ -144,6 +144,10 @@ class ServeConfig:
     idle_wait_s: float = 0.05
     """How long the run loop sleeps when nothing is runnable before looking again (it also
     wakes at once on a new request or a cancel)."""
+    drain_timeout_s: float = 30.0
+    """On shutdown (the launcher's SIGTERM, SIGINT or SIGHUP): new requests are refused, and those
+    in flight get this long to finish; the rest end with a final error ("the server is shutting
+    down")."""
     admin_host: str = "127.0.0.1"
     """Address the admin API and dashboard listen on. Loopback by default: the read-only pages
     need no token, so expose them beyond this host only behind your own access control."""
@@ -189,6 +193,8 @@ class ServeConfig:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not (math.isfinite(self.tpot_slo_s) and self.tpot_slo_s >= 0):
             raise ConfigError(f"tpot_slo_s: must be >= 0 seconds (0 = no target), got {self.tpot_slo_s}")
+        if not (math.isfinite(self.drain_timeout_s) and self.drain_timeout_s >= 0):
+            raise ConfigError(f"drain_timeout_s: must be >= 0 seconds, got {self.drain_timeout_s}")
         if self.idle_wait_s <= 0:
             raise ConfigError(f"idle_wait_s: must be > 0, got {self.idle_wait_s}")
         if not 0 <= self.admin_port <= 65535:

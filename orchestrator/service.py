@@ -97,6 +97,17 @@ class Orchestrator:
         """Admit new requests again after `drain`."""
         self.loop.resume()
 
+    def wait_idle(self, timeout: float) -> int:
+        """Wait up to `timeout` s until no request is in flight (after `drain`, none arrives);
+        how many are still in flight then."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.snapshot()
+            left = sum(len(x) for x in (s.waiting, s.prefilling, s.running, s.staged, s.candidates, s.parked))
+            if left == 0 or time.monotonic() >= deadline:
+                return left
+            time.sleep(0.05)
+
     @property
     def draining(self) -> bool:
         return self.loop.draining

@@ -28,10 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engines.manifest import read_manifest
+from serving.lifecycle import die_with_parent, dies_with_parent, port_owned_by, ports_in_use, process_tree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPO = REPO_ROOT / "model_repo"
 MODEL_NAME = "aligned_llm"
+STOP_GRACE_S = 5
+"""After a drain, seconds tritonserver gets to exit on SIGTERM before its process group is killed."""
+UNLOAD_MARGIN_S = 15
+"""Seconds tritonserver waits for the models' unload beyond the drain: ending the requests left,
+sending their final answers, stopping the OpenAI and admin servers."""
 
 
 class TritonNotFound(RuntimeError):
@@ -101,7 +107,14 @@ class TritonServer:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
+    drain_s: int = 30
+    """On stop, in-flight requests get this long to finish: aligned_llm stops admitting, waits for
+    them (ServeConfig.drain_timeout_s), then ends what is left with a final error ("the server is
+    shutting down"); tritonserver's --exit-timeout-secs bounds the whole unload (UNLOAD_MARGIN_S more)."""
     proc: subprocess.Popen | None = None
+    drain_file: Path | None = None
+    """Created by `stop` to ask aligned_llm to drain (ALIGNEDSERVE_DRAIN_FILE); it answers in `.done`."""
+    _ready: bool = False
 
     def command(self) -> list[str]:
         binary = self.tritonserver or pytriton_root() / "bin" / "tritonserver"
@@ -113,6 +126,7 @@ class TritonServer:
             "--grpc-address", self.host, "--grpc-port", str(self.grpc_port),
             "--metrics-address", self.host, "--metrics-port", str(self.metrics_port),
             "--allow-gpu-metrics=false", "--exit-on-error=true", "--log-verbose=0",
+            f"--exit-timeout-secs={self.drain_s + UNLOAD_MARGIN_S}",
             *self.extra_args,
         ]
 
@@ -125,15 +139,22 @@ class TritonServer:
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT), env.get("PYTHONPATH", "")] if p)
         env["ALIGNED_ENGINE_DIR"] = str(Path(self.engine_dir).resolve())
+        env["ALIGNED_DRAIN_TIMEOUT_S"] = str(self.drain_s)
+        if self.drain_file is not None:
+            env["ALIGNEDSERVE_DRAIN_FILE"] = str(self.drain_file)
         env.update(self.env)
         return env
 
     def start(self, timeout: float = 120.0) -> "TritonServer":
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.drain_file = self.workdir / f"drain-{os.getpid()}-{id(self)}"
+        for stale in (self.drain_file, self.drain_file.with_suffix(".done")):
+            stale.unlink(missing_ok=True)
         out = open(self.log_path, "ab") if self.log_path else None
         self.proc = subprocess.Popen(
             self.command(), env=self.environment(), stdout=out, stderr=subprocess.STDOUT if out else None,
-            start_new_session=True)  # its own process group, so stop() reaches the model stubs too
+            start_new_session=True,  # its own process group, so stop() reaches the model stubs too
+            preexec_fn=dies_with_parent(signal.SIGTERM))  # and it drains and exits if its starter dies
         if out:
             out.close()
         self.wait_ready(timeout)
@@ -158,18 +179,36 @@ class TritonServer:
                     f"tritonserver exited with code {self.proc.returncode} before it was ready"
                     + (f"; see {self.log_path}" if self.log_path else ""))
             if self.ready():
+                self.check_owned(self.http_port, "HTTP")
+                self._ready = True
                 return
             time.sleep(0.2)
         self.stop()
         raise TimeoutError(f"tritonserver not ready within {timeout:.0f}s")
 
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM the server's process group, SIGKILL what is left after `timeout`."""
+    def check_owned(self, port: int, name: str) -> None:
+        """RuntimeError unless this server's processes listen on `port`: an answer from another
+        server on the same port is not this server being ready."""
+        if self.proc is not None and not port_owned_by(port, process_tree(self.proc.pid)):
+            self.stop()
+            raise RuntimeError(f"{name} port {port} on {self.host} answered, but not from this tritonserver: "
+                               "another server holds the port")
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Drain (a server that got ready: aligned_llm stops admitting and its requests in flight
+        finish or end within drain_s), then SIGTERM tritonserver, which unloads the models (their
+        stubs exit with them); SIGKILL the whole process group after `timeout`. Once drained,
+        nothing is in flight and the timeout is STOP_GRACE_S: tritonserver would otherwise wait
+        its whole exit timeout for idle keep-alive HTTP connections. Undrained (it never got
+        ready), the default is its exit timeout + 10 s."""
         if self.proc is None:
             return None
+        drained = self.proc.poll() is None and self._ready and self._drain()
+        if timeout is None:
+            timeout = STOP_GRACE_S if drained else self.drain_s + UNLOAD_MARGIN_S + 10
         if self.proc.poll() is None:
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.send_signal(signal.SIGTERM)
             except ProcessLookupError:
                 pass
             try:
@@ -182,6 +221,20 @@ class TritonServer:
         except (ProcessLookupError, PermissionError):
             pass
         return self.proc.returncode
+
+    def _drain(self) -> bool:
+        """Ask aligned_llm to drain and wait for its answer (drain_s and a margin at most); whether
+        it answered. Before tritonserver's SIGTERM: on SIGTERM it first waits for every HTTP
+        connection to close while the model still admits, then unloads the models."""
+        done = self.drain_file.with_suffix(".done")
+        self.drain_file.write_text("drain\n")
+        deadline = time.monotonic() + self.drain_s + UNLOAD_MARGIN_S
+        while not done.exists() and self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        answered = done.exists()
+        for f in (self.drain_file, done):
+            f.unlink(missing_ok=True)
+        return answered
 
     def __enter__(self) -> "TritonServer":
         return self.start()
@@ -250,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="OpenAI-compatible API port (default 8080, or $ALIGNED_OPENAI_PORT; 0 turns it off)")
     p.add_argument("--served-model-name", default=os.environ.get("ALIGNED_OPENAI_MODEL_NAME", ""),
                    help="the model name OpenAI clients send (default: the engine directory's name)")
+    p.add_argument("--drain-timeout", type=int, default=int(float(os.environ.get("ALIGNED_DRAIN_TIMEOUT_S", 30))),
+                   help="on SIGTERM, SIGINT or SIGHUP, seconds in-flight requests get to finish before the "
+                        "rest end with a final error, \"the server is shutting down\" (default 30)")
     a = p.parse_args(argv)
+    die_with_parent(signal.SIGTERM)  # `make` killed, any way: this launcher drains and stops the server
     engine_dir = Path(a.engine_dir)
     if not (engine_dir / "manifest.json").is_file():
         print(f"error: {engine_dir} is not an engine directory (no manifest.json); "
@@ -266,13 +323,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     server = TritonServer(engine_dir, a.http_port, a.grpc_port or a.http_port + 1,
                           a.metrics_port or a.http_port + 2, host=a.host, tritonserver=a.tritonserver,
-                          env=served_env)
+                          env=served_env, drain_s=a.drain_timeout)
+    busy = ports_in_use(a.host, {"HTTP": server.http_port, "gRPC": server.grpc_port, "metrics": server.metrics_port,
+                                 "admin": a.admin_port, "OpenAI": a.openai_port})
+    if busy:
+        print(f"error: {', '.join(busy)} on {a.host} already in use; stop what holds it, or pick other ports "
+              "(HTTP_PORT=... for make serve; --grpc-port, --metrics-port, --admin-port, --openai-port)",
+              file=sys.stderr)
+        return 1
     print(f"starting tritonserver for {engine_dir} ...", flush=True)
     started = time.monotonic()
+    stopping = []
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # explicit: a background job ignores SIGINT
+        signal.signal(sig, lambda *_: stopping.append(1))
     try:
         server.start(timeout=300)
         if a.openai_port:  # started by the model's initialize; say ready only once it answers
             wait_for_http(f"http://{a.host}:{a.openai_port}/v1/models", 60, server.proc)
+            server.check_owned(a.openai_port, "OpenAI")
+        if a.admin_port:
+            wait_for_http(f"http://{a.host}:{a.admin_port}/api/policies", 60, server.proc)
+            server.check_owned(a.admin_port, "admin")
     except (RuntimeError, TimeoutError, TritonNotFound) as e:
         print(f"error: {e}", file=sys.stderr)
         server.stop()
@@ -288,13 +359,14 @@ AlignedServe is ready (model "{MODEL_NAME}", engine {engine_dir}, {manifest.num_
   TensorRT-LLM's clients: models ensemble, tensorrt_llm_bls (text) and tensorrt_llm (token ids), on the same orchestrator
 {openai_lines(a.host, a.openai_port, model_name)}
 {admin_line(a.host, a.admin_port)}
-Ctrl-C stops the server.""", flush=True)
-    stopping = []
-    for sig in (signal.SIGINT, signal.SIGTERM):  # set explicitly: a background job ignores SIGINT
-        signal.signal(sig, lambda *_: stopping.append(1))
+Ctrl-C (or SIGTERM) stops the server: requests in flight get {a.drain_timeout} s to finish.""", flush=True)
     while not stopping and server.proc.poll() is None:
         time.sleep(0.2)
-    print("stopping tritonserver ...", flush=True)
+    if not stopping:
+        print(f"error: tritonserver exited with code {server.proc.returncode}", file=sys.stderr)
+        server.stop()
+        return 1
+    print(f"stopping tritonserver: no new requests; those in flight get up to {a.drain_timeout} s ...", flush=True)
     server.stop()
     return 0
 

@@ -16,6 +16,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,7 +71,7 @@ class TritonPythonModel:
         model_config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()
                   if v.get("string_value", "") != ""}
-        config = ServeConfig.load(file=os.environ.get("ALIGNED_CONFIG"), **params)
+        config = self.config = ServeConfig.load(file=os.environ.get("ALIGNED_CONFIG"), **params)
         engine_dir = Path(config.engine_dir)
         if not engine_dir.is_absolute():
             engine_dir = _REPO_ROOT / engine_dir
@@ -102,6 +103,10 @@ class TritonPythonModel:
         self._stopping = threading.Event()
         self._sender = threading.Thread(target=self._send_loop, name="alignedserve-sender", daemon=True)
         self._sender.start()
+        self._drained = threading.Lock()
+        if os.environ.get("ALIGNEDSERVE_DRAIN_FILE"):  # the launcher asks for a drain by creating it
+            threading.Thread(target=self._watch_drain, args=(Path(os.environ["ALIGNEDSERVE_DRAIN_FILE"]),),
+                             name="alignedserve-drain", daemon=True).start()
         log.info("aligned_llm ready: engine %s, policy %s", engine_dir, config.policy)
 
     def execute(self, requests):
@@ -244,10 +249,37 @@ class TritonPythonModel:
             tensors.append(pb_utils.Tensor("num_input_tokens", np.array([[num_input_tokens]], dtype=np.int32)))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
+    # ---- shutdown -----------------------------------------------------------------------------
+
+    def _watch_drain(self, path: Path) -> None:
+        """The launcher creates `path` on SIGTERM, before it stops tritonserver (which would first
+        wait for every HTTP connection, admitting meanwhile): drain, then say so in `path`.done."""
+        while not self._stopping.is_set():
+            if path.exists():
+                self._drain()
+                path.with_suffix(".done").write_text("drained\n")
+                return
+            time.sleep(0.1)
+
+    def _drain(self) -> None:
+        """Refuse new requests, give those in flight drain_timeout_s to finish, end the rest with a
+        final error ("the server is shutting down"). Once: the launcher's request and finalize may both ask."""
+        if not self._drained.acquire(blocking=False):
+            return
+        drain_s = self.config.drain_timeout_s
+        self.orchestrator.drain()
+        left = self.orchestrator.wait_idle(drain_s)
+        if left:
+            _log_info(f"drain: {left} requests still in flight after {drain_s:g} s are ended (cancelled)")
+            self.orchestrator.stop()
+        else:
+            _log_info("drain: no request in flight")
+
     def finalize(self):
         orchestrator = getattr(self, "orchestrator", None)
         if orchestrator is None:
             return
+        self._drain()  # where the launcher did not ask for it first (tritonserver stopped directly)
         if getattr(self, "admin", None) is not None:
             self.admin.stop()
         orchestrator.stop()  # in-flight requests end as cancelled; their finals are queued

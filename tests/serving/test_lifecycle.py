@@ -1,0 +1,177 @@
+"""`make serve`'s launcher as processes see it: it refuses ports someone else holds (naming the
+port), its server dies with it whatever kills it, and SIGTERM drains: a stream in flight gets its
+final answer, then every process exits."""
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from serving.lifecycle import port_owned_by, ports_in_use, process_tree
+from serving.triton_server import REPO_ROOT, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def launch(engine_dir: Path, port: int, log: Path, *extra: str) -> subprocess.Popen:
+    """The launcher as `make serve` runs it; ports: HTTP, gRPC, metrics, admin, OpenAI."""
+    return subprocess.Popen([sys.executable, "-m", "serving.triton_server", "--engine-dir", str(engine_dir),
+                             "--http-port", str(port), "--admin-port", str(port + 3), "--openai-port", str(port + 4),
+                             *extra], cwd=REPO_ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_ready(proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while "is ready" not in log.read_text():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "not ready in time"
+        time.sleep(0.3)
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """The pids still alive (not zombies) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in pids if _alive(p)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class _Ready(http.server.BaseHTTPRequestHandler):
+    """Another server that answers Triton's readiness probe."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("which", [0, 3])  # the HTTP port, the admin port
+def test_a_port_someone_else_holds_is_named_and_nothing_starts(demo_engine_dir, tmp_path, which):
+    """The issue's case: another server already on the port answered the readiness probe and
+    `make serve` said "ready" and exited 0. Now it exits 1 before starting anything, naming it."""
+    port = free_port(5)
+    other = http.server.HTTPServer(("127.0.0.1", port + which), _Ready)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        proc = launch(demo_engine_dir, port, tmp_path / "serve.log")
+        assert proc.wait(timeout=60) == 1
+        out = (tmp_path / "serve.log").read_text()
+        name = {0: "HTTP", 3: "admin"}[which]
+        assert f"{name} port {port + which} on 127.0.0.1 already in use" in out and "is ready" not in out
+        assert "starting tritonserver" not in out
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
+def test_ports_are_checked_as_a_server_binds_them():
+    port = free_port(2)
+    assert ports_in_use("127.0.0.1", {"HTTP": port, "off": 0}) == []
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        assert ports_in_use("127.0.0.1", {"HTTP": port, "gRPC": port + 1}) == [f"HTTP port {port}"]
+        assert port_owned_by(port, [os.getpid()]) and not port_owned_by(port, [1])
+
+
+def test_the_server_dies_with_its_launcher_even_under_sigkill(demo_engine_dir, tmp_path):
+    port = free_port(5)
+    log = tmp_path / "serve.log"
+    proc = launch(demo_engine_dir, port, log)
+    try:
+        wait_ready(proc, log)
+        tree = process_tree(proc.pid)
+        assert len(tree) >= 3  # the launcher, tritonserver, the model stubs
+        proc.kill()
+        proc.wait()
+        left = wait_gone(tree[1:], timeout=60)
+        assert not left, [open(f"/proc/{p}/cmdline").read().replace("\0", " ")[:120] for p in left if _alive(p)]
+        assert ports_in_use("127.0.0.1", {"HTTP": port, "OpenAI": port + 4}) == []
+    finally:
+        for p in process_tree(proc.pid)[1:] if _alive(proc.pid) else []:
+            os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("drain", [0, 5])
+def test_sigterm_drains_the_streams_in_flight_then_every_process_exits(demo_engine_dir, tmp_path, drain):
+    """SIGTERM: no new request is taken; the streams in flight finish within the drain deadline
+    (5 s is plenty here) or, past it (0 s), end with a final error saying the server is shutting
+    down; never without a final answer."""
+    port = free_port(5)
+    log = tmp_path / "serve.log"
+    proc = launch(demo_engine_dir, port, log, "--drain-timeout", str(drain))
+    tree: list[int] = []
+    n = 16
+    try:
+        wait_ready(proc, log)
+        tree = process_tree(proc.pid)
+        finals: dict[int, dict] = {}
+        started = threading.Barrier(n + 1)
+
+        def stream(i: int) -> None:
+            with requests.post(f"http://127.0.0.1:{port}/v2/models/aligned_llm/generate_stream", stream=True,
+                               json={"text_input": f"Hello {i}", "max_tokens": 240, "stream": True, "end_id": 0},
+                               timeout=60) as r:
+                first = True
+                for line in r.iter_lines():
+                    if line.startswith(b"data: "):
+                        event = json.loads(line[6:])
+                        if first:
+                            started.wait(60)
+                            first = False
+                        if event.get("finish_reason") or "error" in event:
+                            finals[i] = event
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        started.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        try:  # after SIGTERM: refused (or the port is already closed), never served
+            late = requests.post(f"http://127.0.0.1:{port + 4}/v1/completions", timeout=30,
+                                 json={"model": "demo", "prompt": "late", "max_tokens": 4})
+            assert late.status_code != 200, late.text
+        except requests.ConnectionError:
+            pass
+        for t in threads:
+            t.join(60)
+        assert len(finals) == n, f"{n - len(finals)} streams never got a final answer"
+        reasons = sorted(e.get("finish_reason") or e["error"] for e in finals.values())
+        if drain:
+            assert set(reasons) == {"length"}
+        else:
+            assert set(reasons) <= {"length", "the server is shutting down"}
+            assert "the server is shutting down" in reasons
+        assert proc.wait(timeout=60) == 0
+        assert "stopping tritonserver: no new requests" in log.read_text()
+        assert not wait_gone(tree[1:], timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in tree[1:]:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
