@@ -144,6 +144,11 @@ class ServeConfig:
     idle_wait_s: float = 0.05
     """How long the run loop sleeps when nothing is runnable before looking again (it also
     wakes at once on a new request or a cancel)."""
+    max_prompt_bytes: int = 0
+    """Longest prompt text in UTF-8 bytes, refused (naming the limit) before it is tokenized, so a
+    huge prompt costs no tokenizer time and no memory; 0: max_seq_len times the tokenizer's
+    longest token in bytes, the most a prompt that fits can have (SmolLM2 at 2,048 tokens:
+    165,888 bytes)."""
     drain_timeout_s: float = 30.0
     """On shutdown (the launcher's SIGTERM, SIGINT or SIGHUP): new requests are refused, and those
     in flight get this long to finish; the rest end with a final error ("the server is shutting
@@ -181,9 +186,9 @@ class ServeConfig:
                      "chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("kv_blocks", "max_tokens_limit", "max_seq_len"):
+        for name in ("kv_blocks", "max_tokens_limit", "max_seq_len", "max_prompt_bytes"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0 (0 = from the manifest), got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 0 (0 = from the engine), got {getattr(self, name)}")
         if not 0 < self.bmax_fraction < 1:
             raise ConfigError(f"bmax_fraction: must be in (0, 1), got {self.bmax_fraction}")
         if self.adaptive_chunks not in ("auto", "on", "off"):

@@ -72,9 +72,11 @@ def _int(value, name: str, lo: int, hi: int | None = None) -> int:
     return v
 
 
-def parse_request(inputs: Mapping[str, np.ndarray], max_tokens_limit: int, vocab_size: int | None = None) -> GenerateParams:
+def parse_request(inputs: Mapping[str, np.ndarray], max_tokens_limit: int, vocab_size: int | None = None,
+                  max_prompt_bytes: int | None = None) -> GenerateParams:
     """Check the tensors of one request (names as in TensorRT-LLM's Triton ensemble). The prompt is
-    `text_input`, or `input_ids` (token ids, each in [0, vocab_size)) where that is sent instead."""
+    `text_input`, or `input_ids` (token ids, each in [0, vocab_size)) where that is sent instead.
+    A text prompt over `max_prompt_bytes` is refused before anything decodes or tokenizes it."""
     text, prompt_ids = "", ()
     if inputs.get("input_ids") is not None and inputs.get("text_input") is None:
         prompt_ids = _token_ids(inputs["input_ids"], "input_ids", vocab_size)
@@ -82,6 +84,10 @@ def parse_request(inputs: Mapping[str, np.ndarray], max_tokens_limit: int, vocab
         raw = scalar(inputs, "text_input")
         if raw is None:
             raise RequestRejected("text_input", "required input is missing (send text_input, or input_ids)")
+        size = len(raw) if isinstance(raw, (bytes, np.bytes_)) else len(str(raw).encode())
+        if max_prompt_bytes is not None and size > max_prompt_bytes:
+            raise RequestRejected("text_input", f"{size} bytes is over max_prompt_bytes ({max_prompt_bytes}: more "
+                                  "than the model's max_seq_len tokens can hold); shorten the prompt")
         text = _text(raw, "text_input")
         if not text:
             raise RequestRejected("text_input", "the prompt is empty; send at least one character")

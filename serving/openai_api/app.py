@@ -31,12 +31,13 @@ from orchestrator.service import Orchestrator
 from serving.openai_api.chat_template import ChatTemplate, TemplateError
 from serving.openai_api.errors import ApiError, error_body, rejected
 from serving.stop_strings import Piece, TextOutput, stop_request
+from serving.tokenizer import max_prompt_bytes
 
 log = logging.getLogger("alignedserve.openai")
 DISCONNECT_POLL_S = 0.25
 """How often a request waiting for tokens looks whether its client is still there."""
-BODY_BYTES_PER_CHAR = 12
-"""The most JSON bytes one prompt character can take (a \\uXXXX surrogate pair)."""
+BODY_BYTES_PER_PROMPT_BYTE = 6
+"""The most JSON bytes one UTF-8 byte of a prompt can take (a control byte as \\u00XX)."""
 ENDPOINTS = "GET /v1/models, POST /v1/completions, POST /v1/chat/completions"
 
 
@@ -45,8 +46,9 @@ def create_app(orch: Orchestrator, tokenizer: Tokenizer, model_name: str,
     """The app serving `orch` as `model_name`. chat_template None: chat requests are refused
     (400) with `no_template_reason`; completions work."""
     cfg = orch.config
-    limits = protocol.Limits(cfg.max_tokens_limit, cfg.max_seq_len)
-    max_body = 64 * 1024 + BODY_BYTES_PER_CHAR * limits.max_prompt_chars
+    limits = protocol.Limits(cfg.max_tokens_limit, cfg.max_seq_len,
+                             max_prompt_bytes(tokenizer, cfg.max_seq_len, cfg.max_prompt_bytes))
+    max_body = 64 * 1024 + BODY_BYTES_PER_PROMPT_BYTE * limits.prompt_bytes
     created = int(time.time())
     app = FastAPI(title="AlignedServe OpenAI-compatible API", version="1",
                   description=f"OpenAI's completions and chat completions for {model_name!r}, served by the "

@@ -17,9 +17,9 @@ from serving.openai_api.errors import ApiError
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024
-MAX_CHARS_PER_TOKEN = 32
-"""A prompt with more characters than max_seq_len times this cannot fit the model whatever its
-tokenizer (real ones average about 4 characters a token), so it is refused before tokenizing."""
+MAX_BYTES_PER_TOKEN = 32
+"""Bytes per token of `Limits.max_prompt_bytes` where none is given (the served app gives the
+tokenizer's own: serving.tokenizer.max_prompt_bytes)."""
 DEFAULT_TEMPERATURE = 1.0
 """OpenAI's default: a request without `temperature` samples."""
 
@@ -73,10 +73,13 @@ class Limits:
     max_tokens: int
     """Largest max_tokens (the orchestrator's max_tokens_limit)."""
     max_seq_len: int
+    max_prompt_bytes: int = 0
+    """Longest prompt (or all messages' contents) in UTF-8 bytes, refused before tokenizing; 0:
+    max_seq_len x MAX_BYTES_PER_TOKEN."""
 
     @property
-    def max_prompt_chars(self) -> int:
-        return self.max_seq_len * MAX_CHARS_PER_TOKEN
+    def prompt_bytes(self) -> int:
+        return self.max_prompt_bytes or self.max_seq_len * MAX_BYTES_PER_TOKEN
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +255,7 @@ def _prompt(prompt, limits: Limits) -> tuple[str | None, tuple[int, ...] | None]
     if isinstance(prompt, str):
         if not prompt:
             raise ApiError(400, "prompt: empty; send at least one character", "prompt")
-        _check_chars(len(prompt), "prompt", limits)
+        _check_size(len(prompt.encode("utf-8", "surrogatepass")), "prompt", limits)
         return prompt, None
     if isinstance(prompt, list) and prompt:  # token ids
         if len(prompt) >= limits.max_seq_len:
@@ -272,7 +275,7 @@ def _messages(messages, limits: Limits) -> tuple[dict, ...]:
         raise ApiError(400, f"messages: expected a list of messages, got {_json_type(messages)}", "messages")
     if not messages:
         raise ApiError(400, "messages: empty; send at least one message", "messages")
-    out, chars = [], 0
+    out, size = [], 0
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -288,8 +291,8 @@ def _messages(messages, limits: Limits) -> tuple[dict, ...]:
                 raise ApiError(400, f"{where}.{key}: not supported (this server takes role, content and name)",
                                f"{where}.{key}", "unsupported_parameter")
         content = _content(m.get("content"), role, where)
-        chars += len(content)
-        _check_chars(chars, "messages", limits)
+        size += len(content.encode("utf-8", "surrogatepass"))
+        _check_size(size, "messages", limits)
         message = {"role": "system" if role == "developer" else role, "content": content}
         if m.get("name") is not None:
             if not isinstance(m["name"], str):
@@ -320,10 +323,10 @@ def _content(content, role: str, where: str) -> str:
                    f"{where}.content")
 
 
-def _check_chars(chars: int, param: str, limits: Limits) -> None:
-    if chars > limits.max_prompt_chars:
-        raise ApiError(400, f"{param}: over {limits.max_prompt_chars} characters, far more than the model's "
-                       f"{limits.max_seq_len} tokens (max_seq_len) can hold; shorten it", param,
+def _check_size(size: int, param: str, limits: Limits) -> None:
+    if size > limits.prompt_bytes:
+        raise ApiError(400, f"{param}: {size} bytes is over max_prompt_bytes ({limits.prompt_bytes}), more than "
+                       f"the model's {limits.max_seq_len} tokens (max_seq_len) can hold; shorten it", param,
                        "context_length_exceeded")
 
 

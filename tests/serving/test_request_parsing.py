@@ -97,3 +97,25 @@ def test_shaping_inputs_are_checked(name, value, words):
     with pytest.raises(RequestRejected) as e:
         parse_request(req(**{name: value}), 100)
     assert e.value.field == name and words in e.value.message
+
+
+def test_a_prompt_over_max_prompt_bytes_is_refused_by_its_size_before_it_is_decoded():
+    huge = np.array([[b"\xff" * 300_001]], dtype=object)  # not even UTF-8: the size is looked at first
+    with pytest.raises(RequestRejected) as e:
+        parse_request(req(text_input=huge), 100, max_prompt_bytes=300_000)
+    assert e.value.field == "text_input"
+    assert "300001 bytes is over max_prompt_bytes (300000" in e.value.message
+    ok = parse_request(req(text_input=np.array([["é" * 150_000]], dtype=object)), 100, max_prompt_bytes=300_000)
+    assert len(ok.text) == 150_000
+
+
+def test_max_prompt_bytes_comes_from_the_tokenizers_longest_token(smollm2_engine_dir):
+    """SmolLM2's longest token is 80 spaces and a newline: a text over 81 bytes a token cannot fit."""
+    from serving.tokenizer import load_tokenizer, max_prompt_bytes, max_token_bytes
+
+    tokenizer = load_tokenizer(smollm2_engine_dir)
+    assert max_token_bytes(tokenizer) == 81
+    assert max_prompt_bytes(tokenizer, 2048) == 165_888 and max_prompt_bytes(tokenizer, 2048, 1000) == 1000
+    for text in ((" " * 80 + "\n") * 10, "Hello, world! " * 50, "日本語のテキスト" * 30, "x" * 5000):
+        ids = tokenizer.encode(text, add_special_tokens=False).ids  # what the limit relies on:
+        assert len(text.encode()) <= 81 * len(ids)                  # no token covers more than 81 bytes

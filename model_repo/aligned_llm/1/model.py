@@ -9,6 +9,7 @@ The same orchestrator serves the admin dashboard (`admin_port`) and the OpenAI-c
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -17,6 +18,7 @@ import queue
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,13 +33,15 @@ from engines.loader import load_engine  # noqa: E402
 from orchestrator.config import ServeConfig  # noqa: E402
 from orchestrator.core import RequestRejected, TokenEvent  # noqa: E402
 from orchestrator.service import Orchestrator  # noqa: E402
-from serving.request_parsing import parse_request  # noqa: E402
+from serving.request_parsing import GenerateParams, parse_request  # noqa: E402
 from serving.stop_strings import TextOutput, stop_request  # noqa: E402
-from serving.tokenizer import load_tokenizer  # noqa: E402
+from serving.tokenizer import load_tokenizer, max_prompt_bytes  # noqa: E402
 
 log = logging.getLogger("alignedserve.triton")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_S = 0.1
+TOKENIZER_THREADS = 2
+"""Threads that tokenize prompts and submit them (off execute, which Triton calls for every request)."""
 # The orchestrator names the prompt "prompt"; clients know it as the text_input tensor.
 _FIELD_NAMES = {"prompt": "text_input"}
 
@@ -97,6 +101,11 @@ class TritonPythonModel:
             log.info("aligned_llm OpenAI API on %s (model %r)", self.openai.base_url, self.openai.model_name)
         self.max_tokens_limit = self.orchestrator.config.max_tokens_limit
         self.vocab_size = self.orchestrator.info.model.vocab_size
+        self.max_prompt_bytes = max_prompt_bytes(self.tokenizer, self.orchestrator.config.max_seq_len,
+                                                 config.max_prompt_bytes)
+        # Tokenizing happens here, not in execute: a long prompt never holds up the requests
+        # behind it (execute only parses, and refuses an oversized prompt by its byte count).
+        self._tokenizing = ThreadPoolExecutor(max_workers=TOKENIZER_THREADS, thread_name_prefix="alignedserve-tok")
         self._outbox: queue.Queue = queue.Queue()
         self._live: set[_Stream] = set()  # requests to watch for client cancellation
         self._live_lock = threading.Lock()
@@ -112,17 +121,12 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
-            try:
+            with _refusals(sender):
                 if self._stop(request, sender):
                     continue
-                self._submit(request, sender)
-            except RequestRejected as e:
-                msg = f"{_FIELD_NAMES.get(e.field, e.field)}: {e.message}"
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(msg)), flags=FINAL)
-            except Exception as e:  # never let one request crash the model
-                log.exception("request failed before it was accepted")
-                sender.send(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"internal error: {type(e).__name__}: {e}")), flags=FINAL)
+                params = self._parse(request)
+                meta = (request.request_id(), "num_input_tokens" in request.requested_output_names())
+                self._tokenizing.submit(self._accept, params, meta, sender)
         return None
 
     def _stop(self, request, sender) -> bool:
@@ -140,7 +144,8 @@ class TritonPythonModel:
         sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
         return True
 
-    def _submit(self, request, sender) -> None:
+    def _parse(self, request) -> GenerateParams:
+        """The request's inputs, checked (cheap: an oversized prompt is refused by its byte count)."""
         inputs = {}
         for name in ("text_input", "input_ids", "max_tokens", "stream", "temperature", "top_k", "top_p",
                      "seed", "end_id", "stop_words", "stop_words_list", "bad_words", "bad_words_list",
@@ -149,7 +154,14 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 inputs[name] = tensor.as_numpy()
-        params = parse_request(inputs, self.max_tokens_limit, self.vocab_size)
+        return parse_request(inputs, self.max_tokens_limit, self.vocab_size, self.max_prompt_bytes)
+
+    def _accept(self, params: GenerateParams, meta: tuple[str, bool], sender) -> None:
+        """On a tokenizer thread: tokenize and hand the request to the orchestrator."""
+        with _refusals(sender):
+            self._submit(params, *meta, sender)
+
+    def _submit(self, params: GenerateParams, triton_id: str, counted: bool, sender) -> None:
         prompt_ids = list(params.prompt_ids) or self.tokenizer.encode(params.text).ids
         sampling = params.sampling
         if params.bad_words:  # as TensorRT-LLM's preprocessing does: each word's ids, no special tokens
@@ -158,8 +170,7 @@ class TritonPythonModel:
         # Stop words are matched on the text (serving/stop_strings.py), kept in it as TensorRT-LLM does.
         output = TextOutput(self.tokenizer, params.stop_words, keep_stop=True,
                             on_stop=stop_request(self.orchestrator))
-        counted = "num_input_tokens" in request.requested_output_names()
-        ctx = _Stream(sender, output, params.stream, triton_id=request.request_id(),
+        ctx = _Stream(sender, output, params.stream, triton_id=triton_id,
                       logprobs=[] if sampling.logprobs else None, num_input_tokens=len(prompt_ids) if counted else None)
         with self._live_lock:
             req = self.orchestrator.submit(
@@ -279,6 +290,7 @@ class TritonPythonModel:
         orchestrator = getattr(self, "orchestrator", None)
         if orchestrator is None:
             return
+        self._tokenizing.shutdown(wait=True)  # every request taken in is submitted (or refused) first
         self._drain()  # where the launcher did not ask for it first (tritonserver stopped directly)
         if getattr(self, "admin", None) is not None:
             self.admin.stop()
@@ -287,3 +299,18 @@ class TritonPythonModel:
             self.openai.stop()  # after the orchestrator: its open streams have their finals by now
         self._stopping.set()
         self._sender.join(timeout=10)
+
+
+@contextlib.contextmanager
+def _refusals(sender):
+    """A request that fails before it is accepted gets its final error answer: the field and the
+    limit for a refusal, the exception otherwise; the model goes on serving."""
+    try:
+        yield
+    except RequestRejected as e:
+        msg = f"{_FIELD_NAMES.get(e.field, e.field)}: {e.message}"
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(msg)), flags=FINAL)
+    except Exception as e:  # never let one request crash the model
+        log.exception("request failed before it was accepted")
+        sender.send(pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(f"internal error: {type(e).__name__}: {e}")), flags=FINAL)

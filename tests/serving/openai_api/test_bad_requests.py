@@ -50,7 +50,7 @@ CASES = [
     ("completion", {**OK_COMPLETION, "prompt": ["one", "two"]}, 400, "prompt", "one prompt per request"),
     ("completion", {**OK_COMPLETION, "prompt": [1, 2, 9999]}, 400, "prompt", "outside the vocabulary"),
     ("completion", {**OK_COMPLETION, "prompt": "x" * 300}, 400, "prompt", "301 tokens; the limit is 255"),
-    ("completion", {**OK_COMPLETION, "prompt": "x" * 20_000}, 400, "prompt", "over 8192 characters"),
+    ("completion", {**OK_COMPLETION, "prompt": "x" * 20_000}, 400, "prompt", "20000 bytes is over max_prompt_bytes"),
     ("completion", {**OK_COMPLETION, "echo": True}, 400, "echo", "echoing the prompt is not implemented"),
     ("completion", {**OK_COMPLETION, "messages": CHAT}, 400, "messages", "unrecognized request argument"),
 ]
