@@ -110,7 +110,11 @@ class ServeConfig:
     512 is Sarathi-Serve's token budget for strict decode-latency targets (Agrawal et al.,
     OSDI 2024, §5); larger budgets trade decode latency for prefill throughput."""
     max_queue: int = 1024
-    """Most requests waiting for admission; more are refused with a "queue full" error."""
+    """Most requests waiting for admission; more are refused at once ("queue full": Triton's
+    UNAVAILABLE / HTTP 503, the OpenAI API's 429 with Retry-After) instead of queuing without bound."""
+    max_queue_tokens: int = 0
+    """Most prompt tokens waiting for admission, refused beyond as max_queue is; 0: four times the
+    tokens the decode device's KV pool holds."""
     max_tokens_limit: int = 0
     """Largest max_tokens a client may ask for; 0 means the model's max sequence length."""
     max_seq_len: int = 0
@@ -186,7 +190,7 @@ class ServeConfig:
                      "chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("kv_blocks", "max_tokens_limit", "max_seq_len", "max_prompt_bytes"):
+        for name in ("kv_blocks", "max_tokens_limit", "max_seq_len", "max_prompt_bytes", "max_queue_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0 (0 = from the engine), got {getattr(self, name)}")
         if not 0 < self.bmax_fraction < 1:

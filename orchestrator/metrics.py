@@ -55,6 +55,9 @@ class Metrics:
     """Counters since start, the latest engine call timings and iteration records."""
 
     submitted: int = 0
+    refused: Counter = field(default_factory=Counter)
+    """Requests refused before they were accepted, by reason: the field named ("queue" and
+    "server" for overload and shutdown)."""
     iterations: int = 0
     tokens: int = 0
     switches: int = 0
@@ -90,6 +93,7 @@ class Metrics:
         n = len(recent)
         return {
             "submitted": self.submitted,
+            "refused": dict(self.refused),
             "iterations": self.iterations,
             "tokens": self.tokens,
             "finished": dict(self.finished),

@@ -51,6 +51,7 @@ class RunLoop:
         self.lifecycle = Lifecycle(engine, self.pool, ledger, self.metrics, clock, on_broken_stream=self.cancel)
         self._device = info.decode_device
         self._has_host = info.capabilities.can_offload
+        self.max_queue_tokens = config.max_queue_tokens or 4 * info.tier_blocks(info.decode_device) * info.block_size
         self._lock = threading.Lock()
         self._inbox: deque[Request] = deque()
         self._cancels: deque[tuple[str, FinishReason]] = deque()
@@ -70,11 +71,16 @@ class RunLoop:
             if self._draining:
                 raise RequestRejected("server", "draining: an operator stopped admitting new requests (in-flight "
                                       "requests finish); retry later or on another replica")
-            queued = len(self._inbox) + len(self.pool.waiting)
-            if queued >= self.config.max_queue:
+            waiting = tuple(self._inbox) + tuple(self.pool.waiting)  # a copy: the loop thread changes the pool
+            if len(waiting) >= self.config.max_queue:
                 raise RequestRejected(
-                    "queue", f"{queued} requests are waiting, the limit is max_queue={self.config.max_queue}; "
+                    "queue", f"{len(waiting)} requests are waiting, the limit is max_queue={self.config.max_queue}; "
                     "retry later")
+            tokens = sum(r.prompt_len for r in waiting) + request.prompt_len
+            if tokens > self.max_queue_tokens:
+                raise RequestRejected(
+                    "queue", f"{tokens} prompt tokens would be waiting, the limit is max_queue_tokens="
+                    f"{self.max_queue_tokens}; retry later")
             request.arrival_time = self.clock()
             request.note(request.arrival_time, "submitted",
                          f"prompt {request.prompt_len} tokens, max_tokens {request.max_tokens}")

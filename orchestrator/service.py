@@ -39,6 +39,7 @@ class Orchestrator:
         self.loop = RunLoop(engine, policy, self.ledger, self.config, clock)
         self._ids = itertools.count(1)
         self._switching = threading.Lock()  # one switch at a time: config and policy stay in step
+        self._refusals = threading.Lock()
         self._finished_views: dict[str, RequestView] = {}
 
     @property
@@ -79,9 +80,19 @@ class Orchestrator:
             token), so it runs to max_tokens: a benchmark's fixed output length. An end_id or a
             stop sequence still ends it.
         """
-        request = self._build(prompt_ids, max_tokens, sampling, end_id, stop_sequences, on_event, ignore_eos)
-        self.loop.submit(request)
+        try:
+            request = self._build(prompt_ids, max_tokens, sampling, end_id, stop_sequences, on_event, ignore_eos)
+            self.loop.submit(request)
+        except RequestRejected as e:
+            self.record_refusal(e.field)
+            raise
         return request
+
+    def record_refusal(self, reason: str) -> None:
+        """Count a request refused before it was accepted (the front ends count their own checks
+        here too); `Metrics.refused`, Prometheus `alignedserve_requests_refused_total`."""
+        with self._refusals:
+            self.loop.metrics.refused[reason] += 1
 
     def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> None:
         """End a request wherever it is, with finish reason "cancelled"; or "stop" when the caller

@@ -82,7 +82,8 @@ class FrontModel:
                         f"token streaming needs a decoupled model; this {self.name} is not (one answer per request): "
                         "stream from ensemble, tensorrt_llm_bls or aligned_llm"))
             except RequestRejected as e:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{e.field}: {e.message}")),
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"{e.field}: {e.message}", pb_utils.TritonError.INVALID_ARG)),
                             flags=FINAL)
                 continue
             except Exception as e:  # never let one request crash the model
@@ -105,7 +106,8 @@ class FrontModel:
             text, ids, logprobs = [], [], []
             for response in inner.exec(decoupled=True):
                 if response.has_error():
-                    self._send_error(fwd, upstream_error(response.error().message(), self.tokens))
+                    error = response.error()  # its code kept: UNAVAILABLE (503) for overload, INVALID_ARG (400)
+                    self._send_error(fwd, upstream_error(error.message(), self.tokens), error.code())
                     return
                 if not response.output_tensors():
                     continue  # the empty final response of a decoupled model
@@ -155,8 +157,9 @@ class FrontModel:
         else:
             fwd.sender.send(response, flags=0)
 
-    def _send_error(self, fwd: _Forward, message: str) -> None:
-        self._final(fwd, pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+    def _send_error(self, fwd: _Forward, message: str, code=None) -> None:
+        error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+        self._final(fwd, pb_utils.InferenceResponse(error=error))
 
     def _final(self, fwd: _Forward, response) -> None:
         """Send fwd's final response. Under the lock the watcher holds while it asks senders

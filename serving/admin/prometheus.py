@@ -74,6 +74,12 @@ class _StateCollector:
         yield counter("generation_tokens", "Tokens generated.", totals["tokens"])
         yield counter("bubble_seconds", "Decode-device seconds spent waiting for KV transfers.",
                       totals["bubble_seconds"])
+        refused = CounterMetricFamily("alignedserve_requests_refused", "Requests refused before they were "
+                                      "accepted, by reason: the field named, or queue (overload) and server "
+                                      "(draining, shutting down).", labels=["reason"])
+        for reason, n in sorted(totals.get("refused", {}).items()):
+            refused.add_metric([reason], n)
+        yield refused
         finished = CounterMetricFamily("alignedserve_requests_finished", "Requests finished, by finish reason.",
                                        labels=["reason"])
         for reason in FinishReason:

@@ -36,6 +36,8 @@ from serving.tokenizer import max_prompt_bytes
 log = logging.getLogger("alignedserve.openai")
 DISCONNECT_POLL_S = 0.25
 """How often a request waiting for tokens looks whether its client is still there."""
+RETRY_AFTER_S = 1
+"""The Retry-After of a 429 (queue full) or 503 (draining) answer."""
 BODY_BYTES_PER_PROMPT_BYTE = 6
 """The most JSON bytes one UTF-8 byte of a prompt can take (a control byte as \\u00XX)."""
 ENDPOINTS = "GET /v1/models, POST /v1/completions, POST /v1/chat/completions"
@@ -57,7 +59,11 @@ def create_app(orch: Orchestrator, tokenizer: Tokenizer, model_name: str,
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        if not e.counted and (400 <= e.status < 500 or e.status == 503):
+            orch.record_refusal(e.param or e.code or str(e.status))
+        # A full queue or a draining server: come back in a second (OpenAI's clients retry on 429).
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status in (429, 503) else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:

@@ -16,6 +16,8 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.type = type
+        self.counted = False
+        """The orchestrator refused it and counted the refusal already (`rejected`)."""
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -29,9 +31,12 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 def rejected(e: RequestRejected, prompt_param: str, max_tokens_param: str) -> ApiError:
     """An orchestrator refusal (limits it checks on submit) in OpenAI's terms."""
     if e.field == "queue":
-        return ApiError(429, f"the request queue is full: {e.message}", None, "queue_full", "rate_limit_error")
-    if e.field == "server":
-        return ApiError(503, f"the server is not accepting requests: {e.message}", None, "server_unavailable",
-                        "server_error")
-    param = {"prompt": prompt_param, "max_tokens": max_tokens_param}.get(e.field, e.field)
-    return ApiError(400, f"{param}: {e.message}", param, "invalid_value")
+        err = ApiError(429, f"the request queue is full: {e.message}", None, "queue_full", "rate_limit_error")
+    elif e.field == "server":
+        err = ApiError(503, f"the server is not accepting requests: {e.message}", None, "server_unavailable",
+                       "server_error")
+    else:
+        param = {"prompt": prompt_param, "max_tokens": max_tokens_param}.get(e.field, e.field)
+        err = ApiError(400, f"{param}: {e.message}", param, "invalid_value")
+    err.counted = True
+    return err

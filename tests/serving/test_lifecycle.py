@@ -23,12 +23,12 @@ from serving.triton_server import REPO_ROOT, free_port
 pytestmark = pytest.mark.integration
 
 
-def launch(engine_dir: Path, port: int, log: Path, *extra: str) -> subprocess.Popen:
+def launch(engine_dir: Path, port: int, log: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     """The launcher as `make serve` runs it; ports: HTTP, gRPC, metrics, admin, OpenAI."""
     return subprocess.Popen([sys.executable, "-m", "serving.triton_server", "--engine-dir", str(engine_dir),
                              "--http-port", str(port), "--admin-port", str(port + 3), "--openai-port", str(port + 4),
                              *extra], cwd=REPO_ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, **(env or {})})
 
 
 def wait_ready(proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -175,3 +175,37 @@ def test_sigterm_drains_the_streams_in_flight_then_every_process_exits(demo_engi
         for p in tree[1:]:
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_overload_is_refused_at_once_and_counted(demo_engine_dir, tmp_path):
+    """One request decoding, one waiting (max_queue 1): the rest of a burst are refused at once,
+    naming the queue, and Prometheus counts them. (aligned_llm answers them UNAVAILABLE; Triton's
+    generate endpoint turns every error of a decoupled model's response into HTTP 400.)"""
+    port = free_port(5)
+    log = tmp_path / "serve.log"
+    proc = launch(demo_engine_dir, port, log, env={"ALIGNED_MAX_QUEUE": "1", "ALIGNED_MAX_BATCH_SIZE": "1"})
+    tree: list[int] = []
+    try:
+        wait_ready(proc, log)
+        tree = process_tree(proc.pid)
+        answers: list[requests.Response] = []
+
+        def one(i: int) -> None:
+            answers.append(requests.post(f"http://127.0.0.1:{port}/v2/models/aligned_llm/generate", timeout=120,
+                                         json={"text_input": f"Hello {i}", "max_tokens": 200, "end_id": 0}))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        codes = sorted(r.status_code for r in answers)
+        refused = [r for r in answers if r.status_code != 200]
+        assert set(codes) <= {200, 400} and refused and codes.count(200) >= 2, codes
+        assert all(r.json()["error"].startswith("queue: ") and "max_queue=1" in r.json()["error"] for r in refused)
+        metrics = requests.get(f"http://127.0.0.1:{port + 3}/metrics", timeout=10).text
+        assert f'alignedserve_requests_refused_total{{reason="queue"}} {float(len(refused))}' in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        assert not wait_gone(tree[1:], timeout=30)

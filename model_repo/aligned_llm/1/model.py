@@ -121,7 +121,7 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
-            with _refusals(sender):
+            with _refusals(sender, self.orchestrator):
                 if self._stop(request, sender):
                     continue
                 params = self._parse(request)
@@ -158,7 +158,7 @@ class TritonPythonModel:
 
     def _accept(self, params: GenerateParams, meta: tuple[str, bool], sender) -> None:
         """On a tokenizer thread: tokenize and hand the request to the orchestrator."""
-        with _refusals(sender):
+        with _refusals(sender, self.orchestrator, counted=True):
             self._submit(params, *meta, sender)
 
     def _submit(self, params: GenerateParams, triton_id: str, counted: bool, sender) -> None:
@@ -302,14 +302,19 @@ class TritonPythonModel:
 
 
 @contextlib.contextmanager
-def _refusals(sender):
+def _refusals(sender, orchestrator, counted: bool = False):
     """A request that fails before it is accepted gets its final error answer: the field and the
-    limit for a refusal, the exception otherwise; the model goes on serving."""
+    limit for a refusal (UNAVAILABLE, HTTP 503, for a full queue or a server draining; INVALID_ARG,
+    HTTP 400, for the rest), the exception otherwise; the model goes on serving. counted: the
+    orchestrator counted the refusal already (it refused it); else it is counted here."""
     try:
         yield
     except RequestRejected as e:
+        if not counted:
+            orchestrator.record_refusal(e.field)
         msg = f"{_FIELD_NAMES.get(e.field, e.field)}: {e.message}"
-        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(msg)), flags=FINAL)
+        code = pb_utils.TritonError.UNAVAILABLE if e.field in ("queue", "server") else pb_utils.TritonError.INVALID_ARG
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(msg, code)), flags=FINAL)
     except Exception as e:  # never let one request crash the model
         log.exception("request failed before it was accepted")
         sender.send(pb_utils.InferenceResponse(
