@@ -92,7 +92,7 @@ from bench.workloads import CODE_TRACE, Workload, arrival_offsets, draw_workload
 from build_scripts.build_engine import main as build_engine
 from engines.base import HOST, CallTiming, Engine
 from engines.loader import load_engine
-from orchestrator.config import ConfigError, ServeConfig
+from orchestrator.config import UNBOUNDED, ConfigError, ServeConfig
 from orchestrator.core import Request, TokenEvent
 from orchestrator.metrics import IterationRecord
 from orchestrator.policies import POLICIES
@@ -145,6 +145,7 @@ def serve_config(policy: str, a: argparse.Namespace) -> ServeConfig:
     """The same settings for every policy; only the policy name differs."""
     return ServeConfig(policy=policy, max_batch_size=a.max_batch_size, kmin=a.kmin, max_wait_s=a.max_wait_s,
                        max_prefill_tokens=a.max_prefill_tokens, max_queue=max(a.requests, 1024),
+                       max_queue_tokens=UNBOUNDED,
                        helper_devices=a.helper_device or "")
 
 

@@ -30,7 +30,7 @@ from bench.simulate import drive_virtual
 from bench.workloads import CODE_TRACE, arrival_offsets, draw_workload, load_trace
 from engines.sim.calibration import Fit
 from engines.sim.engine import SimEngine
-from orchestrator.config import ServeConfig
+from orchestrator.config import UNBOUNDED, ServeConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEYS = ("makespan_s", "prefill_s", "decode_s", "decode_tok_s", "output_tok_s")
@@ -57,6 +57,7 @@ def replay(measured: dict, fit: Fit) -> list[dict]:
         cfg = {k: v for k, v in row["config"].items() if k in CONFIG_FIELDS}
         if helpers:
             cfg["helper_devices"] = "cuda:1"
+        cfg.setdefault("max_queue_tokens", UNBOUNDED)  # the whole workload may wait, as on the measured run
         run = drive_virtual(engine, ServeConfig(**cfg), lengths, list(arrivals), row["policy"])
         sim = summarize(run["requests"], run["scheduled"], run["iterations"], run["transfers"], slo=None,
                         calls=run["calls"])

@@ -89,7 +89,7 @@ from engines.sim.cost_model import CostConstants, CostModel
 from engines.sim.dispatch import DISPATCH_MODELS, KERNELS, kernel_for
 from engines.sim.engine import SimEngine
 from engines.sim.profiles import hardware_profile, model_profile
-from orchestrator.config import ServeConfig
+from orchestrator.config import UNBOUNDED, ServeConfig
 from orchestrator.service import Orchestrator
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -184,7 +184,8 @@ def run_replica(args: dict, variant: Variant, replicas: int, lengths: list[tuple
     replica; returns what the metrics need."""
     engine = _engine(args, variant, replicas)
     settings = {k: args["slo_tpot"] if v == SLO_TPOT else v for k, v in variant.config.items()}
-    config = ServeConfig(policy=variant.policy, max_queue=max(len(lengths), 1024), **{**BASE_CONFIG, **settings})
+    config = ServeConfig(policy=variant.policy, max_queue=max(len(lengths), 1024), max_queue_tokens=UNBOUNDED,
+                         **{**BASE_CONFIG, **settings})
     return drive_virtual(engine, config, lengths, arrivals, variant.label, dashboard=args.get("dashboard"))
 
 

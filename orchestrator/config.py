@@ -30,6 +30,9 @@ class ConfigError(ValueError):
     """A configuration value is unusable; the message names the field, the value and the source."""
 
 
+UNBOUNDED = sys.maxsize
+"""A queue bound that never refuses: for benchmarks that submit a whole workload at once."""
+
 @dataclass(frozen=True, slots=True)
 class ServeConfig:
     """Settings of one serving process (engine runtime + orchestrator policy + request limits)."""
@@ -114,7 +117,8 @@ class ServeConfig:
     UNAVAILABLE / HTTP 503, the OpenAI API's 429 with Retry-After) instead of queuing without bound."""
     max_queue_tokens: int = 0
     """Most prompt tokens waiting for admission, refused beyond as max_queue is; 0: four times the
-    tokens the decode device's KV pool holds."""
+    tokens the decode device's KV pool holds. Benchmarks that submit a whole workload up front set
+    it to UNBOUNDED (and max_queue to the workload's size)."""
     max_tokens_limit: int = 0
     """Largest max_tokens a client may ask for; 0 means the model's max sequence length."""
     max_seq_len: int = 0

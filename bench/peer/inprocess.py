@@ -37,7 +37,7 @@ from engines.base import Engine
 from engines.manifest import read_manifest
 from engines.torch.attention import ATTENTION_PATHS
 from engines.torch.engine import TorchEngine
-from orchestrator.config import ServeConfig
+from orchestrator.config import UNBOUNDED, ServeConfig
 from orchestrator.service import Orchestrator
 
 
@@ -45,7 +45,8 @@ def run(engine: Engine, prompts: list[list[int]], policy: str, output_len: int, 
     """Serve every prompt through a fresh orchestrator on `engine`: all at once (concurrency 0),
     or as a closed loop keeping `concurrency` requests in flight (a client sends the next prompt
     when one finishes), stepped from this thread until every request has finished."""
-    orch = Orchestrator(engine, ServeConfig(policy=policy, max_queue=max(1024, len(prompts))))
+    orch = Orchestrator(engine, ServeConfig(policy=policy, max_queue=max(1024, len(prompts)),
+                                            max_queue_tokens=UNBOUNDED))
     metrics = orch.loop.metrics
     metrics.history, metrics.timings = collections.deque(), collections.deque()  # keep every record
     limit = concurrency or len(prompts)

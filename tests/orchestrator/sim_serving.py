@@ -18,7 +18,8 @@ def serve(policy: str, arrivals: list[tuple[float, int, int]], spy=None, kv_bloc
     cost = CostModel(H100_SXM, OPT_13B)
     engine = SimEngine(cost, kv_blocks=kv_blocks, block_size=16, max_seq_len=max_seq_len,
                        host_kv_bytes=20_000 * cost.model.kv_bytes_per_token * 16)
-    settings = dict(policy=policy, max_batch_size=16, kmin=4, max_prefill_tokens=2048, max_queue=len(arrivals))
+    settings = dict(policy=policy, max_batch_size=16, kmin=4, max_prefill_tokens=2048, max_queue=len(arrivals),
+                    max_queue_tokens=sum(plen for _, plen, _ in arrivals))
     orch = Orchestrator(engine, ServeConfig(**{**settings, **cfg}), clock=engine.clock)
     m = orch.loop.metrics
     m.history, m.transfers = deque(), deque()  # every iteration and move, not the last 4,096
