@@ -19,9 +19,11 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from swagger_ui_bundle import swagger_ui_path
 
 import serving.admin.schemas as schemas
 import serving.admin.views as views
@@ -69,9 +71,12 @@ def create_app(orch: Orchestrator, *, token: str | None, events_interval_s: floa
             telemetry.close()
             gpus.close()
 
-    app = FastAPI(title="AlignedServe admin", version="1", lifespan=lifespan,
+    # Swagger UI 4 (swagger-ui-bundle, the /docs page below) reads OpenAPI 3.0 documents; the
+    # schema FastAPI writes is 3.0-compatible apart from the version string.
+    app = FastAPI(title="AlignedServe admin", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Pool and batch state, KV tiers, time series, GPUs and operator actions of one "
                               "AlignedServe orchestrator. Operator actions need `Authorization: Bearer <token>`.")
+    app.openapi_version = "3.0.3"
     app.state.orchestrator = orch
     app.state.telemetry = telemetry
     app.state.stopping = stopping
@@ -102,6 +107,20 @@ def create_app(orch: Orchestrator, *, token: str | None, events_interval_s: floa
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+
+    # FastAPI's own /docs loads Swagger UI from a CDN: blank without internet. The same page, from
+    # the swagger-ui-bundle package's files.
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="/favicon.ico")
 
     # ---- read-only ------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from engines.base import StepCost
 from engines.loader import load_engine
@@ -163,3 +164,18 @@ def test_operator_actions_from_the_page(served, browser, wait_for):
     assert browser.find_element(By.ID, "policy-summary").text == REGISTRY["fcfs-offload"].summary
     assert click("switch-policy") == "200"
     wait_for(lambda: browser.find_element(By.ID, "policy").text == "fcfs-offload", what="the new policy shown")
+
+
+def test_the_api_docs_render_from_local_files(served, browser, wait_for):
+    """/docs is Swagger UI from the swagger-ui-bundle package's files, not a CDN: it renders with
+    no internet. Every script and stylesheet the page loads is this server's; the favicon exists."""
+    from selenium.webdriver.common.by import By
+
+    _, server = served
+    browser.get(f"{server.url.rstrip('/')}/docs")
+    ops = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"), what="rendered operations")
+    assert "/api/state" in {o.text.replace("\u200b", "") for o in ops}
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    origin = server.url.rstrip("/")
+    assert loaded and all(url.startswith(origin) for url in loaded), loaded
+    assert requests.get(f"{origin}/favicon.ico", timeout=10).status_code == 200
