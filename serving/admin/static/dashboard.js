@@ -155,6 +155,15 @@ function drawState(state) {
     div.innerHTML = `<b>${v}</b><span>${k}</span>`;
     return div;
   }));
+  // Requests refused before they were accepted (a full queue, draining, bad input), by reason.
+  const refused = state.totals.refused || {};
+  const total = Object.values(refused).reduce((a, b) => a + b, 0);
+  const div = document.createElement("div");
+  div.className = "count";
+  div.dataset.state = "refused";
+  div.title = Object.entries(refused).map(([k, v]) => `${k}: ${v}`).join(", ") || "none refused";
+  div.innerHTML = `<b>${total}</b><span>refused</span>`;
+  counts.append(div);
   drawDecision(state.totals.decision);
   histogram(document.getElementById("kv-histogram"), state.kv_histogram, state.running_span, state.staged_span);
   const tiers = document.getElementById("tiers");

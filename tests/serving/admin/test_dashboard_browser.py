@@ -118,7 +118,15 @@ def test_the_page_shows_live_data(served, browser, wait_for):
     assert kind in {"filled", "grouped", "switched", "preempted", "waiting"} and reason.strip()
     assert float(predicted) > 0 and float(measured) > 0
     counts = {e.get_attribute("data-state") for e in browser.find_elements(By.CSS_SELECTOR, "#counts .count")}
-    assert {"waiting", "running", "parked"} <= counts
+    assert {"waiting", "running", "parked", "refused"} <= counts
+    orch, _ = served  # a refused request shows in the refused count, its reason in the tooltip
+    with pytest.raises(RequestRejected):
+        orch.submit([1, 2], max_tokens=0)
+    read = ("const e = document.querySelector('#counts .count[data-state=refused]');"
+            "return e ? [e.querySelector('b').textContent, e.title] : null;")
+    number, why = wait_for(lambda: (lambda v: v if v and int(v[0]) >= 1 else None)(browser.execute_script(read)),
+                           what="the refused count")
+    assert "max_tokens" in why
     ARTIFACTS.mkdir(exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
