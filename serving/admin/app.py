@@ -40,6 +40,9 @@ STATIC = Path(__file__).resolve().parent / "static"
 REDACTED = "<redacted>"
 
 
+TABLE_ROWS = 50
+"""Requests the dashboard's table lists (the newest), sent with every update."""
+
 def create_app(orch: Orchestrator, *, token: str | None, events_interval_s: float = 1.0,
                gpu_probe: GpuProbe | None = None) -> FastAPI:
     """The admin app for `orch`. token: the bearer token operator actions require (None or
@@ -160,11 +163,13 @@ def create_app(orch: Orchestrator, *, token: str | None, events_interval_s: floa
         values["admin_token"] = REDACTED if values.get("admin_token") else ""
         return values
 
-    @app.get("/api/events", summary="Server-sent events: `update` each second with the state and newest point",
+    @app.get("/api/events", summary="Server-sent events: `update` each second with the state, the latest "
+                                    "requests (one snapshot: counts and table agree) and the newest point",
              response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
     async def events(request: Request) -> StreamingResponse:
         def payload() -> str:
-            data = {"state": views.state(orch.snapshot()), "point": telemetry.latest()}
+            snap = orch.snapshot()  # one snapshot for the counts and the request table
+            data = {"state": views.state(snap), "requests": views.recent(snap, TABLE_ROWS), "point": telemetry.latest()}
             return f"event: update\ndata: {json.dumps(data)}\n\n"
 
         async def stream():

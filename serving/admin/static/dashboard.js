@@ -3,8 +3,9 @@
 // No chart library: the site may have no internet (no CDN), and the five charts here are a
 // histogram and line charts, a few dozen lines of SVG each, so a vendored library would be more
 // code to ship and audit than it saves. Data: /api/timeseries once at load, then /api/events
-// (one update a second: the state and the newest time-series point); the request table polls
-// /api/requests every two seconds; the GPU panel polls /api/gpus every five; the policy list
+// (one update a second: the state, the newest requests for the table, both from one snapshot so
+// the counts and the table agree, and the newest time-series point); the GPU panel polls
+// /api/gpus every five seconds; the policy list
 // comes from /api/policies (the policy registry) once at load.
 "use strict";
 
@@ -184,31 +185,28 @@ async function getJSON(path) {
   return r.json();
 }
 
-async function refreshRequests() {
-  try {
-    const data = await getJSON("/api/requests?limit=50");
-    const body = document.querySelector("#requests-table tbody");
-    body.replaceChildren(...data.requests.map(r => {
-      const tr = document.createElement("tr");
-      tr.className = "clickable";
-      tr.dataset.id = r.id;
-      for (const v of [r.id, r.state, r.tier ?? "-", r.prompt_len, `${r.tokens}/${r.max_tokens}`, r.kv_len, fmt(r.age_s, 1), r.finish_reason ?? ""]) {
-        const td = document.createElement("td");
-        td.textContent = v;
-        tr.appendChild(td);
-      }
+function drawRequests(requests) {
+  const body = document.querySelector("#requests-table tbody");
+  body.replaceChildren(...requests.map(r => {
+    const tr = document.createElement("tr");
+    tr.className = "clickable";
+    tr.dataset.id = r.id;
+    for (const v of [r.id, r.state, r.tier ?? "-", r.prompt_len, `${r.tokens}/${r.max_tokens}`, r.kv_len, fmt(r.age_s, 1), r.finish_reason ?? ""]) {
       const td = document.createElement("td");
-      if (!r.finish_reason) {
-        const b = document.createElement("button");
-        b.textContent = "cancel";
-        b.onclick = ev => { ev.stopPropagation(); act(`/api/requests/${encodeURIComponent(r.id)}/cancel`); };
-        td.appendChild(b);
-      }
+      td.textContent = v;
       tr.appendChild(td);
-      tr.onclick = () => showHistory(r.id);
-      return tr;
-    }));
-  } catch (e) { /* the next poll retries; the status line shows the stream's health */ }
+    }
+    const td = document.createElement("td");
+    if (!r.finish_reason) {
+      const b = document.createElement("button");
+      b.textContent = "cancel";
+      b.onclick = ev => { ev.stopPropagation(); act(`/api/requests/${encodeURIComponent(r.id)}/cancel`); };
+      td.appendChild(b);
+    }
+    tr.appendChild(td);
+    tr.onclick = () => showHistory(r.id);
+    return tr;
+  }));
 }
 
 async function showHistory(id) {
@@ -319,6 +317,7 @@ function connect() {
   source.addEventListener("update", ev => {
     const data = JSON.parse(ev.data);
     drawState(data.state);
+    drawRequests(data.requests);  // the same snapshot as the counts
     addPoint(data.point);
     drawSeries();
     setStatus("live", "live");
@@ -336,9 +335,7 @@ async function start() {
   } catch (e) { setStatus(String(e), "down"); }
   connect();
   loadPolicies();
-  refreshRequests();
   refreshGpus();
-  setInterval(refreshRequests, 2000);
   setInterval(refreshGpus, 5000);
 }
 

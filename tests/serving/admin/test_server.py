@@ -98,9 +98,12 @@ def test_server_sent_events_stream_updates(served):
         assert server.app.state.open_streams == 1
     assert [name for name, _ in events] == ["update", "update"]
     for _, data in events:
-        assert set(data) == {"state", "point"}
+        assert set(data) == {"state", "requests", "point"}
         assert data["state"]["policy"] == "aligned" and "counts" in data["state"]
         assert data["point"] is None or "decode_tok_s" in data["point"]
+        # The table's rows come from the counts' snapshot: its live rows are exactly the counted ones.
+        live = [r for r in data["requests"] if r["finish_reason"] is None]
+        assert len(data["requests"]) < 50 and len(live) == sum(data["state"]["counts"].values())
     assert events[1][1]["state"]["time"] > events[0][1]["state"]["time"]
     # The client went away: its stream ends on the server too.
     deadline = time.monotonic() + 5
