@@ -115,11 +115,12 @@ def test_the_server_dies_with_its_launcher_even_under_sigkill(demo_engine_dir, t
             os.kill(p, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("drain", [0, 5])
+@pytest.mark.parametrize("drain", [0, 120])
 def test_sigterm_drains_the_streams_in_flight_then_every_process_exits(demo_engine_dir, tmp_path, drain):
     """SIGTERM: no new request is taken; the streams in flight finish within the drain deadline
-    (5 s is plenty here) or, past it (0 s), end with a final error saying the server is shutting
-    down; never without a final answer."""
+    (120 s: they need a few seconds, more on a loaded machine; the drain ends when they do) or,
+    past it (0 s), end with a final error saying the server is shutting down; never without a
+    final answer."""
     port = free_port(5)
     log = tmp_path / "serve.log"
     proc = launch(demo_engine_dir, port, log, "--drain-timeout", str(drain))

@@ -28,7 +28,9 @@ def test_park_then_resume_continues_the_same_tokens(make_engine, trtllm, flavour
     got = [e.prefill([PrefillRequest("a", prompt)]).tokens["a"]]
     got += [e.decode(["a"]).tokens["a"] for _ in range(3)]
     e.wait(e.move(["a"], "cuda:0", HOST))
-    assert e.tier_of("a") == HOST and e.kv_blocks_used(HOST) == 4  # 14 tokens of KV (the last has none yet)
+    # 13 tokens of KV (the last has none yet): 4 blocks, or more where the executor decoded ahead
+    # before the abort reached it (the connector saves what it holds; a resume loads what matches)
+    assert e.tier_of("a") == HOST and e.kv_blocks_used(HOST) >= 4
     _quiet(e)  # the device blocks went back once the save finished
     h = e.move(["a"], HOST, "cuda:0")
     e.wait(h)
