@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.base import EngineError
-from engines.tensorrt_llm.executor_llm import Completion
+from engines.tensorrt_llm.executor_llm import Completion, RoutedOutput
 from engines.tensorrt_llm.llm_settings import TrtllmSettings
 
 PRELOAD_ENV = "ALIGNED_TRTLLM_CHILD_PRELOAD"
@@ -58,41 +58,25 @@ def physical_gpu(device: str) -> str:
     return entries[int(index)]
 
 
-class RemoteOutput:
-    """The child's `RequestOutput` as the engine reads it: `outputs[0]` grows, `finished`,
-    `abort()`, async-iterable on the loop that submitted it."""
+class RemoteOutput(RoutedOutput):
+    """The child's `RequestOutput` as the engine reads it; each message carries the whole output."""
 
     def __init__(self, llm: "ContextProcessLLM", request_id: int, loop: asyncio.AbstractEventLoop):
-        self.request_id = request_id
-        self.outputs = [Completion()]
-        self.finished = False
-        self._llm, self._loop = llm, loop
-        self._queue: asyncio.Queue = asyncio.Queue()
+        super().__init__(request_id, loop)
+        self._llm = llm
 
     def abort(self) -> None:
         if not self.finished:
             self._llm._send(("abort", self.request_id))
 
-    def deliver(self, message: tuple) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, message)
-        except RuntimeError:  # the loop closed: the engine is shutting down
-            pass
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> "RemoteOutput":
-        if self.finished:
-            raise StopAsyncIteration
-        kind, *rest = await self._queue.get()
+    def _take(self, message: tuple) -> None:
+        kind, *rest = message
         if kind == "error":
             self.finished = True
             raise RuntimeError(f"TensorRT-LLM context instance, request {self.request_id}: {rest[0]}")
         token_ids, finished, disagg = rest
         self.outputs = [Completion(list(token_ids), disagg)]
         self.finished = bool(finished)
-        return self
 
 
 class ContextProcessLLM:

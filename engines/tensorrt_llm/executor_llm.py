@@ -47,34 +47,55 @@ class Completion:
     disaggregated_params: Any = None
 
 
-class ExecutorOutput:
-    """One request's streaming output: `outputs[0].token_ids` grows with each response; async-iterable."""
+class RoutedOutput:
+    """A request's streaming output fed by a router thread: `outputs[0]` grows with each item
+    delivered, `finished` says the last came; async-iterable on the event loop that submitted it
+    (the LLM API's `RequestOutput` as the engine reads it). Subclasses read their items (`_take`)
+    and abort their way."""
 
-    def __init__(self, llm: "ExecutorLLM", request_id: int, loop: asyncio.AbstractEventLoop):
+    def __init__(self, request_id: int, loop: asyncio.AbstractEventLoop):
         self.request_id = request_id
         self.outputs = [Completion()]
         self.finished = False
-        self._llm, self._loop = llm, loop
+        self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
 
     def abort(self) -> None:
-        if not self.finished:
-            self._llm.executor.cancel_request(self.request_id)
+        raise NotImplementedError
 
-    def deliver(self, response: Any) -> None:
-        """From the router thread: hand a response to the output's event loop (gone: nobody reads it)."""
+    def deliver(self, item: Any) -> None:
+        """From the router thread: hand an item to the output's event loop (gone: nobody reads it)."""
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, response)
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the loop closed: the engine is shutting down
             pass
 
     def __aiter__(self):
         return self
 
-    async def __anext__(self) -> "ExecutorOutput":
+    async def __anext__(self) -> "RoutedOutput":
         if self.finished:
             raise StopAsyncIteration
-        response = await self._queue.get()
+        self._take(await self._queue.get())
+        return self
+
+    def _take(self, item: Any) -> None:
+        """Apply one delivered item to `outputs` and `finished`; raise the request's error."""
+        raise NotImplementedError
+
+
+class ExecutorOutput(RoutedOutput):
+    """One Executor request's output: each response carries new tokens, accumulated here."""
+
+    def __init__(self, llm: "ExecutorLLM", request_id: int, loop: asyncio.AbstractEventLoop):
+        super().__init__(request_id, loop)
+        self._llm = llm
+
+    def abort(self) -> None:
+        if not self.finished:
+            self._llm.executor.cancel_request(self.request_id)
+
+    def _take(self, response: Any) -> None:
         if response.has_error():
             self.finished = True
             raise RuntimeError(f"TensorRT-LLM executor request {self.request_id}: {response.error_msg}")
@@ -84,7 +105,6 @@ class ExecutorOutput:
         if result.context_phase_params is not None:
             done.disaggregated_params = self._llm.handoff(result.context_phase_params)
         self.finished = bool(result.is_final)
-        return self
 
 
 class ExecutorLLM:

@@ -36,3 +36,20 @@ def _fail_next_copy(engine, disarm: bool = False) -> None:
 def fail_next_copy():
     """`fail_next_copy(engine)`: the engine's next KV copy fails (see `_fail_next_copy`)."""
     return _fail_next_copy
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir):
+    """transformers' model on the tiny Llama checkpoint, float32: the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def float32_engine(model_dir):
+    """The torch engine on the same checkpoint, float32, blocks of 4 tokens."""
+    from engines.torch.engine import TorchEngine
+
+    return TorchEngine(model_dir, device="cpu", block_size=4, dtype="float32")

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor, NoBadWordsLogitsProcessor,
                                                     RepetitionPenaltyLogitsProcessor)
 
 from engines.base import PrefillChunk, PrefillRequest, SamplingParams
-from engines.torch.engine import TorchEngine
 from engines.torch.sampler import shape_logits
 
 PROMPT = [5, 17, 33, 9, 60, 17, 5]
@@ -46,13 +44,8 @@ def test_presence_and_frequency_count_generated_tokens_only():
 
 
 @pytest.fixture(scope="module")
-def hf(model_dir):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    return TorchEngine(model_dir, device="cpu", block_size=4, dtype="float32")
+def engine(float32_engine):
+    return float32_engine
 
 
 def reference(hf, params: SamplingParams, steps: int, eos: int) -> list[int]:

@@ -5,23 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from engines.base import PrefillChunk, PrefillRequest, SamplingParams
-from engines.torch.engine import TorchEngine
 
 PROMPT = [5, 17, 33, 9, 60, 17, 5]
 STEPS = 10
 
 
 @pytest.fixture(scope="module")
-def hf(model_dir):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    return TorchEngine(model_dir, device="cpu", block_size=4, dtype="float32")
+def engine(float32_engine):
+    return float32_engine
 
 
 def run(engine, params: SamplingParams, chunked: bool, rid: str = "a") -> tuple[list[int], list[float]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import shlex
 import os
 import signal
 import socket
@@ -210,3 +211,30 @@ def test_overload_is_refused_at_once_and_counted(demo_engine_dir, tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         assert not wait_gone(tree[1:], timeout=30)
+
+
+def test_the_launcher_follows_make_when_make_is_killed(demo_engine_dir, tmp_path):
+    """`make` runs the launcher as its child; killed (SIGKILL), it leaves the launcher orphaned.
+    The launcher's own parent-death signal makes it drain and stop the server: nothing is left."""
+    port = free_port(5)
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "serving.triton_server", "--engine-dir", str(demo_engine_dir), "--http-port",
+           str(port), "--admin-port", str(port + 3), "--openai-port", str(port + 4), "--drain-timeout", "5"]
+    make = subprocess.Popen(["sh", "-c", " ".join(shlex.quote(c) for c in cmd) + f" > {shlex.quote(str(log))} 2>&1; true"],
+                            cwd=REPO_ROOT, start_new_session=True)
+    tree: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while not log.exists() or "is ready" not in log.read_text():
+            assert make.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:] if log.exists() else ""
+            time.sleep(0.3)
+        tree = process_tree(make.pid)
+        assert len(tree) >= 4  # sh, the launcher, tritonserver, model stubs
+        make.kill()
+        make.wait()
+        assert not wait_gone(tree[1:], timeout=60)
+        assert "stopping tritonserver: no new requests" in log.read_text()
+    finally:
+        for p in tree[1:]:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)

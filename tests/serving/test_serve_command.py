@@ -15,28 +15,10 @@ import openai
 import pytest
 import requests
 
+from serving.lifecycle import process_tree
 from serving.triton_server import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.integration
-
-
-def descendants(pid: int) -> list[int]:
-    """Live processes below `pid`, from /proc."""
-    parent = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                fields = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                parent[int(d)] = int(fields[1])
-    found, frontier = [], [pid]
-    while frontier:
-        kids = [p for p, pp in parent.items() if pp in frontier]
-        found += kids
-        frontier = kids
-    return found
 
 
 def test_serve_prints_endpoints_streams_and_stops_on_ctrl_c(demo_engine_dir, tmp_path):
@@ -81,7 +63,7 @@ def test_serve_prints_endpoints_streams_and_stops_on_ctrl_c(demo_engine_dir, tmp
         assert state["policy"] == "adaptive" and state["totals"]["tokens"] >= 5 + 12
         assert len(requests.get(f"http://127.0.0.1:{admin}/api/requests", timeout=10).json()["requests"]) >= 14
         assert requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10).status_code == 200
-        server_pids = descendants(proc.pid)
+        server_pids = process_tree(proc.pid)[1:]
         assert len(server_pids) >= 2  # tritonserver and the model's stub
     finally:
         proc.send_signal(signal.SIGINT)
