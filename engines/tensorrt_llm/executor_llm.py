@@ -22,6 +22,7 @@ event loop that submitted it.
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import threading
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ class Completion:
     disaggregated_params: Any = None
 
 
-class RoutedOutput:
+class RoutedOutput(abc.ABC):
     """A request's streaming output fed by a router thread: `outputs[0]` grows with each item
     delivered, `finished` says the last came; async-iterable on the event loop that submitted it
     (the LLM API's `RequestOutput` as the engine reads it). Subclasses read their items (`_take`)
@@ -60,8 +61,9 @@ class RoutedOutput:
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
 
+    @abc.abstractmethod
     def abort(self) -> None:
-        raise NotImplementedError
+        """Ask the executor to end the request (its final item still comes)."""
 
     def deliver(self, item: Any) -> None:
         """From the router thread: hand an item to the output's event loop (gone: nobody reads it)."""
@@ -79,9 +81,9 @@ class RoutedOutput:
         self._take(await self._queue.get())
         return self
 
+    @abc.abstractmethod
     def _take(self, item: Any) -> None:
         """Apply one delivered item to `outputs` and `finished`; raise the request's error."""
-        raise NotImplementedError
 
 
 class ExecutorOutput(RoutedOutput):
