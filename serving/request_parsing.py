@@ -2,7 +2,15 @@
 
 Works on plain numpy arrays so it is tested without a server. Every error (`RequestRejected`,
 as the orchestrator raises for limits it checks) names the input tensor and the limit, and is sent back to the
-client as a Triton error response.
+client as a Triton error response. Any dtype or shape is answered so, not only the declared ones
+(tests/serving/test_parser_fuzz.py).
+
+Two things Triton's front end does before the model sees a value are made explicit here:
+- `seed` is declared UINT64, but the engines' generators take seeds in [0, 2**63): a seed in
+  [2**63, 2**64) is used as `seed - 2**63` (SEED_RANGE), so the whole declared range is accepted
+  and the same seed always samples the same tokens (seed and seed + 2**63 sample alike);
+- over HTTP, a JSON number over 2**31 - 1 for an INT32 input wraps around to a negative value,
+  so a negative value's message says how it may have come about (WRAP_HINT).
 """
 from __future__ import annotations
 
@@ -14,6 +22,12 @@ import numpy as np
 
 from engines.base import SamplingParams
 from orchestrator.core import RequestRejected
+
+SEED_RANGE = 2**63
+"""Seeds the engines take: [0, 2**63). A UINT64 seed at or over it is used modulo it."""
+WRAP_HINT = ("; a JSON number over 2**31 - 1 wraps around to a negative one in Triton's INT32 conversion "
+             "(HTTP generate)")
+"""Added to the message of a negative INT32 value that should have been positive."""
 
 
 @dataclass(frozen=True)
@@ -56,20 +70,47 @@ def _text(value, name: str) -> str:
         except UnicodeDecodeError as e:
             raise RequestRejected(name, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
     if isinstance(value, str):
-        return value
-    raise RequestRejected(name, f"expected a string (BYTES), got {type(value).__name__}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestRejected(name, f"not valid Unicode ({e.reason} at character {e.start})") from None
+        return str(value)
+    raise RequestRejected(name, f"expected a string (BYTES), got {_kind(value)}")
 
 
 def _int(value, name: str, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, (float, np.floating)) and not float(value).is_integer():
-        raise RequestRejected(name, f"expected an integer, got {value}")
-    try:
-        v = int(value)
-    except (TypeError, ValueError):
-        raise RequestRejected(name, f"expected an integer, got {value!r}") from None
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        value = int(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise RequestRejected(name, f"expected an integer, got {_kind(value)}")
+    v = int(value)
     if v < lo or (hi is not None and v > hi):
-        raise RequestRejected(name, f"{v} is outside [{lo}, {hi if hi is not None else 'inf'}]")
+        hint = WRAP_HINT if v < 0 <= lo and isinstance(value, np.int32) else ""
+        raise RequestRejected(name, f"{v} is outside [{lo}, {hi if hi is not None else 'inf'}]{hint}")
     return v
+
+
+def _float(value, name: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise RequestRejected(name, f"expected a number (FP32), got {_kind(value)}")
+    try:
+        return float(value)
+    except OverflowError:  # an integer past float's range
+        return math.inf if value > 0 else -math.inf
+
+
+def _bool(value, name: str) -> bool:
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise RequestRejected(name, f"expected true or false (BOOL), got {_kind(value)}")
+
+
+def _kind(value) -> str:
+    """A value as an error message shows it: short, and sendable as UTF-8."""
+    if isinstance(value, (bytes, np.bytes_, str)):
+        shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
+        return f"{type(value).__name__} {shown}"
+    return f"{type(value).__name__} {str(value)[:40]}"
 
 
 def parse_request(inputs: Mapping[str, np.ndarray], max_tokens_limit: int, vocab_size: int | None = None,
@@ -84,7 +125,7 @@ def parse_request(inputs: Mapping[str, np.ndarray], max_tokens_limit: int, vocab
         raw = scalar(inputs, "text_input")
         if raw is None:
             raise RequestRejected("text_input", "required input is missing (send text_input, or input_ids)")
-        size = len(raw) if isinstance(raw, (bytes, np.bytes_)) else len(str(raw).encode())
+        size = len(raw) if isinstance(raw, (bytes, np.bytes_)) else len(str(raw).encode("utf-8", "surrogatepass"))
         if max_prompt_bytes is not None and size > max_prompt_bytes:
             raise RequestRejected("text_input", f"{size} bytes is over max_prompt_bytes ({max_prompt_bytes}: more "
                                   "than the model's max_seq_len tokens can hold); shorten the prompt")
@@ -98,20 +139,21 @@ def parse_request(inputs: Mapping[str, np.ndarray], max_tokens_limit: int, vocab
     max_tokens = _int(raw, "max_tokens", 1, max_tokens_limit)
 
     stream = scalar(inputs, "stream")
+    stream = False if stream is None else _bool(stream, "stream")
     temperature = scalar(inputs, "temperature")
     if temperature is not None:
-        temperature = float(temperature)
+        temperature = _float(temperature, "temperature")
         if not math.isfinite(temperature) or temperature < 0:
             raise RequestRejected("temperature", f"{temperature} must be a finite number >= 0 (0 = greedy)")
     top_k = scalar(inputs, "top_k")
     top_k = 0 if top_k is None else _int(top_k, "top_k", 0)
     top_p = scalar(inputs, "top_p")
     if top_p is not None:
-        top_p = float(top_p)
+        top_p = _float(top_p, "top_p")
         if not (0.0 < top_p <= 1.0):
             raise RequestRejected("top_p", f"{top_p} is outside (0, 1]")
     seed = scalar(inputs, "seed")
-    seed = None if seed is None else _int(seed, "seed", 0, 2**63 - 1)
+    seed = None if seed is None else _int(seed, "seed", 0, 2**64 - 1) % SEED_RANGE
     end_id = scalar(inputs, "end_id")
     end_id = None if end_id is None else _int(end_id, "end_id", 0)
 
@@ -132,7 +174,7 @@ def parse_request(inputs: Mapping[str, np.ndarray], max_tokens_limit: int, vocab
     bad_words: tuple[str, ...] = ()
     if inputs.get("bad_words") is not None:
         bad_words = tuple(w for w in (_text(x, "bad_words") for x in np.asarray(inputs["bad_words"]).reshape(-1)) if w)
-    return GenerateParams(text, max_tokens, bool(stream) if stream is not None else False,
+    return GenerateParams(text, max_tokens, stream,
                           sampling, end_id, stop_words, prompt_ids, stop_sequences, bad_words)
 
 
@@ -142,15 +184,17 @@ def _shaping(inputs: Mapping[str, np.ndarray], max_tokens_limit: int) -> dict:
     out: dict = {}
     value = scalar(inputs, "repetition_penalty")
     if value is not None:
-        if not (math.isfinite(float(value)) and float(value) > 0):
+        value = _float(value, "repetition_penalty")
+        if not (math.isfinite(value) and value > 0):
             raise RequestRejected("repetition_penalty", f"{value} must be a finite number > 0 (1 = off)")
-        out["repetition_penalty"] = float(value)
+        out["repetition_penalty"] = value
     for name in ("presence_penalty", "frequency_penalty"):
         value = scalar(inputs, name)
         if value is not None:
-            if not math.isfinite(float(value)):
+            value = _float(value, name)
+            if not math.isfinite(value):
                 raise RequestRejected(name, f"{value} must be a finite number (0 = off)")
-            out[name] = float(value)
+            out[name] = value
     for name in ("min_tokens", "min_length"):
         value = scalar(inputs, name)
         if value is not None:
@@ -159,7 +203,7 @@ def _shaping(inputs: Mapping[str, np.ndarray], max_tokens_limit: int) -> dict:
         out["bad_words"] = _words_list(inputs["bad_words_list"], "bad_words_list")
     value = scalar(inputs, "return_log_probs")
     if value is not None:
-        out["logprobs"] = bool(value)
+        out["logprobs"] = _bool(value, "return_log_probs")
     return out
 
 

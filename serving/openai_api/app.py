@@ -305,6 +305,10 @@ async def _read_json(request: Request, limit: int):
     body = b"".join(chunks)
     try:
         return json.loads(body)
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise ApiError(400, "the body nests arrays or objects too deeply to parse; send a JSON object such as "
+                       '{"model": "...", "messages": [{"role": "user", "content": "Hello"}]}', None,
+                       "invalid_json") from None
     except ValueError as e:
         raise ApiError(400, f"the body is not valid JSON ({e}); send a JSON object such as "
                        '{"model": "...", "messages": [{"role": "user", "content": "Hello"}]}', None,

@@ -10,6 +10,9 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  type: str = "invalid_request_error"):
+        # A name or value echoed from the body may hold a lone surrogate (JSON's "\ud800"): escaped,
+        # so the answer is still UTF-8.
+        message, param = _sendable(message), None if param is None else _sendable(param)
         super().__init__(message)
         self.status = status
         self.message = message
@@ -21,6 +24,10 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
+
+
+def _sendable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,

@@ -9,7 +9,6 @@ accepted. Names OpenAI does not define are refused, as OpenAI refuses them.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from engines.base import SamplingParams
@@ -64,6 +63,8 @@ for _kind in UNSUPPORTED:  # biases: both endpoints
         "logit_bias": ((None, {}), "logit_bias is not implemented"),
     })
 CHAT_ROLES = ("system", "developer", "user", "assistant")
+MAX_TOP_K = 2**31 - 1
+"""Largest top_k (TensorRT-LLM's INT32): any top_k at or over the vocabulary's size keeps every token."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +146,7 @@ def parse(body: object, kind: str, model: str, limits: Limits) -> Generation:
     ignore_eos = body.get("ignore_eos")
     if ignore_eos is not None and not isinstance(ignore_eos, bool):
         raise ApiError(400, f"ignore_eos: expected true or false, got {_json_type(ignore_eos)}", "ignore_eos")
-    common = dict(kind=kind, model=model, sampling=_sampling(body), max_tokens=max_tokens,
+    common = dict(kind=kind, model=model, sampling=_sampling(body, limits), max_tokens=max_tokens,
                   stop=_stop(body.get("stop")), stream=bool(stream), include_usage=include_usage,
                   max_tokens_param=param, ignore_eos=bool(ignore_eos))
     if kind == "chat":
@@ -167,8 +168,9 @@ def _check_fields(body: dict, kind: str) -> None:
             if any(_same(value, v) for v in neutral):
                 continue
             raise ApiError(400, f"{key}: {why}; leave it out", key, "unsupported_parameter")
-        raise ApiError(400, f"{key}: unrecognized request argument; {_endpoint(kind)} accepts "
-                       f"{', '.join(sorted(FIELDS[kind]))}", key, "unknown_parameter")
+        name = key if key.isprintable() and key.strip() else repr(key)  # "", " " or a control character: quoted
+        raise ApiError(400, f"{name}: unrecognized request argument; {_endpoint(kind)} accepts "
+                       f"{', '.join(sorted(FIELDS[kind]))}", name, "unknown_parameter")
 
 
 def _same(value, neutral) -> bool:
@@ -178,13 +180,13 @@ def _same(value, neutral) -> bool:
     return type(value) is type(neutral) and value == neutral
 
 
-def _sampling(body: dict) -> SamplingParams:
+def _sampling(body: dict, limits: Limits) -> SamplingParams:
     temperature = _number(body.get("temperature"), "temperature", 0.0, 2.0, DEFAULT_TEMPERATURE)
     top_p = _number(body.get("top_p"), "top_p", 0.0, 1.0, 1.0)
     top_k = body.get("top_k")
     top_k = 0 if top_k is None else _int(top_k, "top_k")
-    if top_k < -1:
-        raise ApiError(400, f"top_k: {top_k} must be >= 0 (0 or -1: no limit)", "top_k")
+    if not -1 <= top_k <= MAX_TOP_K:
+        raise ApiError(400, f"top_k: {top_k} is outside [-1, {MAX_TOP_K}] (0 or -1: no limit)", "top_k")
     seed = body.get("seed")
     if seed is not None:
         seed = _int(seed, "seed")
@@ -202,6 +204,9 @@ def _sampling(body: dict) -> SamplingParams:
     min_tokens = 0 if min_tokens is None else _int(min_tokens, "min_tokens")
     if min_tokens < 0:
         raise ApiError(400, f"min_tokens: {min_tokens} must be >= 0", "min_tokens")
+    if min_tokens > limits.max_tokens:
+        raise ApiError(400, f"min_tokens: {min_tokens} is over the largest max_tokens ({limits.max_tokens})",
+                       "min_tokens")
     return SamplingParams(temperature=temperature, top_k=max(top_k, 0), top_p=top_p, seed=seed,
                           frequency_penalty=frequency, presence_penalty=presence, repetition_penalty=repetition,
                           min_tokens=min_tokens)
@@ -239,6 +244,7 @@ def _stop(stop) -> tuple[str, ...]:
             raise ApiError(400, f"{where}: expected a string, got {_json_type(w)}", where)
         if not w:
             raise ApiError(400, f"{where}: an empty stop string would stop at once; leave it out", where)
+        _unicode(w, where)
         if len(w) > MAX_STOP_CHARS:
             raise ApiError(400, f"{where}: {len(w)} characters; the limit is {MAX_STOP_CHARS}", where)
     return tuple(words)
@@ -256,6 +262,7 @@ def _prompt(prompt, limits: Limits) -> tuple[str | None, tuple[int, ...] | None]
         if not prompt:
             raise ApiError(400, "prompt: empty; send at least one character", "prompt")
         _check_size(len(prompt.encode("utf-8", "surrogatepass")), "prompt", limits)
+        _unicode(prompt, "prompt")
         return prompt, None
     if isinstance(prompt, list) and prompt:  # token ids
         if len(prompt) >= limits.max_seq_len:
@@ -293,11 +300,12 @@ def _messages(messages, limits: Limits) -> tuple[dict, ...]:
         content = _content(m.get("content"), role, where)
         size += len(content.encode("utf-8", "surrogatepass"))
         _check_size(size, "messages", limits)
+        _unicode(content, f"{where}.content")
         message = {"role": "system" if role == "developer" else role, "content": content}
         if m.get("name") is not None:
             if not isinstance(m["name"], str):
                 raise ApiError(400, f"{where}.name: expected a string, got {_json_type(m['name'])}", f"{where}.name")
-            message["name"] = m["name"]
+            message["name"] = _unicode(m["name"], f"{where}.name")
         out.append(message)
     return tuple(out)
 
@@ -330,6 +338,17 @@ def _check_size(size: int, param: str, limits: Limits) -> None:
                        "context_length_exceeded")
 
 
+def _unicode(text: str, param: str) -> str:
+    """text, refused where it holds a lone surrogate: JSON's "\\ud800" escapes can carry one, and
+    neither the tokenizer nor UTF-8 takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{param}: not valid Unicode (a lone surrogate {text[e.start]!r} at character "
+                       f"{e.start}); send text whose \\u escapes pair up", param) from None
+    return text
+
+
 def _int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ApiError(400, f"{name}: expected an integer, got {_json_type(value)}", name)
@@ -341,7 +360,7 @@ def _number(value, name: str, lo: float, hi: float, default: float) -> float:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ApiError(400, f"{name}: expected a number, got {_json_type(value)}", name)
-    if not (math.isfinite(value) and lo <= value <= hi):
+    if not lo <= value <= hi:  # NaN and the infinities fail it; an int past float's range compares exactly
         raise ApiError(400, f"{name}: {value} is outside [{lo:g}, {hi:g}]", name)
     return float(value)
 
