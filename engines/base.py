@@ -30,6 +30,12 @@ class OutOfKVBlocks(EngineError):
     """A tier has no free KV block left for a request that needed one."""
 
 
+class TransferTimedOut(EngineError):
+    """A move did not finish within the time it was given. The engine gave up on it: its
+    requests' KV is unusable (the orchestrator ends and frees them), and the blocks the copy may
+    still write stay held until it really ends."""
+
+
 class CapabilityError(NotImplementedError):
     """The engine does not offer an optional operation (see `Capabilities`)."""
 
@@ -416,8 +422,10 @@ class Engine(abc.ABC):
         """True when the transfer has finished (also for a handle already waited on)."""
         raise CapabilityError(f"{type(self).__name__} has no transfers to poll (can_offload=False)")
 
-    def wait(self, handle: TransferHandle) -> None:
-        """Block until the transfer has finished."""
+    def wait(self, handle: TransferHandle, timeout: float | None = None) -> None:
+        """Block until the transfer has finished. With `timeout` (seconds; 0: do not block), raise
+        TransferTimedOut if it has not finished by then: the engine gives up on the move (see
+        TransferTimedOut). An engine whose moves cannot hang (virtual time) may ignore it."""
         raise CapabilityError(f"{type(self).__name__} has no transfers to wait on (can_offload=False)")
 
     def mixed_step(self, request_ids: Sequence[str], chunks: Sequence[PrefillChunk]) -> StepResult:

@@ -161,6 +161,14 @@ class ServeConfig:
     """On shutdown (the launcher's SIGTERM, SIGINT or SIGHUP): new requests are refused, and those
     in flight get this long to finish; the rest end with a final error ("the server is shutting
     down")."""
+    transfer_timeout_s: float = 30.0
+    """A KV move (host <-> device, device <-> device) not finished after this long is given up on:
+    the requests it moves end with an error and the server goes on; its blocks stay held until the
+    copy really ends. The default is ~100x what a full device pool takes over PCIe."""
+    fault_injection: bool = False
+    """Wrap the engine in engines.faults.FaultInjectingEngine so the admin API's POST /api/faults
+    (admin token required) can make its next calls fail, for soak and fault tests. Off in
+    production: nothing is injected unless someone arms it."""
     admin_host: str = "127.0.0.1"
     """Address the admin API and dashboard listen on. Loopback by default: the read-only pages
     need no token, so expose them beyond this host only behind your own access control."""
@@ -208,6 +216,8 @@ class ServeConfig:
             raise ConfigError(f"tpot_slo_s: must be >= 0 seconds (0 = no target), got {self.tpot_slo_s}")
         if not (math.isfinite(self.drain_timeout_s) and self.drain_timeout_s >= 0):
             raise ConfigError(f"drain_timeout_s: must be >= 0 seconds, got {self.drain_timeout_s}")
+        if not (math.isfinite(self.transfer_timeout_s) and self.transfer_timeout_s > 0):
+            raise ConfigError(f"transfer_timeout_s: must be > 0 seconds, got {self.transfer_timeout_s}")
         if self.idle_wait_s <= 0:
             raise ConfigError(f"idle_wait_s: must be > 0, got {self.idle_wait_s}")
         if not 0 <= self.admin_port <= 65535:

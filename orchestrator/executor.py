@@ -29,6 +29,11 @@ from orchestrator.transfers import Settled, TransferRecord, TransferTracker
 log = logging.getLogger("alignedserve.executor")
 
 
+FAILURE_CAUSES = ("prefill", "decode", "kv_move", "engine", "scheduler")
+"""Where a request can fail: its prefill, a decode step, a move of its KV between tiers (failed,
+refused or past transfer_timeout_s), another engine call, the run loop itself."""
+
+
 @dataclass(frozen=True, slots=True)
 class FirstToken:
     """A request's first token, and where the request goes with it."""
@@ -58,6 +63,8 @@ class Outcome:
     first_tokens: Sequence[FirstToken] = ()
     failed: Sequence[tuple[Request, str]] = ()
     """(request, message): the request ends with an error."""
+    failure: str = "engine"
+    """Where `failed` failed, one of FAILURE_CAUSES (the metrics count by it)."""
     logprobs: Mapping[str, float] = field(default_factory=dict)
     """Log probability of the token (or first token) of each request that asked, by request id."""
 
@@ -83,7 +90,7 @@ class PlanExecutor:
         self.info = info
         self.clock = clock
         self.device = info.decode_device
-        self.transfers = TransferTracker(engine, info, ledger, on_transfer, clock)
+        self.transfers = TransferTracker(engine, info, ledger, on_transfer, clock, config.transfer_timeout_s)
         self.planner = TransferPlanner(
             info, host_link=Link(config.pcie_gb_s * 1e9, 10e-6), peer_link=Link(config.peer_gb_s * 1e9, 5e-6),
             mode=config.prefetch_route)
@@ -158,8 +165,7 @@ class PlanExecutor:
     def _start_moves(self, requests, src: str, dst: str, via: str | None = None) -> Outcome:
         """Start one move of these requests' KV; a request whose move cannot start fails (its
         grants were booked for a move that will not happen)."""
-        failed = self.transfers.start(requests, src, dst, via)
-        return Outcome(failed=[(r, f"could not move its KV from {src} to {dst}") for r in failed])
+        return Outcome(failed=self.transfers.start(requests, src, dst, via), failure="kv_move")
 
     def _start_loads(self, requests) -> Outcome:
         """Host -> decode device, directly or through a helper device, as the planner routes it."""
@@ -172,7 +178,7 @@ class PlanExecutor:
 
     @staticmethod
     def _settled(settled: Settled) -> Outcome:
-        return Outcome(on_host=settled.on_host,
+        return Outcome(on_host=settled.on_host, failure="kv_move",
                        failed=[(r, f"moving its KV failed: {error}") for r, error in settled.failed])
 
     # ---- prefill, decode -----------------------------------------------------------------------
@@ -184,7 +190,7 @@ class PlanExecutor:
             result = self.engine.prefill([PrefillRequest(r.id, r.prompt_ids, r.sampling, r.max_tokens) for r in requests])
         except Exception as e:  # the engine failed this call: these requests end, others go on
             log.exception("prefill failed")
-            yield Outcome(failed=[(r, f"prefill failed: {e}") for r in requests])
+            yield Outcome(failed=[(r, f"prefill failed: {e}") for r in requests], failure="prefill")
             return
         report.prefill = result.timing
         yield Outcome(timing=result.timing, logprobs=result.logprobs, first_tokens=[
@@ -200,7 +206,7 @@ class PlanExecutor:
                 [PrefillRequest(r.id, r.prompt_ids, r.sampling, r.max_tokens) for r in requests], device)
         except Exception as e:
             log.exception("prefill on %s failed to start", device)
-            yield Outcome(failed=[(r, f"prefill failed: {e}") for r in requests])
+            yield Outcome(failed=[(r, f"prefill failed: {e}") for r in requests], failure="prefill")
             return
         self._prefills[handle.id] = (handle, requests, park)
         yield from self._collect_prefills()
@@ -213,7 +219,8 @@ class PlanExecutor:
                 result = self.engine.prefill_result(handle)
             except EngineError as e:
                 del self._prefills[hid]
-                yield Outcome(failed=[(r, f"prefill failed: {e}") for r in requests if not r.finished])
+                yield Outcome(failed=[(r, f"prefill failed: {e}") for r in requests if not r.finished],
+                              failure="prefill")
                 continue
             if result is None:
                 continue
@@ -230,7 +237,7 @@ class PlanExecutor:
             result = self.engine.decode([r.id for r in requests])
         except Exception as e:
             log.exception("decode failed")
-            yield Outcome(failed=[(r, f"decode failed: {e}") for r in requests])
+            yield Outcome(failed=[(r, f"decode failed: {e}") for r in requests], failure="decode")
             return
         report.decode = result.timing
         tokens = result.tokens
@@ -249,7 +256,7 @@ class PlanExecutor:
         except Exception as e:
             log.exception("mixed decode + prefill step failed")
             yield Outcome(failed=[(r, f"decode with prefill chunks failed: {e}")
-                                  for r in decode + [c[0] for c in chunks]])
+                                  for r in decode + [c[0] for c in chunks]], failure="decode")
             return
         seconds = result.timing.seconds
         tokens = sum(b - a for _, a, b in chunks)

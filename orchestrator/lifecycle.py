@@ -84,6 +84,7 @@ class Lifecycle:
                 self.pool.to_candidate(r)
         for r, message in outcome.failed:
             if not r.finished:
+                self.metrics.failed[outcome.failure] += 1
                 self.finish(r, FinishReason.ERROR, message)
 
     def accept(self, r: Request, token: int, logprob: float | None = None) -> None:

@@ -64,6 +64,8 @@ class Metrics:
     transfer_bytes: int = 0
     bubble_seconds: float = 0.0
     finished: Counter = field(default_factory=Counter)
+    failed: Counter = field(default_factory=Counter)
+    """Requests ended with an error, by where it happened (`FAILURE_CAUSES`)."""
     timings: deque = field(default_factory=lambda: deque(maxlen=4096))
     """Latest engine call timings (`CallTiming`), for cost-model fitting."""
     history: deque = field(default_factory=lambda: deque(maxlen=4096))
@@ -97,6 +99,7 @@ class Metrics:
             "iterations": self.iterations,
             "tokens": self.tokens,
             "finished": dict(self.finished),
+            "failed": dict(self.failed),
             "switches": self.switches,
             "transfer_bytes": self.transfer_bytes,
             "transfer_rate_bytes_s": (sum(t.bytes for t in self.transfers) / sum(t.seconds for t in self.transfers)

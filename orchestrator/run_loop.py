@@ -60,6 +60,7 @@ class RunLoop:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._draining = False  # guarded by _lock
+        self._crashed = ""  # why the loop died, if it did; guarded by _lock
         self._schedule_seconds = 0.0  # wall time of the latest plan
 
     # ---- called from any thread -------------------------------------------------------------
@@ -67,7 +68,7 @@ class RunLoop:
     def submit(self, request: Request) -> None:
         with self._lock:
             if self._stopping.is_set():
-                raise RequestRejected("server", "the server is shutting down")
+                raise RequestRejected("server", self._crashed or "the server is shutting down")
             if self._draining:
                 raise RequestRejected("server", "draining: an operator stopped admitting new requests (in-flight "
                                       "requests finish); retry later or on another replica")
@@ -245,7 +246,11 @@ class RunLoop:
                     self._wake.clear()
         except BaseException:  # a bug in the loop itself: fail everyone rather than hang them
             log.exception("run loop crashed")
-            self._shutdown(FinishReason.ERROR, "internal error in the scheduler; see the server log")
+            with self._lock:  # and refuse whoever comes next: nobody would run their request
+                self._crashed = "internal error in the scheduler; see the server log"
+                self._stopping.set()
+            self.metrics.failed["scheduler"] += sum(not r.finished for r in self.pool) + len(self._inbox)
+            self._shutdown(FinishReason.ERROR, self._crashed)
             raise
         self._shutdown(FinishReason.CANCELLED, "the server is shutting down")
 

@@ -10,6 +10,9 @@ A move may go in two hops through a helper device (GPU-Prefetch-For-GPU, DESIGN.
 host -> helper, then helper -> decode device. The tracker books the helper's blocks for the
 time between the hops and starts the second hop as soon as the first lands; the request stays
 `moving` throughout, so nothing picks or decodes it before its KV is on the decode device.
+
+Each hop has a deadline (`ServeConfig.transfer_timeout_s`): a hop still unfinished then is given
+up on (the engine's `wait` with a timeout), and its requests fail like those of a failed hop.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from engines.base import HOST, Engine, EngineError, EngineInfo, TransferHandle
+from engines.base import HOST, Engine, EngineError, EngineInfo, TransferHandle, TransferTimedOut
 from orchestrator.core import Request
 from orchestrator.kv_ledger import KVLedger
 
@@ -57,14 +60,19 @@ class _Move:
     requests: list[Request]
     then: str | None
     """The final destination when this is the first hop of a two-hop move, else None."""
+    deadline: float
+    """When the hop is given up on (the tracker's clock)."""
 
 
 class TransferTracker:
     """Starts moves, polls them, and settles the books when they finish."""
 
     def __init__(self, engine: Engine, info: EngineInfo, ledger: KVLedger,
-                 on_record: Callable[[TransferRecord], None], clock: Callable[[], float] = time.monotonic):
+                 on_record: Callable[[TransferRecord], None], clock: Callable[[], float] = time.monotonic,
+                 timeout_s: float = 30.0):
         self.engine = engine
+        self.timeout_s = timeout_s
+        """A hop unfinished this long after it started fails its requests."""
         self.clock = clock
         """Measures the waits (the bubble): wall time, or an engine's virtual time."""
         self.info = info
@@ -77,9 +85,9 @@ class TransferTracker:
     def __len__(self) -> int:
         return len(self._moves)
 
-    def start(self, requests: list[Request], src: str, dst: str, via: str | None = None) -> list[Request]:
+    def start(self, requests: list[Request], src: str, dst: str, via: str | None = None) -> list[tuple[Request, str]]:
         """Start one move of these requests' KV, through device `via` when given (and when its
-        blocks can be booked; else directly). Returns the requests it failed to start for (the
+        blocks can be booked; else directly). Returns (request, why) for each it failed to start (the
         caller ends them with an error), or [] on success."""
         live = [r for r in requests if not r.finished]
         if not live:
@@ -113,8 +121,11 @@ class TransferTracker:
         for move in list(self._moves.values()):
             try:
                 done = self.engine.poll(move.handle)
+                if not done and self.clock() >= move.deadline:
+                    self.engine.wait(move.handle, timeout=0)  # gives up on it: TransferTimedOut
+                    done = True  # it ended just now after all
             except EngineError as e:
-                settled.add(self._settle(move, str(e)))
+                settled.add(self._settle(move, self._why(e)))
                 continue
             if done:
                 settled.add(self._settle(move, None))
@@ -132,14 +143,19 @@ class TransferTracker:
                 break
             for move in pending:
                 try:
-                    self.engine.wait(move.handle)
+                    self.engine.wait(move.handle, timeout=max(0.0, move.deadline - self.clock()))
                     settled.add(self._settle(move, None))
                 except EngineError as e:
-                    settled.add(self._settle(move, str(e)))
+                    settled.add(self._settle(move, self._why(e)))
         return self.clock() - start, settled
 
     def wait_all(self) -> tuple[float, Settled]:
         return self.wait([r for m in self._moves.values() for r in m.requests])
+
+    def _why(self, error: EngineError) -> str:
+        if isinstance(error, TransferTimedOut):
+            return f"no end within transfer_timeout_s={self.timeout_s:g}s, given up: {error}"
+        return str(error)
 
     def _book(self, requests: list[Request], tier: str) -> bool:
         """Grant these requests blocks on `tier` for their KV, all or none."""
@@ -150,16 +166,16 @@ class TransferTracker:
             self.ledger.reserve(r.id, tier, n)
         return True
 
-    def _begin(self, requests: list[Request], src: str, dst: str, then: str | None) -> list[Request]:
+    def _begin(self, requests: list[Request], src: str, dst: str, then: str | None) -> list[tuple[Request, str]]:
         try:
             handle = self.engine.move([r.id for r in requests], src, dst)
-        except EngineError:
+        except EngineError as e:
             log.exception("move from %s to %s failed to start", src, dst)
-            return requests
+            return [(r, f"could not move its KV from {src} to {dst}: {e}") for r in requests]
         for r in requests:
             r.moving = True
         self.bytes_started += handle.bytes
-        self._moves[handle.id] = _Move(handle, requests, then)
+        self._moves[handle.id] = _Move(handle, requests, then, self.clock() + self.timeout_s)
         return []
 
     def _settle(self, move: _Move, error: str | None) -> Settled:
@@ -182,6 +198,5 @@ class TransferTracker:
             self.on_record(TransferRecord(handle.src, handle.dst, len(move.requests), handle.bytes,
                                           handle.seconds or 0.0))
         if arrived:  # first hop done: on to the final destination
-            settled.failed += [(r, f"could not move its KV from {handle.dst} to {move.then}")
-                               for r in self._begin(arrived, handle.dst, move.then, then=None)]
+            settled.failed += self._begin(arrived, handle.dst, move.then, then=None)
         return settled

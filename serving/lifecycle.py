@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import signal
 import socket
 from typing import Callable, Iterable, Mapping
@@ -104,3 +105,27 @@ def port_owned_by(port: int, pids: Iterable[int]) -> bool:
             except OSError:
                 continue
     return False
+
+
+def model_processes(pids: Iterable[int]) -> dict[int, str]:
+    """The Triton Python-backend stubs among `pids`: pid -> model instance ("aligned_llm_0_0")."""
+    found = {}
+    for pid in pids:
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"triton_python_backend_stub"):
+            # ... <model>_<instance>_<device> DEFAULT: the instance name Triton logs
+            names = [a.decode() for a in argv[1:] if re.fullmatch(rb"\w+_\d+_\d+", a)]
+            found[pid] = names[-1] if names else "?"
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engines.manifest import read_manifest
-from serving.lifecycle import die_with_parent, dies_with_parent, port_owned_by, ports_in_use, process_tree
+from serving.lifecycle import (alive, die_with_parent, dies_with_parent, model_processes, port_owned_by, ports_in_use,
+                               process_tree)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPO = REPO_ROOT / "model_repo"
@@ -112,6 +113,8 @@ class TritonServer:
     them (ServeConfig.drain_timeout_s), then ends what is left with a final error ("the server is
     shutting down"); tritonserver's --exit-timeout-secs bounds the whole unload (UNLOAD_MARGIN_S more)."""
     proc: subprocess.Popen | None = None
+    models: dict[int, str] = field(default_factory=dict)
+    """The model processes (Python-backend stubs) once ready: pid -> model instance."""
     drain_file: Path | None = None
     """Created by `stop` to ask aligned_llm to drain (ALIGNEDSERVE_DRAIN_FILE); it answers in `.done`."""
     _ready: bool = False
@@ -180,6 +183,7 @@ class TritonServer:
                     + (f"; see {self.log_path}" if self.log_path else ""))
             if self.ready():
                 self.check_owned(self.http_port, "HTTP")
+                self.models = model_processes(process_tree(self.proc.pid))
                 self._ready = True
                 return
             time.sleep(0.2)
@@ -193,6 +197,23 @@ class TritonServer:
             self.stop()
             raise RuntimeError(f"{name} port {port} on {self.host} answered, but not from this tritonserver: "
                                "another server holds the port")
+
+    def dead_models(self) -> list[str]:
+        """The model instances whose process has died since the server got ready ("aligned_llm_0_0
+        (pid 123)"). Triton then still says ready and leaves their open streams hanging."""
+        return [f"{name} (pid {pid})" for pid, name in self.models.items() if not alive(pid)]
+
+    def kill(self) -> None:
+        """SIGKILL every process of the server at once: no drain (a dead model cannot answer its
+        streams; closing their connections is what ends them for the clients)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        self._ready = False
 
     def stop(self, timeout: float | None = None) -> int | None:
         """Drain (a server that got ready: aligned_llm stops admitting and its requests in flight
@@ -306,6 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drain-timeout", type=int, default=int(float(os.environ.get("ALIGNED_DRAIN_TIMEOUT_S", 30))),
                    help="on SIGTERM, SIGINT or SIGHUP, seconds in-flight requests get to finish before the "
                         "rest end with a final error, \"the server is shutting down\" (default 30)")
+    p.add_argument("--max-restarts", type=int, default=int(os.environ.get("ALIGNED_MAX_RESTARTS", 3)),
+                   help="when a model process or tritonserver dies, restart the server up to this many times, "
+                        "then exit 1 (default 3; 0: exit at the first death)")
+    p.add_argument("--transfer-timeout", type=float,
+                   default=float(os.environ.get("ALIGNED_TRANSFER_TIMEOUT_S", 30)),
+                   help="seconds a KV move may take before its requests fail (default 30)")
+    p.add_argument("--fault-injection", action="store_true",
+                   default=os.environ.get("ALIGNED_FAULT_INJECTION", "") in ("1", "true", "yes"),
+                   help="let POST /api/faults (admin token) make engine calls fail: soak and fault tests only")
     a = p.parse_args(argv)
     die_with_parent(signal.SIGTERM)  # `make` killed, any way: this launcher drains and stops the server
     engine_dir = Path(a.engine_dir)
@@ -315,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     served_env = {"ALIGNED_ADMIN_PORT": str(a.admin_port), "ALIGNED_ADMIN_HOST": a.host,
                   "ALIGNED_OPENAI_PORT": str(a.openai_port), "ALIGNED_OPENAI_HOST": a.host,
-                  "ALIGNED_OPENAI_MODEL_NAME": a.served_model_name}
+                  "ALIGNED_OPENAI_MODEL_NAME": a.served_model_name,
+                  "ALIGNED_TRANSFER_TIMEOUT_S": str(a.transfer_timeout),
+                  "ALIGNED_FAULT_INJECTION": "1" if a.fault_injection else "0"}
     model_name = a.served_model_name or engine_dir.resolve().name
     missing = backend_missing(engine_dir)
     if missing:
@@ -336,17 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     stopping = []
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # explicit: a background job ignores SIGINT
         signal.signal(sig, lambda *_: stopping.append(1))
-    try:
-        server.start(timeout=300)
-        if a.openai_port:  # started by the model's initialize; say ready only once it answers
-            wait_for_http(f"http://{a.host}:{a.openai_port}/v1/models", 60, server.proc)
-            server.check_owned(a.openai_port, "OpenAI")
-        if a.admin_port:
-            wait_for_http(f"http://{a.host}:{a.admin_port}/api/policies", 60, server.proc)
-            server.check_owned(a.admin_port, "admin")
-    except (RuntimeError, TimeoutError, TritonNotFound) as e:
-        print(f"error: {e}", file=sys.stderr)
-        server.stop()
+    if not bring_up(server, a):
         return 1
     url = server.http_url
     manifest = read_manifest(engine_dir)
@@ -360,15 +382,51 @@ AlignedServe is ready (model "{MODEL_NAME}", engine {engine_dir}, {manifest.num_
 {openai_lines(a.host, a.openai_port, model_name)}
 {admin_line(a.host, a.admin_port)}
 Ctrl-C (or SIGTERM) stops the server: requests in flight get {a.drain_timeout} s to finish.""", flush=True)
-    while not stopping and server.proc.poll() is None:
-        time.sleep(0.2)
-    if not stopping:
-        print(f"error: tritonserver exited with code {server.proc.returncode}", file=sys.stderr)
-        server.stop()
-        return 1
+    restarts = 0
+    while True:
+        dead: list[str] = []
+        while not stopping and server.proc.poll() is None and not dead:
+            time.sleep(0.2)
+            dead = server.dead_models()
+        if stopping:
+            break
+        # Triton keeps saying "ready" with a dead model and leaves its streams open forever:
+        # killing the whole server is what closes them, so every client gets its final error now.
+        why = (f"model process {', '.join(dead)} died" if dead
+               else f"tritonserver exited with code {server.proc.returncode}")
+        server.kill()
+        print(f"error: {why}; the server was stopped, and the requests in flight ended with a closed "
+              "connection", file=sys.stderr, flush=True)
+        if restarts >= a.max_restarts:
+            print(f"error: not restarting: {restarts} restarts already (--max-restarts {a.max_restarts})",
+                  file=sys.stderr)
+            return 1
+        restarts += 1
+        print(f"restarting the server ({restarts} of at most {a.max_restarts}) ...", flush=True)
+        if not bring_up(server, a):
+            return 1
+        print(f"AlignedServe is ready again (restart {restarts}).", flush=True)
     print(f"stopping tritonserver: no new requests; those in flight get up to {a.drain_timeout} s ...", flush=True)
     server.stop()
     return 0
+
+
+def bring_up(server: TritonServer, a: argparse.Namespace) -> bool:
+    """Start the server and wait until Triton, the OpenAI API and the admin API answer from its
+    own processes; on failure say why, stop it and return False."""
+    try:
+        server.start(timeout=300)
+        if a.openai_port:  # started by the model's initialize; say ready only once it answers
+            wait_for_http(f"http://{a.host}:{a.openai_port}/v1/models", 60, server.proc)
+            server.check_owned(a.openai_port, "OpenAI")
+        if a.admin_port:
+            wait_for_http(f"http://{a.host}:{a.admin_port}/api/policies", 60, server.proc)
+            server.check_owned(a.admin_port, "admin")
+    except (RuntimeError, TimeoutError, TritonNotFound) as e:
+        print(f"error: {e}", file=sys.stderr)
+        server.stop()
+        return False
+    return True
 
 
 if __name__ == "__main__":

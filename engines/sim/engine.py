@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from engines.base import (
-    HOST, IN_FLIGHT, CallTiming, Capabilities, DeviceInfo, Engine, EngineError, EngineInfo, ModelInfo,
+    HOST, IN_FLIGHT, CallTiming, Capabilities, CapabilityError, DeviceInfo, Engine, EngineError, EngineInfo, ModelInfo,
     OutOfKVBlocks, PrefillChunk, PrefillHandle, PrefillRequest, StepResult, TransferHandle, check_move, check_new_prompts,
 )
 from engines.block_allocator import BlockAllocator
@@ -249,7 +249,8 @@ class SimEngine(Engine):
         self._land(move)
         return True
 
-    def wait(self, handle: TransferHandle) -> None:
+    def wait(self, handle: TransferHandle, timeout: float | None = None) -> None:
+        # Virtual time: a move lands at its computed end, so it never outlasts a timeout.
         move = self._moves.get(handle.id)
         if move is not None:
             self.clock.advance_to(move.end)
@@ -293,9 +294,12 @@ class SimEngine(Engine):
     def kv_len(self, request_id: str) -> int:
         return self._seqs[request_id].kv_len
 
-    def fail_next_copy(self) -> None:
-        """Fault injection for tests: the next move fails when it lands (the destination's blocks
-        go back and the KV stays in the source), as a failed copy does in the torch engine."""
+    def inject_copy_fault(self, fault: str = "error", hang_s: float = 0.0) -> None:
+        """Fault injection (engines/faults.py): the next move fails when it lands (the
+        destination's blocks go back and the KV stays in the source), as a failed copy does in the
+        torch engine. "hang" is refused: in virtual time a move ends when its bytes have crossed."""
+        if fault != "error":
+            raise CapabilityError(f"the sim engine cannot inject a copy {fault!r} (virtual time: moves do not hang)")
         self._fail_next_copy = True
 
     def close(self) -> None:

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 from engines.base import (HOST, IN_FLIGHT, CallTiming, CapabilityError, Capabilities, DeviceInfo, Engine, EngineError,
                           EngineInfo, ModelInfo, PrefillHandle, PrefillRequest, SamplingParams, StepResult,
-                          TransferHandle,
+                          TransferHandle, TransferTimedOut,
                           check_new_prompts)
 from engines.tensorrt_llm import disagg, host_pool
 from engines.tensorrt_llm.admission import AdmissionGate, reserved_blocks
@@ -243,12 +243,15 @@ class TrtllmEngine(Engine):
         handle.seconds = time.perf_counter() - m.started
         return True
 
-    def wait(self, handle: TransferHandle) -> None:
-        deadline = time.monotonic() + self.timeout_s
+    def wait(self, handle: TransferHandle, timeout: float | None = None) -> None:
+        limit = self.timeout_s if timeout is None else min(timeout, self.timeout_s)
+        deadline = time.monotonic() + limit
         while not self.poll(handle):
-            if time.monotonic() > deadline:
-                raise EngineError(f"wait: transfer {handle.id} of {list(handle.request_ids)} did not finish in "
-                                  f"{self.timeout_s}s")
+            if time.monotonic() >= deadline:
+                # The executor's side of the move goes on; the orchestrator frees the requests,
+                # which cancels them there (`free`).
+                raise TransferTimedOut(f"wait: transfer {handle.id} of {list(handle.request_ids)} did not finish "
+                                       f"in {limit:g}s")
             time.sleep(0.0005)
 
     def start_prefill(self, requests: Sequence[PrefillRequest], device: str) -> PrefillHandle:

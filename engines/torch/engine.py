@@ -387,11 +387,16 @@ class TorchEngine(Engine):
     def poll(self, handle: TransferHandle) -> bool:
         return self._tiers.poll(handle)
 
-    def wait(self, handle: TransferHandle) -> None:
+    def wait(self, handle: TransferHandle, timeout: float | None = None) -> None:
         caps = self._capabilities()
         if not (caps.can_offload or caps.can_peer_copy):
-            super().wait(handle)
-        self._tiers.wait(handle)
+            super().wait(handle, timeout)
+        self._tiers.wait(handle, timeout)
+
+    def inject_copy_fault(self, fault: str, hang_s: float = 0.0) -> None:
+        """Fault injection (engines/faults.py): the next KV copy fails ("error") or hangs for
+        `hang_s` seconds and then fails ("hang"); see BlockCopier.inject."""
+        self._tiers.copier.inject(fault, hang_s)
 
     def tier_of(self, request_id: str) -> str:
         """Where the request's KV is: a device's name, HOST, or IN_FLIGHT during a move."""
@@ -402,7 +407,7 @@ class TorchEngine(Engine):
     # -- bookkeeping -----------------------------------------------------------------------
 
     def free(self, request_ids: Sequence[str]) -> None:
-        """Release the requests' blocks in every tier; a request in flight waits for its move."""
+        """Release the requests' blocks in every tier (mid-move: held until the copy ends, see KVTiers)."""
         for rid in dict.fromkeys(request_ids):  # a repeated id must not free twice
             self._tiers.release(rid)
             self._seqs.pop(rid, None)

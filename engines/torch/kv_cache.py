@@ -33,6 +33,8 @@ class KVBlockPool(abc.ABC):
         self.tier = tier
         self.allocator = BlockAllocator(num_blocks, tier)
         self.tables: dict[str, list[int]] = {}
+        self.held: list[list[int]] = []
+        """Blocks of no request that a running copy may still touch: freed when it ends (KVTiers)."""
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -61,6 +63,17 @@ class KVBlockPool(abc.ABC):
         if table:
             self.allocator.free(table)
 
+    def hold(self, request_id: str) -> list[int] | None:
+        """Take the request's blocks out of its table without freeing them (`free_held` does)."""
+        table = self.tables.pop(request_id, None)
+        if table:
+            self.held.append(table)
+        return table or None
+
+    def free_held(self, blocks: list[int]) -> None:
+        self.held = [b for b in self.held if b is not blocks]
+        self.allocator.free(blocks)
+
     @property
     def device(self) -> torch.device:
         return self.kv.device
@@ -76,10 +89,10 @@ class KVBlockPool(abc.ABC):
 
     def check_consistency(self) -> None:
         """Raise if the block tables and the allocator disagree on how many blocks are held."""
-        owned = [b for t in self.tables.values() for b in t]
+        owned = [b for t in [*self.tables.values(), *self.held] for b in t]
         if len(owned) != self.allocator.used or len(set(owned)) != len(owned):
             raise KVAccountingError(
-                f"KV pool {self.tier!r}: block tables hold {len(owned)} blocks "
+                f"KV pool {self.tier!r}: block tables and held blocks hold {len(owned)} blocks "
                 f"({len(set(owned))} distinct) but the allocator counts {self.allocator.used} in use"
             )
 

@@ -4,14 +4,18 @@ Where a request's KV is follows from the pools' block tables alone: in the one p
 table for it, or IN_FLIGHT while a move has given it a table in two. A move takes its destination
 blocks at once, all-or-nothing, and releases one side when `poll` or `wait` sees the copy end:
 the source's when the copy worked, the destination's when it failed.
+
+A copy that is still running can write its destination and read its source, so the blocks of a
+request freed mid-move, and of a move given up on (`wait` with a timeout), are held aside until
+the copy really ends, then freed: in the meantime they count as used, and nobody is handed them.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
-from engines.base import HOST, IN_FLIGHT, EngineError, OutOfKVBlocks, TransferHandle, check_move
+from engines.base import HOST, IN_FLIGHT, EngineError, OutOfKVBlocks, TransferHandle, TransferTimedOut, check_move
 from engines.torch.kv_cache import KVBlockPool
 from engines.torch.kv_transfer import BlockCopier, PendingCopy
 
@@ -26,6 +30,8 @@ class _Transfer:
     copy: PendingCopy
     started: float
     """time.perf_counter() when the copy started."""
+    dropped: set[str] = field(default_factory=set)
+    """Requests freed while it ran: their blocks are held aside (`KVTiers._held`), not released here."""
 
 
 class KVTiers:
@@ -39,6 +45,8 @@ class KVTiers:
         """Unfinished moves by handle id."""
         self._in_flight: dict[str, _Transfer] = {}
         """Unfinished moves by request id."""
+        self._held: list[tuple[PendingCopy, KVBlockPool, list[int]]] = []
+        """Blocks a running copy may still touch, freed once it ends: (copy, pool, blocks)."""
 
     def tier_of(self, request_id: str) -> str | None:
         """The tier holding the request's KV, IN_FLIGHT during a move, None if no tier does."""
@@ -52,6 +60,7 @@ class KVTiers:
             if tier == HOST:
                 return 0
             raise KeyError(f"unknown KV tier {tier!r}; known: {list(self.pools)}")
+        self._free_held()
         return self.pools[tier].allocator.used
 
     @property
@@ -63,6 +72,7 @@ class KVTiers:
         """Take the destination blocks (all-or-nothing) and start the copy; see `Engine.move`."""
         ids = list(request_ids)
         check_move(ids, src, dst, self.pools, self.tier_of)
+        self._free_held()
         handle = TransferHandle(tuple(ids), src, dst)
         if not ids:
             return handle
@@ -100,22 +110,66 @@ class KVTiers:
         self._finish(transfer)
         return True
 
-    def wait(self, handle: TransferHandle) -> None:
+    def wait(self, handle: TransferHandle, timeout: float | None = None) -> None:
+        """Until the move ends; with `timeout`, give up on it after that long (TransferTimedOut):
+        its requests lose their block tables in both tiers (the blocks are held until the copy
+        ends), so the caller must free them."""
         transfer = self._transfers.get(handle.id)
-        if transfer is not None:
-            self._finish(transfer)
+        if transfer is None:
+            return
+        if timeout is not None:
+            try:
+                transfer.copy.wait(timeout)
+            except TimeoutError:
+                self._give_up(transfer, timeout)
+            except Exception:
+                pass  # failed: _finish reports it
+        self._finish(transfer)
 
     def release(self, request_id: str) -> None:
-        """Free the request's blocks in every tier; a request in flight waits for its move first
-        (the rest of that move completes as usual)."""
+        """Free the request's blocks in every tier. Mid-move, its blocks in the move's two tiers are
+        held until the copy ends (the rest of that move goes on as usual)."""
         transfer = self._in_flight.get(request_id)
-        if transfer is not None:
+        if transfer is not None and transfer.copy.done():
             try:
                 self._finish(transfer)
             except EngineError:
                 pass  # the failed move already gave back its destination blocks
+        elif transfer is not None:
+            del self._in_flight[request_id]
+            transfer.dropped.add(request_id)
+            self._hold(transfer, [request_id])
         for pool in self.pools.values():
             pool.release(request_id)
+
+    def _give_up(self, transfer: _Transfer, timeout: float) -> None:
+        handle = transfer.handle
+        del self._transfers[handle.id]
+        live = [rid for rid in handle.request_ids if rid not in transfer.dropped]
+        for rid in live:
+            del self._in_flight[rid]
+        self._hold(transfer, live)
+        why = f" ({transfer.copy.injected} injected)" if transfer.copy.injected else ""
+        raise TransferTimedOut(f"move {live[:5]} from {handle.src!r} to {handle.dst!r} did not finish within "
+                               f"{timeout:g}s{why}; its KV is lost, and its blocks are held until the copy ends")
+
+    def _hold(self, transfer: _Transfer, request_ids: list[str]) -> None:
+        """Take these requests' block tables in the move's two tiers out of use until it ends."""
+        for pool in (transfer.src, transfer.dst):
+            for rid in request_ids:
+                blocks = pool.hold(rid)
+                if blocks:
+                    self._held.append((transfer.copy, pool, blocks))
+
+    def _free_held(self) -> None:
+        """Free the held blocks of the copies that have ended."""
+        still = []
+        for copy, pool, blocks in self._held:
+            if copy.done():
+                pool.free_held(blocks)
+            else:
+                still.append((copy, pool, blocks))
+        self._held = still
 
     def close(self) -> None:
         """Wait for every move (failures are moot now), stop the copier and drop every table."""
@@ -127,20 +181,25 @@ class KVTiers:
         self.copier.close()
         for pool in self.pools.values():
             pool.tables.clear()
+            pool.held.clear()
+        self._held.clear()
 
     def _finish(self, transfer: _Transfer) -> None:
         """Wait for the copy, then release the source blocks (or, if it failed, the destination's)."""
         handle = transfer.handle
         del self._transfers[handle.id]
-        for rid in handle.request_ids:
+        live = [rid for rid in handle.request_ids if rid not in transfer.dropped]
+        for rid in live:
             del self._in_flight[rid]
         try:
             transfer.copy.wait()
         except Exception as e:
-            for rid in handle.request_ids:
+            for rid in live:
                 transfer.dst.release(rid)
-            raise EngineError(f"move {list(handle.request_ids)[:5]} from {handle.src!r} to {handle.dst!r} "
+            raise EngineError(f"move {live[:5]} from {handle.src!r} to {handle.dst!r} "
                               f"failed; the KV stays in {handle.src!r}: {e}") from e
+        finally:
+            self._free_held()
         handle.seconds = time.perf_counter() - transfer.started
-        for rid in handle.request_ids:
+        for rid in live:
             transfer.src.release(rid)

@@ -9,7 +9,10 @@ engine's business.
 """
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from contextlib import ExitStack
 from functools import partial
 from typing import Callable
@@ -24,13 +27,15 @@ class PendingCopy:
     """One started copy: `done()` without blocking, `wait()` until it has finished."""
 
     def __init__(self, future: Future | None = None, event: torch.cuda.Event | None = None,
-                 keep_alive: tuple = (), then: Callable[[], None] | None = None):
+                 keep_alive: tuple = (), then: Callable[[], None] | None = None, injected: str | None = None):
         self._future = future
         self._event = event
         # Staging tensors the copy streams still read or write; dropped when the copy ends.
         self._keep_alive = keep_alive
         # Host-side last step (a scatter into an unpinned CPU pool) that must wait for the event.
         self._then = then
+        self.injected = injected
+        """The fault this copy carries on purpose ("error", "hang"; see BlockCopier.inject), or None."""
 
     def done(self) -> bool:
         """True once the bytes have arrived (a pending host-side step runs in `wait`)."""
@@ -38,8 +43,11 @@ class PendingCopy:
             return self._future.done()
         return self._event.query()
 
-    def wait(self) -> None:
-        """Block until the copy has finished; re-raises the copy's own failure, if any."""
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the copy has finished; re-raises the copy's own failure, if any. With
+        `timeout` (seconds), TimeoutError if it has not finished by then (it goes on)."""
+        if timeout is not None and not self._finished_within(timeout):
+            raise TimeoutError(f"the copy did not finish within {timeout:g}s")
         try:
             if self._future is not None:
                 self._future.result()
@@ -50,6 +58,16 @@ class PendingCopy:
         finally:
             self._keep_alive, self._then = (), None
 
+    def _finished_within(self, timeout: float) -> bool:
+        if self._future is not None:
+            return bool(wait_futures([self._future], timeout).done)
+        deadline = time.monotonic() + timeout
+        while not self._event.query():  # a CUDA event has no timed wait
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.0002)
+        return True
+
 
 class BlockCopier:
     """Copies KV blocks between any two pools of one engine, asynchronously."""
@@ -58,14 +76,41 @@ class BlockCopier:
         # Threads start on first use, so a GPU-only engine never runs one.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="kv-copy")
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._injected: list[tuple[str, float]] = []
+        self._lock = threading.Lock()
+
+    def inject(self, fault: str, hang_s: float = 0.0) -> None:
+        """Fault injection (engines/faults.py): the next copy started fails ("error": reported
+        failed at once, nothing copied) or hangs ("hang": nothing copied, and it reports a failure
+        only after `hang_s` seconds, as a stuck DMA would, without holding up the copies behind it)."""
+        if fault not in ("error", "hang"):
+            raise ValueError(f"unknown copy fault {fault!r}; use 'error' or 'hang'")
+        with self._lock:
+            self._injected.append((fault, hang_s))
 
     def start(self, src: KVBlockPool, src_blocks: list[int], dst: KVBlockPool, dst_blocks: list[int]) -> PendingCopy:
         """Copy src_blocks[i] of `src` into dst_blocks[i] of `dst` for every i."""
         if len(src_blocks) != len(dst_blocks):
             raise ValueError(f"{len(src_blocks)} source blocks but {len(dst_blocks)} destination blocks")
+        with self._lock:
+            injected = self._injected.pop(0) if self._injected else None
+        if injected is not None:
+            return self._faulty(*injected)
         if src.device.type != "cuda" and dst.device.type != "cuda":
             return PendingCopy(future=self._worker.submit(self._copy_on_cpu, src, src_blocks, dst, dst_blocks))
         return self._start_on_streams(src, src_blocks, dst, dst_blocks)
+
+    @staticmethod
+    def _faulty(fault: str, hang_s: float) -> PendingCopy:
+        future: Future = Future()
+        message = f"injected copy {'failure' if fault == 'error' else f'hang of {hang_s:g}s'}"
+        if fault == "error":
+            future.set_exception(RuntimeError(message))
+        else:
+            timer = threading.Timer(hang_s, lambda: future.set_exception(RuntimeError(message)))
+            timer.daemon = True
+            timer.start()
+        return PendingCopy(future=future, injected=fault)
 
     @staticmethod
     @torch.no_grad()

@@ -240,7 +240,33 @@ def create_app(orch: Orchestrator, *, token: str | None, events_interval_s: floa
                 "detail": f"scheduling with {now} from the next iteration" if now != previous
                 else f"already scheduling with {now}"}
 
+    @app.get("/api/faults", response_model=schemas.Faults, summary="Fault injection: the faults armed and fired")
+    def faults() -> dict:
+        return _faults(orch)
+
+    @app.post("/api/faults", response_model=schemas.Faults, dependencies=operator,
+              responses={**problems, 422: {"model": schemas.Problem}},
+              summary="Fault injection: make the engine's next calls of a kind fail (soak and fault tests)")
+    def arm_fault(arm: schemas.FaultArm) -> dict:
+        injector = getattr(orch.engine, "faults", None)
+        if injector is None:
+            raise HTTPException(403, "fault injection is off: start the server with ALIGNED_FAULT_INJECTION=1 "
+                                     "(make serve: --fault-injection)")
+        try:
+            injector.arm(arm.kind, arm.count)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        log.warning("fault injection: armed %d x %s", arm.count, arm.kind)
+        return _faults(orch)
+
     return app
+
+
+def _faults(orch: Orchestrator) -> dict:
+    injector = getattr(orch.engine, "faults", None)
+    if injector is None:
+        return {"enabled": False, "kinds": [], "armed": {}, "fired": {}}
+    return {"enabled": True, **injector.snapshot()}
 
 
 def _unknown(request_id: str) -> str:

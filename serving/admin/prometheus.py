@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from orchestrator.core import FinishReason, Request
+from orchestrator.executor import FAILURE_CAUSES
 from orchestrator.service import Orchestrator
 from serving.admin.telemetry import tpot
 
@@ -85,6 +86,12 @@ class _StateCollector:
         for reason in FinishReason:
             finished.add_metric([reason.value], totals["finished"].get(reason.value, 0))
         yield finished
+        failed = CounterMetricFamily("alignedserve_requests_failed", "Requests ended with an error, by where it "
+                                     "happened: prefill, decode, kv_move (a KV move failed, was refused or "
+                                     "passed transfer_timeout_s), engine, scheduler.", labels=["cause"])
+        for cause in FAILURE_CAUSES:
+            failed.add_metric([cause], totals.get("failed", {}).get(cause, 0))
+        yield failed
 
 
 class PrometheusMetrics:

@@ -179,6 +179,24 @@ class PolicyChange(BaseModel):
     policy: PolicyName
 
 
+class FaultArm(BaseModel):
+    """POST /api/faults body: arm `count` faults of `kind` (engines/faults.py lists the kinds)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str = Field(max_length=40, description="decode_error, prefill_error, copy_error, copy_hang or host_full")
+    count: int = Field(1, ge=1, le=1000, description="How many of the next chances of this kind fail.")
+
+
+class Faults(BaseModel):
+    """GET and POST /api/faults answer."""
+
+    enabled: bool = Field(description="Whether the server was started with fault injection "
+                                      "(ALIGNED_FAULT_INJECTION=1 / --fault-injection).")
+    kinds: list[str] = Field(description="The kinds this engine can inject.")
+    armed: dict[str, int] = Field(description="Faults armed and not fired yet, by kind.")
+    fired: dict[str, int] = Field(description="Faults fired so far, by kind.")
+
+
 class PolicyResult(BaseModel):
     """POST /api/policy answer."""
 

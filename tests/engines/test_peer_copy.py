@@ -152,9 +152,11 @@ def test_peer_move_in_flight_free_and_full_destination(model_dir):
         engine.decode(["a"])
     with pytest.raises(EngineError, match=r"'b' is in_flight"):
         engine.move(["b"], "cpu:1", HOST)
-    threading.Timer(0.05, gate.set).start()
-    engine.free(["a"])  # waits for the copy, then releases both ends
-    assert engine.poll(handle) and engine.tier_of("b") == "cpu"
+    engine.free(["a"])  # at once: a's blocks at both ends are held while the copy may touch them
+    assert (engine.kv_blocks_used("cpu"), engine.kv_blocks_used("cpu:1")) == (4, 4)
+    gate.set()
+    engine.wait(handle)
+    assert engine.tier_of("b") == "cpu"
     assert (engine.kv_blocks_used("cpu"), engine.kv_blocks_used("cpu:1")) == (1, 0)
 
     engine.prefill([PrefillRequest("c", tokens(3, 4 * 7))])  # the decode pool is full now: b 1 + c 7

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from engines.base import EngineError
+from engines.torch.engine import TorchEngine
 from tests.engines.torch_probe import fail_next_copy
 
 
@@ -53,9 +54,9 @@ class FaultSwitch:
         if self.armed == "move":
             self.armed = None
             raise EngineError("injected move refusal")
-        if self.armed == "copy" and hasattr(self._engine, "fail_next_copy"):
+        if self.armed == "copy" and not isinstance(self._engine, TorchEngine):
             self.armed = None
-            self._engine.fail_next_copy()  # the sim engine fails the copy when it lands
+            self._engine.inject_copy_fault("error")  # the sim engine fails the copy when it lands
         elif self.armed == "copy":
             # The real engine starts the move, but its copy fails: the engine must give back the
             # destination blocks and keep the KV where it was.

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from serving.lifecycle import port_owned_by, ports_in_use, process_tree
+from serving.lifecycle import model_processes, port_owned_by, ports_in_use, process_tree
 from serving.triton_server import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.integration
@@ -170,6 +170,77 @@ def test_sigterm_drains_the_streams_in_flight_then_every_process_exits(demo_engi
             assert "the server is shutting down" in reasons
         assert proc.wait(timeout=60) == 0
         assert "stopping tritonserver: no new requests" in log.read_text()
+        assert not wait_gone(tree[1:], timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in tree[1:]:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("restarts", [1, 0])
+def test_a_killed_model_process_ends_its_streams_and_the_launcher_restarts_or_exits(
+        demo_engine_dir, tmp_path, restarts):
+    """The model process SIGKILLed while 24 streams are open. Triton alone would go on saying
+    ready and leave those streams open forever (measured with tritonserver 2.51); the launcher
+    sees the death, kills the server (which closes every stream: each client's read ends at
+    once), then starts it again and serves, or, with --max-restarts 0, exits 1 naming the model."""
+    port = free_port(5)
+    log = tmp_path / "serve.log"
+    proc = launch(demo_engine_dir, port, log, "--max-restarts", str(restarts))
+    tree: list[int] = []
+    n = 24
+    try:
+        wait_ready(proc, log)
+        tree = process_tree(proc.pid)
+        model = [pid for pid, name in model_processes(tree).items() if name.startswith("aligned_llm")]
+        assert len(model) == 1, model_processes(tree)
+        ended: dict[int, float] = {}
+        started = threading.Barrier(n + 1)
+
+        def stream(i: int) -> None:
+            first = True
+            try:
+                with requests.post(f"http://127.0.0.1:{port}/v2/models/aligned_llm/generate_stream", stream=True,
+                                   json={"text_input": f"Hello {i}", "max_tokens": 240, "stream": True,
+                                         "ignore_eos": True}, timeout=60) as r:
+                    for line in r.iter_lines():
+                        if first and line.startswith(b"data: "):
+                            started.wait(60)
+                            first = False
+            except requests.RequestException:
+                pass  # the connection closed under it: the client knows the stream failed
+            finally:
+                ended[i] = time.monotonic()
+                if first:
+                    started.wait(60)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        started.wait(60)
+        os.kill(model[0], signal.SIGKILL)
+        killed = time.monotonic()
+        for t in threads:
+            t.join(30)
+        assert len(ended) == n and max(ended.values()) - killed < 10, "a stream hung after the model died"
+        if restarts == 0:
+            assert proc.wait(timeout=60) == 1
+            text = log.read_text()
+            assert f"model process aligned_llm_0_0 (pid {model[0]}) died" in text
+            assert "not restarting: 0 restarts already (--max-restarts 0)" in text
+        else:
+            deadline = time.monotonic() + 180
+            while "is ready again (restart 1)" not in log.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.3)
+            r = requests.post(f"http://127.0.0.1:{port}/v2/models/aligned_llm/generate", timeout=60,
+                              json={"text_input": "Hello", "max_tokens": 8})
+            assert r.status_code == 200 and r.json()["finish_reason"] in ("length", "stop"), r.text
+            tree += process_tree(proc.pid)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=90) == 0
         assert not wait_gone(tree[1:], timeout=30)
     finally:
         if proc.poll() is None:

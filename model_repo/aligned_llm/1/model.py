@@ -29,6 +29,7 @@ _REPO_ROOT = Path(__file__).resolve().parents[3]
 if str(_REPO_ROOT) not in sys.path:  # a checkout served without `pip install -e .`
     sys.path.insert(0, str(_REPO_ROOT))
 
+from engines.faults import FaultInjectingEngine  # noqa: E402
 from engines.loader import load_engine  # noqa: E402
 from orchestrator.config import ServeConfig  # noqa: E402
 from orchestrator.core import RequestRejected, TokenEvent  # noqa: E402
@@ -83,6 +84,9 @@ class TritonPythonModel:
         # with the message; Triton reports it and keeps serving its other models.
         engine = load_engine(engine_dir, device=config.device, dtype=config.dtype or None,
                              kv_blocks=config.kv_blocks or None, helper_devices=config.helpers)
+        if config.fault_injection:  # soak and fault tests arm faults through the admin API
+            log.warning("fault injection is on: POST /api/faults (admin token) makes engine calls fail")
+            engine = FaultInjectingEngine(engine, hang_s=2 * config.transfer_timeout_s)
         self.tokenizer = load_tokenizer(engine_dir)
         self.orchestrator = Orchestrator(engine, config).start()
         self.admin = None

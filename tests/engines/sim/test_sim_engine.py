@@ -170,7 +170,7 @@ def test_refusals_change_nothing(cost):
 def test_a_failed_copy_keeps_the_kv_where_it_was(cost):
     e = engine(cost)
     e.prefill([req("a", 100)])
-    e.fail_next_copy()
+    e.inject_copy_fault("error")
     h = e.move(["a"], "cuda:0", HOST)
     assert e.kv_blocks_used(HOST) == 7
     with pytest.raises(EngineError, match="injected copy failure"):

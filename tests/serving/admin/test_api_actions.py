@@ -223,3 +223,36 @@ def test_switch_away_from_chunked_prefill_waits_for_the_chunks(engine):
         run_until_idle(orch)
         assert len(stream.result(1)) == 4
         assert client.post("/api/policy", json={"policy": "aligned"}, headers=AUTH).json()["policy"] == "aligned"
+
+
+def test_fault_injection_is_refused_unless_the_server_was_started_with_it(orch):
+    with TestClient(create_app(orch, token=TOKEN)) as client:
+        assert client.get("/api/faults").json() == {"enabled": False, "kinds": [], "armed": {}, "fired": {}}
+        r = client.post("/api/faults", json={"kind": "decode_error"}, headers=AUTH)
+        assert r.status_code == 403 and "ALIGNED_FAULT_INJECTION=1" in r.json()["detail"]
+
+
+def test_an_armed_fault_fails_the_next_decode_step_and_is_counted(engine):
+    from engines.faults import FaultInjectingEngine
+    faulty = FaultInjectingEngine(engine)
+    o = Orchestrator(faulty, ServeConfig(policy="fcfs", max_batch_size=4))
+    with TestClient(create_app(o, token=TOKEN)) as client:
+        assert client.post("/api/faults", json={"kind": "decode_error"}).status_code == 401  # token first
+        for body, words in [({"kind": "nope"}, "unknown fault 'nope'"), ({"kind": "decode_error", "count": 0}, "count"),
+                            ({"kind": "decode_error", "extra": 1}, "extra")]:
+            r = client.post("/api/faults", json=body, headers=AUTH)
+            assert r.status_code == 422 and words in r.text, r.text
+        streams = [submit(o, p) for p in PROMPTS[:3]]
+        o.step()  # prefilled: the three decode together from the next step
+        r = client.post("/api/faults", json={"kind": "decode_error"}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["armed"] == {"decode_error": 1}
+        run_until_idle(o)
+        for s in streams:
+            s.result(timeout=1)
+            assert s.finish_reason is FinishReason.ERROR and "injected decode step failure" in s.error
+        assert client.get("/api/faults").json()["fired"] == {"decode_error": 1}
+        after = submit(o, PROMPTS[0])
+        run_until_idle(o)
+        after.result(timeout=1)
+        assert after.finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
+    assert engine.kv_blocks_used("cpu") == 0 and o.ledger.holders == 0
