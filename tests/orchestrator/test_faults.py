@@ -146,3 +146,26 @@ def test_a_host_pool_too_small_for_everyone_fails_nobody(demo_engine_dir):
         assert small.kv_blocks_used("cpu") == 0 and small.kv_blocks_used(HOST) == 0
     finally:
         small.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop re-raises, by design
+def test_a_crashed_run_loop_fails_everyone_in_flight_and_refuses_the_next(engine):
+    """A bug in the scheduler kills the loop thread: the requests it held end with an error (not
+    a hang), later submits are refused at once naming why, and the failures are counted."""
+    from orchestrator.core import RequestRejected
+    orch = Orchestrator(engine, ServeConfig(policy="fcfs"))
+    streams = [TokenStream() for _ in range(3)]
+
+    def broken(draft):
+        raise RuntimeError("a scheduler bug")
+    orch.loop.policy.schedule = broken
+    for p, s in zip(PROMPTS, streams):
+        orch.submit(p, max_tokens=4, end_id=0, on_event=s)
+    orch.start()
+    for s in streams:
+        s.result(timeout=30)
+        assert s.finish_reason is FinishReason.ERROR and "internal error in the scheduler" in s.error
+    with pytest.raises(RequestRejected, match="internal error in the scheduler"):
+        orch.submit(PROMPTS[0], max_tokens=4, end_id=0)
+    assert orch.loop.metrics.failed["scheduler"] == 3
+    assert engine.kv_blocks_used("cpu") == 0
