@@ -66,6 +66,11 @@ def test_a_decode_fault_in_a_served_model_fails_only_the_streams_in_that_step(de
         assert r.status_code == 200 and r.json()["finish_reason"] in ("length", "stop"), r.text
         metrics = requests.get(f"{admin}/metrics", timeout=10).text
         assert f'alignedserve_requests_failed_total{{cause="decode"}} {float(len(errors))}' in metrics
+        # Triton does not count a decoupled model's error responses as failures (README says so).
+        triton = requests.get(f"http://127.0.0.1:{port + 2}/metrics", timeout=10).text
+        failures = [line for line in triton.splitlines()
+                    if line.startswith("nv_inference_request_failure") and 'model="aligned_llm"' in line]
+        assert failures and all(line.endswith(" 0") for line in failures), failures
         deadline = time.monotonic() + 10
         while True:  # the last request's finish reaches the snapshot a moment after its answer
             state = requests.get(f"{admin}/api/state", timeout=10).json()
