@@ -4,7 +4,6 @@ serves the next request, Prometheus counts the failures by cause, and no KV bloc
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -12,9 +11,7 @@ import time
 import pytest
 import requests
 
-from serving.lifecycle import process_tree
-from serving.triton_server import free_port
-from tests.serving.test_lifecycle import _alive, launch, wait_gone, wait_ready
+from tests.serving.test_lifecycle import served, wait_gone
 
 pytestmark = pytest.mark.integration
 
@@ -22,16 +19,11 @@ TOKEN = "fault-test-token"
 
 
 def test_a_decode_fault_in_a_served_model_fails_only_the_streams_in_that_step(demo_engine_dir, tmp_path):
-    port = free_port(5)
-    log = tmp_path / "serve.log"
-    admin = f"http://127.0.0.1:{port + 3}"
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    proc = launch(demo_engine_dir, port, log, "--fault-injection", env={"ALIGNED_ADMIN_TOKEN": TOKEN})
-    tree: list[int] = []
     n = 8
-    try:
-        wait_ready(proc, log)
-        tree = process_tree(proc.pid)
+    with served(demo_engine_dir, tmp_path, "--fault-injection", env={"ALIGNED_ADMIN_TOKEN": TOKEN}) as (
+            proc, port, log, tree):
+        admin = f"http://127.0.0.1:{port + 3}"
         assert requests.get(f"{admin}/api/faults", timeout=10).json()["enabled"] is True
         finals: dict[int, dict] = {}
         # Armed first: on this small model a stream's 200 tokens take less time than arming it
@@ -81,9 +73,3 @@ def test_a_decode_fault_in_a_served_model_fails_only_the_streams_in_that_step(de
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0
         assert not wait_gone(tree[1:], timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for p in tree[1:]:
-            if _alive(p):
-                os.kill(p, signal.SIGKILL)

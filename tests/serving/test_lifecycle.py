@@ -3,6 +3,7 @@ port), its server dies with it whatever kills it, and SIGTERM drains: a stream i
 final answer, then every process exits."""
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import shlex
@@ -38,6 +39,26 @@ def wait_ready(proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
         assert proc.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "not ready in time"
         time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def served(engine_dir: Path, tmp_path: Path, *extra: str, env: dict | None = None):
+    """The launcher started and ready: yields (proc, HTTP port, log, tree), tree being the
+    launcher and its processes (a test may add to it); at the end, what is left of it is killed."""
+    port = free_port(5)
+    log = tmp_path / "serve.log"
+    proc = launch(engine_dir, port, log, *extra, env=env)
+    tree = [proc.pid]
+    try:
+        wait_ready(proc, log)
+        tree += process_tree(proc.pid)[1:]
+        yield proc, port, log, tree
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in tree[1:]:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
 
 
 def wait_gone(pids: list[int], timeout: float) -> list[int]:
@@ -122,14 +143,8 @@ def test_sigterm_drains_the_streams_in_flight_then_every_process_exits(demo_engi
     (120 s: they need a few seconds, more on a loaded machine; the drain ends when they do) or,
     past it (0 s), end with a final error saying the server is shutting down; never without a
     final answer."""
-    port = free_port(5)
-    log = tmp_path / "serve.log"
-    proc = launch(demo_engine_dir, port, log, "--drain-timeout", str(drain))
-    tree: list[int] = []
     n = 16
-    try:
-        wait_ready(proc, log)
-        tree = process_tree(proc.pid)
+    with served(demo_engine_dir, tmp_path, "--drain-timeout", str(drain)) as (proc, port, log, tree):
         finals: dict[int, dict] = {}
         started = threading.Barrier(n + 1)
 
@@ -171,12 +186,6 @@ def test_sigterm_drains_the_streams_in_flight_then_every_process_exits(demo_engi
         assert proc.wait(timeout=60) == 0
         assert "stopping tritonserver: no new requests" in log.read_text()
         assert not wait_gone(tree[1:], timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for p in tree[1:]:
-            if _alive(p):
-                os.kill(p, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("restarts", [1, 0])
@@ -186,14 +195,8 @@ def test_a_killed_model_process_ends_its_streams_and_the_launcher_restarts_or_ex
     ready and leave those streams open forever (measured with tritonserver 2.51); the launcher
     sees the death, kills the server (which closes every stream: each client's read ends at
     once), then starts it again and serves, or, with --max-restarts 0, exits 1 naming the model."""
-    port = free_port(5)
-    log = tmp_path / "serve.log"
-    proc = launch(demo_engine_dir, port, log, "--max-restarts", str(restarts))
-    tree: list[int] = []
     n = 24
-    try:
-        wait_ready(proc, log)
-        tree = process_tree(proc.pid)
+    with served(demo_engine_dir, tmp_path, "--max-restarts", str(restarts)) as (proc, port, log, tree):
         model = [pid for pid, name in model_processes(tree).items() if name.startswith("aligned_llm")]
         assert len(model) == 1, model_processes(tree)
         ended: dict[int, float] = {}
@@ -242,12 +245,6 @@ def test_a_killed_model_process_ends_its_streams_and_the_launcher_restarts_or_ex
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=90) == 0
         assert not wait_gone(tree[1:], timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for p in tree[1:]:
-            if _alive(p):
-                os.kill(p, signal.SIGKILL)
 
 
 def test_overload_is_refused_at_once_and_counted(demo_engine_dir, tmp_path):
