@@ -117,21 +117,22 @@ def test_a_hung_move_is_given_up_at_its_deadline(engine):
     assert no_block_held(faulty, timeout=hang_s + 2)
 
 
-def test_the_engine_gives_up_on_a_hung_copy_without_stalling_the_next(engine):
-    engine_ = engine
+@pytest.mark.parametrize("dst", [HOST, "cpu:1"], ids=["device-to-host", "device-to-device"])
+def test_the_engine_gives_up_on_a_hung_copy_without_stalling_the_next(engine, dst):
     from engines.base import PrefillRequest
-    engine_.prefill([PrefillRequest("a", PROMPTS[1]), PrefillRequest("b", PROMPTS[3])])
-    engine_.inject_copy_fault("hang", hang_s=1.0)
-    hung = engine_.move(["a"], "cpu", HOST)
+    engine.prefill([PrefillRequest("a", PROMPTS[1]), PrefillRequest("b", PROMPTS[3])])
+    engine.inject_copy_fault("hang", hang_s=1.0)
+    hung = engine.move(["a"], "cpu", dst)
     with pytest.raises(TransferTimedOut, match="did not finish within 0.05s"):
-        engine_.wait(hung, timeout=0.05)
-    ok = engine_.move(["b"], "cpu", HOST)  # the copy worker is not stuck behind it
-    engine_.wait(ok, timeout=5)
-    assert engine_.tier_of("b") == HOST
-    held = engine_.kv_blocks_used("cpu")
-    engine_.free(["a", "b"])
-    assert engine_.kv_blocks_used("cpu") == held > 0  # a's source blocks: the copy may still read them
-    assert no_block_held(engine_, timeout=3.0)
+        engine.wait(hung, timeout=0.05)
+    ok = engine.move(["b"], "cpu", dst)  # the copy worker is not stuck behind it
+    engine.wait(ok, timeout=5)
+    assert engine.tier_of("b") == dst
+    held = engine.kv_blocks_used("cpu"), engine.kv_blocks_used(dst)
+    engine.free(["a", "b"])
+    after = engine.kv_blocks_used("cpu"), engine.kv_blocks_used(dst)
+    assert after[0] == held[0] > 0 and 0 < after[1] < held[1]  # a's blocks at both ends, held; b's freed
+    assert no_block_held(engine, timeout=3.0)
 
 
 def test_a_host_pool_too_small_for_everyone_fails_nobody(demo_engine_dir):
