@@ -35,11 +35,11 @@ class Options:
 
     duration_s: float = 600
     concurrency: int = 64
-    specs: int = 30
+    specs: int = 18
     max_output: int = 128
     cancel_fraction: float = 0.2
     bad_fraction: float = 0.05
-    deadline_s: float = 300
+    deadline_s: float = 600
     faults: bool = False
     fault_interval_s: float = 0
     """0: a twelfth of the duration, at least 5 s."""
@@ -82,8 +82,12 @@ class Soak:
         t0 = time.monotonic()
         grpc = GrpcClient(self.ends.grpc)
         out = []
+        said = t0
         with httpx.Client() as h:
-            for spec in specs:
+            for n, spec in enumerate(specs):
+                if time.monotonic() - said >= self.opts.progress_s:
+                    said = time.monotonic()
+                    self.say(f"references: {n}/{len(specs)} in {said - t0:.0f} s")
                 rec = self._reference(spec, grpc, h)
                 if spec.chat and rec.status == 400 and "chat_template" in (rec.error or ""):
                     spec = replace(spec, chat=False)  # a model without a chat template: completions
