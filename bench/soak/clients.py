@@ -166,6 +166,13 @@ class GrpcClient:
             self.done[rid] = rec
         return rec
 
+    def finish(self, grace_s: float) -> None:
+        """Wait `grace_s` for late responses to the last request (they still count), then close."""
+        if self.client is not None:
+            time.sleep(grace_s)
+            self._drain_late()
+        self.close()
+
     def _cancel(self, rec: Record) -> Record:
         rec.end, rec.end_at = "cancelled", time.monotonic()
         self.close(cancel=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import httpx
 
@@ -155,9 +154,7 @@ class Soak:
                     self.tally.add(rec, verdict)
         finally:
             if grpc is not None:
-                time.sleep(1.0)  # late responses to the last request still count
-                grpc._drain_late()
-                grpc.close()
+                grpc.finish(grace_s=1.0)
             if h is not None:
                 h.close()
 
