@@ -1,0 +1,26 @@
+"""bench.overload --quick on the demo engine: past capacity the server refuses at once (and counts
+every refusal in Prometheus) instead of queuing without bound, and goes on serving at its rate."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import overload
+
+pytestmark = pytest.mark.integration
+
+
+def test_overload_refuses_at_once_and_keeps_serving(demo_engine_dir, tmp_path):
+    assert overload.main(["--engine-dir", str(demo_engine_dir), "--out", str(tmp_path), "--quick"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert "| 8x |" in (tmp_path / "report.md").read_text()
+    capacity, steps = res["capacity"]["rps"], res["steps"]
+    assert capacity > 0 and [s["load"] for s in steps] == list(overload.LOADS)
+    top = steps[-1]
+    assert top["refused"] > 0, top  # 8x the capacity overflows a 16-request queue
+    assert top["refusal_p99_s"] < 1.0, top  # refused at once, not after waiting
+    for s in steps:
+        assert s["errors"] == 0, s["error_samples"]
+        assert s["prometheus_refused_delta"] == s["refused"], s  # every refusal the clients saw, counted
+    assert top["served_rps"] >= 0.7 * capacity, (top, capacity)  # no collapse under overload
