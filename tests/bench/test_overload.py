@@ -15,7 +15,7 @@ def test_overload_refuses_at_once_and_keeps_serving(demo_engine_dir, tmp_path):
     assert overload.main(["--engine-dir", str(demo_engine_dir), "--out", str(tmp_path), "--quick"]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert "| 8x |" in (tmp_path / "report.md").read_text()
-    capacity, steps = res["capacity"]["rps"], res["steps"]
+    capacity, steps = min(res["capacity"]["rps"], res["capacity_after"]["rps"]), res["steps"]
     assert capacity > 0 and [s["load"] for s in steps] == list(overload.LOADS)
     top = steps[-1]
     assert top["refused"] > 0, top  # 8x the capacity overflows a 16-request queue
@@ -23,4 +23,6 @@ def test_overload_refuses_at_once_and_keeps_serving(demo_engine_dir, tmp_path):
     for s in steps:
         assert s["errors"] == 0, s["error_samples"]
         assert s["prometheus_refused_delta"] == s["refused"], s  # every refusal the clients saw, counted
-    assert top["served_rps"] >= 0.7 * capacity, (top, capacity)  # no collapse under overload
+    # No collapse under overload. Against the lower of the capacity measured before and after the
+    # steps: other work on a shared machine slows the engine, and that is not overload's doing.
+    assert top["served_rps"] >= 0.7 * capacity, (top, res["capacity"], res["capacity_after"])
