@@ -242,7 +242,7 @@ def report(res: dict) -> str:
         f"max_batch_size={res['max_batch_size'] or 'default'}, max_queue_tokens default. Every request: "
         f"{res['max_tokens']} tokens, end of sequence ignored; half over the OpenAI API (/v1/completions), "
         f"half over Triton HTTP generate. Poisson arrivals, {res['step_s']:g} s a step.", "",
-        *(["**Quick run** (a test's length): a handful of requests a step; indicative only.", ""] if res["quick"] else []),
+        *(["**Quick run** (a test's length: short steps, few requests at the low loads); indicative only.", ""] if res["quick"] else []),
         f"Capacity (closed loop, {cap['concurrency']} clients, {cap['seconds']:.0f} s): "
         f"**{cap['rps']:.2f} req/s** (latency p50 {ms(cap['latency_p50_s'])}); measured again after the steps: "
         f"{res['capacity_after']['rps']:.2f} req/s.", "",
