@@ -261,39 +261,39 @@ def _openai_event(rec: Record, event: dict, now: float) -> None:
 # ---- server-sent events, both HTTP APIs ------------------------------------------------------
 
 def _sse(client: httpx.Client, url: str, body: dict, job: Job, deadline_s: float, on_event) -> Record:
+    """Reads the events on this thread only: a cancel closes the response here, between two
+    lines (closing it from a timer thread while this one reads can leave the read blocked on a
+    socket that no longer has a file descriptor). A cancel "at a moment" therefore lands at the
+    first line after it: OpenAI's chat sends its role chunk at once, Triton HTTP its headers
+    with the first token."""
     rec = Record(job, time.monotonic())
     deadline = rec.start + deadline_s
-    cancelled = threading.Event()
+    cancel_at = rec.start + job.cancel_delay_s if job.cancel_after == 0 else None
+    cancelled = False
     try:
         with client.stream("POST", url, json=body, timeout=httpx.Timeout(deadline_s, connect=30)) as r:
-            timer = None
-            if job.cancel_after == 0:  # a cancel at a moment, perhaps before the first token
-                timer = threading.Timer(max(0.0, rec.start + job.cancel_delay_s - time.monotonic()),
-                                        lambda: (cancelled.set(), r.close()))
-                timer.start()
-            try:
-                if r.status_code != 200:
-                    rec.status, rec.end, rec.end_at = r.status_code, "refused", time.monotonic()
-                    rec.error = _error_text(r.read().decode(errors="replace"))
-                    return rec
-                for line in r.iter_lines():
-                    now = time.monotonic()
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        on_event(rec, json.loads(line[6:]), now)
-                    elif line == "data: [DONE]" and not rec.finals:
-                        rec.error = "[DONE] before a final chunk"
-                    if not rec.finals and job.cancel_after and len(rec.tokens) >= job.cancel_after:
-                        cancelled.set()
-                        break
-                    if now > deadline:
-                        break
-            finally:
-                if timer is not None:
-                    timer.cancel()
-    except (httpx.HTTPError, httpx.StreamError) as e:  # a timeout, our own cancel, or a broken connection
-        if not rec.finals and not cancelled.is_set() and not isinstance(e, httpx.TimeoutException):
+            if r.status_code != 200:
+                rec.status, rec.end, rec.end_at = r.status_code, "refused", time.monotonic()
+                rec.error = _error_text(r.read().decode(errors="replace"))
+                return rec
+            for line in r.iter_lines():
+                now = time.monotonic()
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    on_event(rec, json.loads(line[6:]), now)
+                elif line == "data: [DONE]" and not rec.finals:
+                    rec.error = "[DONE] before a final chunk"
+                if not rec.finals and ((job.cancel_after and len(rec.tokens) >= job.cancel_after)
+                                       or (cancel_at is not None and now >= cancel_at)):
+                    cancelled = True
+                    break  # leaving the block closes the connection: the server must cancel
+                if now > deadline:
+                    break
+    except httpx.TimeoutException:
+        pass  # no final answer in time: lost
+    except httpx.HTTPError as e:  # the connection broke: no final answer came
+        if not rec.finals:
             rec.error = f"{type(e).__name__}: {e}"
-    if not rec.finals and cancelled.is_set():
+    if cancelled:
         rec.end, rec.end_at = "cancelled", time.monotonic()
     # no final answer and not cancelled: lost (past the deadline, or the connection broke)
     return rec

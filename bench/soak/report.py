@@ -29,6 +29,7 @@ def summary(soak, state: dict, meta: dict) -> dict:
                    "refused": soak.faults.refused, "policy_switches": soak.faults.policy_switches},
         "failed_by_fault": t.count("fault"),
         **{k: t.count(k) for k in PROBLEMS},
+        "server_finished": _delta(soak.totals_before.get("finished", {}), state["totals"].get("finished", {})),
         "in_flight_at_end": in_flight(state), "counts_at_end": state["counts"],
         "blocks_held_at_end": blocks_held(state),
         "examples": dict(t.examples),
@@ -44,6 +45,8 @@ def failures(s: dict) -> list[str]:
     if s["in_flight_at_end"]:
         out.append(f"{s['in_flight_at_end']} requests still in flight after the load: {s['counts_at_end']}")
     out += [f"{n} KV blocks still held in tier {tier}" for tier, n in s["blocks_held_at_end"].items() if n]
+    if s["cancelled"] >= 10 and not s["server_finished"].get("cancelled"):
+        out.append(f"{s['cancelled']} streams cancelled by their client, none cancelled on the server")
     if not s["completed"]:
         out.append("no stream completed")
     return out
@@ -72,6 +75,7 @@ def markdown(s: dict) -> str:
         ("cancelled by the client", f"{s['cancelled']}, each a prefix of its reference"),
         ("bad requests", f"{s['bad_requests_sent']} sent, {s['refused']} refused naming the field"),
         ("refused for overload", str(s["overloaded"])),
+        ("the server's finish reasons", ", ".join(f"{k} {v}" for k, v in sorted(s["server_finished"].items()))),
         ("faults", faults),
         ("failed by faults", f"{s['failed_by_fault']} (final error, \"injected\"; tokens before it a prefix)"),
         ("lost / duplicated / late", f"{s['lost']} / {s['duplicated']} / {s['late']}"),
@@ -94,6 +98,11 @@ def markdown(s: dict) -> str:
     for problem, examples in s["examples"].items():
         lines += ["", f"{problem}:", *[f"- {e}" for e in examples]]
     return "\n".join(lines) + "\n"
+
+
+def _delta(before: dict, after: dict) -> dict:
+    """Counts of `after` less those of `before` (the server's totals over the load)."""
+    return {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0)}
 
 
 def _kinds(d: dict) -> str:

@@ -114,6 +114,7 @@ class Soak:
         lengths = {s.id: len(self.references[s.id].tokens) for s in specs}
         self.draw = JobDraw(specs, lengths, self.max_seq_len, self.opts.cancel_fraction, self.opts.bad_fraction,
                             self.opts.seed)
+        self.totals_before = self.admin.state()["totals"]
         self.t0 = time.monotonic()
         self.until = self.t0 + self.opts.duration_s
         workers = [threading.Thread(target=self._worker, args=(i,), daemon=True, name=f"soak-{i}")
