@@ -65,18 +65,28 @@ class RunLoop:
 
     # ---- called from any thread -------------------------------------------------------------
 
+    def check_admission(self) -> None:
+        """RequestRejected if a request sent now would be refused whatever its prompt: the server
+        stopping or draining, or max_queue requests waiting. The front ends ask before they
+        tokenize, so a refusal under overload costs no tokenizer time."""
+        with self._lock:
+            self._refuse(tuple(self._inbox) + tuple(self.pool.waiting))
+
+    def _refuse(self, waiting: tuple[Request, ...]) -> None:
+        if self._stopping.is_set():
+            raise RequestRejected("server", self._crashed or "the server is shutting down")
+        if self._draining:
+            raise RequestRejected("server", "draining: an operator stopped admitting new requests (in-flight "
+                                  "requests finish); retry later or on another replica")
+        if len(waiting) >= self.config.max_queue:
+            raise RequestRejected(
+                "queue", f"{len(waiting)} requests are waiting, the limit is max_queue={self.config.max_queue}; "
+                "retry later")
+
     def submit(self, request: Request) -> None:
         with self._lock:
-            if self._stopping.is_set():
-                raise RequestRejected("server", self._crashed or "the server is shutting down")
-            if self._draining:
-                raise RequestRejected("server", "draining: an operator stopped admitting new requests (in-flight "
-                                      "requests finish); retry later or on another replica")
             waiting = tuple(self._inbox) + tuple(self.pool.waiting)  # a copy: the loop thread changes the pool
-            if len(waiting) >= self.config.max_queue:
-                raise RequestRejected(
-                    "queue", f"{len(waiting)} requests are waiting, the limit is max_queue={self.config.max_queue}; "
-                    "retry later")
+            self._refuse(waiting)
             tokens = sum(r.prompt_len for r in waiting) + request.prompt_len
             if tokens > self.max_queue_tokens:
                 raise RequestRejected(

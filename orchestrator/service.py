@@ -88,6 +88,15 @@ class Orchestrator:
             raise
         return request
 
+    def check_admission(self) -> None:
+        """Raise (and count) the RequestRejected a request sent now would get whatever its prompt
+        (stopping, draining, a full queue): for front ends, before they tokenize."""
+        try:
+            self.loop.check_admission()
+        except RequestRejected as e:
+            self.record_refusal(e.field)
+            raise
+
     def record_refusal(self, reason: str) -> None:
         """Count a request refused before it was accepted (the front ends count their own checks
         here too); `Metrics.refused`, Prometheus `alignedserve_requests_refused_total`."""

@@ -109,6 +109,10 @@ def create_app(orch: Orchestrator, tokenizer: Tokenizer, model_name: str,
         if kind == "chat" and chat_template is None:
             raise ApiError(400, f"messages: this model has no chat template ({no_template_reason}); use "
                            "/v1/completions with your own prompt format", "messages", "chat_template_missing")
+        try:
+            orch.check_admission()  # a full queue refuses at once, before tokenizing
+        except RequestRejected as e:
+            raise rejected(e, gen.prompt_param, gen.max_tokens_param) from None
         prompt_ids = await run_in_threadpool(tokenize, gen)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()

@@ -125,11 +125,16 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            params = None
             with _refusals(sender, self.orchestrator):
                 if self._stop(request, sender):
                     continue
                 params = self._parse(request)
                 meta = (request.request_id(), "num_input_tokens" in request.requested_output_names())
+            if params is None:  # refused, and answered
+                continue
+            with _refusals(sender, self.orchestrator, counted=True):
+                self.orchestrator.check_admission()  # a full queue refuses at once, before tokenizing
                 self._tokenizing.submit(self._accept, params, meta, sender)
         return None
 
