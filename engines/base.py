@@ -31,9 +31,8 @@ class OutOfKVBlocks(EngineError):
 
 
 class TransferTimedOut(EngineError):
-    """A move did not finish within the time it was given. The engine gave up on it: its
-    requests' KV is unusable (the orchestrator ends and frees them), and the blocks the copy may
-    still write stay held until it really ends."""
+    """`wait` with a timeout: the move has not finished by then. It goes on; wait or poll it
+    again, or `abandon` it."""
 
 
 class CapabilityError(NotImplementedError):
@@ -424,9 +423,16 @@ class Engine(abc.ABC):
 
     def wait(self, handle: TransferHandle, timeout: float | None = None) -> None:
         """Block until the transfer has finished. With `timeout` (seconds; 0: do not block), raise
-        TransferTimedOut if it has not finished by then: the engine gives up on the move (see
-        TransferTimedOut). An engine whose moves cannot hang (virtual time) may ignore it."""
+        TransferTimedOut if it has not finished by then (it goes on). An engine whose moves cannot
+        hang (virtual time) may ignore the timeout."""
         raise CapabilityError(f"{type(self).__name__} has no transfers to wait on (can_offload=False)")
+
+    def abandon(self, handle: TransferHandle) -> str:
+        """Give up on an unfinished move: its requests' KV is lost (the orchestrator ends and
+        frees them); the blocks the copy may still write stay held until it really ends. Returns
+        what the engine knows of why ("" if nothing). This default has nothing to hold: the
+        requests' `free` cancels what is left of the move."""
+        return ""
 
     def mixed_step(self, request_ids: Sequence[str], chunks: Sequence[PrefillChunk]) -> StepResult:
         """One forward that decodes `request_ids` (as `decode`) and prefills `chunks`; returns

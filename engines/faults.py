@@ -147,6 +147,9 @@ class FaultInjectingEngine(Engine):
     def wait(self, handle: TransferHandle, timeout: float | None = None) -> None:
         self.engine.wait(handle, timeout)
 
+    def abandon(self, handle: TransferHandle) -> str:
+        return self.engine.abandon(handle)
+
     def prefill_result(self, handle: PrefillHandle) -> StepResult | None:
         return self.engine.prefill_result(handle)
 

@@ -161,10 +161,11 @@ class ServeConfig:
     """On shutdown (the launcher's SIGTERM, SIGINT or SIGHUP): new requests are refused, and those
     in flight get this long to finish; the rest end with a final error ("the server is shutting
     down")."""
-    transfer_timeout_s: float = 30.0
+    transfer_timeout_s: float = 10.0
     """A KV move (host <-> device, device <-> device) not finished after this long is given up on:
     the requests it moves end with an error and the server goes on; its blocks stay held until the
-    copy really ends. The default is ~100x what a full device pool takes over PCIe."""
+    copy really ends. A step that needs the move's KV (a batch's loads) waits up to this long, so
+    it bounds what a stuck copy costs everyone: 80 GB of KV takes ~3 s over PCIe 4."""
     fault_injection: bool = False
     """Wrap the engine in engines.faults.FaultInjectingEngine so the admin API's POST /api/faults
     (admin token required) can make its next calls fail, for soak and fault tests. Off in

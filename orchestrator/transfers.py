@@ -12,7 +12,8 @@ time between the hops and starts the second hop as soon as the first lands; the 
 `moving` throughout, so nothing picks or decodes it before its KV is on the decode device.
 
 Each hop has a deadline (`ServeConfig.transfer_timeout_s`): a hop still unfinished then is given
-up on (the engine's `wait` with a timeout), and its requests fail like those of a failed hop.
+up on (`Engine.abandon`), and its requests fail like those of a failed hop. A step that waits on
+a stuck hop (the loads a batch needs) waits until that deadline.
 """
 from __future__ import annotations
 
@@ -69,10 +70,11 @@ class TransferTracker:
 
     def __init__(self, engine: Engine, info: EngineInfo, ledger: KVLedger,
                  on_record: Callable[[TransferRecord], None], clock: Callable[[], float] = time.monotonic,
-                 timeout_s: float = 30.0):
+                 timeout_s: float = 10.0):
         self.engine = engine
         self.timeout_s = timeout_s
         """A hop unfinished this long after it started fails its requests."""
+
         self.clock = clock
         """Measures the waits (the bubble): wall time, or an engine's virtual time."""
         self.info = info
@@ -116,24 +118,23 @@ class TransferTracker:
         return load
 
     def poll(self) -> Settled:
-        """Settle every finished move."""
+        """Settle every finished move, and give up on those past their deadline."""
         settled = Settled()
         for move in list(self._moves.values()):
             try:
                 done = self.engine.poll(move.handle)
-                if not done and self.clock() >= move.deadline:
-                    self.engine.wait(move.handle, timeout=0)  # gives up on it: TransferTimedOut
-                    done = True  # it ended just now after all
             except EngineError as e:
-                settled.add(self._settle(move, self._why(e)))
+                settled.add(self._settle(move, str(e)))
                 continue
             if done:
                 settled.add(self._settle(move, None))
+            elif self.clock() >= move.deadline:
+                settled.add(self._give_up(move))
         return settled
 
     def wait(self, requests: list[Request]) -> tuple[float, Settled]:
-        """Block until these requests' moves (every hop) finish; returns the seconds spent
-        waiting and what settled."""
+        """Block until these requests' moves (every hop) finish, or until their deadlines (then
+        they are given up on); returns the seconds spent waiting and what settled."""
         wanted = {r.id for r in requests}
         start = self.clock()
         settled = Settled()
@@ -145,17 +146,19 @@ class TransferTracker:
                 try:
                     self.engine.wait(move.handle, timeout=max(0.0, move.deadline - self.clock()))
                     settled.add(self._settle(move, None))
+                except TransferTimedOut:
+                    settled.add(self._give_up(move))
                 except EngineError as e:
-                    settled.add(self._settle(move, self._why(e)))
+                    settled.add(self._settle(move, str(e)))
         return self.clock() - start, settled
 
     def wait_all(self) -> tuple[float, Settled]:
         return self.wait([r for m in self._moves.values() for r in m.requests])
 
-    def _why(self, error: EngineError) -> str:
-        if isinstance(error, TransferTimedOut):
-            return f"no end within transfer_timeout_s={self.timeout_s:g}s, given up: {error}"
-        return str(error)
+    def _give_up(self, move: _Move) -> Settled:
+        note = self.engine.abandon(move.handle)
+        return self._settle(move, f"no end within transfer_timeout_s={self.timeout_s:g}s, given up"
+                                  + (f" ({note})" if note else ""))
 
     def _book(self, requests: list[Request], tier: str) -> bool:
         """Grant these requests blocks on `tier` for their KV, all or none."""

@@ -331,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="when a model process or tritonserver dies, restart the server up to this many times, "
                         "then exit 1 (default 3; 0: exit at the first death)")
     p.add_argument("--transfer-timeout", type=float,
-                   default=float(os.environ.get("ALIGNED_TRANSFER_TIMEOUT_S", 30)),
-                   help="seconds a KV move may take before its requests fail (default 30)")
+                   default=float(os.environ.get("ALIGNED_TRANSFER_TIMEOUT_S", 10)),
+                   help="seconds a KV move may take before its requests fail (default 10)")
     p.add_argument("--fault-injection", action="store_true",
                    default=os.environ.get("ALIGNED_FAULT_INJECTION", "") in ("1", "true", "yes"),
                    help="let POST /api/faults (admin token) make engine calls fail: soak and fault tests only")

@@ -13,7 +13,8 @@ are left out, since they never run. The layers, lowest first:
   never torch, a concrete engine or the engine loader;
 - `build_scripts` imports only `engines`;
 - `serving` and `model_repo` import an engine only through its public modules (`engines.base`,
-  `engines.loader`, `engines.manifest`), never a module whose name starts with "_";
+  `engines.loader`, `engines.manifest`, `engines.faults`: engine-agnostic fault injection), never a
+  module whose name starts with "_";
 - `bench` and `tests` may import anything.
 """
 from __future__ import annotations
@@ -29,8 +30,9 @@ ALLOWED = {
     "engines": {"engines"},
     "build_scripts": {"engines", "build_scripts"},
     "orchestrator": {"orchestrator", "engines.base"},
-    "serving": {"serving", "orchestrator", "engines.base", "engines.loader", "engines.manifest"},
-    "model_repo": {"model_repo", "serving", "orchestrator", "engines.base", "engines.loader", "engines.manifest"},
+    "serving": {"serving", "orchestrator", "engines.base", "engines.loader", "engines.manifest", "engines.faults"},
+    "model_repo": {"model_repo", "serving", "orchestrator", "engines.base", "engines.loader", "engines.manifest",
+                   "engines.faults"},
     "bench": set(PACKAGES),
 }
 """What each layer may import: a package, or one module of another package."""

@@ -248,8 +248,7 @@ class TrtllmEngine(Engine):
         deadline = time.monotonic() + limit
         while not self.poll(handle):
             if time.monotonic() >= deadline:
-                # The executor's side of the move goes on; the orchestrator frees the requests,
-                # which cancels them there (`free`).
+                # It goes on; if the orchestrator gives up on it, freeing the requests cancels them.
                 raise TransferTimedOut(f"wait: transfer {handle.id} of {list(handle.request_ids)} did not finish "
                                        f"in {limit:g}s")
             time.sleep(0.0005)

@@ -393,6 +393,9 @@ class TorchEngine(Engine):
             super().wait(handle, timeout)
         self._tiers.wait(handle, timeout)
 
+    def abandon(self, handle: TransferHandle) -> str:
+        return self._tiers.abandon(handle)
+
     def inject_copy_fault(self, fault: str, hang_s: float = 0.0) -> None:
         """Fault injection (engines/faults.py): the next KV copy fails ("error") or hangs for
         `hang_s` seconds and then fails ("hang"); see BlockCopier.inject."""

@@ -6,7 +6,7 @@ blocks at once, all-or-nothing, and releases one side when `poll` or `wait` sees
 the source's when the copy worked, the destination's when it failed.
 
 A copy that is still running can write its destination and read its source, so the blocks of a
-request freed mid-move, and of a move given up on (`wait` with a timeout), are held aside until
+request freed mid-move, and of a move given up on (`abandon`), are held aside until
 the copy really ends, then freed: in the meantime they count as used, and nobody is handed them.
 """
 from __future__ import annotations
@@ -111,9 +111,7 @@ class KVTiers:
         return True
 
     def wait(self, handle: TransferHandle, timeout: float | None = None) -> None:
-        """Until the move ends; with `timeout`, give up on it after that long (TransferTimedOut):
-        its requests lose their block tables in both tiers (the blocks are held until the copy
-        ends), so the caller must free them."""
+        """Until the move ends; with `timeout`, TransferTimedOut after that long (it goes on)."""
         transfer = self._transfers.get(handle.id)
         if transfer is None:
             return
@@ -121,10 +119,23 @@ class KVTiers:
             try:
                 transfer.copy.wait(timeout)
             except TimeoutError:
-                self._give_up(transfer, timeout)
+                raise TransferTimedOut(f"move {list(handle.request_ids)[:5]} from {handle.src!r} to {handle.dst!r} "
+                                       f"has not finished after {timeout:g}s") from None
             except Exception:
                 pass  # failed: _finish reports it
         self._finish(transfer)
+
+    def abandon(self, handle: TransferHandle) -> str:
+        """Give up on an unfinished move: its requests lose their block tables in both tiers (the
+        blocks are held until the copy ends), so the caller must free them."""
+        transfer = self._transfers.pop(handle.id, None)
+        if transfer is None:
+            return ""
+        live = [rid for rid in handle.request_ids if rid not in transfer.dropped]
+        for rid in live:
+            del self._in_flight[rid]
+        self._hold(transfer, live)
+        return f"{transfer.copy.injected} injected" if transfer.copy.injected else ""
 
     def release(self, request_id: str) -> None:
         """Free the request's blocks in every tier. Mid-move, its blocks in the move's two tiers are
@@ -141,17 +152,6 @@ class KVTiers:
             self._hold(transfer, [request_id])
         for pool in self.pools.values():
             pool.release(request_id)
-
-    def _give_up(self, transfer: _Transfer, timeout: float) -> None:
-        handle = transfer.handle
-        del self._transfers[handle.id]
-        live = [rid for rid in handle.request_ids if rid not in transfer.dropped]
-        for rid in live:
-            del self._in_flight[rid]
-        self._hold(transfer, live)
-        why = f" ({transfer.copy.injected} injected)" if transfer.copy.injected else ""
-        raise TransferTimedOut(f"move {live[:5]} from {handle.src!r} to {handle.dst!r} did not finish within "
-                               f"{timeout:g}s{why}; its KV is lost, and its blocks are held until the copy ends")
 
     def _hold(self, transfer: _Transfer, request_ids: list[str]) -> None:
         """Take these requests' block tables in the move's two tiers out of use until it ends."""
