@@ -18,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-from serving.lifecycle import process_tree
+from serving.lifecycle import alive, process_tree
 from serving.triton_server import REPO_ROOT, free_port
 
 FAULT_ENV = "ALIGNED_FAULT_INJECTION"
@@ -62,9 +62,9 @@ class Launched:
         except subprocess.TimeoutExpired:
             pass
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(_alive(p) for p in self.pids):
+        while time.monotonic() < deadline and any(alive(p) for p in self.pids):
             time.sleep(0.3)
-        killed = [p for p in self.pids if _alive(p)]
+        killed = [p for p in self.pids if alive(p)]
         for p in killed:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(p, signal.SIGKILL)
@@ -167,10 +167,4 @@ def _detail(r: requests.Response) -> str:
     return f"HTTP {r.status_code}: {body.get('detail', json.dumps(body)[:200]) if isinstance(body, dict) else body}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 

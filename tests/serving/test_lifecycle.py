@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from serving.lifecycle import model_processes, port_owned_by, ports_in_use, process_tree
+from serving.lifecycle import alive, model_processes, port_owned_by, ports_in_use, process_tree
 from serving.triton_server import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.integration
@@ -57,7 +57,7 @@ def served(engine_dir: Path, tmp_path: Path, *extra: str, env: dict | None = Non
         if proc.poll() is None:
             proc.kill()
         for p in tree[1:]:
-            if _alive(p):
+            if alive(p):
                 os.kill(p, signal.SIGKILL)
 
 
@@ -65,18 +65,10 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
     """The pids still alive (not zombies) after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        alive = [p for p in pids if _alive(p)]
-        if not alive or time.monotonic() > deadline:
-            return alive
+        left = [p for p in pids if alive(p)]
+        if not left or time.monotonic() > deadline:
+            return left
         time.sleep(0.2)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 class _Ready(http.server.BaseHTTPRequestHandler):
@@ -130,10 +122,10 @@ def test_the_server_dies_with_its_launcher_even_under_sigkill(demo_engine_dir, t
         proc.kill()
         proc.wait()
         left = wait_gone(tree[1:], timeout=60)
-        assert not left, [open(f"/proc/{p}/cmdline").read().replace("\0", " ")[:120] for p in left if _alive(p)]
+        assert not left, [open(f"/proc/{p}/cmdline").read().replace("\0", " ")[:120] for p in left if alive(p)]
         assert ports_in_use("127.0.0.1", {"HTTP": port, "OpenAI": port + 4}) == []
     finally:
-        for p in process_tree(proc.pid)[1:] if _alive(proc.pid) else []:
+        for p in process_tree(proc.pid)[1:] if alive(proc.pid) else []:
             os.kill(p, signal.SIGKILL)
 
 
@@ -304,5 +296,5 @@ def test_the_launcher_follows_make_when_make_is_killed(demo_engine_dir, tmp_path
         assert "stopping tritonserver: no new requests" in log.read_text()
     finally:
         for p in tree[1:]:
-            if _alive(p):
+            if alive(p):
                 os.kill(p, signal.SIGKILL)

@@ -13,6 +13,7 @@ import pytest
 from engines.base import EngineError
 from engines.tensorrt_llm.context_process import PRELOAD_ENV, ContextProcessLLM, physical_gpu
 from engines.tensorrt_llm.llm_settings import TrtllmSettings
+from serving.lifecycle import alive
 
 REPO = Path(__file__).resolve().parents[3]
 SETTINGS = TrtllmSettings(max_batch_size=2, max_seq_len=64, tokens_per_block=8, cache_transceiver_backend="NIXL")
@@ -53,20 +54,12 @@ def test_the_child_exits_when_the_engine_process_is_killed(fake, tmp_path):
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         child = int(proc.stdout.readline())
-        assert _alive(child)
+        assert alive(child)
         proc.kill()
         proc.wait(timeout=10)
         deadline = time.monotonic() + 30
-        while _alive(child) and time.monotonic() < deadline:
+        while alive(child) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(child)
+        assert not alive(child)
     finally:
         proc.kill()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
