@@ -165,10 +165,14 @@ class KVTiers:
         """Free the held blocks of the copies that have ended."""
         still = []
         for copy, pool, blocks in self._held:
-            if copy.done():
-                pool.free_held(blocks)
-            else:
+            if not copy.done():
                 still.append((copy, pool, blocks))
+                continue
+            try:  # a host-side last step (PendingCopy's `then`) still writes these blocks: now
+                copy.wait()
+            except Exception:
+                pass  # the copy's failure was reported (or is moot: its requests are gone)
+            pool.free_held(blocks)
         self._held = still
 
     def close(self) -> None:
