@@ -88,6 +88,12 @@ class Orchestrator:
             raise
         return request
 
+    @property
+    def faults(self):
+        """The engine's fault injector (engines.faults.FaultInjector) when it was started with
+        fault injection, else None."""
+        return getattr(self.engine, "faults", None)
+
     def check_admission(self) -> None:
         """Raise (and count) the RequestRejected a request sent now would get whatever its prompt
         (stopping, draining, a full queue): for front ends, before they tokenize."""

@@ -6,8 +6,9 @@ blocks at once, all-or-nothing, and releases one side when `poll` or `wait` sees
 the source's when the copy worked, the destination's when it failed.
 
 A copy that is still running can write its destination and read its source, so the blocks of a
-request freed mid-move, and of a move given up on (`abandon`), are held aside until
-the copy really ends, then freed: in the meantime they count as used, and nobody is handed them.
+request freed mid-move whose copy does not end within RELEASE_WAIT_S, and of a move given up on
+(`abandon`), are held aside until the copy really ends, then freed: in the meantime they count as
+used, and nobody is handed them.
 """
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ from typing import Sequence
 from engines.base import HOST, IN_FLIGHT, EngineError, OutOfKVBlocks, TransferHandle, TransferTimedOut, check_move
 from engines.torch.kv_cache import KVBlockPool
 from engines.torch.kv_transfer import BlockCopier, PendingCopy
+
+RELEASE_WAIT_S = 1.0
+"""How long freeing a request mid-move waits for the copy before holding its blocks instead: a
+held block is free in the orchestrator's books but not yet in the pool, so only a stuck copy is
+worth that."""
 
 
 @dataclass(slots=True)
@@ -138,9 +144,15 @@ class KVTiers:
         return f"{transfer.copy.injected} injected" if transfer.copy.injected else ""
 
     def release(self, request_id: str) -> None:
-        """Free the request's blocks in every tier. Mid-move, its blocks in the move's two tiers are
-        held until the copy ends (the rest of that move goes on as usual)."""
+        """Free the request's blocks in every tier. Mid-move, after waiting RELEASE_WAIT_S for the
+        copy, its blocks in the move's two tiers are held until the copy ends (the rest of that
+        move goes on as usual)."""
         transfer = self._in_flight.get(request_id)
+        if transfer is not None:
+            try:  # a copy ends in milliseconds: waiting for it keeps the orchestrator's books exact
+                transfer.copy.wait(RELEASE_WAIT_S)
+            except Exception:
+                pass  # still running (held below), or failed (_finish reports it)
         if transfer is not None and transfer.copy.done():
             try:
                 self._finish(transfer)

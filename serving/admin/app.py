@@ -248,7 +248,7 @@ def create_app(orch: Orchestrator, *, token: str | None, events_interval_s: floa
               responses={**problems, 422: {"model": schemas.Problem}},
               summary="Fault injection: make the engine's next calls of a kind fail (soak and fault tests)")
     def arm_fault(arm: schemas.FaultArm) -> dict:
-        injector = getattr(orch.engine, "faults", None)
+        injector = orch.faults
         if injector is None:
             raise HTTPException(403, "fault injection is off: start the server with ALIGNED_FAULT_INJECTION=1 "
                                      "(make serve: --fault-injection)")
@@ -263,7 +263,7 @@ def create_app(orch: Orchestrator, *, token: str | None, events_interval_s: floa
 
 
 def _faults(orch: Orchestrator) -> dict:
-    injector = getattr(orch.engine, "faults", None)
+    injector = orch.faults
     if injector is None:
         return {"enabled": False, "kinds": [], "armed": {}, "fired": {}}
     return {"enabled": True, **injector.snapshot()}
