@@ -86,7 +86,15 @@ def triton_body(spec: Spec, change: dict | None = None) -> dict:
     """aligned_llm's inputs for `spec` (HTTP's JSON; gRPC sends the same as tensors)."""
     body = {"text_input": spec.prompt, "max_tokens": spec.max_tokens, "stream": True}
     if spec.temperature:
-        body.update(temperature=spec.temperature, seed=spec.seed)
+        body["temperature"] = spec.temperature
+    return _sampled(body, spec, change)
+
+
+def _sampled(body: dict, spec: Spec, change: dict | None) -> dict:
+    """`body` with the spec's seed and top_k where it samples, then `change` applied (a None
+    value removes the field): the part both protocols' bodies share."""
+    if spec.temperature:
+        body["seed"] = spec.seed
         if spec.top_k:
             body["top_k"] = spec.top_k
     for k, v in (change or {}).items():
@@ -223,16 +231,7 @@ def openai_body(spec: Spec, model: str, change: dict | None = None) -> dict:
         body["messages"] = [{"role": "user", "content": spec.prompt}]
     else:
         body["prompt"] = spec.prompt
-    if spec.temperature:
-        body["seed"] = spec.seed
-        if spec.top_k:
-            body["top_k"] = spec.top_k
-    for k, v in (change or {}).items():
-        if v is None:
-            body.pop(k, None)
-        else:
-            body[k] = v
-    return body
+    return _sampled(body, spec, change)
 
 
 def openai_run(client: httpx.Client, base: str, model: str, job: Job, deadline_s: float) -> Record:
