@@ -30,7 +30,7 @@ from pathlib import Path
 
 from engines.manifest import read_manifest
 from serving.lifecycle import alive, die_with_parent, dies_with_parent, ports_in_use
-from serving.triton_server import free_port, wait_for_http
+from serving.triton_server import free_port
 
 ROUTERS = ("length", "kv", "round-robin")
 PID_FILE = Path(".cache/cluster.pid")

@@ -52,7 +52,7 @@ class LengthRouter:
         out: dict[int, int] = {}
         for row in scores.get("workers", ()):
             wid = int(row["worker_id"])
-            out[wid] = max(out.get(wid, 0), int(row.get("device", 0)))
+            out[wid] = max(out.get(wid, 0), int(row.get("device_blocks") or 0))
         return out
 
     async def generate(self, request: dict, context):

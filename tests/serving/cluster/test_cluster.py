@@ -11,6 +11,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -131,6 +133,34 @@ def test_a_dropped_stream_is_cancelled_on_its_worker(cluster):
             break
         assert time.monotonic() < deadline, f"cancelled {cancelled}, KV blocks still used {used}, live {live}"
         time.sleep(0.2)
+
+
+def _dynamo_overlap(cluster: Cluster, token_ids: list[int]) -> dict[str, int]:
+    """Worker -> device blocks of `token_ids`, as a fresh Dynamo KvRouter sees the workers' caches."""
+    probe = subprocess.run([sys.executable, "-m", "serving.cluster.kv_probe", json.dumps(token_ids)],
+                           env=cluster.environment(), capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    return json.loads(probe.stdout.strip().splitlines()[-1])
+
+
+def test_dynamos_kv_index_sees_the_blocks_a_request_holds(cluster):
+    """KV events: while a request decodes, Dynamo's own index finds its full prompt blocks on
+    exactly one worker; once it ends, on none."""
+    client = _client(cluster)
+    ids = list(range(1000, 1200))  # 200 tokens: 12 full blocks of 16
+    stream = client.completions.create(model=cluster.model_name, prompt=ids, max_tokens=300, temperature=0,
+                                       stream=True)
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    during = _dynamo_overlap(cluster, ids)
+    assert sorted(during.values()) == [0, 12], during
+    assert sorted(_dynamo_overlap(cluster, ids[:64]).values()) == [0, 4]
+    stream.close()
+    deadline = time.monotonic() + 30
+    while any(_dynamo_overlap(cluster, ids).values()):
+        assert time.monotonic() < deadline, "the blocks were not removed from Dynamo's index"
+        time.sleep(0.5)
 
 
 def test_bad_request_names_the_field(cluster):
