@@ -63,6 +63,8 @@ class Cluster:
     """The workers' decode policy ("" the default)."""
     log_dir: Path | None = None
     length_weight: float | None = None
+    devices: tuple[str, ...] = ()
+    """Worker i's engine device is devices[i % len] (ALIGNED_DEVICE); none: the config's ("auto")."""
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _store: Path | None = None
@@ -128,6 +130,8 @@ class Cluster:
                 if self.policy:
                     cmd += ["--policy", self.policy]
                 wenv = {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(len(shares[i])))}
+                if self.devices:
+                    wenv["ALIGNED_DEVICE"] = self.devices[i % len(self.devices)]
                 self._spawn(f"worker-{i}", cmd, wenv, cores=shares[i])
             if self.router == "length":
                 cmd = [py, "-m", "serving.cluster.length_router", "--engine-dir", str(self.engine_dir),
@@ -254,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http-port", type=int, default=8080, help="the OpenAI API (default 8080)")
     p.add_argument("--admin-port", type=int, default=8010, help="worker i's dashboard on this + i (0: none)")
     p.add_argument("--policy", default="", help="the workers' decode policy (default: adaptive)")
+    p.add_argument("--devices", nargs="*", default=[], help="worker i runs on the i-th (e.g. cuda:0 cuda:1)")
     p.add_argument("--log-dir", type=Path, default=Path(".cache/cluster-logs"))
     a = p.parse_args(argv)
     die_with_parent(signal.SIGTERM)
@@ -262,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     cluster = Cluster(Path(a.engine_dir), a.workers, a.router, a.host, a.http_port, a.admin_port, a.policy,
-                      a.log_dir)
+                      a.log_dir, devices=tuple(a.devices))
     stopping: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stopping.append(1))
@@ -296,6 +301,7 @@ Ctrl-C, SIGTERM or `make stop-cluster` stops every process.""", flush=True)
     print("stopping the cluster ...", flush=True)
     cluster.stop()
     PID_FILE.unlink(missing_ok=True)
+    print("stopped.", flush=True)
     return code
 
 

@@ -20,7 +20,8 @@ import os
 from pathlib import Path
 
 from dynamo.common.utils.token_ids import token_ids_to_list
-from dynamo.llm import KvRouter, KvRouterConfig, ModelInput, ModelType, WorkerType, register_model
+from dynamo.llm import (KvRouter, KvRouterConfig, ModelInput, ModelRuntimeConfig, ModelType, WorkerType,
+                        register_model)
 from dynamo.llm.exceptions import InvalidArgument
 from dynamo.runtime import DistributedRuntime, dynamo_worker
 
@@ -92,8 +93,11 @@ async def serve(runtime: DistributedRuntime, args: argparse.Namespace) -> None:
                     weights=Weights(overlap=args.overlap_weight, length=args.length_weight))
     handler = LengthRouter(client, indexer, router, manifest.max_seq_len)
     endpoint = runtime.endpoint(f"{args.namespace}.router.generate")
+    limits = ModelRuntimeConfig()  # the engine's context, not config.json's max_position_embeddings
+    limits.context_length = manifest.max_seq_len
     await register_model(ModelInput.Tokens, ModelType.Chat | ModelType.Completions, endpoint, str(engine_dir), name,
-                         worker_type=WorkerType.Aggregated, kv_cache_block_size=manifest.kv_block_size)
+                         worker_type=WorkerType.Aggregated, kv_cache_block_size=manifest.kv_block_size,
+                         runtime_config=limits)
     log.info("length router for %s: %s mode, weights overlap %.2f length %.2f, workers in %s",
              name, args.mode, args.overlap_weight, args.length_weight, args.pool_namespace)
     await endpoint.serve_endpoint(handler.generate, graceful_shutdown=True)
