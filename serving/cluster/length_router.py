@@ -113,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="length", choices=["length", "kv", "round-robin"],
                    help="length: this router's cost; kv: Dynamo's KV cost computed here; round-robin")
     p.add_argument("--length-weight", type=float, default=Weights.length,
-                   help="blocks of padding waste per block of load (0: Dynamo's kv cost)")
+                   help="blocks of padding per block of load: 1 for kernels that do not split long KV, 0 for split-KV kernels (= Dynamo's kv cost)")
     p.add_argument("--overlap-weight", type=float, default=Weights.overlap,
                    help="Dynamo's kv-overlap-score-weight: prefill blocks against decode blocks")
     return p

@@ -6,20 +6,25 @@ events) and the blocks it would then be decoding, the new request's among them
 (docs.nvidia.com/dynamo/v1.6.0/knowledge-base/modular-components/router/router-design), and
 takes the cheapest. No router in the field looks at how long the requests will run.
 
-Length-aware routing adds the padding a request would cause among the requests already in
-flight on a worker, by their *expected* KV length (prompt + max_tokens, what they reach if they
-run to the end). A decode step whose attention costs as its longest sequence times the batch
-(a kernel that does not split long KV, this project's padded attention) pays, for a worker whose
-n requests reach at most M tokens, n * M; adding a request of L makes it (n + 1) * max(M, L),
-which is L (its own KV) plus the waste
+Length-aware routing prices a worker's decode step as the kernel that does not split long KV
+pays for it (this project's padded attention, vLLM's paged_attention v1, FlashAttention-2 when it
+picks one split): every sequence of the batch padded to the longest. With the request added, a
+worker whose requests reach the expected KV lengths e_1..e_n (prompt + max_tokens: what they
+reach if they run to the end) and the newcomer's L pads
 
-    n * max(0, L - M) + max(0, M - L)
+    (n + 1) * max(e_1, ..., e_n, L) - (e_1 + ... + e_n + L)
 
-in tokens: every request padded up to a longer newcomer, or the newcomer padded up to the
-longest there. In blocks and weighted by `length_weight`, the waste joins Dynamo's cost, so
+tokens per step. In blocks and weighted by `length_weight`, this padding joins Dynamo's cost, so
 requests of close lengths gather on the same workers (each worker's batches are aligned from the
-start, the cluster-level analogue of the paper's batching, as CascadeInfer's instance groups)
-while the load term still spreads them. With `length_weight` 0 it is Dynamo's `kv` cost.
+start, the cluster-level analogue of the paper's batching, as CascadeInfer's instance groups).
+It is the worker's padding *after* the request joins, not only what the request adds: a first
+version priced only the added padding, `n * max(0, L - M) + max(0, M - L)`, and in the
+simulator (`bench/results/cluster-routing-sim-v1-marginal/`) it sent every long prompt to one
+replica (no load term could outweigh n * (L - M)), which doubled azure-conv's TTFT p99. Priced
+as a level, a worker already holding mixed lengths costs more whatever joins, and a worker of
+long requests takes another one only while its padded step stays below the others'. With
+`length_weight` 0 it is Dynamo's `kv` cost; that is the right weight for kernels that split
+long KV (FlashInfer, FlashDecoding, TensorRT-LLM's XQA multi-block), where padding costs nothing.
 
 Pure: the length router (`length_router.py`) and the simulated cluster (`bench/cluster_routing.py`)
 call the same `choose`.
@@ -38,7 +43,8 @@ class Weights:
     overlap: float = 1.0
     """Dynamo's `--router-kv-overlap-score-weight` (default 1): prefill blocks against decode blocks."""
     length: float = 1.0
-    """Blocks of padding waste per block of load; 0 turns length-awareness off."""
+    """Blocks of padding per block of load: 1 where the kernel pays for padding as for KV (no
+    split), 0 where it pays nothing (split-KV kernels); 0 turns length-awareness off."""
 
     def __post_init__(self) -> None:
         if self.overlap < 0 or self.length < 0:
@@ -72,13 +78,11 @@ class WorkerLoad:
         self.tokens.pop(key, None)
 
 
-def padding_waste(expected_lens: Iterable[int], length: int) -> int:
-    """Tokens of padding per step that adding a request of `length` causes among `expected_lens`."""
-    lens = list(expected_lens)
-    if not lens:
-        return 0
-    longest = max(lens)
-    return len(lens) * max(0, length - longest) + max(0, longest - length)
+def padding(expected_lens: Iterable[int], length: int) -> int:
+    """Tokens of padding per decode step on a worker whose requests reach `expected_lens`, once a
+    request reaching `length` joins (every sequence padded to the longest)."""
+    lens = [*expected_lens, length]
+    return len(lens) * max(lens) - sum(lens)
 
 
 def cost(load: WorkerLoad, prompt_len: int, expected_len: int, overlap_blocks: int, block_size: int,
@@ -86,8 +90,8 @@ def cost(load: WorkerLoad, prompt_len: int, expected_len: int, overlap_blocks: i
     """The worker's price for this request, in blocks (lower is better)."""
     prefill = max(-(-prompt_len // block_size) - overlap_blocks, 0)
     decode = load.blocks(block_size) + -(-prompt_len // block_size)
-    waste = padding_waste(load.expected.values(), expected_len) / block_size
-    return weights.overlap * prefill + decode + weights.length * waste
+    padded = padding(load.expected.values(), expected_len) / block_size
+    return weights.overlap * prefill + decode + weights.length * padded
 
 
 @dataclass

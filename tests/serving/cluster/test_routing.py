@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import pytest
 
-from serving.cluster.routing import Router, Weights, WorkerLoad, cost, padding_waste
+from serving.cluster.routing import Router, Weights, WorkerLoad, cost, padding
 
 
-def test_padding_waste_counts_the_padded_tokens_of_one_step():
-    assert padding_waste([], 500) == 0
-    assert padding_waste([100, 200], 500) == 2 * 300  # both padded up to the newcomer
-    assert padding_waste([100, 800], 500) == 300  # the newcomer padded up to the longest
-    assert padding_waste([500, 500], 500) == 0
+def test_padding_counts_the_padded_tokens_of_one_step_once_the_request_joins():
+    assert padding([], 500) == 0
+    assert padding([100, 200], 500) == 400 + 300  # both padded up to the newcomer
+    assert padding([100, 800], 500) == 700 + 300  # the newcomer and the first padded up to the longest
+    assert padding([500, 500], 500) == 0
 
 
 def test_with_no_length_weight_the_cost_is_dynamos():
@@ -18,6 +18,23 @@ def test_with_no_length_weight_the_cost_is_dynamos():
     # overlap_weight * prefill blocks + decode blocks (the new request's included)
     assert cost(load, 160, 300, 4, 16, Weights(overlap=1.0, length=0.0)) == (10 - 4) + (63 + 10)
     assert cost(load, 160, 300, 4, 16, Weights(overlap=1.0, length=1.0)) == (10 - 4) + (63 + 10) + 1700 / 16
+
+
+def test_a_worker_of_long_requests_takes_another_only_while_its_padded_step_is_the_cheaper():
+    def router(longs: int, long_tokens: int, shorts: int = 8) -> Router:
+        r = Router(block_size=16, mode="length")
+        r.loads[1] = WorkerLoad(1, expected={f"s{i}": 100 for i in range(shorts)},
+                                tokens={f"s{i}": 50 for i in range(shorts)})
+        r.loads[2] = WorkerLoad(2, expected={f"l{i}": 1600 for i in range(longs)},
+                                tokens={f"l{i}": long_tokens for i in range(longs)})
+        return r
+    # two long requests early on: a short one stays with the short ones, a long one joins the long
+    assert router(2, 200).choose([1, 2], "short", 50, 100) == 1
+    assert router(2, 200).choose([1, 2], "long", 800, 1600) == 2
+    # six long ones grown to 800 tokens beside two short ones: the long worker's step (350 blocks
+    # with the newcomer) now costs more than the short worker's padded to 1,600 (245.5): load wins
+    assert router(6, 800, shorts=2).choose([1, 2], "long", 800, 1600) == 1
+    assert router(6, 800, shorts=8).choose([1, 2], "long", 800, 1600) == 2  # eight to pad: 832
 
 
 def test_requests_of_close_lengths_gather_on_the_same_workers():
