@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="", help="the workers' decode policy (default: adaptive)")
     p.add_argument("--devices", nargs="*", default=[], help="worker i runs on the i-th (e.g. cuda:0 cuda:1)")
     p.add_argument("--log-dir", type=Path, default=Path(".cache/cluster-logs"))
+    p.add_argument("--pid-file", type=Path, default=PID_FILE, help="where `make stop-cluster` finds this launcher")
     a = p.parse_args(argv)
     die_with_parent(signal.SIGTERM)
     if not (Path(a.engine_dir) / "manifest.json").is_file():
@@ -278,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    PID_FILE.parent.mkdir(parents=True, exist_ok=True)
-    PID_FILE.write_text(str(os.getpid()))
+    a.pid_file.parent.mkdir(parents=True, exist_ok=True)
+    a.pid_file.write_text(str(os.getpid()))
     boards = "\n".join(f"  worker {i} dashboard  {u}" for i, u in enumerate(cluster.dashboards()))
     print(f"""
 AlignedServe cluster is ready: {a.workers} workers of {cluster.model_name} behind Dynamo's frontend, \
@@ -300,7 +301,7 @@ Ctrl-C, SIGTERM or `make stop-cluster` stops every process.""", flush=True)
         time.sleep(0.5)
     print("stopping the cluster ...", flush=True)
     cluster.stop()
-    PID_FILE.unlink(missing_ok=True)
+    a.pid_file.unlink(missing_ok=True)
     print("stopped.", flush=True)
     return code
 

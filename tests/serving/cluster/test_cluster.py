@@ -187,3 +187,29 @@ def test_no_process_outlives_the_cluster(smollm2_engine_dir, tmp_path):
     c.stop()
     left = [p for p in pids if alive(p)]
     assert not left, f"still running after stop: {left}"
+
+
+def test_a_killed_launcher_takes_every_process_with_it(smollm2_engine_dir, tmp_path):
+    """`make serve-cluster`'s launcher SIGKILLed: the parent-death signal ends every process."""
+    port = free_port()
+    launcher = subprocess.Popen([sys.executable, "-m", "serving.cluster.launch", "--engine-dir", str(smollm2_engine_dir),
+                                 "--workers", "1", "--router", "round-robin", "--http-port", str(port),
+                                 "--admin-port", "0", "--log-dir", str(tmp_path),
+                                 "--pid-file", str(tmp_path / "cluster.pid")],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in launcher.stdout:
+            if "cluster is ready" in line:
+                break
+        else:
+            pytest.fail(f"the launcher exited ({launcher.wait()}) before it was ready")
+        tree = process_tree(launcher.pid)
+        assert len(tree) >= 4  # launcher, broker, worker, frontend
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 15
+        while [p for p in tree if alive(p)]:
+            assert time.monotonic() < deadline, f"still running: {[p for p in tree if alive(p)]}"
+            time.sleep(0.2)
+    finally:
+        launcher.kill()
