@@ -62,10 +62,13 @@ class Cluster:
     policy: str = ""
     """The workers' decode policy ("" the default)."""
     log_dir: Path | None = None
+    """Each process's log, <name>.log (default: beside the discovery files, kept after stop)."""
     length_weight: float | None = None
+    """The length router's --length-weight (None: its default)."""
     devices: tuple[str, ...] = ()
     """Worker i's engine device is devices[i % len] (ALIGNED_DEVICE); none: the config's ("auto")."""
     env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for every process (ALIGNED_* settings of the workers, DYN_* of Dynamo)."""
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _store: Path | None = None
     _logs: list = field(default_factory=list)
