@@ -124,10 +124,13 @@ class Replica:
         self.live.append((index, request))
 
     def load(self, worker: int) -> WorkerLoad:
-        """The router's view of this replica now: its live requests' expected and current KV."""
+        """The router's view of this replica now, as the length router keeps it: its live requests'
+        expected KV, their KV (`kv_len` counts a prompt from when it is sent, as the router does), and
+        the prompt tokens still to prefill of those without a first token."""
         self.live = [(i, r) for i, r in self.live if not r.finished]
         return WorkerLoad(worker, expected={str(i): r.prompt_len + r.max_tokens for i, r in self.live},
-                          tokens={str(i): r.kv_len for i, r in self.live})
+                          tokens={str(i): r.kv_len for i, r in self.live},
+                          prefill={str(i): r.prompt_len - r.prefilled for i, r in self.live if not r.output_ids})
 
 
 def padding(loads: list[WorkerLoad]) -> float | None:

@@ -1,10 +1,12 @@
 """Which worker takes a request: length-aware routing, blended with Dynamo's KV-overlap and load terms.
 
 Dynamo's KV router prices a worker as `overlap_weight * prefill_blocks + decode_blocks`: the
-prompt blocks the worker would compute (those it does not hold already, from the workers' KV
-events) and the blocks it would then be decoding, the new request's among them
-(docs.nvidia.com/dynamo/v1.6.0/knowledge-base/modular-components/router/router-design), and
-takes the cheapest. No router in the field looks at how long the requests will run.
+prompt blocks the worker would have to compute (those of its requests not through prefill yet,
+and the newcomer's that it does not hold already, from the workers' KV events) and the blocks it
+would then be decoding, the new request's among them
+(docs.nvidia.com/dynamo/v1.6.0/knowledge-base/modular-components/router/router-design; Dynamo
+tracks the pending prefill with `router_track_prefill_tokens`, on by default), and takes the
+cheapest. No router in the field looks at how long the requests will run.
 
 Length-aware routing prices a worker's decode step as the kernel that does not split long KV
 pays for it (this project's padded attention, vLLM's paged_attention v1, FlashAttention-2 when it
@@ -59,23 +61,33 @@ class WorkerLoad:
     expected: dict[str, int] = field(default_factory=dict)
     """Request key -> expected KV length (prompt + max_tokens)."""
     tokens: dict[str, int] = field(default_factory=dict)
-    """Request key -> tokens of KV it holds now (prompt + generated so far)."""
+    """Request key -> tokens of KV it holds, or will once prefilled (prompt + generated so far)."""
+    prefill: dict[str, int] = field(default_factory=dict)
+    """Request key -> prompt tokens still to prefill (until its first token comes back)."""
 
     def blocks(self, block_size: int) -> int:
         """Blocks the worker is decoding now (the router's count, as Dynamo's active blocks)."""
         return sum(-(-t // block_size) for t in self.tokens.values())
 
+    def prefill_blocks(self, block_size: int) -> int:
+        """Prompt blocks the worker still has to compute for the requests it holds."""
+        return sum(-(-t // block_size) for t in self.prefill.values())
+
     def add(self, key: str, prompt_len: int, expected_len: int) -> None:
         self.expected[key] = expected_len
         self.tokens[key] = prompt_len
+        self.prefill[key] = prompt_len
 
     def grow(self, key: str, new_tokens: int) -> None:
+        """`new_tokens` came back for `key`: its prefill is over (Dynamo's mark_prefill_complete)."""
+        self.prefill.pop(key, None)
         if key in self.tokens:
             self.tokens[key] += new_tokens
 
     def remove(self, key: str) -> None:
         self.expected.pop(key, None)
         self.tokens.pop(key, None)
+        self.prefill.pop(key, None)
 
 
 def padding(expected_lens: Iterable[int], length: int) -> int:
@@ -88,7 +100,7 @@ def padding(expected_lens: Iterable[int], length: int) -> int:
 def cost(load: WorkerLoad, prompt_len: int, expected_len: int, overlap_blocks: int, block_size: int,
          weights: Weights) -> float:
     """The worker's price for this request, in blocks (lower is better)."""
-    prefill = max(-(-prompt_len // block_size) - overlap_blocks, 0)
+    prefill = load.prefill_blocks(block_size) + max(-(-prompt_len // block_size) - overlap_blocks, 0)
     decode = load.blocks(block_size) + -(-prompt_len // block_size)
     padded = padding(load.expected.values(), expected_len) / block_size
     return weights.overlap * prefill + decode + weights.length * padded

@@ -44,6 +44,7 @@ def test_requests_of_close_lengths_gather_on_the_same_workers():
         short = i % 2 == 0
         key = f"r{i}"
         placed[key] = (short, r.choose([1, 2], key, 50 if short else 1500, 100 if short else 1600))
+        r.grow(key, 1)  # its first token is back before the next one arrives
     shorts = {w for s, w in placed.values() if s}
     longs = {w for s, w in placed.values() if not s}
     assert len(shorts) == 1 and len(longs) == 1 and shorts != longs
@@ -63,12 +64,22 @@ def test_the_load_term_still_spreads_requests_of_one_length():
     assert sorted(workers.count(w) for w in (1, 2, 3)) == [3, 3, 3]
 
 
+def test_pending_prefill_counts_until_the_first_token():
+    """Dynamo's prefill term: a worker's prompts not yet prefilled cost overlap_weight per block."""
+    load = WorkerLoad(1)
+    load.add("long", 1600, 1700)
+    before = cost(load, 32, 64, 0, 16, Weights(overlap=2.0, length=0.0))
+    load.grow("long", 1)  # the first token is back: prefill done
+    after = cost(load, 32, 64, 0, 16, Weights(overlap=2.0, length=0.0))
+    assert before - after == 2.0 * 100 - 1  # 100 blocks no longer to prefill; one more decoded
+
+
 def test_finished_requests_stop_counting_and_growth_counts():
     r = Router(block_size=16, mode="length")
     w = r.choose([1], "a", 32, 64)
-    assert r.loads[w].blocks(16) == 2
+    assert r.loads[w].blocks(16) == 2 and r.loads[w].prefill_blocks(16) == 2
     r.grow("a", 1)
-    assert r.loads[w].blocks(16) == 3
+    assert r.loads[w].blocks(16) == 3 and r.loads[w].prefill_blocks(16) == 0
     r.finish("a")
     assert r.loads[w].blocks(16) == 0 and not r.loads[w].expected
 
