@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = WORK / "prompts.jsonl"
     digest = write_jsonl(prompts, dataset, a.output_len)
     meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python -m bench.cluster_serving " + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "command": ("python -m bench.cluster_serving " + shlex.join(argv if argv is not None else sys.argv[1:])).strip(),
             "machine": f"{machine.describe()['cpu_model'] or platform.processor()}, {os.cpu_count()} cores, no GPU",
             "dtype": json.loads((a.engine_dir / "manifest.json").read_text())["dtype"],
             "attention": a.attention or "the engine's own (paged on a CPU)",
