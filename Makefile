@@ -142,10 +142,10 @@ soak: venv
 	  $(if $(filter 1 yes true,$(FAULTS)),--faults) $(SOAK_ARGS)
 
 # NVIDIA Dynamo's frontend (OpenAI API on HTTP_PORT, default 8080) and WORKERS AlignedServe workers on this
-# host, every socket on loopback (serving/cluster/launch.py); ROUTER=length (AlignedServe's length-aware
-# router), kv or round-robin (Dynamo's own). Worker i's dashboard on 8010 + i. `make stop-cluster` stops it.
+# host, every socket on loopback (serving/cluster/launch.py); ROUTER=kv (default) or round-robin (Dynamo's
+# own), or length (AlignedServe's length-aware router; docs/cluster.md says when it pays). Worker i's dashboard on 8010 + i. `make stop-cluster` stops it.
 WORKERS ?= 2
-ROUTER ?= length
+ROUTER ?= kv
 CLUSTER_ARGS ?=
 .PHONY: serve-cluster stop-cluster bench-cluster
 serve-cluster: venv

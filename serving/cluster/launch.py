@@ -1,6 +1,6 @@
 """`make serve-cluster WORKERS=N`: Dynamo's frontend and N AlignedServe workers on one host.
 
-    python -m serving.cluster.launch --workers 2 --router length
+    python -m serving.cluster.launch --workers 2 --router kv
 
 Starts, each as its own process and all on loopback (`--host` to change the frontend's):
 - the event plane's ZMQ broker (`event_broker.py`: Dynamo's own publishers would bind 0.0.0.0);
@@ -54,7 +54,8 @@ class Cluster:
 
     engine_dir: Path
     workers: int = 2
-    router: str = "length"
+    router: str = "kv"
+    """"kv" or "round-robin": Dynamo's own, in its frontend; "length": AlignedServe's length router."""
     host: str = "127.0.0.1"
     http_port: int = 8080
     admin_port: int = 8010
@@ -255,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Dynamo's frontend and N AlignedServe workers on this host.")
     p.add_argument("--engine-dir", default=os.environ.get("ALIGNED_ENGINE_DIR", "engines_built/smollm2"))
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--router", default="length", choices=ROUTERS,
-                   help="length: AlignedServe's length-aware router (default); kv, round-robin: Dynamo's own")
+    p.add_argument("--router", default="kv", choices=ROUTERS,
+                   help="kv (default), round-robin: Dynamo's own; length: AlignedServe's length-aware router "
+                        "(docs/cluster.md says when it pays)")
     p.add_argument("--host", default="127.0.0.1", help="the frontend's listen address (default loopback only)")
     p.add_argument("--http-port", type=int, default=8080, help="the OpenAI API (default 8080)")
     p.add_argument("--admin-port", type=int, default=8010, help="worker i's dashboard on this + i (0: none)")
