@@ -35,13 +35,12 @@ from tokenizers import Tokenizer
 
 from bench.peer import machine
 from bench.peer.prompts import make_prompts, write_jsonl
-from bench.peer.results import figures
+from bench.peer.results import client_failure, figures, keep_raw
 from serving.cluster.launch import Cluster
 from serving.triton_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / ".cache" / "bench-cluster"
-RAW_DROP = ("generated_texts", "itls", "errors")
 SHOWN = ("output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")
 
 
@@ -141,16 +140,11 @@ def measure(a: argparse.Namespace, workers: int, router: str, dataset: Path) -> 
                "loadavg_before": before, "loadavg_after": machine.loadavg(),
                "served_per_worker": served_per_worker(cluster)}
     if proc.returncode != 0 or not result.is_file():
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        print(f"[cluster] {name}: the client failed (exit {proc.returncode}); the end of {log}:\n{tail}",
-              file=sys.stderr, flush=True)
-        return {**run, "error": f"vllm bench serve failed (exit {proc.returncode}, log {log})"}
+        return {**run, "error": client_failure(f"[cluster] {name}", f"exit code {proc.returncode}", log)}
     raw = json.loads(result.read_text())
     run["figures"] = figures(raw, a.requests)
     run["output_lens"] = sorted(set(raw.get("output_lens") or []))
-    committed = a.out / "raw" / f"{name}.json"
-    committed.parent.mkdir(parents=True, exist_ok=True)
-    committed.write_text(json.dumps({k: v for k, v in raw.items() if k not in RAW_DROP}, indent=1) + "\n")
+    keep_raw(raw, a.out / "raw" / f"{name}.json")
     f = run["figures"]
     print(f"[cluster] {name}: {f['output_tok_s']:.1f} output tok/s, TTFT p50 {f['ttft_p50_ms']:.0f} ms p99 "
           f"{f['ttft_p99_ms']:.0f} ms, TPOT p50 {f['tpot_p50_ms']:.0f} ms p99 {f['tpot_p99_ms']:.0f} ms, "

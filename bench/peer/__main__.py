@@ -26,15 +26,13 @@ from pathlib import Path
 
 from bench.peer import machine
 from bench.peer.prompts import make_prompts, write_jsonl
-from bench.peer.results import Load, Row, figures, markdown, ttft_by_prompt_len
+from bench.peer.results import Load, Row, client_failure, figures, keep_raw, markdown, ttft_by_prompt_len
 from bench.peer.servers import GIB, Server, aligned_server, free_port, vllm_server
 
 REPO = Path(__file__).resolve().parents[2]
 SERVERS = ("vllm", "aligned")
 WORK = REPO / ".cache" / "bench-peer"
 """Logs, prompt files and the full per-run results (not committed)."""
-RAW_DROP = ("generated_texts", "itls", "errors")
-"""Per-request fields of a detailed result left out of the committed copy (large, or text)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -165,18 +163,12 @@ def run_client(a: argparse.Namespace, server: Server, load: Load, dataset: Path,
     path = result_dir / f"{name}.json"
     if timed_out or proc.returncode != 0 or not path.is_file():
         why = f"timed out after {a.run_timeout:.0f} s" if timed_out else f"exit code {proc.returncode}"
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-        print(f"[peer] {load.label}, {server.name}: the client failed ({why}); the end of {log_path}:\n{tail}",
-              file=sys.stderr, flush=True)
-        return {**run, "error": f"vllm bench serve failed: {why} (log: {log_path})"}
+        return {**run, "error": client_failure(f"[peer] {load.label}, {server.name}", why, log_path)}
     raw = json.loads(path.read_text())
     run["figures"] = figures(raw, a.requests)
     run["per_request"] = {k: raw.get(k) for k in ("input_lens", "output_lens", "ttfts", "latencies")}
     run["ttft_p50_ms_by_prompt_len"] = ttft_by_prompt_len(raw)
-    committed = a.out / "raw" / f"{name}.json"
-    committed.parent.mkdir(parents=True, exist_ok=True)
-    committed.write_text(json.dumps({k: v for k, v in raw.items() if k not in RAW_DROP}, indent=1) + "\n")
-    run["raw"] = str(committed)
+    run["raw"] = keep_raw(raw, a.out / "raw" / f"{name}.json")
     f = run["figures"]
     print(f"[peer] {load.label}, {server.name}: {f['output_tok_s']:.1f} output tok/s, TTFT p50 "
           f"{f['ttft_p50_ms']:.0f} ms, TPOT p50 {f['tpot_p50_ms']:.0f} ms, {f['completed']}/{a.requests} done; "

@@ -2,13 +2,18 @@
 
 `vllm bench serve --save-result` writes one JSON object per run; `figures()` takes what the
 comparison reports from it (and refuses a file that lacks one, naming the key), `ratios()`
-pairs the runs of the two servers at the same load, and `markdown()` writes the table.
+pairs the runs of the two servers at the same load, and `markdown()` writes the table;
+`keep_raw()` and `client_failure()` serve every benchmark that runs the client (bench.peer,
+bench.cluster_serving).
 """
 from __future__ import annotations
 
+import json
 import math
 import statistics
+import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 FIGURES = {
     # ours: vllm bench serve's key
@@ -142,3 +147,23 @@ def markdown(rows: list[Row]) -> str:
             lines.append(f"| {row.load.label} | transformers `generate` (static batches) | {_num(row.floor_tok_s)} "
                          "| | | | | |")
     return "\n".join(lines) + "\n"
+
+
+RAW_DROP = ("generated_texts", "itls", "errors")
+"""Per-request fields of a detailed `vllm bench serve` result left out of the committed copy
+(large, or text)."""
+
+
+def keep_raw(raw: dict, path: Path) -> str:
+    """Commit-sized copy of a detailed result (without RAW_DROP) at `path`; returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k: v for k, v in raw.items() if k not in RAW_DROP}, indent=1) + "\n")
+    return str(path)
+
+
+def client_failure(tag: str, why: str, log: Path) -> str:
+    """Say on stderr that `vllm bench serve` failed (`why`), with the end of its log; the run's
+    error string."""
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+    print(f"{tag}: the client failed ({why}); the end of {log}:\n{tail}", file=sys.stderr, flush=True)
+    return f"vllm bench serve failed: {why} (log: {log})"
