@@ -42,8 +42,6 @@ class LengthRouter:
         self.indexer = indexer
         self.router = router
         self.context_length = context_length
-        self.routed: dict[int, int] = {}
-        """Worker id -> requests sent there (for the log and the tests)."""
 
     async def overlap(self, token_ids: list[int]) -> dict[int, int]:
         """Worker id -> prompt blocks it holds on its device (Dynamo's index of the workers' KV events)."""
@@ -69,7 +67,6 @@ class LengthRouter:
             workers = await self.client.wait_for_instances()
         key = context.id()
         worker = self.router.choose(workers, key, len(token_ids), expected, await self.overlap(token_ids))
-        self.routed[worker] = self.routed.get(worker, 0) + 1
         log.debug("request %s (prompt %d, expected KV %d) -> worker %x", key, len(token_ids), expected, worker)
         try:
             stream = await self.client.direct(request, worker, context=context)

@@ -27,14 +27,13 @@ from dynamo.common.backend.run import run
 from dynamo.common.utils.token_ids import normalize_request_token_ids
 from dynamo.llm.exceptions import InvalidArgument, Unknown
 
-from engines.faults import FaultInjectingEngine
-from engines.loader import load_engine
 from engines.manifest import read_manifest
 from orchestrator.config import ServeConfig
 from orchestrator.core import FinishReason, RequestRejected, TokenEvent
 from orchestrator.service import Orchestrator
 from serving.cluster.kv_events import RequestBlocks
 from serving.cluster.requests import BadRequest, submission, usage
+from serving.engine_setup import open_engine
 
 log = logging.getLogger("alignedserve.cluster.worker")
 NAMESPACE = "alignedserve"
@@ -79,11 +78,7 @@ class AlignedServeEngine(LLMEngine):
     async def start(self, worker_id: int) -> EngineConfig:
         manifest = read_manifest(self.engine_dir)
         cfg = self.config
-        engine = await asyncio.to_thread(load_engine, self.engine_dir, device=cfg.device, dtype=cfg.dtype or None,
-                                         kv_blocks=cfg.kv_blocks or None, helper_devices=cfg.helpers)
-        if cfg.fault_injection:  # soak and fault tests arm faults through the dashboard's /api/faults
-            log.warning("fault injection is on: POST /api/faults (admin token) makes engine calls fail")
-            engine = FaultInjectingEngine(engine, hang_s=2 * cfg.transfer_timeout_s)
+        engine = await asyncio.to_thread(open_engine, self.engine_dir, cfg)
         self.orch = Orchestrator(engine, cfg).start()
         self._eos = frozenset(self.orch.info.model.eos_token_ids)
         if cfg.admin_port:  # this worker's dashboard, on its own port

@@ -29,11 +29,10 @@ _REPO_ROOT = Path(__file__).resolve().parents[3]
 if str(_REPO_ROOT) not in sys.path:  # a checkout served without `pip install -e .`
     sys.path.insert(0, str(_REPO_ROOT))
 
-from engines.faults import FaultInjectingEngine  # noqa: E402
-from engines.loader import load_engine  # noqa: E402
 from orchestrator.config import ServeConfig  # noqa: E402
 from orchestrator.core import RequestRejected, TokenEvent  # noqa: E402
 from orchestrator.service import Orchestrator  # noqa: E402
+from serving.engine_setup import open_engine  # noqa: E402
 from serving.request_parsing import GenerateParams, parse_request  # noqa: E402
 from serving.stop_strings import TextOutput, stop_request  # noqa: E402
 from serving.tokenizer import load_tokenizer, max_prompt_bytes  # noqa: E402
@@ -82,11 +81,7 @@ class TritonPythonModel:
             engine_dir = _REPO_ROOT / engine_dir
         # Any failure here (missing or corrupt engine dir, bad config) fails this model's load
         # with the message; Triton reports it and keeps serving its other models.
-        engine = load_engine(engine_dir, device=config.device, dtype=config.dtype or None,
-                             kv_blocks=config.kv_blocks or None, helper_devices=config.helpers)
-        if config.fault_injection:  # soak and fault tests arm faults through the admin API
-            log.warning("fault injection is on: POST /api/faults (admin token) makes engine calls fail")
-            engine = FaultInjectingEngine(engine, hang_s=2 * config.transfer_timeout_s)
+        engine = open_engine(engine_dir, config)
         self.tokenizer = load_tokenizer(engine_dir)
         self.orchestrator = Orchestrator(engine, config).start()
         self.admin = None
