@@ -14,14 +14,16 @@ H100-SXM profile as bench/simulate.py's paper matrix runs it.
 replica whose clock is behind it steps (one orchestrator iteration; a replica with nothing to run
 jumps to the arrival, as `drive_virtual` does); once all have reached the arrival, `router.loads`
 is rebuilt from the replicas' live requests (expected length prompt + max_tokens, tokens their
-KV length now, the prompt for one still waiting as `choose` counts it: exact, nothing to keep in
-step) and `Router.choose` picks the replica. A replica may stand up to one step past the arrival
+KV length now, the prompt for one still waiting as `choose` counts it, and the prompt tokens not
+yet prefilled of those without a first token: exact, nothing to keep in step) and
+`Router.choose` picks the replica. A replica may stand up to one step past the arrival
 (a step is not cut): the router sees it as it will be at the end of its current step, as a real
 router sees a step in flight. Replicas share nothing, so under round-robin this gives exactly
 bench/simulate.py's figures for independent replicas (tests/bench/test_cluster_routing.py).
 Latencies count from the scheduled arrival (`bench.run_metrics.summarize`). Prefix overlap is 0
 for every replica: the traces carry lengths, not token contents, so the KV-overlap term of
-Dynamo's cost is the same everywhere and `kv` is its load term alone (decode blocks).
+Dynamo's cost is the same everywhere and `kv` is its load terms alone (pending prefill and
+decode blocks).
 
 The sim's requests run to their max_tokens (engines/sim/engine.py), so the router's expected
 length is the true one: length-aware routing is measured with a perfect length predictor, an
@@ -34,8 +36,8 @@ same run by bench/simulate.py's `capacity`, per dispatch model), under every dec
 dispatch model (engines/sim/dispatch.py: `waves` in launch order without split, `longest-first`,
 `greedy` as FlashAttention-2 varlen, calibrated on an H100, and `split`, split-KV), each mode on
 the same requests and arrivals (same seed). 1200 requests per run (not the paper matrix's 2000):
-5 workloads x 4 dispatches x 4 loads x 3 modes = 240 runs and 20 capacity probes took 1117 s
-(19 minutes) with --jobs 2 on the project's 2-core machine, with another job sharing its CPUs.
+5 workloads x 4 dispatches x 4 loads x 3 modes = 240 runs and 20 capacity probes took 771 s
+(13 minutes) with --jobs 2 on the project's 2-core machine.
 `--quick`: azure-conv at load 1.0, 500 requests, every dispatch (~30 s).
 
 **Report** per (workload, dispatch, load, mode): output tok/s, TTFT p50/p99, TPOT p50/p99, the

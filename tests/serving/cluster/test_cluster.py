@@ -189,8 +189,10 @@ def test_no_process_outlives_the_cluster(smollm2_engine_dir, tmp_path):
     assert not left, f"still running after stop: {left}"
 
 
-def test_a_killed_launcher_takes_every_process_with_it(smollm2_engine_dir, tmp_path):
-    """`make serve-cluster`'s launcher SIGKILLed: the parent-death signal ends every process."""
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_or_killed_launcher_takes_every_process_with_it(smollm2_engine_dir, tmp_path, how):
+    """`make serve-cluster`'s launcher: SIGTERM (what `make stop-cluster` sends) stops every process
+    and removes its pid file; SIGKILL leaves it to the parent-death signal, which ends them too."""
     port = free_port()
     launcher = subprocess.Popen([sys.executable, "-m", "serving.cluster.launch", "--engine-dir", str(smollm2_engine_dir),
                                  "--workers", "1", "--router", "round-robin", "--http-port", str(port),
@@ -205,8 +207,14 @@ def test_a_killed_launcher_takes_every_process_with_it(smollm2_engine_dir, tmp_p
             pytest.fail(f"the launcher exited ({launcher.wait()}) before it was ready")
         tree = process_tree(launcher.pid)
         assert len(tree) >= 4  # launcher, broker, worker, frontend
-        launcher.kill()
-        launcher.wait()
+        assert (tmp_path / "cluster.pid").read_text() == str(launcher.pid)
+        if how == "SIGTERM":
+            launcher.terminate()
+            assert launcher.wait(60) == 0
+            assert not (tmp_path / "cluster.pid").exists()
+        else:
+            launcher.kill()
+            launcher.wait()
         deadline = time.monotonic() + 15
         while [p for p in tree if alive(p)]:
             assert time.monotonic() < deadline, f"still running: {[p for p in tree if alive(p)]}"
