@@ -15,6 +15,7 @@ from dynamo.llm import KvRouter, KvRouterConfig
 from dynamo.runtime import DistributedRuntime
 
 from serving.cluster.length_router import POOL_NAMESPACE
+from serving.cluster.routing import device_overlap
 from serving.cluster.worker import COMPONENT
 
 
@@ -25,7 +26,7 @@ async def overlap(token_ids: list[int], namespace: str, block_size: int) -> dict
     router = KvRouter(endpoint, block_size, KvRouterConfig(router_track_active_blocks=False))
     await asyncio.sleep(1.0)  # the index fills from the workers' own indexes as it starts
     scores = await router.get_overlap_scores(token_ids)
-    return {str(row["worker_id"]): int(row.get("device_blocks") or 0) for row in scores.get("workers", ())}
+    return {str(w): blocks for w, blocks in device_overlap(scores).items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,7 @@ from dynamo.llm.exceptions import InvalidArgument
 from dynamo.runtime import DistributedRuntime, dynamo_worker
 
 from engines.manifest import read_manifest
-from serving.cluster.routing import Router, Weights
+from serving.cluster.routing import Router, Weights, device_overlap, expected_len
 from serving.cluster.worker import COMPONENT, NAMESPACE
 
 log = logging.getLogger("alignedserve.cluster.router")
@@ -47,12 +47,7 @@ class LengthRouter:
         """Worker id -> prompt blocks it holds on its device (Dynamo's index of the workers' KV events)."""
         if self.indexer is None:
             return {}
-        scores = await self.indexer.get_overlap_scores(token_ids)
-        out: dict[int, int] = {}
-        for row in scores.get("workers", ()):
-            wid = int(row["worker_id"])
-            out[wid] = max(out.get(wid, 0), int(row.get("device_blocks") or 0))
-        return out
+        return device_overlap(await self.indexer.get_overlap_scores(token_ids))
 
     async def generate(self, request: dict, context):
         token_ids = token_ids_to_list(request.get("token_ids")) or []
@@ -61,7 +56,7 @@ class LengthRouter:
         max_tokens = stop.get("max_tokens")
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
             raise InvalidArgument(f"max_tokens: expected an integer, got {max_tokens!r}")
-        expected = min(len(token_ids) + (max_tokens or self.context_length), self.context_length)
+        expected = expected_len(len(token_ids), max_tokens, self.context_length)
         workers = self.client.instance_ids()
         if not workers:
             workers = await self.client.wait_for_instances()

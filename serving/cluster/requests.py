@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from engines.base import SamplingParams
+from serving.cluster.routing import expected_len
 
 DEFAULT_TEMPERATURE = 1.0
 """OpenAI's default, as this project's own OpenAI API (a request without a temperature samples)."""
@@ -42,9 +43,7 @@ class Submission:
     def expected_kv_len(self, max_seq_len: int) -> int:
         """The KV length this request reaches if it runs to max_tokens: what a length-aware router
         groups by (its max_seq_len where max_tokens is not given)."""
-        if self.max_tokens is None:
-            return max_seq_len
-        return min(len(self.prompt_ids) + self.max_tokens, max_seq_len)
+        return expected_len(len(self.prompt_ids), self.max_tokens, max_seq_len)
 
 
 def _section(request: Mapping[str, Any], name: str) -> Mapping[str, Any]:

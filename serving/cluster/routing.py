@@ -40,6 +40,21 @@ MODES = ("length", "kv", "round-robin")
 """`length`: this module's cost; `kv`: Dynamo's cost (length_weight 0); `round-robin`: in turn."""
 
 
+def expected_len(prompt_len: int, max_tokens: int | None, max_seq_len: int) -> int:
+    """The KV length a request reaches if it runs to max_tokens (the whole context where none is
+    given): what length-aware routing groups by."""
+    return min(prompt_len + (max_tokens if max_tokens is not None else max_seq_len), max_seq_len)
+
+
+def device_overlap(scores: dict) -> dict[int, int]:
+    """Worker id -> prompt blocks it holds on its device, from Dynamo's `KvRouter.get_overlap_scores`."""
+    out: dict[int, int] = {}
+    for row in scores.get("workers", ()):
+        wid = int(row["worker_id"])
+        out[wid] = max(out.get(wid, 0), int(row.get("device_blocks") or 0))
+    return out
+
+
 @dataclass(frozen=True)
 class Weights:
     overlap: float = 1.0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.cluster.routing import Router, Weights, WorkerLoad, cost, padding
+from serving.cluster.routing import Router, Weights, WorkerLoad, cost, device_overlap, expected_len, padding
 
 
 def test_padding_counts_the_padded_tokens_of_one_step_once_the_request_joins():
@@ -93,3 +93,11 @@ def test_round_robin_takes_turns_and_bad_settings_are_refused():
         Weights(length=-1)
     with pytest.raises(LookupError, match="no worker"):
         Router(block_size=16).choose([], "x", 1, 2)
+
+
+def test_expected_length_and_dynamos_overlap_rows():
+    assert expected_len(100, 28, 4096) == 128 and expected_len(100, None, 4096) == 4096
+    assert expected_len(4000, 500, 4096) == 4096
+    rows = {"workers": [{"worker_id": 7, "dp_rank": 0, "device_blocks": 12, "host_pinned_blocks": 12},
+                        {"worker_id": 9, "dp_rank": 0, "device_blocks": None}]}
+    assert device_overlap(rows) == {7: 12, 9: 0} and device_overlap({}) == {}
