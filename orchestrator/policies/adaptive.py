@@ -81,7 +81,12 @@ class AdaptivePolicy(Policy):
         priced as the rest of the oldest prompt under way (from where it stands), then new ones."""
         if not self.config.tpot_slo_s or self.cost is None:
             return self.config.chunk_tokens - len(draft.running)
-        left = self.config.tpot_slo_s - self.cost.step_seconds([r.kv_len for r in draft.running])
+        decode = self.cost.step_seconds([r.kv_len for r in draft.running])
+        return self._tokens_within(draft, self.config.tpot_slo_s - decode)
+
+    def _tokens_within(self, draft: Draft, left: float) -> int:
+        """The most whole blocks of prompt whose chunks add at most `left` seconds to the step (at
+        least one block), priced from where the oldest prompt under way stands, then new ones."""
         first = draft.prefilling[0] if draft.prefilling else None
         start, rest = (first.prefilled, first.prompt_len - first.prefilled) if first else (0, 0)
         bs = self.info.block_size
