@@ -41,11 +41,16 @@ MIXED = (64, 64, 512, 1500)
 
 def mixed_step_seconds(engine: TorchEngine, reps: int) -> tuple[float, CallTiming] | None:
     """Median time of a decode step over 32 sequences of the MIXED lengths (after one warm-up);
-    None when the engine's max_seq_len is shorter than the longest of them."""
+    None when the engine's max_seq_len is shorter than the longest of them, or its device pool
+    (sized for the calibration: --max-batch, --max-seq-len) cannot hold them all."""
+    info = engine.describe()
+    lengths = [MIXED[i % 4] for i in range(32)]
     if engine.max_seq_len <= max(MIXED):
         return None
+    if sum(info.blocks_for(n + reps + 1) for n in lengths) > info.devices[0].kv_blocks:
+        return None
     ids = [f"x{i}" for i in range(32)]
-    for rid, n in zip(ids, [MIXED[i % 4] for i in range(32)]):
+    for rid, n in zip(ids, lengths):
         engine.prefill([PrefillRequest(rid, [1] + [65] * (n - 2))])  # one at a time: no padding
     times, timing = [], None
     for r in range(reps + 1):

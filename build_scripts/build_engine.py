@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                         "and the aligned policy runs as fcfs)")
     p.add_argument("--force", action="store_true",
                    help="replace --out even when it is not an engine directory (deletes it)")
-    p.add_argument("--demo-size", choices=("demo", "100m"),
+    p.add_argument("--demo-size", choices=("demo", "100m", "1b"),
                    help="with --model demo: which demo model to build (default demo)")
     p.add_argument("--seed", type=int, help="with --model demo: seed of the demo weights (default 0)")
     p.add_argument("--backend", choices=BUILD_BACKENDS, default="torch",
