@@ -8,8 +8,8 @@
 Each runs one (model, workload) point of `bench.simulate`'s paper matrix (its requests, rates, 8
 GPUs and settings) with the baselines, `adaptive` as it is, and the variant; prints markdown.
 The variants live here, not in `orchestrator/policies/`, so that the figures in
-docs/benchmarks.md ("Issue 16: what else was tried") can be reproduced; `register()` adds them
-to the policy registry of this process only.
+docs/benchmarks.md ("Issue 16: what else was tried") can be reproduced; `registered()` adds them
+to the policy registry of this process while a run needs them.
 
 - **one-step-chunks**: `adaptive` with prompts in chunks, each step carrying the most prompt
   tokens whose chunks add at most one decode step of the running batch (priced with the step
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 
 from bench import simulate as sim
 from engines.sim.step_cost import SimStepCost
@@ -74,10 +75,17 @@ VARIANTS = {"one-step-chunks": (OneStepChunks, 1), "wave-fill": (WaveFill, 2)}
 DistServe is (prefill + decode pairs), where issue 16 asks for 1.15x decode tok/s per decode GPU."""
 
 
-def register() -> None:
-    """Add the variants to this process's policy registry (config validation reads it afresh)."""
-    for cls, _ in VARIANTS.values():
-        REGISTRY[cls.name] = cls
+@contextmanager
+def registered():
+    """The variants in the policy registry (config validation reads it afresh) while inside,
+    taken out again after, so that nothing else in the process sees them."""
+    added = [cls.name for cls, _ in VARIANTS.values() if cls.name not in REGISTRY]
+    REGISTRY.update({cls.name: cls for cls, _ in VARIANTS.values()})
+    try:
+        yield
+    finally:
+        for name in added:
+            del REGISTRY[name]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loads", nargs="+", type=float, default=[0.5, 1.2])
     p.add_argument("--requests", type=int, default=sim.MATRICES["paper"].requests)
     a = p.parse_args(argv)
-    register()
+    with registered():
+        return _run(a)
+
+
+def _run(a: argparse.Namespace) -> int:
     cls, gpus = VARIANTS[a.variant]
     args = dict(hardware="H100-SXM", gpus=8, host_share=0.9, dispatch=a.dispatch, slo_ttft=2.0, slo_tpot=0.1, seed=0,
                 dashboard=None)

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 
-from bench.rejected_variants import OneStepChunks, WaveFill, register
+import pytest
+
+from bench.rejected_variants import OneStepChunks, WaveFill, registered
 from engines.sim.cost_model import CostConstants, CostModel
 from engines.sim.profiles import hardware_profile, model_profile
 from engines.sim.step_cost import SimStepCost
 from tests.orchestrator.policies.conftest import PoolState
 
 
+@pytest.fixture(autouse=True)
+def variants():
+    """The variants in the policy registry for one test only."""
+    with registered():
+        yield
+
+
 def sim_state(dispatch: str) -> PoolState:
     """A pool whose engine prices steps with the sim's cost model: OPT-13B on an H100."""
-    register()
     state = PoolState(device_blocks=8000, max_seq_len=8192)
     cost = CostModel(hardware_profile("H100-SXM"), model_profile("OPT-13B"), CostConstants(), dispatch=dispatch)
     state.info = dataclasses.replace(state.info, step_costs=(SimStepCost(cost),))
@@ -67,3 +75,12 @@ def test_one_step_chunks_add_at_most_one_decode_step():
     block = state.info.block_size
     assert carried % block == 0 and 0 < carried < 3000
     assert step_cost.chunk_seconds(carried) <= step < step_cost.chunk_seconds(carried + block)
+
+
+def test_the_variants_leave_the_registry_as_they_found_it():
+    from orchestrator.policies import POLICIES, REGISTRY
+
+    assert WaveFill.name in REGISTRY  # inside the fixture
+    with registered():  # nested: still there after the inner exit
+        pass
+    assert WaveFill.name in REGISTRY and WaveFill.name not in POLICIES
