@@ -1,4 +1,4 @@
-"""Prefill attention on the CPU: the AMX kernel against torch's CPU flash attention (SDPA).
+"""Prefill attention on the CPU: this project's kernel against torch's CPU flash attention (SDPA).
 
     python -m bench.prefill_attention [--lengths 64 512 1500] [--repeats 7] [--out bench/results/prefill_attention.json]
 
@@ -9,12 +9,14 @@ path calls each candidate (attention.py, `VarlenPlan.attend`):
 - sdpa: `F.scaled_dot_product_attention(..., is_causal=True, enable_gqa=True)` on [1, heads, T,
   64] views of the rows (the engine's call without the kernel);
 - sdpa-contiguous: the same with q, k, v made contiguous first (not timed);
-- amx: `prefill_attention` (engines/torch/kernels/prefill_attention.cpp) writing into the rows.
+- amx, avx512: `prefill_attention` (engines/torch/kernels/prefill_attention.cpp) writing into the
+  rows, on AMX tiles where the CPU has AMX-BF16 (and then also with AVX512-BF16 dot products,
+  which every AMX CPU has), else with AVX512-BF16 dot products (AMD Zen 4, say).
 
 The candidates alternate within each repeat; the table gives the median milliseconds for 30
 layers, the ratio to sdpa, and each one's largest difference from float64, then SDPA's rate
 beside the rate of a bfloat16 matmul of the prefill's linear layers on the same rows. On a CPU
-without AMX-BF16 only SDPA runs (the engine's prefill attention there).
+without AVX512-BF16 only SDPA runs (the engine's prefill attention there).
 """
 from __future__ import annotations
 
@@ -71,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "prefill_attention.json")
     a = p.parse_args(argv)
     ops = kernels()
-    has_amx = ops is not None and ops.prefill_attention_available()
-    if not has_amx:
-        print("no AMX-BF16 prefill kernel on this CPU: timing torch's SDPA alone", file=sys.stderr)
+    impls = ({"amx": ["amx", "avx512"], "avx512": ["avx512"]}.get(ops.prefill_attention_impl(), [])
+             if ops is not None else [])
+    if not impls:
+        print("no prefill kernel on this CPU (no AVX512-BF16): timing torch's SDPA alone", file=sys.stderr)
     g = torch.Generator().manual_seed(0)
     rows = []
     load_before = os.getloadavg()[0]
@@ -92,11 +95,13 @@ def main(argv: list[str] | None = None) -> int:
                 q, k, v = (x.transpose(0, 1).contiguous()[None] for x in (q, k, v))
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
 
-            def amx(q, k, v):
-                ops.prefill_attention(q, k, v, out, HEAD_DIM ** -0.5)
-                return out
+            def kernel(impl):
+                def run(q, k, v):
+                    ops.prefill_attention(q, k, v, out, HEAD_DIM ** -0.5, impl)
+                    return out
+                return run
 
-            candidates = {"sdpa": sdpa, "sdpa-contiguous": sdpa_contiguous, **({"amx": amx} if has_amx else {})}
+            candidates = {"sdpa": sdpa, "sdpa-contiguous": sdpa_contiguous, **{i: kernel(i) for i in impls}}
             want = reference(*layers[0])
             err = {n: (f(*layers[0]).double() - want).abs().max().item() for n, f in candidates.items()}
             times = {n: [] for n in candidates}
@@ -108,18 +113,21 @@ def main(argv: list[str] | None = None) -> int:
                     times[n].append(time.perf_counter() - t0)
             ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
             rows.append({"prompt_tokens": T, "ms": ms, "max_err_vs_float64": err,
-                         "sdpa_gflop_s": LAYERS * causal_flops(T) / ms["sdpa"] / 1e6,
+                         "gflop_s": {n: LAYERS * causal_flops(T) / v / 1e6 for n, v in ms.items()},
                          "matmul_gflop_s": matmul_gflop_s(T, a.repeats)})
             print(f"T={T}: " + ", ".join(f"{n} {v:.1f} ms" for n, v in ms.items()), file=sys.stderr, flush=True)
-    print("| prompt tokens | sdpa ms | sdpa-contiguous ms | amx ms | sdpa / amx | max error vs float64 (sdpa, amx) "
-          "| sdpa GFLOP/s | a linear layer's matmul GFLOP/s |")
-    print("|---:|---:|---:|---:|---:|---|---:|---:|")
+    names = ["sdpa", "sdpa-contiguous", *impls]
+    print("| prompt tokens | " + " | ".join(f"{n} ms" for n in names) + " | "
+          + " | ".join(f"sdpa / {i}" for i in impls) + " | max error vs float64 ("
+          + ", ".join(["sdpa", *impls]) + ") | " + " | ".join(f"{n} GFLOP/s" for n in ["sdpa", *impls])
+          + " | a linear layer's matmul GFLOP/s |")
+    print("|---:|" + "---:|" * len(names) + "---:|" * len(impls) + "---|" + "---:|" * (len(impls) + 2))
     for r in rows:
-        m, e = r["ms"], r["max_err_vs_float64"]
-        amx_ms, ratio, amx_err = ((f"{m['amx']:.1f}", f"{m['sdpa'] / m['amx']:.2f}x", f"{e['amx']:.1e}") if "amx" in m
-                                  else ("-", "-", "-"))
-        print(f"| {r['prompt_tokens']} | {m['sdpa']:.1f} | {m['sdpa-contiguous']:.1f} | {amx_ms} | {ratio} | "
-              f"{e['sdpa']:.1e}, {amx_err} | {r['sdpa_gflop_s']:.0f} | {r['matmul_gflop_s']:.0f} |")
+        m, e, g = r["ms"], r["max_err_vs_float64"], r["gflop_s"]
+        print(f"| {r['prompt_tokens']} | " + " | ".join(f"{m[n]:.1f}" for n in names) + " | "
+              + "".join(f"{m['sdpa'] / m[i]:.2f}x | " for i in impls)
+              + ", ".join(f"{e[n]:.1e}" for n in ["sdpa", *impls]) + " | "
+              + " | ".join(f"{g[n]:.0f}" for n in ["sdpa", *impls]) + f" | {r['matmul_gflop_s']:.0f} |")
     write_record(a.out, "bench.prefill_attention", argv, load_before, rows=rows)
     return 0
 

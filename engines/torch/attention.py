@@ -13,8 +13,8 @@ KV blocks (`attend`):
   lengths, each over its own longest KV, so a step costs about the sum of the KV lengths plus a
   small overhead per group, not batch x longest. On the "paged" path (CPU) all decode rows are
   one group, longest first, attended by a compiled kernel (`cpu_kernels.py`) that reads each
-  row's KV straight from its blocks: no gather, no padding; and on a CPU with AMX-BF16 the
-  prompts and chunks of a bfloat16 model attend through the AMX prefill kernel, not SDPA.
+  row's KV straight from its blocks: no gather, no padding; and on a CPU with AMX-BF16 or
+  AVX512-BF16 the prompts and chunks of a bfloat16 model attend through the prefill kernel, not SDPA.
 - `PaddedPlan` ("padded"): B x T rows, each run right-padded to the longest, and every
   sequence's KV gathered and padded to the longest KV of the batch: cost B x longest in the
   matmuls and in attention. The engine's layout before issue 15: kept as a selectable fallback
@@ -104,7 +104,7 @@ class VarlenPlan:
     """The "paged" path: decode groups attend through this kernel (cpu_kernels.py) straight from
     the cache blocks; None: gather the blocks, then SDPA."""
     prefill: Callable | None = None
-    """The "paged" path on a CPU with AMX-BF16: prompts and chunks of bfloat16 models with head size
+    """The "paged" path on a CPU with AMX-BF16 or AVX512-BF16: prompts and chunks of bfloat16 models with head size
     64 or 128 attend through this kernel (cpu_kernels.py, `prefill_attention`) instead of SDPA."""
 
     def attend(self, q, k, v, kv_blocks):

@@ -7,9 +7,11 @@
   AMX-BF16 the scores on AMX tiles (kernels/paged_decode_amx.cpp), else AVX-512 loops, else
   portable loops (kernels/paged_decode.cpp says how). Measured on this project's 2-core Xeon,
   SmolLM2 shapes, 32 rows of 64-1,500 KV tokens (`bench/attention_paths.py`, docs/benchmarks.md).
-- `prefill_attention`: causal attention of a prompt or chunk on AMX tiles, bfloat16
-  (kernels/prefill_attention.cpp), in place of torch's CPU flash attention on the "paged" path
-  (`bench/prefill_attention.py`).
+- `prefill_attention`: causal attention of a prompt or chunk in bfloat16, on AMX tiles where
+  the CPU has AMX-BF16, else with AVX512-BF16 dot products (`prefill_attention_impl`;
+  kernels/prefill_attention.cpp), in place of torch's CPU flash attention on the "paged" path
+  (`bench/prefill_attention.py`: ~2x SDPA with AMX on the Xeon, ~3x with AVX512-BF16 on an AMD
+  EPYC).
 - `amx_pack`, `amx_linear`: a decode step's weight matmuls on AMX tiles, the weights packed in
   the tiles' reading order (kernels/small_gemm.cpp; packed_linear.py uses them,
   `bench/decode_matmuls.py`).
@@ -23,8 +25,10 @@
 - `argmax_rows`: the greedy pick, torch.argmax's result; aten::argmax was 6% of a profiled 32-row
   decode step of SmolLM2 (`bench/profile_step.py`, docs/benchmarks.md) and is gone from it.
 
-The AMX kernels exist where the building CPU has AMX-BF16 (`prefill_attention_available`,
-`amx_gemm_available`); elsewhere the engine takes the AVX-512 or portable loops and oneDNN.
+The AMX kernels exist where the building CPU has AMX-BF16 (`prefill_attention_impl`,
+`amx_gemm_available`), the prefill kernel's AVX512-BF16 form where it has that
+(`prefill_attention_available`); elsewhere the engine takes the AVX-512 or portable loops, torch's
+SDPA and oneDNN.
 `torch.utils.cpp_extension.load` builds them with the machine's C++ compiler and ninja into
 torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions): ~30 s the
 first time on this machine, a check of the cached build after that. Built for the building CPU

@@ -115,7 +115,7 @@ def _varlen(tables: torch.Tensor, runs, starts: list[int], lengths: list[int], b
 
 
 def _paged_kernels():
-    """The "paged" path's kernels: decode attention, and prefill attention where the CPU has AMX-BF16
+    """The "paged" path's kernels: decode attention, and prefill attention where the CPU has AMX-BF16 or AVX512-BF16
     (else None: prompts take SDPA)."""
     module = cpu_kernels()
     if module is None:

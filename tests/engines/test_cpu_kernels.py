@@ -202,11 +202,17 @@ def test_argmax_rows_is_torch_argmax(ops):
     assert ops.argmax_rows(logits)[[1, 3, 4]].tolist() == [17, 5, 49151]
 
 
-needs_amx = pytest.mark.skipif(not AMX_FLAGS <= cpu_flags(), reason="prefill_attention needs a CPU with AMX-BF16")
+needs_amx = pytest.mark.skipif(not AMX_FLAGS <= cpu_flags(), reason="amx_linear needs a CPU with AMX-BF16")
+needs_bf16 = pytest.mark.skipif("avx512_bf16" not in cpu_flags(),
+                                reason="prefill_attention needs a CPU with AVX512-BF16 (or AMX-BF16)")
+PREFILL_IMPLS = ["avx512"] + (["amx"] if AMX_FLAGS <= cpu_flags() else [])
+"""The prefill kernels this CPU runs: every one is checked (on a CPU with AMX, both)."""
 
 
-def test_prefill_attention_is_there_exactly_where_the_cpu_has_amx(ops):
-    assert ops.prefill_attention_available() == (AMX_FLAGS <= cpu_flags())
+def test_prefill_attention_is_there_exactly_where_the_cpu_has_bf16_dot_products(ops):
+    assert ops.prefill_attention_available() == ("avx512_bf16" in cpu_flags())
+    want = "amx" if AMX_FLAGS <= cpu_flags() else "avx512" if "avx512_bf16" in cpu_flags() else ""
+    assert ops.prefill_attention_impl() == want
 
 
 def reference_prefill(q, k, v):
@@ -219,11 +225,12 @@ def reference_prefill(q, k, v):
     return (torch.softmax(s.masked_fill(~seen, float("-inf")), dim=-1) @ vv).transpose(0, 1)
 
 
-@needs_amx
+@needs_bf16
+@pytest.mark.parametrize("impl", PREFILL_IMPLS)
 @pytest.mark.parametrize("hd,heads,kvh", [(64, 9, 3), (128, 8, 2), (64, 4, 4)])
 @pytest.mark.parametrize("rows,keys", [(1, 1), (15, 15), (16, 16), (17, 17), (64, 64), (65, 65), (333, 333),
                                        (5, 300), (100, 137), (1, 70)])
-def test_prefill_attention_against_float64_and_sdpa(ops, hd, heads, kvh, rows, keys):
+def test_prefill_attention_against_float64_and_sdpa(ops, impl, hd, heads, kvh, rows, keys):
     # (64, 9, 3) is SmolLM2's layout, (128, 8, 2) a Llama's; the lengths cross the kernel's tiles (16
     # and 32 keys) and chunks (64); rows < keys is a chunk continuing cached KV.
     g = torch.Generator().manual_seed(rows * 1000 + keys + hd)
@@ -231,7 +238,7 @@ def test_prefill_attention_against_float64_and_sdpa(ops, hd, heads, kvh, rows, k
     k, v = (torch.randn(keys, kvh, hd, generator=g).to(torch.bfloat16) for _ in range(2))
     want = reference_prefill(q, k, v)
     out = torch.full_like(q, float("nan"))
-    ops.prefill_attention(q, k, v, out, hd ** -0.5)
+    ops.prefill_attention(q, k, v, out, hd ** -0.5, impl)
     seen = torch.arange(keys)[None, :] <= torch.arange(keys - rows, keys)[:, None]
     sdpa = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                           attn_mask=seen, enable_gqa=True)[0].transpose(0, 1)
@@ -243,8 +250,9 @@ def test_prefill_attention_against_float64_and_sdpa(ops, hd, heads, kvh, rows, k
     assert (err <= bound).all(), f"{(err / bound).max().item():.2f}x the bound off float64"
 
 
-@needs_amx
-def test_prefill_attention_rescales_as_the_maximum_grows_and_writes_into_views(ops):
+@needs_bf16
+@pytest.mark.parametrize("impl", PREFILL_IMPLS)
+def test_prefill_attention_rescales_as_the_maximum_grows_and_writes_into_views(ops, impl):
     # Scores that grow along the sequence move every row's running maximum chunk after chunk (the
     # kernel's rescaling), with a spread of thousands (no overflow); out is a slice of a larger tensor.
     g = torch.Generator().manual_seed(7)
@@ -254,13 +262,13 @@ def test_prefill_attention_rescales_as_the_maximum_grows_and_writes_into_views(o
          + torch.randn(keys, kvh, hd, generator=g)).to(torch.bfloat16)
     v = torch.randn(keys, kvh, hd, generator=g).to(torch.bfloat16)
     big = torch.zeros(keys + 10, heads, hd, dtype=torch.bfloat16)
-    ops.prefill_attention(q, k, v, big[5:keys + 5], hd ** -0.5)
+    ops.prefill_attention(q, k, v, big[5:keys + 5], hd ** -0.5, impl)
     got = big[5:keys + 5].double()
     assert torch.isfinite(got).all() and (big[:5] == 0).all() and (big[keys + 5:] == 0).all()
     assert (got - reference_prefill(q, k, v)).abs().max().item() < 2e-2
 
 
-@needs_amx
+@needs_bf16
 def test_prefill_attention_refuses_what_it_cannot_do(ops):
     q = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="bfloat16 only"):
@@ -270,6 +278,11 @@ def test_prefill_attention_refuses_what_it_cannot_do(ops):
         ops.prefill_attention(q32, q32, q32, q32.clone(), 0.1)
     with pytest.raises(RuntimeError, match="head layout mismatch"):  # fewer keys than rows
         ops.prefill_attention(q, q[:2], q[:2], q.clone(), 0.1)
+    with pytest.raises(RuntimeError, match="impl is auto, amx or avx512, not tiles"):
+        ops.prefill_attention(q, q, q, q.clone(), 0.1, "tiles")
+    if "amx" not in PREFILL_IMPLS:
+        with pytest.raises(RuntimeError, match="no AMX-BF16 here"):
+            ops.prefill_attention(q, q, q, q.clone(), 0.1, "amx")
 
 
 @needs_amx

@@ -16,7 +16,9 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor h, const std::vector<
                             torch::Tensor cos, torch::Tensor sin, torch::Tensor kv, torch::Tensor slots,
                             torch::Tensor block_tables, torch::Tensor kv_lens, int64_t heads, double eps);
 bool prefill_attention_available();
-void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, double scale);
+std::string prefill_attention_impl();
+void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, double scale,
+                       const std::string& impl);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over the paged KV cache", py::arg("q"), py::arg("kv_blocks"),
@@ -25,8 +27,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, "x += h in place; returns weight * RMSNorm(x)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of [rows, 2 * intermediate]");
   m.def("rope_cache_", &rope_cache_, "rotate q and k of qkv in place; write k and v to the rows' cache slots");
-  m.def("prefill_attention_available", &prefill_attention_available, "whether prefill_attention runs here (AMX-BF16)");
-  m.def("prefill_attention", &prefill_attention, "causal attention of a prompt or chunk into out (AMX, bfloat16)");
+  m.def("prefill_attention_available", &prefill_attention_available,
+        "whether prefill_attention runs here (AMX-BF16 or AVX512-BF16)");
+  m.def("prefill_attention_impl", &prefill_attention_impl, "what prefill_attention takes by default: amx, avx512 or ''");
+  m.def("prefill_attention", &prefill_attention, "causal attention of a prompt or chunk into out (bfloat16)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("scale"), py::arg("impl") = "auto");
   m.def("decode_layers", &decode_layers, "every decoder layer of a pure decode step (packed bfloat16 weights, paged path)",
         py::call_guard<py::gil_scoped_release>());
   m.def("amx_gemm_available", &amx_gemm_available, "whether amx_linear runs here (AMX-BF16)");
