@@ -14,9 +14,9 @@ path calls each candidate (attention.py, `VarlenPlan.attend`):
   which every AMX CPU has), else with AVX512-BF16 dot products (AMD Zen 4, say).
 
 The candidates alternate within each repeat; the table gives the median milliseconds for 30
-layers, the ratio to sdpa, and each one's largest difference from float64, then SDPA's rate
-beside the rate of a bfloat16 matmul of the prefill's linear layers on the same rows. On a CPU
-without AVX512-BF16 only SDPA runs (the engine's prefill attention there).
+layers, the ratio to sdpa, each one's largest difference from float64, and each one's rate
+(GFLOP/s) beside the rate of a bfloat16 matmul of the prefill's linear layers on the same rows.
+On a CPU without AVX512-BF16 only SDPA runs (the engine's prefill attention there).
 """
 from __future__ import annotations
 
