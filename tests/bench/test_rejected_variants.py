@@ -78,9 +78,17 @@ def test_one_step_chunks_add_at_most_one_decode_step():
 
 
 def test_the_variants_leave_the_registry_as_they_found_it():
-    from orchestrator.policies import POLICIES, REGISTRY
+    from orchestrator.policies import REGISTRY
 
-    assert WaveFill.name in REGISTRY  # inside the fixture
-    with registered():  # nested: still there after the inner exit
+    names = (WaveFill.name, OneStepChunks.name)
+    assert all(n in REGISTRY for n in names)  # the fixture's
+    with registered():  # nested: the outer one still owns them after the inner exit
         pass
-    assert WaveFill.name in REGISTRY and WaveFill.name not in POLICIES
+    assert all(n in REGISTRY for n in names)
+    saved = {n: REGISTRY.pop(n) for n in names}  # as a process that never registered them
+    try:
+        with registered():
+            assert all(n in REGISTRY for n in names)
+        assert not any(n in REGISTRY for n in names)  # taken out again
+    finally:
+        REGISTRY.update(saved)
